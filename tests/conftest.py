@@ -1,0 +1,59 @@
+"""Shared fixtures: real CIFAR-10 images from ../shared/data, unpacked once per machine."""
+from __future__ import annotations
+
+import os
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # launch/ and eval/ scripts import as modules in tests
+
+CIFAR_TAR = Path(os.environ.get("SSL_XCIT_CIFAR_TAR", REPO.parent / "shared" / "data" / "cifar10.tar.gz"))
+CACHE = Path(os.environ.get("SSL_XCIT_TEST_CACHE", "/tmp/ssl_xcit_test_cache"))
+
+
+def _unpack_cifar() -> Path:
+    dest = CACHE / "cifar10"
+    done = dest / ".complete"
+    if not done.exists():
+        if not CIFAR_TAR.exists():
+            pytest.skip(f"real CIFAR-10 archive not found at {CIFAR_TAR}")
+        dest.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(CIFAR_TAR) as tar:
+            tar.extractall(dest, filter="data")
+        done.touch()
+    # the archive may hold train/ val/ at its top or under one folder
+    for cand in [dest, *[p for p in dest.iterdir() if p.is_dir()]]:
+        if (cand / "train").is_dir() and (cand / "val").is_dir():
+            return cand
+    raise RuntimeError(f"no train/ and val/ folders found under {dest}")
+
+
+@pytest.fixture(scope="session")
+def cifar_root() -> Path:
+    """The full real CIFAR-10 in ImageFolder layout: ``<root>/train/<class>/*.jpg``, ``<root>/val/...``."""
+    return _unpack_cifar()
+
+
+def make_subset(root: Path, out: Path, per_class_train: int, per_class_val: int) -> Path:
+    """A small ImageFolder copy (symlinks) of CIFAR-10 with the first N images of each class."""
+    for split, n in (("train", per_class_train), ("val", per_class_val)):
+        for cls_dir in sorted((root / split).iterdir()):
+            if not cls_dir.is_dir():
+                continue
+            target = out / split / cls_dir.name
+            target.mkdir(parents=True, exist_ok=True)
+            for img in sorted(cls_dir.iterdir())[:n]:
+                link = target / img.name
+                if not link.exists():
+                    link.symlink_to(img)
+    return out
+
+
+@pytest.fixture(scope="session")
+def cifar_small(cifar_root: Path, tmp_path_factory) -> Path:
+    """CIFAR-10 with 20 train and 10 val images per class (200 / 100 images)."""
+    return make_subset(cifar_root, tmp_path_factory.mktemp("cifar_small"), 20, 10)
