@@ -1,0 +1,192 @@
+"""Where images come from: a folder as-is, a tar archive unpacked once into a cache, or CIFAR-10.
+
+Archives are unpacked into ``<cache>/<name>-<size>-<mtime_ns>/`` so a changed archive gets a fresh
+folder. Unpacking goes to a temporary folder under a file lock and is renamed into place with a
+completeness marker inside, so concurrent ranks unpack once and nobody sees half a dataset.
+Members are filtered with ``tarfile``'s ``'data'`` filter (no absolute paths, no ``..``, no devices).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from ssl_xcit.utils.atomic import atomic_write_text
+
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+MARKER = ".ssl_xcit_complete"
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def _is_rank0() -> bool:
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
+def default_cache_dir() -> Path:
+    """``$SSL_XCIT_HOME/data`` if set, else ``~/.cache/ssl_xcit/data``."""
+    home = os.environ.get("SSL_XCIT_HOME")
+    if home:
+        return Path(home).expanduser() / "data"
+    return Path.home() / ".cache" / "ssl_xcit" / "data"
+
+
+def _archive_stem(path: Path) -> str | None:
+    name = path.name.lower()
+    for suffix in sorted(ARCHIVE_SUFFIXES, key=len, reverse=True):
+        if name.endswith(suffix):
+            return path.name[: -len(suffix)]
+    return None
+
+
+@contextlib.contextmanager
+def _file_lock(lock_path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` so that ranks sharing a cache unpack an archive only once."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: rely on the atomic rename alone
+        yield
+        return
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _find_root(folder: Path, archive: Path) -> Path:
+    """The folder holding ``train/``: the top, or the archive's single top-level folder."""
+    if (folder / "train").is_dir():
+        return folder
+    top = [p for p in folder.iterdir() if not p.name.startswith(".") and p.name != "__MACOSX"]
+    if len(top) == 1 and top[0].is_dir() and (top[0] / "train").is_dir():
+        return top[0]
+    listing = ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in top)[:10]) or "nothing"
+    raise ValueError(f"archive {archive} has no train/ folder at its top or inside a single top-level "
+                     f"folder (its top level holds: {listing})")
+
+
+def _extract(archive: Path, dest: Path, progress: bool) -> None:
+    if not hasattr(tarfile, "data_filter"):
+        raise RuntimeError("safe tar extraction needs Python >= 3.10.12 / 3.11.4 (tarfile filter='data')")
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            members: Iterator[tarfile.TarInfo] = iter(tar)
+            if progress:
+                from tqdm import tqdm
+                members = tqdm(members, desc=f"unpacking {archive.name}", unit="file")
+            tar.extractall(dest, members=members, filter="data")
+    except tarfile.FilterError as err:
+        raise ValueError(f"archive {archive} holds an unsafe member, refused: {err}") from err
+    except (tarfile.ReadError, EOFError) as err:
+        raise ValueError(f"{archive} is not a readable tar archive: {err}") from err
+
+
+def extract_archive(archive: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
+                    progress: bool | None = None) -> Path:
+    """Unpack ``archive`` once into the cache and return the folder holding ``train/``."""
+    archive = Path(archive).expanduser().resolve()
+    stem = _archive_stem(archive)
+    if stem is None:
+        raise ValueError(f"{archive} is not a supported archive (expected {', '.join(ARCHIVE_SUFFIXES)})")
+    st = archive.stat()
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    key = f"{re.sub(r'[^A-Za-z0-9._-]', '_', stem)}-{st.st_size}-{st.st_mtime_ns}"
+    target = cache / key
+    marker = target / MARKER
+    show = _is_rank0() if progress is None else progress
+
+    def cached_root() -> Path:
+        info = json.loads(marker.read_text())
+        return target / info["root"]
+
+    if marker.exists():
+        return cached_root()
+    cache.mkdir(parents=True, exist_ok=True)
+    with _file_lock(cache / f".{key}.lock"):
+        if marker.exists():  # another process finished while we waited
+            return cached_root()
+        if target.exists():
+            raise RuntimeError(f"cache folder {target} exists without its completeness marker {MARKER}; "
+                               "it was not made by ssl_xcit: delete it and retry")
+        for stale in cache.glob(f".{key}.tmp-*"):  # left by a crashed unpack (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=cache))
+        try:
+            _extract(archive, tmp, show)
+            root = _find_root(tmp, archive)
+            atomic_write_text(tmp / MARKER, json.dumps({"archive": str(archive), "size": st.st_size,
+                                                        "mtime_ns": st.st_mtime_ns,
+                                                        "root": os.path.relpath(root, tmp)}))
+            os.rename(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return cached_root()
+
+
+def resolve_data_path(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
+                      progress: bool | None = None) -> Path:
+    """A data location -> a local folder.
+
+    A folder is returned as-is (resolved); a ``.tar``/``.tar.gz``/``.tgz`` archive is unpacked once
+    into ``cache_dir`` (default :func:`default_cache_dir`) and the folder that contains ``train/``
+    is returned.
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"data path {p} does not exist")
+    if p.is_dir():
+        return p.resolve()
+    if _archive_stem(p) is None:
+        raise ValueError(f"data path {p} is a file but not a supported archive "
+                         f"(expected a folder or {', '.join(ARCHIVE_SUFFIXES)})")
+    return extract_archive(p, cache_dir, progress)
+
+
+def download_cifar10(dest: str | os.PathLike, progress: bool | None = None) -> Path:
+    """Download CIFAR-10 with torchvision and write ``dest/cifar10/{train,val}/<class>/NNNNN.png``.
+
+    Only call when asked: it needs the network. ``NNNNN`` is the image's index in its official
+    split; ``val`` is the official test set. Written to a temporary folder and renamed, so an
+    interrupted conversion is redone rather than half-used. Returns ``dest/cifar10``.
+    """
+    import torchvision.datasets
+    from PIL import Image
+
+    dest = Path(dest).expanduser().resolve()
+    out = dest / "cifar10"
+    if (out / MARKER).exists():
+        return out
+    if out.exists():
+        raise RuntimeError(f"{out} exists but is not a complete conversion (no {MARKER}); delete it and retry")
+    dest.mkdir(parents=True, exist_ok=True)
+    show = _is_rank0() if progress is None else progress
+    tmp = Path(tempfile.mkdtemp(prefix=".cifar10.tmp-", dir=dest))
+    try:
+        for split, train in (("train", True), ("val", False)):
+            ds = torchvision.datasets.CIFAR10(root=str(dest), train=train, download=True)
+            classes = list(getattr(ds, "classes", CIFAR10_CLASSES))
+            if len(ds.data) != len(ds.targets):
+                raise ValueError(f"CIFAR-10 {split}: {len(ds.data)} images but {len(ds.targets)} labels")
+            for name in classes:
+                (tmp / split / name).mkdir(parents=True, exist_ok=True)
+            items = range(len(ds.data))
+            if show:
+                from tqdm import tqdm
+                items = tqdm(items, desc=f"writing CIFAR-10 {split}", unit="img")
+            for i in items:
+                Image.fromarray(ds.data[i]).save(tmp / split / classes[int(ds.targets[i])] / f"{i:05d}.png")
+        atomic_write_text(tmp / MARKER, json.dumps({"source": "torchvision.datasets.CIFAR10"}))
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
