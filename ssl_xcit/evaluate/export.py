@@ -1,0 +1,350 @@
+"""Export frozen-backbone features for downstream work: sharded ``.npy`` / ``.safetensors`` files
+plus ``manifest.json``, resumable after an interruption.
+
+Layout of ``out_dir`` (shard ``i`` holds dataset images ``[i*shard_size, (i+1)*shard_size)``)::
+
+    manifest.json                    settings, classes, and (once complete) every shard's record
+    shard-00000.cls.npy              (rows, D) final CLS features       } --format npy
+    shard-00000.patch.npy            (rows, P, D) patch tokens          } (--patch-tokens)
+    shard-00000.last_blocks.npy      (rows, n*D) last-n-block CLS       } (--n-last-blocks n)
+    shard-00000.label.npy            (rows,) class index (class layout only)
+    shard-00000.index.npy            (rows,) dataset index of each row
+    shard-00000.safetensors          the same arrays in one file        } --format safetensors
+    shard-00000.paths.json           image paths relative to the dataset root, one per row
+    shard-00000.done.json            the shard's record: rows, byte size and sha256 of every file
+
+Every file is written atomically and a shard's ``done.json`` last, so a shard with a record whose
+sizes and checksums still match is finished and kept on resume; anything else is redone. Corrupt
+images are skipped (``index`` says which images the rows are). Under torchrun shard ``i`` is
+written by rank ``i % world_size``; batches never cross shards, so the bytes do not depend on the
+number of ranks or on where a run was interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from ssl_xcit import distributed as du
+from ssl_xcit.evaluate import common
+from ssl_xcit.utils.atomic import atomic_write, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FORMAT = "ssl_xcit-features"
+VERSION = 1
+FORMATS = ("npy", "safetensors")
+DTYPES = {"float32": (torch.float32, np.float32), "float16": (torch.float16, np.float16)}
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """What is exported; a resumed export must use the same settings (checked)."""
+
+    outputs: tuple[str, ...] = ("cls",)
+    n_last_blocks: int = 0  # > 0 adds "last_blocks"
+    shard_size: int = 10000
+    formats: tuple[str, ...] = ("npy",)
+    dtype: str = "float32"
+    source: dict = field(default_factory=dict)  # checkpoint, arch, crop... recorded in the manifest
+
+    def __post_init__(self) -> None:
+        if not self.outputs or any(o not in ("cls", "patch", "last_blocks") for o in self.outputs):
+            raise ValueError(f"outputs must be among cls, patch, last_blocks; got {self.outputs}")
+        if ("last_blocks" in self.outputs) != (self.n_last_blocks > 0):
+            raise ValueError("'last_blocks' is exported exactly when n_last_blocks > 0 "
+                             f"(outputs={self.outputs}, n_last_blocks={self.n_last_blocks})")
+        common.check_positive(self.shard_size, "--shard-size")
+        if not self.formats or any(f not in FORMATS for f in self.formats):
+            raise ValueError(f"--format must be npy, safetensors or both; got {self.formats}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:05d}"
+
+
+def _sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _file_record(path: Path) -> dict:
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def _write_npy(path: Path, arr: np.ndarray) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to a temp name
+            np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
+    atomic_write(path, write)
+
+
+def _write_safetensors(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    from safetensors.numpy import save
+    data = save({k: np.ascontiguousarray(v) for k, v in arrays.items()})
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+    atomic_write(path, write)
+
+
+def shard_is_done(out_dir: Path, i: int, check_sha: bool = True) -> dict | None:
+    """The shard's record when every file it lists is intact, else ``None``."""
+    rec_path = out_dir / f"{shard_name(i)}.done.json"
+    if not rec_path.is_file():
+        return None
+    try:
+        rec = json.loads(rec_path.read_text())
+        for fname, want in rec["files"].items():
+            p = out_dir / fname
+            if not p.is_file() or p.stat().st_size != want["bytes"]:
+                return None
+            if check_sha and _sha256(p) != want["sha256"]:
+                return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return rec
+
+
+def _relative_paths(dataset: Dataset, indices: np.ndarray) -> list[str] | None:
+    files = getattr(dataset, "files", None)
+    if files is not None:
+        return [str(files[i]) for i in indices]
+    samples = getattr(dataset, "samples", None)
+    if samples is None:
+        return None
+    root = getattr(dataset, "root", None)
+    return [os.path.relpath(samples[i][0], root) if root else str(samples[i][0]) for i in indices]
+
+
+def _manifest_base(cfg: ExportConfig, dataset: Dataset) -> dict:
+    classes = list(getattr(dataset, "classes", []) or [])
+    return {"format": FORMAT, "version": VERSION, "complete": False,
+            "config": {**asdict(cfg), "outputs": list(cfg.outputs), "formats": list(cfg.formats)},
+            "num_images": len(dataset), "num_shards": -(-len(dataset) // cfg.shard_size),
+            "root": str(getattr(dataset, "root", "")), "classes": classes, "has_labels": bool(classes)}
+
+
+def _check_existing(out_dir: Path, base: dict) -> None:
+    path = out_dir / MANIFEST
+    if not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); remove it or use a new --out") from err
+    keys = ("format", "config", "num_images", "num_shards", "root", "classes")
+    diff = [k for k in keys if old.get(k) != base[k]]
+    if diff:
+        detail = "; ".join(f"{k}: {old.get(k)!r} -> {base[k]!r}" for k in diff)[:800]
+        raise ValueError(f"{out_dir} holds an export with other settings ({detail}); use a new --out folder")
+
+
+def export_features(model: nn.Module, dataset: Dataset, out_dir: str | os.PathLike, *,
+                    outputs: Sequence[str] = ("cls",), n_last_blocks: int = 0, shard_size: int = 10000,
+                    formats: Sequence[str] = ("npy",), dtype: str = "float32", batch_size: int = 128,
+                    num_workers: int = 4, device: torch.device | str = "cpu", progress: bool = True,
+                    source: dict | None = None, check_sha: bool = True,
+                    on_shard_done: Callable[[int], None] | None = None) -> dict:
+    """Write (or finish) a sharded export of ``model``'s features over ``dataset``; returns the manifest.
+
+    ``outputs``: ``cls`` and optionally ``patch``; ``last_blocks`` is added when ``n_last_blocks``
+    > 0. ``on_shard_done(i)`` is called after shard ``i`` is complete (progress hooks, tests).
+    """
+    from tqdm import tqdm
+
+    from ssl_xcit.evaluate.features import feature_loader, iter_outputs
+    outs = tuple(dict.fromkeys([*outputs, *(["last_blocks"] if n_last_blocks > 0 else [])]))
+    cfg = ExportConfig(outputs=outs, n_last_blocks=n_last_blocks, shard_size=shard_size, formats=tuple(formats),
+                       dtype=dtype, source=dict(source or {}))
+    if model.training:
+        raise ValueError("export the features of a frozen backbone: call model.eval() first")
+    if len(dataset) == 0:
+        raise ValueError("cannot export features of an empty dataset")
+    out_dir = Path(out_dir)
+    base = _manifest_base(cfg, dataset)
+    _check_existing(out_dir, base)  # on every rank, so all of them fail alike
+    rank, world = du.get_rank(), du.get_world_size()
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in out_dir.glob(".shard-*.tmp"):  # left by a killed process
+            stale.unlink(missing_ok=True)
+        if not (out_dir / MANIFEST).is_file():
+            atomic_write_text(out_dir / MANIFEST, json.dumps(base, indent=2))
+    du.barrier()
+    torch_dtype, np_dtype = DTYPES[dtype]
+    model.to(device)
+    n_shards = base["num_shards"]
+    mine = [i for i in range(n_shards) if i % world == rank]
+    todo = [i for i in mine if shard_is_done(out_dir, i, check_sha) is None]
+    if rank == 0 and len(todo) < len(mine):
+        print(f"export {out_dir}: {len(mine) - len(todo)} finished shard(s) kept, {len(todo)} to do")
+    names = list(outs)
+    for i in tqdm(todo, desc=f"export shards (rank {rank})", disable=not (progress and rank == 0), unit="shard"):
+        start, stop = i * shard_size, min((i + 1) * shard_size, len(dataset))
+        loader = feature_loader(dataset, range(start, stop), batch_size, num_workers, device)
+        parts: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        labels, indices, skipped = [], [], 0
+        for out, lab, idx, n_skip in iter_outputs(model, loader, names, device, max(n_last_blocks, 1), torch_dtype,
+                                                  progress=False):
+            skipped += n_skip
+            if out:
+                for n in names:
+                    parts[n].append(out[n])
+                labels.append(lab)
+                indices.append(idx)
+        if not indices:
+            raise RuntimeError(f"shard {i}: every image in [{start}, {stop}) is unreadable")
+        arrays = {n: torch.cat(parts[n]).numpy().astype(np_dtype, copy=False) for n in names}
+        index = torch.cat(indices).numpy().astype(np.int64)
+        arrays["index"] = index
+        if base["has_labels"]:
+            arrays["label"] = torch.cat(labels).numpy().astype(np.int64)
+        files: list[str] = []
+        stem = shard_name(i)
+        if "npy" in cfg.formats:
+            for key, arr in arrays.items():
+                _write_npy(out_dir / f"{stem}.{key}.npy", arr)
+                files.append(f"{stem}.{key}.npy")
+        if "safetensors" in cfg.formats:
+            _write_safetensors(out_dir / f"{stem}.safetensors", arrays)
+            files.append(f"{stem}.safetensors")
+        paths = _relative_paths(dataset, index)
+        if paths is not None:
+            atomic_write_text(out_dir / f"{stem}.paths.json", json.dumps(paths))
+            files.append(f"{stem}.paths.json")
+        record = {"shard": i, "start": start, "stop": stop, "rows": int(len(index)), "skipped": skipped,
+                  "row_shapes": {n: list(arrays[n].shape[1:]) for n in names},
+                  "files": {f: _file_record(out_dir / f) for f in sorted(files)}}
+        atomic_write_text(out_dir / f"{stem}.done.json", json.dumps(record, indent=2))
+        if on_shard_done is not None:
+            on_shard_done(i)
+    du.barrier()
+    manifest = dict(base)
+    if rank == 0:
+        records = []
+        for i in range(n_shards):
+            rec = shard_is_done(out_dir, i, check_sha=False)
+            if rec is None:
+                raise RuntimeError(f"{out_dir}: shard {i} has no valid record after the export")
+            records.append(rec)
+        manifest.update(complete=True, shards=records, rows=sum(r["rows"] for r in records),
+                        skipped=sum(r["skipped"] for r in records),
+                        arrays={n: {"dtype": dtype, "row_shape": records[0]["row_shapes"][n]} for n in names})
+        atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2))
+    du.barrier()
+    return manifest
+
+
+def load_exported(out_dir: str | os.PathLike, verify: bool = False) -> dict[str, np.ndarray]:
+    """All shards of a complete export concatenated: the feature arrays, ``index``, ``label`` (when
+    the folder had classes) and ``path`` (str array). ``verify`` re-checks every checksum."""
+    out_dir = Path(out_dir)
+    path = out_dir / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{out_dir} has no {MANIFEST}: not a feature export")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an ssl_xcit feature export (format {manifest.get('format')!r})")
+    if not manifest.get("complete"):
+        done = sum(shard_is_done(out_dir, i, check_sha=False) is not None for i in range(manifest["num_shards"]))
+        raise RuntimeError(f"the export in {out_dir} is incomplete ({done} of {manifest['num_shards']} shards): "
+                           "run the export again to finish it")
+    cfg = manifest["config"]
+    names = [*cfg["outputs"], "index", *(["label"] if manifest["has_labels"] else [])]
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    paths: list[str] = []
+    for rec in manifest["shards"]:
+        stem = shard_name(rec["shard"])
+        for fname, want in rec["files"].items():
+            p = out_dir / fname
+            if not p.is_file() or p.stat().st_size != want["bytes"] or (verify and _sha256(p) != want["sha256"]):
+                raise RuntimeError(f"{p} is missing or changed since the export (size/checksum mismatch)")
+        if "npy" in cfg["formats"]:
+            for n in names:
+                parts[n].append(np.load(out_dir / f"{stem}.{n}.npy", allow_pickle=False))
+        else:
+            from safetensors.numpy import load_file
+            arrays = load_file(out_dir / f"{stem}.safetensors")
+            for n in names:
+                parts[n].append(arrays[n])
+        if f"{stem}.paths.json" in rec["files"]:
+            paths.extend(json.loads((out_dir / f"{stem}.paths.json").read_text()))
+    result = {n: np.concatenate(v) for n, v in parts.items()}
+    if paths:
+        result["path"] = np.array(paths)
+    return result
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Export frozen backbone features to sharded files",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common.add_backbone_args(p)
+    common.add_data_args(p)
+    common.add_runtime_args(p)
+    g = p.add_argument_group("export")
+    g.add_argument("--out", required=True, help="output folder (an interrupted export there is resumed)")
+    g.add_argument("--split", default=None,
+                   help="sub-folder of --data-path to export (e.g. train or val); default: --data-path itself")
+    g.add_argument("--patch-tokens", action="store_true", help="also export the patch tokens (large)")
+    g.add_argument("--n-last-blocks", type=int, default=0,
+                   help="also export the concatenated CLS tokens of the last n blocks (XCiT: n <= 2)")
+    g.add_argument("--format", default="npy", choices=("npy", "safetensors", "both"))
+    g.add_argument("--shard-size", type=int, default=10000, help="images per shard")
+    g.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    g.add_argument("--no-verify", action="store_true",
+                   help="on resume, trust finished shards by size only (skip the sha256 re-read)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    if args.batch_size is None:
+        args.batch_size = 128
+    common.check_positive(args.batch_size, "--batch-size")
+    if args.n_last_blocks < 0:
+        raise ValueError(f"--n-last-blocks must be >= 0, got {args.n_last_blocks}")
+    root = common.resolve_root(args.data_path)
+    folder = root / args.split if args.split else root
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--data-path {root} has no {args.split}/ folder")
+    if not args.split and (root / "train").is_dir() and (root / "val").is_dir():
+        raise ValueError(f"--data-path {root} holds train/ and val/: pass --split train or --split val "
+                         "(otherwise they would be exported as two classes)")
+    env = common.setup_env(args.device, args.seed)
+    try:
+        dataset = common.open_images(folder, common.eval_transform(args.crop_size, args.resize))
+        model = common.load_frozen_backbone(args.checkpoint, args.arch, args.checkpoint_key, env.device,
+                                            seed=args.seed)
+        formats = FORMATS if args.format == "both" else (args.format,)
+        source = {"checkpoint": str(args.checkpoint), "arch": args.arch, "checkpoint_key": args.checkpoint_key,
+                  "crop_size": args.crop_size, "resize": common.resize_for(args.crop_size, args.resize),
+                  "seed": args.seed}
+        outputs = ("cls", "patch") if args.patch_tokens else ("cls",)
+        manifest = export_features(model, dataset, args.out, outputs=outputs, n_last_blocks=args.n_last_blocks,
+                                   shard_size=args.shard_size, formats=formats, dtype=args.dtype,
+                                   batch_size=args.batch_size, num_workers=args.num_workers, device=env.device,
+                                   progress=not args.no_progress, source=source, check_sha=not args.no_verify)
+        if env.is_main:
+            print(f"exported {manifest['rows']} images in {manifest['num_shards']} shard(s) to {args.out}")
+        return manifest if env.is_main else {}
+    finally:
+        common.teardown_env(env)

@@ -1,0 +1,377 @@
+"""Weighted k-NN classification of frozen features, DINO's protocol, searched with faiss.
+
+Protocol (Caron et al. 2021, ``eval_knn.py``): train and val CLS features of the teacher, images
+resized to 256 (bicubic) and centre-cropped to 224, L2-normalised; for each val image the k most
+cosine-similar train images vote for their class with weight ``exp(sim / T)``; the class scores
+give top-1 and top-5 (top-min(5, k)). Defaults are DINO's: k in 10 20 100 200, T = 0.07.
+
+Exact inner-product search (``IndexFlatIP``) by default; ``--index ivf|hnsw`` approximate it for
+very large train sets. Class-score ties are broken towards the lower class index, so results do
+not depend on the sort implementation.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ssl_xcit.evaluate import common
+from ssl_xcit.utils.atomic import atomic_torch_save, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_KS = (10, 20, 100, 200)
+DEFAULT_TEMPERATURE = 0.07
+# DINO's --dump_features file names, so dumps from either tool load in the other
+DUMP_FILES = {"train_features": "trainfeat.pth", "train_labels": "trainlabels.pth",
+              "val_features": "testfeat.pth", "val_labels": "testlabels.pth"}
+DUMP_META = "features.json"
+
+
+# --------------------------------------------------------------------------------------------- search
+@dataclass(frozen=True)
+class IndexConfig:
+    """How to search: ``flat`` is exact; ``ivf``/``hnsw`` trade exactness for speed on huge sets."""
+
+    kind: str = "flat"
+    fp16: bool = False  # vectors stored as float16 in the index (half the memory)
+    use_gpu: bool = False  # faiss GPU when the faiss build has GPUs (flat and ivf)
+    nlist: int | None = None  # ivf: number of cells (default ~4*sqrt(N))
+    nprobe: int = 32  # ivf: cells visited per query
+    hnsw_m: int = 32  # hnsw: graph degree
+    ef_search: int = 256  # hnsw: search breadth
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("flat", "ivf", "hnsw"):
+            raise ValueError(f"--index must be flat, ivf or hnsw, got {self.kind!r}")
+        for name in ("nprobe", "hnsw_m", "ef_search"):
+            common.check_positive(getattr(self, name), f"--{name.replace('_', '-')}")
+        common.check_positive(self.nlist, "--nlist")
+
+
+class FeatureIndex:
+    """A faiss index over train features (kept with the GPU resources it needs alive)."""
+
+    def __init__(self, index, resources=None) -> None:
+        self.index = index
+        self._resources = resources
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def search(self, queries: torch.Tensor | np.ndarray, k: int, batch_size: int = 1000
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """``(similarities (Q, k) float32, train row ids (Q, k) int64)``, best first; id -1 = none."""
+        common.check_positive(k, "k")
+        common.check_positive(batch_size, "query batch size")
+        n = len(queries)
+        sims = np.empty((n, k), dtype=np.float32)
+        ids = np.empty((n, k), dtype=np.int64)
+        for s in range(0, n, batch_size):
+            d, i = self.index.search(_as_f32(queries[s:s + batch_size]), k)
+            sims[s:s + batch_size], ids[s:s + batch_size] = d, i
+        return sims, ids
+
+
+def _as_f32(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().float().numpy()
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def faiss_gpu_available() -> bool:
+    import faiss
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def build_index(train_features: torch.Tensor | np.ndarray, cfg: IndexConfig = IndexConfig(),
+                add_batch: int = 262144, seed: int = 0) -> FeatureIndex:
+    """An inner-product faiss index holding ``train_features`` (row i -> id i).
+
+    Rows are added in float32 chunks so float16 features are never widened all at once.
+    """
+    import faiss
+    n, d = train_features.shape
+    if n == 0:
+        raise ValueError("no train features to index")
+    codec = "SQfp16" if cfg.fp16 else "Flat"
+    nlist = None
+    if cfg.kind == "flat":
+        key = codec
+    elif cfg.kind == "ivf":
+        nlist = cfg.nlist or max(1, min(int(4 * math.sqrt(n)), n // 39))
+        if nlist > n:
+            raise ValueError(f"--nlist {nlist} exceeds the {n} train features")
+        key = f"IVF{nlist},{codec}"
+    else:
+        key = f"HNSW{cfg.hnsw_m},{codec}"
+    gpu = cfg.use_gpu and cfg.kind != "hnsw" and faiss_gpu_available()
+    resources = None
+    if gpu and cfg.kind == "flat":
+        resources = faiss.StandardGpuResources()
+        conf = faiss.GpuIndexFlatConfig()
+        conf.useFloat16 = cfg.fp16
+        conf.device = torch.cuda.current_device() if torch.cuda.is_available() else 0
+        index = faiss.GpuIndexFlatIP(resources, d, conf)
+    else:
+        index = faiss.index_factory(d, key, faiss.METRIC_INNER_PRODUCT)
+    if cfg.kind == "ivf":
+        rng = np.random.default_rng(seed)
+        n_train = min(n, 256 * nlist)
+        sample = np.sort(rng.choice(n, n_train, replace=False)) if n_train < n else np.arange(n)
+        index.train(_as_f32(train_features[torch.as_tensor(sample)] if isinstance(train_features, torch.Tensor)
+                            else train_features[sample]))
+        index.nprobe = min(cfg.nprobe, nlist)
+        if gpu:
+            resources = faiss.StandardGpuResources()
+            co = faiss.GpuClonerOptions()
+            co.useFloat16 = cfg.fp16
+            index = faiss.index_cpu_to_gpu(resources, torch.cuda.current_device(), index, co)
+    elif cfg.kind == "hnsw":
+        index.hnsw.efSearch = cfg.ef_search
+    for s in range(0, n, add_batch):
+        index.add(_as_f32(train_features[s:s + add_batch]))
+    return FeatureIndex(index, resources)
+
+
+# --------------------------------------------------------------------------------------------- votes
+def weighted_votes(sims: np.ndarray | torch.Tensor, neighbor_labels: np.ndarray | torch.Tensor, num_classes: int,
+                   temperature: float, valid: np.ndarray | torch.Tensor | None = None) -> torch.Tensor:
+    """Class scores (Q, C) in float64: each neighbour adds ``exp(sim / T)`` to its class."""
+    common.check_positive(temperature, "temperature")
+    s = torch.as_tensor(sims, dtype=torch.float64)
+    lab = torch.as_tensor(neighbor_labels, dtype=torch.long)
+    w = torch.exp(s / temperature)
+    if valid is not None:
+        w = w * torch.as_tensor(valid, dtype=torch.float64)
+        lab = torch.where(torch.as_tensor(valid), lab, torch.zeros_like(lab))
+    if lab.numel() and (lab.min() < 0 or lab.max() >= num_classes):
+        raise ValueError(f"neighbour labels must lie in [0, {num_classes}), "
+                         f"got [{int(lab.min())}, {int(lab.max())}]")
+    scores = torch.zeros(s.shape[0], num_classes, dtype=torch.float64)
+    return scores.scatter_add_(1, lab, w)
+
+
+def ranked_classes(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """The ``n`` best classes per row, best first; equal scores in class-index order."""
+    return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :n]
+
+
+@dataclass(frozen=True)
+class KnnPrediction:
+    k: int
+    top5: torch.Tensor  # (Q, min(5, k)) predicted classes, best first
+    top1_acc: float  # percent
+    top5_acc: float  # percent
+
+
+def knn_predict(index: FeatureIndex, train_labels: torch.Tensor, val_features: torch.Tensor,
+                val_labels: torch.Tensor, ks: Sequence[int] = DEFAULT_KS,
+                temperature: float = DEFAULT_TEMPERATURE, num_classes: int | None = None,
+                query_batch: int = 1000) -> dict[int, KnnPrediction]:
+    """One search with the largest k; each smaller k uses the first k (sorted) neighbours."""
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] <= 0:
+        raise ValueError(f"--nb-knn values must be positive, got {ks}")
+    if ks[-1] > index.ntotal:
+        raise ValueError(f"--nb-knn {ks[-1]} exceeds the {index.ntotal} train features")
+    train_labels = torch.as_tensor(train_labels, dtype=torch.long).cpu()
+    val_labels = torch.as_tensor(val_labels, dtype=torch.long).cpu()
+    if len(val_features) != len(val_labels):
+        raise ValueError(f"{len(val_features)} val features but {len(val_labels)} val labels")
+    if len(train_labels) != index.ntotal:
+        raise ValueError(f"{index.ntotal} indexed train features but {len(train_labels)} train labels")
+    for name, lab in (("train", train_labels), ("val", val_labels)):
+        if lab.numel() and lab.min() < 0:
+            raise ValueError(f"{name} labels contain {int(lab.min())}: k-NN needs class labels")
+    if num_classes is None:
+        num_classes = int(max(train_labels.max(), val_labels.max())) + 1
+    sims, ids = index.search(val_features, ks[-1], query_batch)
+    ids_t = torch.from_numpy(ids)
+    valid = ids_t >= 0
+    neigh = train_labels[ids_t.clamp(min=0)]
+    out = {}
+    for k in ks:
+        scores = weighted_votes(sims[:, :k], neigh[:, :k], num_classes, temperature, valid[:, :k])
+        top = ranked_classes(scores, min(5, k, num_classes))
+        hit = top == val_labels[:, None]
+        n = max(len(val_labels), 1)
+        out[k] = KnnPrediction(k=k, top5=top, top1_acc=100.0 * hit[:, 0].sum().item() / n,
+                               top5_acc=100.0 * hit.any(dim=1).sum().item() / n)
+    return out
+
+
+def l2_normalize(x: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+    """Row-wise L2 normalisation in float32 chunks, result in ``x``'s dtype."""
+    out = torch.empty_like(x)
+    for s in range(0, len(x), chunk):
+        out[s:s + chunk] = torch.nn.functional.normalize(x[s:s + chunk].float(), dim=1, p=2).to(x.dtype)
+    return out
+
+
+def knn_classifier(train_features: torch.Tensor, train_labels: torch.Tensor, val_features: torch.Tensor,
+                   val_labels: torch.Tensor, ks: Sequence[int] = DEFAULT_KS,
+                   temperature: float = DEFAULT_TEMPERATURE, num_classes: int | None = None,
+                   index_cfg: IndexConfig = IndexConfig(), query_batch: int = 1000,
+                   normalize: bool = True) -> dict[int, dict[str, float]]:
+    """DINO's weighted k-NN: ``{k: {"top1": %, "top5": %}}``."""
+    if normalize:
+        train_features, val_features = l2_normalize(train_features), l2_normalize(val_features)
+    index = build_index(train_features, index_cfg)
+    preds = knn_predict(index, train_labels, val_features, val_labels, ks, temperature, num_classes, query_batch)
+    return {k: {"top1": p.top1_acc, "top5": p.top5_acc} for k, p in preds.items()}
+
+
+# --------------------------------------------------------------------------------------------- dumps
+def dump_features(folder: str | Path, train_features, train_labels, val_features, val_labels,
+                  meta: dict) -> None:
+    folder = Path(folder)
+    tensors = {"train_features": train_features, "train_labels": train_labels,
+               "val_features": val_features, "val_labels": val_labels}
+    for key, fname in DUMP_FILES.items():
+        atomic_torch_save(tensors[key].contiguous(), folder / fname)
+    atomic_write_text(folder / DUMP_META, json.dumps(meta, indent=2))
+    logger.info("features dumped to %s", folder)
+
+
+def load_dumped(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--load-features {folder} is not a folder")
+    missing = [f for f in DUMP_FILES.values() if not (folder / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"--load-features {folder} lacks {', '.join(missing)} "
+                                "(written by --dump-features)")
+    out = {}
+    for key, fname in DUMP_FILES.items():
+        try:
+            out[key] = torch.load(folder / fname, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise RuntimeError(f"cannot read {folder / fname}: {type(err).__name__}: {err}") from err
+    meta_file = folder / DUMP_META
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    for split in ("train", "val"):
+        f, lab = out[f"{split}_features"], out[f"{split}_labels"]
+        if f.dim() != 2 or lab.dim() != 1 or len(f) != len(lab):
+            raise ValueError(f"{folder}: {split} features {tuple(f.shape)} and labels {tuple(lab.shape)} "
+                             "do not match")
+    if out["train_features"].shape[1] != out["val_features"].shape[1]:
+        raise ValueError(f"{folder}: train and val features differ in width")
+    return out, meta
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Weighted k-NN evaluation of a frozen backbone (DINO protocol)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common.add_backbone_args(p, required=False)
+    common.add_data_args(p, required=False)
+    common.add_runtime_args(p)
+    g = p.add_argument_group("k-NN")
+    g.add_argument("--nb-knn", type=int, nargs="+", default=list(DEFAULT_KS), help="numbers of neighbours")
+    g.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="vote weight exp(sim / T)")
+    g.add_argument("--index", default="flat", choices=("flat", "ivf", "hnsw"),
+                   help="faiss index: exact inner product, or approximate for very large sets")
+    g.add_argument("--nlist", type=int, default=None, help="ivf cells (default ~4*sqrt(N))")
+    g.add_argument("--nprobe", type=int, default=32, help="ivf cells searched per query")
+    g.add_argument("--hnsw-m", type=int, default=32, help="hnsw graph degree")
+    g.add_argument("--ef-search", type=int, default=256, help="hnsw search breadth")
+    g.add_argument("--fp16-features", action="store_true", help="hold features (and the index) in float16")
+    g.add_argument("--query-batch", type=int, default=1000, help="val queries per search call")
+    g.add_argument("--dump-features", default=None, help="save the extracted features to this folder")
+    g.add_argument("--load-features", default=None, help="read features saved by --dump-features; no extraction")
+    return p
+
+
+def _extract(args: argparse.Namespace, env: common.EvalEnv) -> tuple[dict[str, torch.Tensor] | None, dict]:
+    from ssl_xcit.evaluate.features import extract_features
+    if not args.checkpoint or not args.data_path:
+        raise ValueError("--checkpoint and --data-path are required (unless --load-features is given)")
+    root = common.resolve_root(args.data_path)
+    tf = common.eval_transform(args.crop_size, args.resize)
+    train_ds = common.open_split(root, "train", tf)
+    val_ds = common.open_split(root, "val", tf)
+    classes = common.check_same_classes(train_ds, val_ds, root)
+    model = common.load_frozen_backbone(args.checkpoint, args.arch, args.checkpoint_key, env.device,
+                                             seed=args.seed)
+    dtype = torch.float16 if args.fp16_features else torch.float32
+    feats = {}
+    for split, ds in (("train", train_ds), ("val", val_ds)):
+        f, lab = extract_features(model, ds, args.batch_size, env.device, args.num_workers, which="cls",
+                                  progress=not args.no_progress, desc=f"k-NN {split} features")
+        if f is not None:
+            feats[f"{split}_features"] = l2_normalize(f.float()).to(dtype)
+            feats[f"{split}_labels"] = lab
+    meta = {"checkpoint": str(args.checkpoint), "arch": args.arch, "checkpoint_key": args.checkpoint_key,
+            "crop_size": args.crop_size, "resize": common.resize_for(args.crop_size, args.resize),
+            "classes": classes, "dtype": str(dtype).replace("torch.", ""), "normalized": True}
+    return (feats if env.is_main else None), meta
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    common.check_positive(args.temperature, "--temperature")
+    if args.batch_size is None:
+        args.batch_size = 128
+    common.check_positive(args.batch_size, "--batch-size")
+    if any(k <= 0 for k in args.nb_knn):
+        raise ValueError(f"--nb-knn values must be positive, got {args.nb_knn}")
+    index_cfg = IndexConfig(kind=args.index, fp16=args.fp16_features, nlist=args.nlist, nprobe=args.nprobe,
+                            hnsw_m=args.hnsw_m, ef_search=args.ef_search)
+    env = common.setup_env(args.device, args.seed)
+    try:
+        if args.load_features:
+            if not env.is_main:
+                return {}
+            feats, meta = load_dumped(args.load_features)
+            if args.fp16_features:
+                feats = {k: (v.half() if v.is_floating_point() else v) for k, v in feats.items()}
+        else:
+            feats, meta = _extract(args, env)
+            if not env.is_main:
+                return {}
+            if args.dump_features:
+                dump_features(args.dump_features, feats["train_features"], feats["train_labels"],
+                              feats["val_features"], feats["val_labels"], meta)
+        index_cfg = IndexConfig(**{**index_cfg.__dict__, "use_gpu": env.device.type == "cuda"})
+        classes = meta.get("classes") or None
+        results = knn_classifier(feats["train_features"], feats["train_labels"],
+                                 feats["val_features"], feats["val_labels"], args.nb_knn,
+                                 args.temperature, len(classes) if classes else None, index_cfg,
+                                 args.query_batch, normalize=not meta.get("normalized", False))
+        out_dir = Path(args.output_dir) if args.output_dir else (
+            common.default_output_dir(args.checkpoint) if args.checkpoint else Path(args.load_features))
+        report = {
+            "tool": "knn",
+            "protocol": "DINO weighted k-NN: L2-normalised CLS features, cosine neighbours, votes exp(sim/T)",
+            "checkpoint": meta.get("checkpoint", args.checkpoint), "arch": meta.get("arch", args.arch),
+            "checkpoint_key": meta.get("checkpoint_key", args.checkpoint_key),
+            "crop_size": meta.get("crop_size"), "resize": meta.get("resize"),
+            "temperature": args.temperature, "index": args.index, "fp16_features": args.fp16_features,
+            "num_train": len(feats["train_labels"]), "num_val": len(feats["val_labels"]),
+            "num_classes": len(classes) if classes else int(max(feats["train_labels"].max(),
+                                                                feats["val_labels"].max())) + 1,
+            "results": {str(k): v for k, v in results.items()},
+        }
+        out_file = atomic_write_text(out_dir / "knn.json", json.dumps(report, indent=2))
+        print(format_table(results, args.temperature, args.index))
+        print(f"written {out_file}")
+        report["output"] = str(out_file)
+        return report
+    finally:
+        common.teardown_env(env)
+
+
+def format_table(results: dict[int, dict[str, float]], temperature: float, index: str) -> str:
+    lines = [f"weighted k-NN (T={temperature}, index={index})", f"{'k':>6} {'top-1':>8} {'top-5':>8}"]
+    for k in sorted(results):
+        lines.append(f"{k:>6} {results[k]['top1']:>8.2f} {results[k]['top5']:>8.2f}")
+    return "\n".join(lines)

@@ -1,0 +1,209 @@
+"""Feature export: an interrupted export resumes to the same bytes, damaged shards are redone,
+load_exported returns what extraction gives, and the command line on a tiny real image folder."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_subset
+from ssl_xcit.evaluate import common, export
+from ssl_xcit.evaluate.features import extract_outputs
+
+REPO = Path(__file__).resolve().parents[1]
+ARCH = "xcit_nano_12_p16"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors on a shared 2-core machine: one intra-op thread avoids OpenMP oversubscription."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def images(cifar_root, tmp_path_factory):
+    """30 real images in 10 classes (ImageFolder layout)."""
+    root = make_subset(cifar_root, tmp_path_factory.mktemp("exp"), 3, 1)
+    return common.open_images(root / "train", common.eval_transform(32))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return common.load_frozen_backbone(ARCH)
+
+
+KW = dict(outputs=("cls", "patch"), n_last_blocks=2, shard_size=7, formats=("npy", "safetensors"),
+          batch_size=4, num_workers=0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def straight(model, images, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    manifest = export.export_features(model, images, out, **KW)
+    return out, manifest
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+class Stop(Exception):
+    pass
+
+
+def test_interrupted_export_resumes_to_identical_files(model, images, straight, tmp_path):
+    ref_dir, manifest = straight
+    assert manifest["complete"] and manifest["num_shards"] == 5 and manifest["rows"] == 30
+    done: list[int] = []
+
+    def stop_after_two(i):
+        done.append(i)
+        if len(done) == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        export.export_features(model, images, tmp_path, on_shard_done=stop_after_two, **KW)
+    assert not json.loads((tmp_path / "manifest.json").read_text())["complete"]
+    with pytest.raises(RuntimeError, match="incomplete .2 of 5 shards"):
+        export.load_exported(tmp_path)
+    redone: list[int] = []
+    export.export_features(model, images, tmp_path, on_shard_done=redone.append, **KW)
+    assert redone == [2, 3, 4]  # the two finished shards were kept, not recomputed
+    assert _files(tmp_path) == _files(ref_dir)
+
+
+def test_damaged_and_partial_shards_are_redone(model, images, straight, tmp_path):
+    ref_dir, _ = straight
+    work = tmp_path / "work"
+    shutil.copytree(ref_dir, work)
+    # shard 1: same size, one flipped byte (only the checksum notices)
+    victim = work / "shard-00001.cls.npy"
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    # shard 3: interrupted before its record was written
+    (work / "shard-00003.done.json").unlink()
+    # and a temp file a killed process left behind
+    (work / ".shard-00004.cls.npy.abc.tmp").write_bytes(b"junk")
+    redone: list[int] = []
+    export.export_features(model, images, work, on_shard_done=redone.append, **KW)
+    assert redone == [1, 3]
+    assert _files(work) == _files(ref_dir)
+
+
+def test_load_exported_matches_direct_extraction(model, images, straight):
+    ref_dir, manifest = straight
+    loaded = export.load_exported(ref_dir, verify=True)
+    direct = extract_outputs(model, images, ["cls", "patch", "last_blocks"], batch_size=4, num_workers=0,
+                             n_last_blocks=2, progress=False)
+    for name in ("cls", "patch", "last_blocks"):
+        assert loaded[name].dtype == np.float32
+        np.testing.assert_allclose(loaded[name], direct.outputs[name].numpy(), rtol=1e-5, atol=1e-5)
+    assert loaded["cls"].shape == (30, 128) and loaded["patch"].shape == (30, 4, 128)
+    assert loaded["last_blocks"].shape == (30, 256)
+    np.testing.assert_array_equal(loaded["index"], np.arange(30))
+    np.testing.assert_array_equal(loaded["label"], direct.labels.numpy())
+    assert list(loaded["path"]) == images.files
+    # the safetensors copy holds the same arrays as the .npy files
+    from safetensors.numpy import load_file
+    st = load_file(ref_dir / "shard-00002.safetensors")
+    np.testing.assert_array_equal(st["cls"], np.load(ref_dir / "shard-00002.cls.npy"))
+    assert manifest["arrays"]["patch"]["row_shape"] == [4, 128]
+
+
+def test_other_settings_in_the_same_folder_are_refused(model, images, straight):
+    ref_dir, _ = straight
+    with pytest.raises(ValueError, match="other settings"):
+        export.export_features(model, images, ref_dir, **{**KW, "shard_size": 8})
+
+
+def test_corrupt_images_are_skipped_in_a_flat_folder(model, images, tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, f in enumerate(images.files[:5]):
+        os.symlink(images.root / f, flat / f"img{i}.jpg")
+    (flat / "img2.jpg").unlink()
+    (flat / "img2.jpg").write_bytes(b"not a jpeg")
+    ds = common.open_images(flat, common.eval_transform(32))
+    out = tmp_path / "out"
+    manifest = export.export_features(model, ds, out, shard_size=3, num_workers=0, progress=False)
+    loaded = export.load_exported(out)
+    assert manifest["rows"] == 4 and manifest["skipped"] == 1 and not manifest["has_labels"]
+    assert "label" not in loaded
+    np.testing.assert_array_equal(loaded["index"], [0, 1, 3, 4])
+    assert list(loaded["path"]) == ["img0.jpg", "img1.jpg", "img3.jpg", "img4.jpg"]
+
+
+def test_bad_settings_raise():
+    with pytest.raises(ValueError, match="--format"):
+        export.ExportConfig(formats=("hdf5",))
+    with pytest.raises(ValueError, match="--dtype"):
+        export.ExportConfig(dtype="bfloat16")
+    with pytest.raises(ValueError, match="n_last_blocks > 0"):
+        export.ExportConfig(outputs=("cls", "last_blocks"))
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def test_cli_exports_a_split(cifar_small, tmp_path):
+    manifest = export.main(["--checkpoint", ARCH, "--data-path", str(cifar_small), "--split", "val", "--out",
+                            str(tmp_path / "val"), "--crop-size", "32", "--format", "both", "--shard-size", "40",
+                            "--dtype", "float16", "--num-workers", "0", "--device", "cpu", "--no-progress"])
+    assert manifest["complete"] and manifest["num_shards"] == 3 and manifest["rows"] == 100
+    assert manifest["config"]["source"]["checkpoint"] == ARCH
+    loaded = export.load_exported(tmp_path / "val")
+    assert loaded["cls"].dtype == np.float16 and loaded["cls"].shape == (100, 128)
+    np.testing.assert_array_equal(loaded["label"], np.repeat(np.arange(10), 10))
+    with pytest.raises(ValueError, match="--split train or --split val"):
+        export.main(["--checkpoint", ARCH, "--data-path", str(cifar_small), "--out", str(tmp_path / "x")])
+
+
+def test_script_help_runs_without_install(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "eval" / "export_features.py"), "--help"], cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "--patch-tokens" in proc.stdout and "--shard-size" in proc.stdout
+
+
+def _gather_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from ssl_xcit.evaluate.common import gather_rows
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        # rank 0 holds 5 rows (indices 0, 2, 4, 6, 8), rank 1 holds 2 (7, 1), out of order
+        idx = torch.tensor([8, 0, 4, 2, 6]) if rank == 0 else torch.tensor([7, 1])
+        rows = torch.stack([idx.double() * 10, -idx.double()], dim=1).unsqueeze(1).repeat(1, 2, 1).half()
+        got_rows, got_idx = gather_rows(rows, idx, chunk_rows=2)  # 3 chunks of at most 2 rows
+        if rank == 0:
+            torch.save({"rows": got_rows, "idx": got_idx}, out)
+        else:
+            assert got_rows is None and got_idx is None
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gather_rows_orders_uneven_shards_by_index(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "gathered.pt"
+    mp.spawn(_gather_worker, args=(2, port, str(out)), nprocs=2, join=True)
+    got = torch.load(out, weights_only=True)
+    expected_idx = torch.tensor([0, 1, 2, 4, 6, 7, 8])
+    assert torch.equal(got["idx"], expected_idx)
+    expected = torch.stack([expected_idx.double() * 10, -expected_idx.double()], 1).unsqueeze(1).repeat(1, 2, 1)
+    assert got["rows"].dtype == torch.float16 and torch.equal(got["rows"].double(), expected)
