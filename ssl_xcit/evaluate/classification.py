@@ -1,0 +1,213 @@
+"""Top-1 / top-5 accuracy of an XCiT classifier on an ImageFolder validation set.
+
+Why: the quickest proof that a checkpoint was read correctly is the published accuracy of the
+published weights; the same tool scores fine-tuned or linear-probed models.
+
+Class indices follow the *sorted* class-folder names (torchvision ``ImageFolder``). For ImageNet
+that is the standard index order of the 1000 synset folders (n01440764 = 0, ...), the order the
+published heads use, so the folder must hold all classes of the head under their synset names.
+
+Preprocessing is the model's own (:attr:`XCiT.data_config`): bicubic resize of the short side to
+``img_size`` (crop ratio 1.0), centre crop, ImageNet mean / std.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+log = logging.getLogger(__name__)
+
+SPECIAL_CHECKPOINTS = ("pretrained", "none")
+
+
+@dataclass
+class ClassificationConfig:
+    model: str
+    checkpoint: str  # a file, 'pretrained' (published weights of --model) or 'none' (random)
+    data_path: str
+    batch_size: int = 64
+    device: str = "auto"
+    limit: int | None = None
+    num_workers: int = 4
+    img_size: int | None = None
+    num_classes: int | None = None  # only for --checkpoint none; otherwise the checkpoint's head
+    checkpoint_key: str = "teacher"
+    format: str = "auto"
+    allow_pickle: bool = False
+    download: bool = False
+
+
+def eval_transform(data_config: dict):
+    """Resize (bicubic, short side to img_size / crop_pct), centre crop, normalise."""
+    from torchvision import transforms as T
+
+    _, h, w = data_config["input_size"]
+    crop_pct = data_config.get("crop_pct", 1.0)
+    scale = int(h / crop_pct) if h == w else (int(h / crop_pct), int(w / crop_pct))
+    interp = {"bicubic": T.InterpolationMode.BICUBIC,
+              "bilinear": T.InterpolationMode.BILINEAR}[data_config.get("interpolation", "bicubic")]
+    return T.Compose([T.Resize(scale, interpolation=interp), T.CenterCrop((h, w)), T.ToTensor(),
+                      T.Normalize(data_config["mean"], data_config["std"])])
+
+
+def resolve_val_root(path: str | os.PathLike) -> Path:
+    """``path`` itself when it holds class folders, or ``path/val`` (an ImageNet-style root)."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"--data-path {root}: folder not found")
+    if (root / "val").is_dir():
+        return root / "val"
+    if not any(p.is_dir() for p in root.iterdir()):
+        raise ValueError(f"--data-path {root}: no class folders (expected <root>/<class>/<image> "
+                         "or <root>/val/<class>/<image>)")
+    return root
+
+
+def spread_subset(n_total: int, limit: int | None) -> list[int] | None:
+    """Evenly spaced indices so that a ``--limit`` look still covers all classes (ImageFolder
+    orders images by class, so the first N images would all be class 0)."""
+    if limit is None or limit >= n_total:
+        return None
+    if limit <= 0:
+        raise ValueError(f"--limit must be positive, got {limit}")
+    return sorted({int(i * n_total / limit) for i in range(limit)})
+
+
+def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: Sequence[int] = (1, 5)
+                 ) -> dict[int, int]:
+    """Number of samples whose target is among the k highest logits, for each k (k capped at the
+    number of classes)."""
+    kmax = min(max(ks), logits.shape[1])
+    top = logits.topk(kmax, dim=1).indices
+    hit = top.eq(target[:, None])
+    return {k: int(hit[:, :min(k, kmax)].any(dim=1).sum()) for k in ks}
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    return dev
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device,
+             progress: bool = True) -> dict[str, float]:
+    """Top-1 / top-5 (percent) of ``model`` over ``loader``."""
+    from tqdm import tqdm
+
+    model.eval().to(device)
+    n, correct = 0, {1: 0, 5: 0}
+    for images, target in tqdm(loader, desc="eval", disable=not progress, leave=False):
+        images = images.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True)
+        hits = topk_correct(model(images), target)
+        n += target.numel()
+        for k in correct:
+            correct[k] += hits[k]
+    if n == 0:
+        raise ValueError("no images evaluated")
+    return {"top1": 100.0 * correct[1] / n, "top5": 100.0 * correct[5] / n, "n_images": n}
+
+
+def _build_model(cfg: ClassificationConfig, n_dataset_classes: int):
+    from ..models import build_model
+    from ..models.checkpoints import load_into, load_state_source
+    from ..models.factory import pretrained_file
+
+    overrides = {"img_size": cfg.img_size} if cfg.img_size else {}
+    if cfg.checkpoint == "none":
+        log.warning("--checkpoint none: evaluating a randomly initialised %s", cfg.model)
+        return build_model(cfg.model, num_classes=cfg.num_classes or n_dataset_classes,
+                           **overrides)
+    path = pretrained_file(cfg.model, cfg.download) if cfg.checkpoint == "pretrained" \
+        else Path(cfg.checkpoint)
+    weights = load_state_source(path, cfg.format, cfg.checkpoint_key, cfg.allow_pickle)
+    head = weights.state_dict.get("head.weight")
+    if head is None:
+        raise ValueError(f"{path}: no classifier head in this checkpoint (a self-supervised "
+                         "backbone needs a linear probe first); classification needs head.weight")
+    model = build_model(cfg.model, num_classes=int(head.shape[0]), **overrides)
+    load_into(model, weights, strict=True)
+    return model
+
+
+def run(cfg: ClassificationConfig) -> dict:
+    """Library entry: evaluate and return the result dict (also printed as one line)."""
+    from torchvision.datasets import ImageFolder
+
+    from ..models.zoo import resolve
+
+    resolve(cfg.model)  # unknown names fail before any data is touched
+    if cfg.batch_size <= 0:
+        raise ValueError(f"--batch-size must be positive, got {cfg.batch_size}")
+    root = resolve_val_root(cfg.data_path)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    model = _build_model(cfg, len(classes))
+    n_out = model.num_classes
+    if len(classes) > n_out:
+        raise ValueError(f"--data-path {root} has {len(classes)} class folders but the model "
+                         f"predicts {n_out} classes")
+    if len(classes) < n_out:
+        log.warning("%s has %d class folders, the model %d classes: indices follow the sorted "
+                    "folder names, so results are only meaningful if they are the model's first "
+                    "%d classes", root, len(classes), n_out, len(classes))
+    dataset = ImageFolder(str(root), transform=eval_transform(model.data_config))
+    idx = spread_subset(len(dataset), cfg.limit)
+    data = dataset if idx is None else Subset(dataset, idx)
+    device = pick_device(cfg.device)
+    loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=False,
+                        num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    start = time.perf_counter()
+    scores = evaluate(model, loader, device, progress=rank0)
+    secs = time.perf_counter() - start
+    result = {"model": cfg.model, "checkpoint": cfg.checkpoint, "data_path": str(root),
+              "num_classes": n_out, "img_size": list(model.img_size), **scores,
+              "seconds": secs}
+    print(f"{cfg.model} [{cfg.checkpoint}] on {root} ({scores['n_images']} images, "
+          f"{model.img_size[0]}x{model.img_size[1]}): top-1 {scores['top1']:.2f}%  "
+          f"top-5 {scores['top5']:.2f}%  ({secs:.1f} s)", flush=True)
+    return result
+
+
+def parse_args(argv: Sequence[str] | None = None) -> ClassificationConfig:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="zoo or arch name (ssl_xcit.list_models())")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint file (any supported format), 'pretrained' (published weights "
+                        "of --model from the local cache) or 'none' (random init)")
+    p.add_argument("--data-path", required=True,
+                   help="ImageFolder root (<dir>/<class>/<img> or <dir>/val/<class>/<img>)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--limit", type=int, default=None, help="evaluate N evenly spaced images")
+    p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
+    p.add_argument("--img-size", type=int, default=None, help="override the model's resolution")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="head size with --checkpoint none (default: number of class folders)")
+    p.add_argument("--checkpoint-key", default="teacher", help="student/teacher in DINO files")
+    p.add_argument("--format", default="auto", help="checkpoint format (default: detect)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow unpickling arbitrary objects (trusted files only)")
+    p.add_argument("--download", action="store_true",
+                   help="with --checkpoint pretrained: download missing weights")
+    a = p.parse_args(argv)
+    return ClassificationConfig(**{f.name: getattr(a, f.name) for f in fields(ClassificationConfig)})
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Command-line entry (``eval/eval_classification.py``): returns the result dict."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run(parse_args(argv))
