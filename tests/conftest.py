@@ -7,6 +7,12 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
+
+# One intra-op thread: the suite's tensors are small, several tests run 2-3 processes at once on a
+# 2-core machine, and OpenMP threads spinning against each other made small ops 10x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # launch/ and eval/ scripts import as modules in tests

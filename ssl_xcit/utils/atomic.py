@@ -6,8 +6,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` on a temp file in the target folder, fsync it, then rename.
@@ -33,6 +31,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` through :func:`atomic_write`."""
+    import torch  # here, not at module level: command lines import this module and start fast
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 

@@ -1,0 +1,1 @@
+"""DINO training: typed config, the step, the epoch loop, checkpoints, logging."""

@@ -1,0 +1,80 @@
+"""Training checkpoints: what a run needs to continue bit for bit, written atomically.
+
+The file is a plain dict of tensors, numbers, strings and lists so that it loads with
+``torch.load(weights_only=True)``; ``format: 'ssl_xcit'`` lets ``get_model``/``load_backbone``
+recognise it, and ``config`` records the arch so evaluation needs no flags.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ssl_xcit.utils.atomic import atomic_torch_save
+
+CHECKPOINT_NAME = "checkpoint.pth"
+FORMAT = "ssl_xcit"
+VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not fit the run; the message names the file."""
+
+
+def capture_rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": list(_listify(random.getstate())),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                  int(np_state[3]), float(np_state[4])],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_tupleify(state["python"]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _listify(obj: Any) -> Any:
+    return [_listify(o) for o in obj] if isinstance(obj, (tuple, list)) else obj
+
+
+def _tupleify(obj: Any) -> Any:
+    return tuple(_tupleify(o) for o in obj) if isinstance(obj, list) else obj
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
+    """Atomically write ``state`` (temp file + rename): a crash never leaves a truncated file."""
+    state = {"format": FORMAT, "version": VERSION, **state}
+    return atomic_torch_save(state, path)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a training checkpoint with ``weights_only=True``; errors name the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # truncated, not a torch file, or pickled objects
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an ssl_xcit training checkpoint (no format: {FORMAT!r} key)")
+    if state.get("version", 0) > VERSION:
+        raise CheckpointError(f"{path} was written by a newer ssl_xcit (format version {state['version']})")
+    missing = [k for k in ("student", "teacher", "optimizer", "epoch", "global_step", "dino_loss")
+               if k not in state]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}: not a resumable training checkpoint")
+    return state

@@ -1,0 +1,306 @@
+"""The typed run configuration: one dataclass tree, built once from YAML + ``key=value`` overrides.
+
+The field names are DINO's command-line flags (``arch``, ``out_dim``, ``teacher_temp``,
+``local_crops_number``, ...) so recipes and habits carry over. Every field name is unique across
+sections, so an override may name it plainly (``lr=1e-3``) or with its section (``optim.lr=1e-3``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value; the message says which and why."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "xcit_small_12_p16"          # any name get_model accepts
+    drop_path_rate: float = 0.1              # stochastic depth, student only
+    out_dim: int = 65536                     # prototypes of the DINO head
+    norm_last_layer: bool = True             # weight-normalised last layer with g fixed to 1
+    use_bn_in_head: bool = False
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    head_nlayers: int = 3
+
+
+@dataclass
+class DataConfig:
+    data_path: str = ""                      # ImageFolder / flat folder of images, or a .tar(.gz) of one
+    global_crops_size: int = 224
+    global_crops_scale: tuple[float, float] = (0.4, 1.0)
+    local_crops_number: int = 8
+    local_crops_size: int = 96
+    local_crops_scale: tuple[float, float] = (0.05, 0.4)
+    num_workers: int = 8
+    max_images: int = 0                      # >0: use only the first N images (quick runs, tests)
+
+
+@dataclass
+class DinoLossConfig:
+    teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 0
+    student_temp: float = 0.1
+    center_momentum: float = 0.9
+    momentum_teacher: float = 0.996          # EMA momentum, cosine to 1 over training
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 100
+    batch_size_per_gpu: int = 64
+    lr: float = 5e-4                         # at a global batch of 256; scaled linearly
+    min_lr: float = 1e-6
+    warmup_epochs: int = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    clip_grad: float = 3.0                   # 0 disables
+    freeze_last_layer: int = 1               # epochs with the head's last layer frozen
+    optimizer: str = "adamw"                 # adamw | sgd
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/dino"
+    seed: int = 0
+    precision: str = "bf16"                  # bf16 | fp16 | fp32 (autocast dtype; fp16 uses a scaler)
+    device: str = "auto"                     # auto | cpu | cuda
+    saveckp_freq: int = 0                    # >0: also keep checkpoint{epoch:04}.pth every N epochs
+    save_every_steps: int = 0                # >0: checkpoint every N steps inside an epoch
+    log_every_steps: int = 10
+    max_steps: int = 0                       # >0: stop after this many steps (quick runs, tests)
+    sync_bn: bool = True                     # convert BatchNorm to SyncBatchNorm under DDP
+    compile: bool = False                    # torch.compile the backbone (per crop resolution)
+    deterministic: bool = False              # torch.use_deterministic_algorithms, for exact resume on GPU
+    tensorboard: bool = True
+
+
+@dataclass
+class DinoConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    dino: DinoLossConfig = field(default_factory=DinoLossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        for section in out.values():  # tuples -> lists so YAML and weights_only loads stay plain
+            for key, value in section.items():
+                if isinstance(value, tuple):
+                    section[key] = list(value)
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(DinoConfig)}
+
+
+def _section_classes() -> dict[str, type]:
+    hints = typing.get_type_hints(DinoConfig)
+    return {name: hints[name] for name in SECTIONS}
+
+
+def _field_index() -> dict[str, str]:
+    """Plain field name -> its section. Names are unique across sections by design."""
+    index: dict[str, str] = {}
+    for section, cls in _section_classes().items():
+        for f in dataclasses.fields(cls):
+            if f.name in index:
+                raise AssertionError(f"field {f.name} appears in two sections")
+            index[f.name] = section
+    return index
+
+
+def _all_keys() -> list[str]:
+    return [f"{s}.{k}" for k, s in _field_index().items()] + list(_field_index())
+
+
+def _unknown_key(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, _all_keys(), n=4, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check ``value`` against the field's type; accept ints for floats and lists for tuples."""
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key} must be a list of {len(args)} numbers, got {value!r}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for a in typing.get_args(hint):
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: {value!r} does not fit {hint}")
+    if hint is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key} must be null")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, Path)):
+            return str(value)
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    return value
+
+
+def _set(cfg: DinoConfig, key: str, value: Any) -> None:
+    index = _field_index()
+    if "." in key:
+        section, name = key.split(".", 1)
+        if section not in SECTIONS or index.get(name) != section:
+            raise _unknown_key(key)
+    else:
+        if key not in index:
+            raise _unknown_key(key)
+        section, name = index[key], key
+    sub = getattr(cfg, section)
+    hint = typing.get_type_hints(type(sub))[name]
+    setattr(sub, name, _coerce(value, hint, f"{section}.{name}"))
+
+
+def config_from_dict(data: dict[str, Any], cfg: DinoConfig | None = None) -> DinoConfig:
+    """Apply a nested (``{optim: {lr: ..}}``) or flat (``{lr: ..}``) mapping onto a config."""
+    cfg = cfg if cfg is not None else DinoConfig()
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config must be a mapping of keys to values, got {type(data).__name__}")
+    for key, value in data.items():
+        if key in SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"section '{key}' must be a mapping, got {value!r}")
+            for sub_key, sub_value in value.items():
+                _set(cfg, f"{key}.{sub_key}", sub_value)
+        else:
+            _set(cfg, str(key), value)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` with a YAML value (``lr=1e-3``, ``global_crops_scale=[0.3,1]``)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip().lstrip("-")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({err})") from err
+    if isinstance(value, str) and raw.strip() and _looks_numeric(raw):
+        value = float(raw)  # YAML 1.1 reads 1e-3 as a string
+    return key, value
+
+
+def _looks_numeric(raw: str) -> bool:
+    try:
+        float(raw)
+        return True
+    except ValueError:
+        return False
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DinoConfig:
+    """Build the config: defaults <- YAML file <- ``key=value`` overrides, then validate."""
+    cfg = DinoConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+        try:
+            config_from_dict(data, cfg)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from err
+    for text in overrides:
+        key, value = parse_override(text)
+        _set(cfg, key, _yaml_float_fix(value))
+    validate(cfg)
+    return cfg
+
+
+def _yaml_float_fix(value: Any) -> Any:
+    if isinstance(value, list):
+        return [float(v) if isinstance(v, str) and _looks_numeric(v) else v for v in value]
+    return value
+
+
+def validate(cfg: DinoConfig) -> DinoConfig:
+    """Cross-field checks with messages a user can act on."""
+    m, d, l, o, r = cfg.model, cfg.data, cfg.dino, cfg.optim, cfg.run
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+
+    need(m.out_dim > 0, f"out_dim must be positive, got {m.out_dim}")
+    need(0.0 <= m.drop_path_rate < 1.0, f"drop_path_rate must be in [0, 1), got {m.drop_path_rate}")
+    need(d.local_crops_number >= 0, f"local_crops_number must be >= 0, got {d.local_crops_number}")
+    for name in ("global_crops_scale", "local_crops_scale"):
+        lo, hi = getattr(d, name)
+        need(0.0 < lo <= hi <= 1.0, f"{name} must satisfy 0 < min <= max <= 1, got {[lo, hi]}")
+    need(d.global_crops_size > 0 and d.local_crops_size > 0, "crop sizes must be positive")
+    need(d.num_workers >= 0, f"num_workers must be >= 0, got {d.num_workers}")
+    need(d.max_images >= 0, f"max_images must be >= 0, got {d.max_images}")
+    need(l.teacher_temp > 0 and l.warmup_teacher_temp > 0 and l.student_temp > 0,
+         "temperatures must be positive")
+    need(0.0 <= l.center_momentum < 1.0, f"center_momentum must be in [0, 1), got {l.center_momentum}")
+    need(0.0 <= l.momentum_teacher <= 1.0, f"momentum_teacher must be in [0, 1], got {l.momentum_teacher}")
+    need(l.warmup_teacher_temp_epochs >= 0, "warmup_teacher_temp_epochs must be >= 0")
+    need(o.epochs > 0, f"epochs must be positive, got {o.epochs}")
+    need(o.batch_size_per_gpu > 0, f"batch_size_per_gpu must be positive, got {o.batch_size_per_gpu}")
+    need(o.lr > 0 and o.min_lr >= 0, "lr must be positive and min_lr non-negative")
+    need(0 <= o.warmup_epochs <= o.epochs, f"warmup_epochs ({o.warmup_epochs}) must be in [0, epochs={o.epochs}]")
+    need(l.warmup_teacher_temp_epochs <= o.epochs or l.warmup_teacher_temp_epochs == 0,
+         f"warmup_teacher_temp_epochs ({l.warmup_teacher_temp_epochs}) exceeds epochs ({o.epochs})")
+    need(o.clip_grad >= 0, f"clip_grad must be >= 0, got {o.clip_grad}")
+    need(o.freeze_last_layer >= 0, f"freeze_last_layer must be >= 0, got {o.freeze_last_layer}")
+    need(o.optimizer in ("adamw", "sgd"), f"optimizer must be adamw or sgd, got {o.optimizer!r}")
+    need(r.precision in ("bf16", "fp16", "fp32"), f"precision must be bf16, fp16 or fp32, got {r.precision!r}")
+    need(r.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {r.device!r}")
+    need(bool(r.output_dir), "output_dir must not be empty")
+    for name in ("saveckp_freq", "save_every_steps", "max_steps"):
+        need(getattr(r, name) >= 0, f"{name} must be >= 0")
+    need(r.log_every_steps > 0, "log_every_steps must be positive")
+    try:
+        from ssl_xcit.models.zoo import resolve_arch  # light import: the zoo table only
+    except ImportError:
+        resolve_arch = None
+    if resolve_arch is not None:
+        try:
+            resolve_arch(m.arch)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+    return cfg

@@ -1,0 +1,57 @@
+"""Run logging on rank 0: ``log.jsonl`` (one JSON object a line, flushed) and TensorBoard scalars."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+
+class RunLogger:
+    """Writes nothing on ranks other than 0, so callers need no rank checks."""
+
+    def __init__(self, output_dir: str | Path, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = Path(output_dir) / "log.jsonl"
+        self._tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
+            except ImportError:  # tensorboard is a requirement, but logging must never kill a run
+                self._tb = None
+
+    def _write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, default=_plain) + "\n")
+
+    def scalars(self, step: int, values: dict[str, float], epoch: int) -> None:
+        """One training-progress record: to log.jsonl and TensorBoard (``train/<name>``)."""
+        if not self.enabled:
+            return
+        self._write({"event": "train", "time": time.time(), "global_step": step, "epoch": epoch, **values})
+        if self._tb is not None:
+            for name, value in values.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tb.add_scalar(f"train/{name}", value, step)
+
+    def event(self, name: str, **fields: Any) -> None:
+        self._write({"event": name, "time": time.time(), **fields})
+
+    def flush(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def _plain(obj: Any) -> Any:
+    if hasattr(obj, "item"):
+        return obj.item()
+    return str(obj)

@@ -1,0 +1,82 @@
+"""The typed config: YAML + key=value overrides, type checks, close-match errors."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ssl_xcit.train.config import ConfigError, DinoConfig, config_from_dict, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_dinos_recipe():
+    cfg = load_config()
+    assert (cfg.model.out_dim, cfg.dino.student_temp, cfg.dino.teacher_temp) == (65536, 0.1, 0.04)
+    assert (cfg.dino.center_momentum, cfg.dino.momentum_teacher) == (0.9, 0.996)
+    assert (cfg.optim.lr, cfg.optim.warmup_epochs, cfg.optim.clip_grad) == (5e-4, 10, 3.0)
+    assert (cfg.optim.weight_decay, cfg.optim.weight_decay_end, cfg.optim.freeze_last_layer) == (0.04, 0.4, 1)
+    assert cfg.data.local_crops_size == 96 and cfg.data.global_crops_scale == (0.4, 1.0)
+
+
+def test_yaml_then_overrides_flat_and_dotted(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"optim": {"lr": 1e-3, "epochs": 5}, "local_crops_number": 4}))
+    cfg = load_config(path, ["lr=2e-3", "optim.epochs=7", "warmup_epochs=0", "global_crops_scale=[0.3, 1]", "norm_last_layer=false"])
+    assert cfg.optim.lr == 2e-3 and isinstance(cfg.optim.lr, float)
+    assert cfg.optim.epochs == 7
+    assert cfg.data.local_crops_number == 4
+    assert cfg.data.global_crops_scale == (0.3, 1.0)
+    assert cfg.model.norm_last_layer is False
+
+
+def test_unknown_key_names_close_matches():
+    with pytest.raises(ConfigError, match="teacher_temp"):
+        load_config(None, ["teacher_tmp=0.05"])
+    with pytest.raises(ConfigError, match="unknown config key 'optim.teacher_temp'"):
+        load_config(None, ["optim.teacher_temp=0.05"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("epochs=abc", "must be an integer"),
+    ("lr=-1", "lr must be positive"),
+    ("precision=fp8", "precision must be"),
+    ("global_crops_scale=[0.5]", "list of 2"),
+    ("local_crops_scale=[0.6, 0.2]", "0 < min <= max"),
+    ("warmup_epochs=200", "warmup_epochs"),
+    ("norm_last_layer=maybe", "true or false"),
+    ("noequals", "key=value"),
+])
+def test_bad_values_are_clear_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: [1, 2")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("optim:\n  lrr: 1\n")
+    with pytest.raises(ConfigError, match=r"wrong.yaml.*optim.lr"):
+        load_config(wrong)
+
+
+def test_round_trip_through_dict_and_yaml():
+    cfg = load_config(None, ["arch=xcit_nano_12_p16", "local_crops_scale=[0.1, 0.3]", "epochs=3", "warmup_epochs=1"])
+    again = config_from_dict(yaml.safe_load(cfg.to_yaml()))
+    assert again == cfg
+    assert again != DinoConfig()
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert cfg.model.arch.startswith("xcit")
+
+
+def test_unknown_arch_is_a_config_error():
+    with pytest.raises(ConfigError, match="xcit_nano_12_p16"):
+        load_config(None, ["arch=xcit_nano_12_p61"])

@@ -1,0 +1,101 @@
+"""The training loop's contract: outputs, bad input, non-finite losses, corrupt images, collapse."""
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from ssl_xcit.dino.loss import DINOLoss
+from ssl_xcit.train.loop import NonFiniteLossError, _warn_if_collapsed, train
+from ssl_xcit.train.logger import RunLogger
+from tests.train_helpers import tiny_config
+
+
+def _events(folder):
+    return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+
+
+def test_output_folder_holds_config_log_tensorboard_and_checkpoint(cifar_small, tmp_path):
+    out = tmp_path / "run"
+    result = train(tiny_config(cifar_small, out, max_steps=2, tensorboard=True))
+    assert result.status == "finished" and result.global_step == 2
+    assert "arch: xcit_nano_12_p16" in (out / "config.yaml").read_text()
+    train_records = [e for e in _events(out) if e["event"] == "train"]
+    assert [e["global_step"] for e in train_records] == [1, 2]
+    for key in ("loss", "lr", "weight_decay", "teacher_momentum", "teacher_temp", "grad_norm",
+                "images_per_s", "teacher_entropy", "teacher_kl_uniform"):
+        assert math.isfinite(train_records[-1][key]), key
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    state = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert state["format"] == "ssl_xcit" and state["global_step"] == 2
+    assert state["config"]["model"]["arch"] == "xcit_nano_12_p16"
+    # evaluation tools read the training checkpoint directly (teacher by default)
+    from ssl_xcit import load_backbone
+    backbone = load_backbone(out / "checkpoint.pth")
+    teacher_qkv = state["teacher"]["backbone.blocks.0.attn.qkv.weight"]
+    assert torch.equal(backbone.state_dict()["blocks.0.attn.qkv.weight"], teacher_qkv)
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_good_checkpoint(cifar_small, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    original = DINOLoss.forward
+    calls = {"n": 0}
+
+    def flaky(self, student_output, teacher_output, epoch, update_center=True):
+        calls["n"] += 1
+        loss = original(self, student_output, teacher_output, epoch, update_center)
+        return loss * float("nan") if calls["n"] == 3 else loss
+    monkeypatch.setattr(DINOLoss, "forward", flaky)
+    with pytest.raises(NonFiniteLossError, match="global step 2"):
+        train(tiny_config(cifar_small, out, save_every_steps=1))
+    state = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert state["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["student"].values() if v.is_floating_point())
+
+
+def test_corrupt_images_are_skipped_and_counted(cifar_small, tmp_path):
+    data = tmp_path / "data" / "train"
+    shutil.copytree(cifar_small / "train", data, symlinks=False)
+    victims = sorted(data.glob("*/*.jpg"))[:3]
+    victims[0].write_bytes(b"not an image")
+    victims[1].write_bytes(victims[2].read_bytes()[:100])       # truncated JPEG
+    victims[2].unlink()
+    victims[2].write_text("plain text")
+    out = tmp_path / "run"
+    train(tiny_config(data.parent, out, max_images=0, batch_size_per_gpu=40, epochs=1, warmup_epochs=0))
+    epoch_end = [e for e in _events(out) if e["event"] == "epoch_end"]
+    assert epoch_end[-1]["skipped_images"] == 3
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p / "missing", "does not exist|not found|No such"),
+    (lambda p: p.mkdir() or p, "no images|empty"),
+])
+def test_missing_or_empty_data_is_one_clear_error(tmp_path, make, message):
+    path = make(tmp_path / "data")
+    with pytest.raises((FileNotFoundError, ValueError), match=message):
+        train(tiny_config(path, tmp_path / "run"))
+
+
+def test_too_few_images_for_a_batch(cifar_small, tmp_path):
+    with pytest.raises(ValueError, match="batch"):
+        train(tiny_config(cifar_small, tmp_path / "run", max_images=3, batch_size_per_gpu=4))
+
+
+def test_collapse_warning_fires_for_both_collapse_modes_only(tmp_path):
+    logger = RunLogger(tmp_path, enabled=True, tensorboard=False)
+    ln_k = math.log(1024)
+    healthy = {"loss": 4.0, "teacher_entropy": 3.0, "teacher_kl_uniform": 1.5}
+    uniform = {"loss": ln_k + 0.01, "teacher_entropy": ln_k - 0.01, "teacher_kl_uniform": 0.001}
+    one_hot = {"loss": 9.0, "teacher_entropy": 0.01, "teacher_kl_uniform": ln_k - 0.05}
+    with pytest.warns(RuntimeWarning, match="uniform teacher"):
+        _warn_if_collapsed(uniform, 1024, 100, logger, True)
+    with pytest.warns(RuntimeWarning, match="one prototype"):
+        _warn_if_collapsed(one_hot, 1024, 100, logger, True)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_if_collapsed(healthy, 1024, 100, logger, True)
+        _warn_if_collapsed(uniform, 1024, 10, logger, True)   # too early to judge
+    assert [e["event"] for e in _events(tmp_path)] == ["collapse_warning", "collapse_warning"]
