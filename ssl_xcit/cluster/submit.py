@@ -1,0 +1,265 @@
+"""``launch/submit.py``: send training, or an evaluation tool, to SLURM (or submitit's local executor).
+
+    python launch/submit.py --config configs/X.yaml [key=value ...] --nodes 2 --gpus-per-node 8 ...
+    python launch/submit.py [launcher options] eval_knn --checkpoint ... --data-path ...
+
+Launcher options come before an evaluation tool's name; every word after it goes to the tool.
+Everything that can be wrong with the input is checked before anything is submitted, and reported
+as one line with exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import io
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, NoReturn
+
+from submitit.core.utils import FailedJobError
+
+from ssl_xcit.cluster.executor import (CLUSTERS, JobSpec, SubmitError, check_partition, choose_cluster,
+                                       make_executor, render_sbatch, reword_sbatch_error)
+from ssl_xcit.cluster.tasks import EVAL_TOOLS, EvalTask, TrainTask
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (and still exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise SubmitError(f"{message} (see {self.prog} --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="launch/submit.py",
+        description="Submit DINO training (or an evaluation tool) as a SLURM job through submitit: one "
+                    "task per GPU, torch.distributed set up from SLURM, checkpoint and requeue on the "
+                    "time-limit/preemption signal, resume on restart.",
+        epilog="evaluation tools: " + ", ".join(EVAL_TOOLS) + ". Put launcher options first: "
+               "launch/submit.py --nodes 1 --gpus-per-node 8 eval_knn --checkpoint ckpt.pth --data-path DIR")
+    p.add_argument("--config", help="training recipe (YAML); key=value words override it")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides")
+    g = p.add_argument_group("resources")
+    g.add_argument("--cluster", default="auto", choices=CLUSTERS,
+                   help="auto: SLURM when sbatch/srun are installed, else the local executor")
+    g.add_argument("--nodes", type=int, default=1)
+    g.add_argument("--gpus-per-node", type=int, default=0, help="one task per GPU (0: a CPU job)")
+    g.add_argument("--tasks-per-node", type=int, default=None,
+                   help="tasks per node for CPU jobs (default: --gpus-per-node, or 1)")
+    g.add_argument("--cpus-per-task", type=int, default=None)
+    g.add_argument("--mem-per-gpu", default=None, help="e.g. 40G")
+    g.add_argument("--timeout", type=int, default=1440, help="time limit in minutes (default 1440)")
+    g.add_argument("--partition")
+    g.add_argument("--account")
+    g.add_argument("--qos")
+    g.add_argument("--constraint")
+    g.add_argument("--comment")
+    g.add_argument("--job-name", default=None)
+    g.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra sbatch option, repeatable (e.g. --slurm exclusive --slurm mail-type=END)")
+    r = p.add_argument_group("requeue and bookkeeping")
+    r.add_argument("--max-requeues", type=int, default=20,
+                   help="requeues allowed after time-limit/preemption signals (default 20)")
+    r.add_argument("--signal-delay", type=int, default=90,
+                   help="seconds before the time limit at which SLURM sends the checkpoint signal")
+    r.add_argument("--job-dir", default=None,
+                   help="submitit folder for scripts, pickles and logs (default: <output_dir>/slurm; for "
+                        "a tool, <its --output-dir>/slurm, else runs/slurm/<tool>)")
+    r.add_argument("--dry-run", action="store_true", help="print the sbatch script and submit nothing")
+    r.add_argument("--wait", action="store_true", help="wait for the job to end and report its outcome")
+    return p
+
+
+# launcher options that take a value: a tool name right after one of them is that value
+_VALUE_OPTIONS = {a for act in build_parser()._actions if act.option_strings and act.nargs != 0
+                  for a in act.option_strings}
+
+
+def split_tool(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
+    """(launcher words, tool name or None, the tool's own words)."""
+    for i, word in enumerate(argv):
+        if word in EVAL_TOOLS and not (i > 0 and argv[i - 1] in _VALUE_OPTIONS):
+            return argv[:i], word, argv[i + 1:]
+    return argv, None, []
+
+
+def parse_slurm_extras(items: list[str]) -> dict[str, Any]:
+    """``--slurm key=value`` (or a bare ``key`` for a flag) -> sbatch options for submitit."""
+    extras: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip().lstrip("-")
+        if not key:
+            raise SubmitError(f"--slurm {item!r}: expected KEY=VALUE or KEY (an sbatch option name)")
+        extras[key.replace("_", "-")] = value if sep else True
+    return extras
+
+
+def job_spec(args: argparse.Namespace, default_name: str) -> JobSpec:
+    tasks = args.tasks_per_node if args.tasks_per_node is not None else max(1, args.gpus_per_node)
+    return JobSpec(nodes=args.nodes, tasks_per_node=tasks, gpus_per_node=args.gpus_per_node,
+                   cpus_per_task=args.cpus_per_task, timeout_min=args.timeout, partition=args.partition,
+                   account=args.account, qos=args.qos, constraint=args.constraint, comment=args.comment,
+                   mem_per_gpu=args.mem_per_gpu, job_name=args.job_name or default_name,
+                   signal_delay_s=args.signal_delay, max_requeues=args.max_requeues,
+                   additional=parse_slurm_extras(args.slurm))
+
+
+@dataclass
+class Prepared:
+    """Everything decided before submitting: what to run, where, with which resources."""
+
+    task: Any
+    spec: JobSpec
+    job_dir: Path
+    description: str       # what runs, for the printed summary
+
+
+def prepare_training(args: argparse.Namespace, train_fn: Callable[..., Any] | None = None) -> Prepared:
+    from ssl_xcit.train.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        raise SubmitError(f"config error: {err}") from None
+    if not cfg.data.data_path:
+        raise SubmitError("config error: data_path is not set (set it in the YAML or add data_path=...)")
+    data_path = Path(cfg.data.data_path).expanduser()
+    if not data_path.exists():
+        raise SubmitError(f"config error: data_path {cfg.data.data_path} does not exist on this machine")
+    # jobs may start in another folder: pin paths down now
+    cfg.data.data_path = str(data_path.resolve())
+    output_dir = Path(cfg.run.output_dir).expanduser().resolve()
+    cfg.run.output_dir = str(output_dir)
+    job_dir = Path(args.job_dir).expanduser().resolve() if args.job_dir else output_dir / "slurm"
+    spec = job_spec(args, default_name=f"dino_{output_dir.name}")
+    task = TrainTask(config=cfg.to_dict(), max_requeues=spec.max_requeues, train_fn=train_fn)
+    return Prepared(task, spec, job_dir, f"training {cfg.model.arch} into {output_dir}")
+
+
+def option_value(argv: list[str], name: str) -> str | None:
+    """The value of ``name VALUE`` or ``name=VALUE`` in a tool's words (the last one wins, as in argparse)."""
+    value = None
+    for i, word in enumerate(argv):
+        if word == name and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif word.startswith(name + "="):
+            value = word.split("=", 1)[1]
+    return value
+
+
+def check_tool_args(tool: str, tool_argv: list[str]) -> None:
+    """Parse the tool's words with its own parser now, so a typo fails here and not in the queue.
+
+    ``eval_knn --help`` prints the tool's help and exits 0.
+    """
+    module_name = EVAL_TOOLS[tool]
+    if importlib.util.find_spec(module_name) is None:
+        raise SubmitError(f"evaluation tool {tool} is not available: module {module_name} not found")
+    build = getattr(importlib.import_module(module_name), "build_parser", None)
+    if build is None:
+        return
+    parser = build()
+    parser.prog = f"launch/submit.py [options] {tool}"
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            parser.parse_args(tool_argv)
+    except SystemExit as stop:
+        if not stop.code:
+            raise
+        lines = [ln for ln in captured.getvalue().splitlines() if ln.strip()]
+        raise SubmitError(f"{tool}: {lines[-1] if lines else 'bad arguments'}") from None
+
+
+def prepare_eval(args: argparse.Namespace, tool: str, tool_argv: list[str]) -> Prepared:
+    if args.config or args.overrides:
+        raise SubmitError(f"--config and key=value overrides are for training; {tool} takes its own "
+                          f"arguments after its name (got {args.config or ' '.join(args.overrides)})")
+    check_tool_args(tool, tool_argv)
+    tool_out = option_value(tool_argv, "--output-dir") or option_value(tool_argv, "--out")
+    job_dir = Path(args.job_dir or (Path(tool_out) / "slurm" if tool_out else Path("runs", "slurm", tool)))
+    job_dir = job_dir.expanduser().resolve()
+    spec = job_spec(args, default_name=tool)
+    return Prepared(EvalTask(tool, tool_argv), spec, job_dir, f"{tool} {' '.join(tool_argv)}".strip())
+
+
+def prepare(argv: list[str], train_fn: Callable[..., Any] | None = None) -> tuple[argparse.Namespace, Prepared]:
+    launcher_argv, tool, tool_argv = split_tool(argv)
+    args = build_parser().parse_intermixed_args(launcher_argv)
+    if tool is None:
+        if args.config is None and not args.overrides:
+            raise SubmitError("nothing to run: give --config X.yaml [key=value ...] for training, or an "
+                              f"evaluation tool ({', '.join(EVAL_TOOLS)}) followed by its arguments")
+        return args, prepare_training(args, train_fn)
+    return args, prepare_eval(args, tool, tool_argv)
+
+
+def wait_for(job: Any) -> int:
+    """Block until the job ends; 0 when every task returned, 1 otherwise."""
+    while not job.done():
+        time.sleep(5)
+    err = job.exception()
+    if err is not None:
+        print(f"job {job.job_id} failed: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 1
+    print(f"job {job.job_id} ended: {job.results()[0]}")
+    return 0
+
+
+@dataclass
+class Submitted:
+    job: Any               # submitit Job (SlurmJob or LocalJob)
+    cluster: str
+    prepared: Prepared
+    wait: bool             # --wait: main() blocks until the job ends
+
+
+def submit(argv: list[str], *, train_fn: Callable[..., Any] | None = None) -> Submitted | None:
+    """Check, submit and print where the logs go; None for ``--dry-run``.
+
+    ``train_fn`` replaces ``run_training`` inside the job (tests, custom loops); it must follow the
+    same contract (``stop_requested`` polled at step boundaries, a result with ``status``).
+    """
+    args, prep = prepare(argv, train_fn=train_fn)
+    if args.dry_run:
+        print(f"# dry run ({prep.description}): {prep.spec.num_tasks} task(s); job folder {prep.job_dir}")
+        print(render_sbatch(prep.spec, prep.job_dir))
+        return None
+    cluster = choose_cluster(args.cluster)
+    if cluster == "slurm":
+        check_partition(prep.spec.partition)
+    try:
+        executor = make_executor(prep.spec, prep.job_dir, cluster)
+    except OSError as err:
+        raise SubmitError(f"cannot create the job folder {prep.job_dir}: {err.strerror}") from None
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):   # submitit echoes sbatch's stderr: reworded below
+            job = executor.submit(prep.task)
+    except FailedJobError as err:
+        raise SubmitError(reword_sbatch_error(err)) from None
+    spec = prep.spec
+    print(f"submitted job {job.job_id} ({cluster}): {prep.description}")
+    print(f"  {spec.nodes} node(s) x {spec.tasks_per_node} task(s), {spec.gpus_per_node} GPU(s) per node, "
+          f"time limit {spec.timeout_min} min, up to {spec.max_requeues} requeue(s)")
+    print(f"  stdout: {job.paths.stdout}")
+    print(f"  stderr: {job.paths.stderr}")
+    print(f"  follow: tail -f {job.paths.stdout}", flush=True)
+    return Submitted(job, cluster, prep, args.wait)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry: returns the exit status (2 for bad input, with one line on stderr)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        submitted = submit(argv)
+    except SubmitError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if submitted is not None and submitted.wait:
+        return wait_for(submitted.job)
+    return 0
