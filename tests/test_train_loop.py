@@ -99,3 +99,13 @@ def test_collapse_warning_fires_for_both_collapse_modes_only(tmp_path):
         _warn_if_collapsed(healthy, 1024, 100, logger, True)
         _warn_if_collapsed(uniform, 1024, 10, logger, True)   # too early to judge
     assert [e["event"] for e in _events(tmp_path)] == ["collapse_warning", "collapse_warning"]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_steps_run_and_checkpoint_the_scaler(cifar_small, tmp_path, precision):
+    out = tmp_path / precision
+    result = train(tiny_config(cifar_small, out, max_steps=2, precision=precision, warmup_epochs=0))
+    assert math.isfinite(result.last_loss)
+    state = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert bool(state["scaler"]) == (precision == "fp16")   # fp16 keeps its loss scale across resumes
+    assert all(v.dtype == torch.float32 for v in state["student"].values() if v.is_floating_point())
