@@ -19,14 +19,6 @@ from ssl_xcit.models import factory
 ARCH = "xcit_nano_12_p16"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny CPU forwards: one thread avoids OpenMP oversubscription on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _randomised(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Every parameter and BatchNorm statistic random, so a mis-mapped key changes the output."""

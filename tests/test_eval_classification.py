@@ -21,14 +21,6 @@ STD = np.array([0.229, 0.224, 0.225])
 SIZE = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny CPU forwards: one thread avoids OpenMP oversubscription on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory):

@@ -21,14 +21,6 @@ REPO = Path(__file__).resolve().parents[1]
 ARCH = "xcit_nano_12_p16"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors on a shared 2-core machine: one intra-op thread avoids OpenMP oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def images(cifar_root, tmp_path_factory):

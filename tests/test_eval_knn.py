@@ -19,14 +19,6 @@ REPO = Path(__file__).resolve().parents[1]
 ARCH = "xcit_nano_12_p16"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors on a shared 2-core machine: one intra-op thread avoids OpenMP oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def reference_knn(train, train_labels, val, val_labels, k, temperature, num_classes):
     """DINO's weighted vote, written from the paper's description in float64 NumPy."""

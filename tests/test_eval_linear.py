@@ -20,14 +20,6 @@ REPO = Path(__file__).resolve().parents[1]
 ARCH = "xcit_nano_12_p16"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors on a shared 2-core machine: one intra-op thread avoids OpenMP oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def reference_sgd_head(x, y, num_classes, lr, wd, epochs, batch_size, seed, momentum=0.9):
     """One head the ordinary way: nn.Linear + torch.optim.SGD + CosineAnnealingLR, float64."""

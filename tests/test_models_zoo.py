@@ -30,14 +30,6 @@ def _reference_rows() -> list[dict]:
 ROWS = _reference_rows()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny CPU forwards: one thread avoids OpenMP oversubscription on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _macs_on_meta(model: torch.nn.Module, h: int, w: int) -> tuple[float, torch.Size]:
     """Multiply-accumulates of one forward; FlopCounterMode counts 2 FLOPs per MAC."""
