@@ -109,3 +109,20 @@ def test_mixed_precision_steps_run_and_checkpoint_the_scaler(cifar_small, tmp_pa
     state = torch.load(out / "checkpoint.pth", weights_only=True)
     assert bool(state["scaler"]) == (precision == "fp16")   # fp16 keeps its loss scale across resumes
     assert all(v.dtype == torch.float32 for v in state["student"].values() if v.is_floating_point())
+
+
+@pytest.mark.heavy
+def test_compiled_backbones_train_and_keep_plain_checkpoint_keys(cifar_small, tmp_path):
+    out = tmp_path / "compiled"
+    result = train(tiny_config(cifar_small, out, max_steps=2, compile=True, warmup_epochs=0))
+    assert math.isfinite(result.last_loss)
+    state = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert not [k for k in state["student"] if "_orig_mod" in k]
+
+
+def test_resume_with_another_batch_size_is_a_clear_error(cifar_small, tmp_path):
+    from ssl_xcit.train.checkpoint import CheckpointError
+    out = tmp_path / "run"
+    train(tiny_config(cifar_small, out, max_steps=1))
+    with pytest.raises(CheckpointError, match="steps per epoch"):
+        train(tiny_config(cifar_small, out, batch_size_per_gpu=2))

@@ -26,7 +26,7 @@ from ssl_xcit.dino.multicrop import MultiCropForward
 from ssl_xcit.dino.optim import param_groups_for_weight_decay
 from ssl_xcit.dino.schedules import cosine_schedule
 from ssl_xcit.models import get_model
-from ssl_xcit.train.checkpoint import (CHECKPOINT_NAME, capture_rng_state, load_checkpoint,
+from ssl_xcit.train.checkpoint import (CHECKPOINT_NAME, CheckpointError, capture_rng_state, load_checkpoint,
                                        restore_rng_state, save_checkpoint)
 from ssl_xcit.train.config import DinoConfig
 from ssl_xcit.train.logger import RunLogger
@@ -164,6 +164,11 @@ def train(cfg: DinoConfig, stop_requested: Callable[[], bool] | None = None) -> 
         teacher = convert_sync_batchnorm(teacher, device)
     student.to(device)
     teacher.to(device)
+    if cfg.run.compile:
+        # in place (nn.Module.compile), so state_dict keys stay plain; static shapes give one
+        # graph per crop resolution (global and local), each compiled once
+        student.backbone.compile(dynamic=False)
+        teacher.backbone.compile(dynamic=False)
     student_ddp: nn.Module = student
     if world_size > 1:
         student_ddp = nn.parallel.DistributedDataParallel(
@@ -187,6 +192,12 @@ def train(cfg: DinoConfig, stop_requested: Callable[[], bool] | None = None) -> 
     global_step = 0
     if ckpt_path.exists():
         state = load_checkpoint(ckpt_path, map_location="cpu")
+        saved_steps = state.get("steps_per_epoch", steps_per_epoch)
+        if saved_steps != steps_per_epoch:
+            raise CheckpointError(
+                f"{ckpt_path} was written with {saved_steps} steps per epoch, this run has {steps_per_epoch} "
+                f"({len(dataset)} images, global batch {cfg.optim.batch_size_per_gpu * world_size}): resume "
+                "with the same images, batch_size_per_gpu and number of processes, or use a new output_dir")
         student.load_state_dict(state["student"])
         teacher.load_state_dict(state["teacher"])
         optimizer.load_state_dict(state["optimizer"])
