@@ -372,3 +372,15 @@ def gather_rows(rows: torch.Tensor, indices: torch.Tensor, chunk_rows: int = 655
         raise RuntimeError("gather_rows: the same dataset index came from two ranks (overlapping shards)")
     order = torch.argsort(all_idx)
     return all_rows[order], all_idx[order]
+
+
+def open_splits_and_backbone(args, env: EvalEnv):
+    """``(train_ds, val_ds, classes, model)`` for the tools that read train/ and val/ (k-NN, linear):
+    DINO's eval transform on both splits, the same classes checked, the frozen backbone loaded."""
+    root = resolve_root(args.data_path)
+    tf = eval_transform(args.crop_size, args.resize)
+    train_ds = open_split(root, "train", tf)
+    val_ds = open_split(root, "val", tf)
+    classes = check_same_classes(train_ds, val_ds, root)
+    model = load_frozen_backbone(args.checkpoint, args.arch, args.checkpoint_key, env.device, seed=args.seed)
+    return train_ds, val_ds, classes, model

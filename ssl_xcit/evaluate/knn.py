@@ -295,13 +295,7 @@ def _extract(args: argparse.Namespace, env: common.EvalEnv) -> tuple[dict[str, t
     from ssl_xcit.evaluate.features import extract_features
     if not args.checkpoint or not args.data_path:
         raise ValueError("--checkpoint and --data-path are required (unless --load-features is given)")
-    root = common.resolve_root(args.data_path)
-    tf = common.eval_transform(args.crop_size, args.resize)
-    train_ds = common.open_split(root, "train", tf)
-    val_ds = common.open_split(root, "val", tf)
-    classes = common.check_same_classes(train_ds, val_ds, root)
-    model = common.load_frozen_backbone(args.checkpoint, args.arch, args.checkpoint_key, env.device,
-                                             seed=args.seed)
+    train_ds, val_ds, classes, model = common.open_splits_and_backbone(args, env)
     dtype = torch.float16 if args.fp16_features else torch.float32
     feats = {}
     for split, ds in (("train", train_ds), ("val", val_ds)):

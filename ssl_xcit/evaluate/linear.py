@@ -384,13 +384,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def _cached_from_args(args: argparse.Namespace, env: common.EvalEnv) -> dict | None:
     from ssl_xcit.evaluate.features import extract_features
-    root = common.resolve_root(args.data_path)
-    tf = common.eval_transform(args.crop_size, args.resize)
-    train_ds = common.open_split(root, "train", tf)
-    val_ds = common.open_split(root, "val", tf)
-    classes = common.check_same_classes(train_ds, val_ds, root)
-    model = common.load_frozen_backbone(args.checkpoint, args.arch, args.checkpoint_key, env.device,
-                                             seed=args.seed)
+    train_ds, val_ds, classes, model = common.open_splits_and_backbone(args, env)
     n_last = args.n_last_blocks or default_n_last_blocks(model)
     which = probe_outputs(n_last, args.avgpool_patchtokens)
     feats = {}
