@@ -92,13 +92,18 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def any_rank_flags(*flags: bool, device: torch.device | str = "cpu") -> tuple[bool, ...]:
+    """Each flag True on every rank when it is True on at least one; one all-reduce for all of them."""
+    if get_world_size() == 1:
+        return tuple(bool(f) for f in flags)
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return tuple(v > 0 for v in t.tolist())
+
+
 def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
     """True on every rank when ``flag`` is True on at least one (e.g. a stop request)."""
-    if get_world_size() == 1:
-        return bool(flag)
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return any_rank_flags(flag, device=device)[0]
 
 
 def cleanup() -> None:

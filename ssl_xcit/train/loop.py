@@ -20,6 +20,7 @@ from ssl_xcit.data.folders import ImageFiles, collate_skip_corrupt
 from ssl_xcit.data.multicrop import DinoMultiCrop, MultiCropConfig
 from ssl_xcit.data.sampler import ResumableDistributedSampler
 from ssl_xcit.data.sources import resolve_data_path
+from ssl_xcit.dino.ema import copy_student_to_teacher
 from ssl_xcit.dino.head import DINOHead
 from ssl_xcit.dino.loss import DINOLoss
 from ssl_xcit.dino.multicrop import MultiCropForward
@@ -98,9 +99,7 @@ def build_models(cfg: DinoConfig) -> tuple[MultiCropForward, MultiCropForward]:
     embed_dim = student_backbone.embed_dim
     student = MultiCropForward(student_backbone, head(embed_dim))
     teacher = MultiCropForward(teacher_backbone, head(embed_dim))
-    teacher.load_state_dict(student.state_dict())
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    copy_student_to_teacher(student, teacher)
     return student, teacher
 
 
@@ -252,7 +251,7 @@ def train(cfg: DinoConfig, stop_requested: Callable[[], bool] | None = None) -> 
                 if global_step >= total_steps or global_step - epoch * steps_per_epoch >= steps_this_epoch:
                     break
                 skipped_images += batch.n_skipped
-                if _any_rank_flags(batch.is_empty, False, device)[0]:
+                if dist_utils.any_rank(batch.is_empty, device):
                     # every image of some rank's batch was unreadable: all ranks skip the step together
                     global_step += 1
                     continue
@@ -266,7 +265,7 @@ def train(cfg: DinoConfig, stop_requested: Callable[[], bool] | None = None) -> 
                                  cfg.run.precision)
                 loss_value = out.loss.item()
                 stop_here = stop_requested() if stop_requested is not None else False
-                bad_loss, stop_here = _any_rank_flags(not math.isfinite(loss_value), stop_here, device)
+                bad_loss, stop_here = dist_utils.any_rank_flags(not math.isfinite(loss_value), stop_here, device=device)
                 if bad_loss:
                     raise NonFiniteLossError(
                         f"non-finite loss ({loss_value}) at global step {global_step} (epoch {epoch}); "
@@ -321,15 +320,6 @@ def train(cfg: DinoConfig, stop_requested: Callable[[], bool] | None = None) -> 
         return TrainResult(status, global_step // steps_per_epoch, global_step, last_ckpt or ckpt_path, last_loss)
     finally:
         logger.close()
-
-
-def _any_rank_flags(bad: bool, stop: bool, device: torch.device) -> tuple[bool, bool]:
-    """One all-reduce per step for both flags: every rank stops (or fails) together."""
-    if dist_utils.get_world_size() == 1:
-        return bad, stop
-    flags = torch.tensor([float(bad), float(stop)], device=device)
-    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-    return bool(flags[0] > 0), bool(flags[1] > 0)
 
 
 def _progress(is_main: bool, start: int, total: int, epoch: int, epochs: int):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ssl_xcit.dino.ema import update_teacher
+from ssl_xcit.dino.ema import unwrap, update_teacher
 from ssl_xcit.dino.head import cancel_last_layer_gradients
 
 
@@ -82,19 +82,16 @@ def train_step(crops: list[torch.Tensor], student: nn.Module, teacher: nn.Module
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         grad_norm = clip_gradients_per_parameter(params, hp.clip_grad)
-        cancel_last_layer_gradients(_unwrap(student).head, hp.epoch, hp.freeze_last_layer)
+        cancel_last_layer_gradients(unwrap(student).head, hp.epoch, hp.freeze_last_layer)
         scaler.step(optimizer)
         scaler.update()
     else:
         loss.backward()
         grad_norm = clip_gradients_per_parameter(params, hp.clip_grad)
-        cancel_last_layer_gradients(_unwrap(student).head, hp.epoch, hp.freeze_last_layer)
+        cancel_last_layer_gradients(unwrap(student).head, hp.epoch, hp.freeze_last_layer)
         optimizer.step()
 
-    update_teacher(_unwrap(student), teacher, hp.teacher_momentum)
+    update_teacher(unwrap(student), teacher, hp.teacher_momentum)
     stats = dino_loss.last_stats
     return StepOutput(loss.detach(), grad_norm.detach(), stats["teacher_entropy"], stats["teacher_kl_uniform"])
 
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
