@@ -6,7 +6,7 @@ does). Ours groups crops by resolution (one call per resolution). Printed as a r
 asserted: timings depend on the machine, so only ratios measured side by side mean anything.
 
     python benchmarks/bench_train_step.py [--arch xcit_nano_12_p16] [--batch 32] [--global-size 224]
-        [--local-size 96] [--local-crops 8] [--steps 5] [--device auto] [--precision fp32]
+        [--local-size 96] [--local-crops 8] [--steps 5] [--device auto] [--precision fp32] [--compile]
 """
 from __future__ import annotations
 
@@ -63,6 +63,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--compile", action="store_true",
+                   help="also time ours with run.compile (backbones compiled in place, one graph per crop size)")
     a = p.parse_args()
     cfg = load_config(None, [f"arch={a.arch}", f"out_dim={a.out_dim}", f"device={a.device}",
                              f"precision={a.precision}", "drop_path_rate=0.1"])
@@ -74,12 +76,22 @@ def main() -> None:
     ours = time_steps(student, teacher, crops, cfg, device, a.steps)
     student, teacher = (m.to(device) for m in build_models(cfg))
     ref = time_steps(PerCropForward(student), PerCropForward(teacher), crops, cfg, device, a.steps)
+    compiled = None
+    if a.compile:
+        student, teacher = (m.to(device) for m in build_models(cfg))
+        student.backbone.compile(dynamic=False)    # what train() does for run.compile=true
+        teacher.backbone.compile(dynamic=False)
+        time_steps(student, teacher, crops, cfg, device, 1)   # compile outside the timing
+        compiled = time_steps(student, teacher, crops, cfg, device, a.steps)
     images = a.batch
     print(f"device={device} arch={a.arch} batch={a.batch} crops=2x{a.global_size}+{a.local_crops}x{a.local_size} "
           f"precision={a.precision}")
     print(f"reference (one call per crop): {ref * 1e3:8.1f} ms/step  {images / ref:8.1f} img/s")
     print(f"ssl_xcit (one call per size) : {ours * 1e3:8.1f} ms/step  {images / ours:8.1f} img/s")
     print(f"speed-up: {ref / ours:.2f}x")
+    if compiled is not None:
+        print(f"ssl_xcit + compile           : {compiled * 1e3:8.1f} ms/step  {images / compiled:8.1f} img/s")
+        print(f"speed-up with compile: {ref / compiled:.2f}x")
 
 
 if __name__ == "__main__":
