@@ -41,6 +41,8 @@ class DataConfig:
     local_crops_number: int = 8
     local_crops_size: int = 96
     local_crops_scale: tuple[float, float] = (0.05, 0.4)
+    blur_probs: tuple[float, float, float] = (1.0, 0.1, 0.5)   # Gaussian blur: global 1, global 2, locals
+    solarize_prob: float = 0.2                                  # global 2 only
     num_workers: int = 8
     max_images: int = 0                      # >0: use only the first N images (quick runs, tests)
 

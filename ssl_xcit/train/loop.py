@@ -78,7 +78,8 @@ def build_dataset(cfg: DinoConfig) -> ImageFiles:
     transform = DinoMultiCrop(MultiCropConfig(
         global_crops_size=d.global_crops_size, global_crops_scale=tuple(d.global_crops_scale),
         local_crops_number=d.local_crops_number, local_crops_size=d.local_crops_size,
-        local_crops_scale=tuple(d.local_crops_scale)))
+        local_crops_scale=tuple(d.local_crops_scale), blur_probs=tuple(d.blur_probs),
+        solarize_prob=d.solarize_prob))
     dataset = ImageFiles(training_images_root(d.data_path), transform=transform)
     if d.max_images and d.max_images < len(dataset):
         # evenly spread over the sorted listing, so a class-folder tree keeps every class
