@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -49,15 +50,21 @@ def _spread(n_total: int, n: int) -> np.ndarray:
     return np.linspace(0, n_total - 1, n).round().astype(np.int64)
 
 
-def knn_top1(checkpoint: str, root: Path, crop: int, n_train: int, n_val: int, ks: list[int],
-             device: torch.device, num_workers: int) -> dict[int, dict[str, float]]:
-    """DINO's weighted k-NN (T=0.07) of a backbone on evenly spread train/val subsets."""
+def knn_predictions(checkpoint: str, root: Path, crop: int, n_train: int, n_val: int, ks: list[int],
+                    device: torch.device, num_workers: int, seed: int = 0):
+    """DINO's weighted k-NN (T=0.07) of a backbone on evenly spread train/val subsets.
+
+    Returns ``({k: KnnPrediction}, val_labels)``; per-query predictions let two backbones be
+    compared on the same queries (see :func:`paired_gain`). A model name instead of a checkpoint
+    gives the random backbone drawn from ``seed``: with the training seed that is exactly the
+    network the training run started from.
+    """
     from ssl_xcit.data.folders import ImageFiles
     from ssl_xcit.evaluate.common import eval_transform, load_frozen_backbone
     from ssl_xcit.evaluate.features import extract_features
-    from ssl_xcit.evaluate.knn import knn_classifier
+    from ssl_xcit.evaluate.knn import build_index, knn_predict, l2_normalize
 
-    model = load_frozen_backbone(checkpoint, device=device)
+    model = load_frozen_backbone(checkpoint, device=device, seed=seed)
     transform = eval_transform(crop, resize=crop)
     feats = {}
     for split, n in (("train", n_train), ("val", n_val)):
@@ -65,8 +72,35 @@ def knn_top1(checkpoint: str, root: Path, crop: int, n_train: int, n_val: int, k
         ds.select(_spread(len(ds), n))
         feats[split] = extract_features(model, ds, batch_size=256, device=device, num_workers=num_workers,
                                         desc=f"{Path(checkpoint).name}: {split} features")
-    return knn_classifier(feats["train"][0], feats["train"][1], feats["val"][0], feats["val"][1], ks,
-                          temperature=0.07)
+    (train_f, train_y), (val_f, val_y) = feats["train"], feats["val"]
+    index = build_index(l2_normalize(train_f))
+    return knn_predict(index, train_y, l2_normalize(val_f), val_y, ks, temperature=0.07), val_y
+
+
+def knn_top1(checkpoint: str, root: Path, crop: int, n_train: int, n_val: int, ks: list[int],
+             device: torch.device, num_workers: int, seed: int = 0) -> dict[int, dict[str, float]]:
+    """``{k: {"top1": %, "top5": %}}`` of :func:`knn_predictions`."""
+    preds, _ = knn_predictions(checkpoint, root, crop, n_train, n_val, ks, device, num_workers, seed)
+    return {k: {"top1": p.top1_acc, "top5": p.top5_acc} for k, p in preds.items()}
+
+
+def paired_gain(hits_a: torch.Tensor, hits_b: torch.Tensor) -> dict[str, float]:
+    """How much better A is than B on the *same* queries, and whether that could be luck.
+
+    ``gain`` is the top-1 difference in points. ``p_value`` is the exact one-sided McNemar test:
+    of the queries exactly one of the two gets right (``n_discordant``), A wins ``a_only``; under
+    "A is no better than B" that count is Binomial(n_discordant, 1/2), and p = P(X >= a_only).
+    Pairing removes the query-difficulty noise that two separate accuracies carry.
+    """
+    a, b = torch.as_tensor(hits_a, dtype=torch.bool), torch.as_tensor(hits_b, dtype=torch.bool)
+    if a.shape != b.shape or a.ndim != 1 or a.numel() == 0:
+        raise ValueError(f"paired_gain needs two equal, non-empty 1-D hit vectors, got {tuple(a.shape)} "
+                         f"and {tuple(b.shape)}")
+    a_only, b_only = int((a & ~b).sum()), int((b & ~a).sum())
+    n = a_only + b_only
+    tail = sum(math.comb(n, i) for i in range(a_only, n + 1))
+    return {"gain": 100.0 * (int(a.sum()) - int(b.sum())) / a.numel(), "a_only": a_only, "b_only": b_only,
+            "n_discordant": n, "p_value": tail / 2 ** n}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -105,16 +139,23 @@ def main(argv: list[str] | None = None) -> dict:
     crop = cfg.data.global_crops_size
     common = dict(root=root, crop=crop, n_train=args.knn_train_images, n_val=args.knn_val_images,
                   ks=args.knn_k, device=device, num_workers=cfg.data.num_workers)
-    print("[quickstart] k-NN of the trained teacher and of a random backbone", flush=True)
-    trained = knn_top1(str(result.checkpoint), **common)
-    random_init = knn_top1(cfg.model.arch, **common)
+    print("[quickstart] k-NN of the trained teacher and of the random backbone it started from", flush=True)
+    trained_preds, val_y = knn_predictions(str(result.checkpoint), **common)
+    # seed = the training seed: the random backbone is the trained teacher's own starting point
+    random_preds, _ = knn_predictions(cfg.model.arch, **common, seed=cfg.run.seed)
     elapsed = time.perf_counter() - t0
+    trained = {k: {"top1": p.top1_acc, "top5": p.top5_acc} for k, p in trained_preds.items()}
+    random_init = {k: {"top1": p.top1_acc, "top5": p.top5_acc} for k, p in random_preds.items()}
+    paired = {k: paired_gain(trained_preds[k].top5[:, 0] == val_y, random_preds[k].top5[:, 0] == val_y)
+              for k in trained_preds}
 
     lines = [f"k-NN (DINO weighted vote, T=0.07) on {root.name}: {args.knn_train_images} train images as "
              f"memory, {args.knn_val_images} val images as queries, {crop}px",
-             f"{'k':>5} {'trained teacher top-1':>22} {'random backbone top-1':>22}"]
+             f"{'k':>5} {'trained teacher top-1':>22} {'random backbone top-1':>22} {'gain':>7} "
+             f"{'McNemar p (one-sided)':>22}"]
     for k in sorted(trained):
-        lines.append(f"{k:>5} {trained[k]['top1']:>22.2f} {random_init[k]['top1']:>22.2f}")
+        lines.append(f"{k:>5} {trained[k]['top1']:>22.2f} {random_init[k]['top1']:>22.2f} "
+                     f"{paired[k]['gain']:>+7.2f} {paired[k]['p_value']:>22.2g}")
     lines.append(f"training {t_train / 60:.1f} min ({result.global_step} steps, final loss "
                  f"{result.last_loss:.3f}), total {elapsed / 60:.1f} min")
     print("\n".join(lines), flush=True)
@@ -122,6 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
               "final_loss": result.last_loss, "train_minutes": t_train / 60, "total_minutes": elapsed / 60,
               "knn_train_images": args.knn_train_images, "knn_val_images": args.knn_val_images,
               "trained": {str(k): v for k, v in trained.items()},
-              "random": {str(k): v for k, v in random_init.items()}}
+              "random": {str(k): v for k, v in random_init.items()},
+              "paired": {str(k): v for k, v in paired.items()}}
     (out / "quickstart.json").write_text(json.dumps(report, indent=2))
     return report
