@@ -68,6 +68,25 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Dis
     return DistInfo(rank, world_size, local_rank, backend)
 
 
+def pick_device(name: str = "auto", local_rank: int | None = None) -> torch.device:
+    """The one device rule of every entry point (training, evaluation, quickstart, benchmarks).
+
+    ``auto`` is CUDA when torch sees a GPU, else the CPU; ``cuda`` without a GPU is an error rather
+    than a silent CPU run. ``local_rank`` picks the GPU of this process (default: the current one,
+    which :func:`init_distributed` has set to the local rank).
+    """
+    if name not in ("auto", "cpu", "cuda") and not (name.startswith("cuda:") and name[5:].isdigit()):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name} was asked for but torch sees no CUDA GPU; use cpu or auto")
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if name.startswith("cuda:"):
+        return torch.device(name)
+    index = torch.cuda.current_device() if local_rank is None else local_rank % torch.cuda.device_count()
+    return torch.device("cuda", index)
+
+
 def get_rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 

@@ -22,6 +22,7 @@ from typing import Sequence
 
 import torch
 from torch.utils.data import DataLoader, Subset
+from ssl_xcit.distributed import pick_device
 
 log = logging.getLogger(__name__)
 
@@ -89,15 +90,6 @@ def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: Sequence[int] =
     top = logits.topk(kmax, dim=1).indices
     hit = top.eq(target[:, None])
     return {k: int(hit[:, :min(k, kmax)].any(dim=1).sum()) for k in ks}
-
-
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine")
-    return dev
 
 
 @torch.no_grad()

@@ -89,16 +89,6 @@ class EvalEnv:
         return self.rank == 0
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
-
-
 def setup_env(device: str = "auto", seed: int = 0) -> EvalEnv:
     """Join the torchrun process group (if any), pick the device, and seed every generator.
 
@@ -106,7 +96,7 @@ def setup_env(device: str = "auto", seed: int = 0) -> EvalEnv:
     """
     had_group = dist.is_available() and dist.is_initialized()
     info = du.init_distributed(device)
-    dev = resolve_device(device, info.local_rank)
+    dev = du.pick_device(device, info.local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     seed_everything(seed)

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ssl_xcit import distributed as dist_utils
+from ssl_xcit.distributed import pick_device
 from ssl_xcit.data.folders import ImageFiles, collate_skip_corrupt
 from ssl_xcit.data.multicrop import DinoMultiCrop, MultiCropConfig
 from ssl_xcit.data.sampler import ResumableDistributedSampler
@@ -53,16 +54,6 @@ class Schedules:
     lr: np.ndarray
     weight_decay: np.ndarray
     teacher_momentum: np.ndarray
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda but no CUDA GPU is visible; use device=cpu or device=auto")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device(name)
 
 
 def training_images_root(data_path: str) -> Path:
