@@ -130,3 +130,18 @@ def test_command_line_script(cifar_small, classifier):
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "top-1" in proc.stdout and "10 images" in proc.stdout
+
+
+def test_unreadable_image_is_skipped_and_counted(cifar_small, classifier, tmp_path):
+    """A corrupt file no longer stops the evaluation: the others are scored exactly as before."""
+    model, ckpt = classifier
+    val = tmp_path / "val"
+    for cls_dir in sorted((cifar_small / "val").iterdir()):
+        (val / cls_dir.name).mkdir(parents=True)
+        for img in sorted(cls_dir.iterdir())[:2]:
+            (val / cls_dir.name / img.name).symlink_to(img.resolve())
+    top1, top5, n = _expected(model, val)
+    (val / "cat" / "zz_broken.jpg").write_bytes(b"not a jpeg at all")
+    result = main(_args(ckpt, val))
+    assert (result["n_images"], result["n_skipped"]) == (n, 1) == (20, 1)
+    assert result["top1"] == pytest.approx(top1) and result["top5"] == pytest.approx(top5)

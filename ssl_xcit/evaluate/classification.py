@@ -22,6 +22,7 @@ from typing import Sequence
 
 import torch
 from torch.utils.data import DataLoader, Subset
+from ssl_xcit.data.folders import Batch, ImageFiles, collate_skip_corrupt
 from ssl_xcit.distributed import pick_device
 
 log = logging.getLogger(__name__)
@@ -99,8 +100,15 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device,
     from tqdm import tqdm
 
     model.eval().to(device)
-    n, correct = 0, {1: 0, 5: 0}
-    for images, target in tqdm(loader, desc="eval", disable=not progress, leave=False):
+    n, skipped, correct = 0, 0, {1: 0, 5: 0}
+    for batch in tqdm(loader, desc="eval", disable=not progress, leave=False):
+        if isinstance(batch, Batch):   # the project's loader: corrupt images already dropped
+            skipped += batch.n_skipped
+            if batch.is_empty:
+                continue
+            images, target = batch.images, batch.labels
+        else:
+            images, target = batch
         images = images.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
         hits = topk_correct(model(images), target)
@@ -108,8 +116,11 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device,
         for k in correct:
             correct[k] += hits[k]
     if n == 0:
-        raise ValueError("no images evaluated")
-    return {"top1": 100.0 * correct[1] / n, "top5": 100.0 * correct[5] / n, "n_images": n}
+        raise ValueError(f"no images evaluated ({skipped} unreadable)")
+    if skipped:
+        log.warning("%d unreadable images skipped", skipped)
+    return {"top1": 100.0 * correct[1] / n, "top5": 100.0 * correct[5] / n, "n_images": n,
+            "n_skipped": skipped}
 
 
 def _build_model(cfg: ClassificationConfig, n_dataset_classes: int):
@@ -136,8 +147,6 @@ def _build_model(cfg: ClassificationConfig, n_dataset_classes: int):
 
 def run(cfg: ClassificationConfig) -> dict:
     """Library entry: evaluate and return the result dict (also printed as one line)."""
-    from torchvision.datasets import ImageFolder
-
     from ..models.zoo import resolve
 
     resolve(cfg.model)  # unknown names fail before any data is touched
@@ -154,11 +163,13 @@ def run(cfg: ClassificationConfig) -> dict:
         log.warning("%s has %d class folders, the model %d classes: indices follow the sorted "
                     "folder names, so results are only meaningful if they are the model's first "
                     "%d classes", root, len(classes), n_out, len(classes))
-    dataset = ImageFolder(str(root), transform=eval_transform(model.data_config))
+    # the project's dataset: same sorted class indices as torchvision's ImageFolder, but an
+    # unreadable file is skipped and counted instead of stopping the evaluation
+    dataset = ImageFiles(root, transform=eval_transform(model.data_config))
     idx = spread_subset(len(dataset), cfg.limit)
     data = dataset if idx is None else Subset(dataset, idx)
     device = pick_device(cfg.device)
-    loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=False,
+    loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate_skip_corrupt,
                         num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
     rank0 = int(os.environ.get("RANK", "0")) == 0
     start = time.perf_counter()
@@ -167,7 +178,8 @@ def run(cfg: ClassificationConfig) -> dict:
     result = {"model": cfg.model, "checkpoint": cfg.checkpoint, "data_path": str(root),
               "num_classes": n_out, "img_size": list(model.img_size), **scores,
               "seconds": secs}
-    print(f"{cfg.model} [{cfg.checkpoint}] on {root} ({scores['n_images']} images, "
+    unreadable = f", {scores['n_skipped']} unreadable skipped" if scores["n_skipped"] else ""
+    print(f"{cfg.model} [{cfg.checkpoint}] on {root} ({scores['n_images']} images{unreadable}, "
           f"{model.img_size[0]}x{model.img_size[1]}): top-1 {scores['top1']:.2f}%  "
           f"top-5 {scores['top5']:.2f}%  ({secs:.1f} s)", flush=True)
     return result
