@@ -44,6 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Like argparse, but ``key=value`` overrides may stand anywhere, also after ``--knn-k 10 20``
+    (whose list would otherwise swallow them and fail with "invalid int value")."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    is_override = [("=" in a and not a.startswith("-")) for a in argv]
+    options = [a for a, o in zip(argv, is_override) if not o]
+    overrides = [a for a, o in zip(argv, is_override) if o]
+    return build_parser().parse_args([*options, "--", *overrides] if overrides else options)
+
+
 def _spread(n_total: int, n: int) -> np.ndarray:
     if n <= 0 or n >= n_total:
         return np.arange(n_total)
@@ -104,7 +114,7 @@ def paired_gain(hits_a: torch.Tensor, hits_b: torch.Tensor) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     from ssl_xcit.data.sources import download_cifar10, resolve_data_path
     from ssl_xcit.train.loop import pick_device, train
 

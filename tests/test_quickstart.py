@@ -1,12 +1,14 @@
-"""DINO on real CIFAR-10 images on the CPU: the engine learns (issue 3, fast) and the README's
-quickstart beats a random backbone on k-NN (issue 4, heavy: ~9 minutes on 2 cores)."""
+"""DINO on real CIFAR-10 images on the CPU: the engine learns (issue 3), and the README's quickstart
+lifts k-NN clearly above the random backbone it started from (issue 4): a CI-sized run of 200 steps
+(about 4.5 minutes on 2 cores) and, in the heavy set, the README's default of 300 steps."""
 import json
 import math
 from pathlib import Path
 
 import pytest
+import torch
 
-from ssl_xcit.quickstart import DEFAULT_CONFIG, main as quickstart
+from ssl_xcit.quickstart import DEFAULT_CONFIG, main as quickstart, parse_args
 from ssl_xcit.train.config import load_config
 from ssl_xcit.train.loop import train
 
@@ -31,11 +33,52 @@ def test_dino_loss_falls_on_real_images_without_collapse(cifar_root, tmp_path):
     assert not [r for r in records if r["event"] == "collapse_warning"]
 
 
+def test_overrides_may_follow_the_knn_k_list():
+    args = parse_args(["--knn-k", "10", "20", "epochs=3", "--output", "o", "max_images=64"])
+    assert args.knn_k == [10, 20] and args.overrides == ["epochs=3", "max_images=64"] and args.output == "o"
+    with pytest.raises(SystemExit):
+        parse_args(["--knn-k", "ten"])
+
+
+@pytest.fixture
+def both_cores():
+    """The quickstart is one process; let it use both cores of a CI machine (the suite default is 1)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def _check_clear_gain(report: dict, out: Path, steps: int, min_gain: float, max_p: float) -> None:
+    paired = report["paired"]["20"]
+    trained, random_init = report["trained"]["20"]["top1"], report["random"]["20"]["top1"]
+    assert report["steps"] == steps
+    # "clearly above": a margin of points AND a paired exact test on the same 2,000 queries
+    assert paired["gain"] >= min_gain, report
+    assert paired["p_value"] < max_p, report
+    assert paired["gain"] == pytest.approx(trained - random_init)
+    assert paired["a_only"] - paired["b_only"] == round(paired["gain"] * 2000 / 100)
+    saved = json.loads((out / "quickstart.json").read_text())
+    assert saved["paired"]["20"] == paired and saved["trained"]["20"]["top1"] == trained
+
+
+def test_quickstart_trained_teacher_clearly_beats_its_random_start(cifar_root, tmp_path, both_cores):
+    """The README command at two thirds of its default length (200 steps of batch 32).
+
+    Measured on the 2-core machine: 34.45 vs 29.30 (+5.15 points, McNemar p = 6e-6), 5.1 min.
+    Other seeds at this budget (benchmarks/RESULTS.md) gained +3.6 to +5.4 over the seed-0 random
+    backbone, so the bounds below leave room for a machine whose floating point differs.
+    """
+    out = tmp_path / "quickstart"
+    report = quickstart(["--data", str(cifar_root), "--output", str(out), "--knn-train-images", "10000",
+                         "--knn-val-images", "2000", "--knn-k", "20", "max_images=6400", "tensorboard=false"])
+    _check_clear_gain(report, out, steps=200, min_gain=3.0, max_p=1e-3)
+
+
 @pytest.mark.heavy
-def test_quickstart_teacher_beats_random_backbone_on_knn(cifar_root, tmp_path):
+def test_quickstart_default_clearly_beats_its_random_start(cifar_root, tmp_path, both_cores):
+    """The README command exactly as documented (300 steps, about 7 minutes on 2 cores)."""
     out = tmp_path / "quickstart"
     report = quickstart(["--data", str(cifar_root), "--output", str(out), "--knn-train-images", "10000",
                          "--knn-val-images", "2000", "--knn-k", "20", "tensorboard=false"])
-    trained, random_init = report["trained"]["20"]["top1"], report["random"]["20"]["top1"]
-    assert trained > random_init + 2.0, (trained, random_init)
-    assert json.loads((Path(out) / "quickstart.json").read_text())["trained"]["20"]["top1"] == trained
+    _check_clear_gain(report, out, steps=300, min_gain=3.0, max_p=1e-3)
