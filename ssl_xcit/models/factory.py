@@ -51,11 +51,36 @@ def pretrained_file(name: str, download: bool = False) -> Path:
             f"pretrained weights for {name!r} not found: file {entry.filename} is not in folder "
             f"{folder} (set $SSL_XCIT_HOME to use another folder, copy the file from {entry.url}, "
             "or pass download=True)")
-    folder.mkdir(parents=True, exist_ok=True)
-    log.info("downloading %s to %s", entry.url, path)
-    # torch.hub writes to a temporary file and renames it, and checks mmpretrain's sha256 prefix.
-    torch.hub.download_url_to_file(entry.url, str(path), hash_prefix=entry.sha256_prefix)
+    _download_once_per_node(entry.url, path, entry.sha256_prefix)
     return path
+
+
+def _download_once_per_node(url: str, path: Path, hash_prefix: str | None) -> None:
+    """Download ``url`` to ``path``; under a process group only local rank 0 downloads.
+
+    Why: with 8 GPUs a node would otherwise fetch the same file 8 times into one folder. The
+    other ranks wait at a barrier and then use the file; if the download failed they raise too
+    (after the barrier, so nobody hangs) with the file name.
+    """
+    import torch.distributed as dist
+    grouped = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    downloader = not grouped or int(os.environ.get("LOCAL_RANK", "0")) == 0
+    error: Exception | None = None
+    if downloader:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            log.info("downloading %s to %s", url, path)
+            # torch.hub writes to a temporary file and renames it, and checks mmpretrain's sha256 prefix.
+            torch.hub.download_url_to_file(url, str(path), hash_prefix=hash_prefix)
+        except Exception as err:  # noqa: BLE001 - re-raised below, after the barrier
+            error = err
+    if grouped:
+        dist.barrier()
+    if error is not None:
+        raise error
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the download by local rank 0 of this node failed (see its log); "
+                                f"copy the file from {url} into {path.parent}")
 
 
 def build_model(name: str, num_classes: int = 1000, **overrides: Any) -> XCiT:

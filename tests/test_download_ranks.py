@@ -1,0 +1,56 @@
+"""pretrained=True, download=True under a process group: one download per node, no hang on failure."""
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+NAME = "xcit-nano-12-p16_3rdparty_in1k"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, port: int, folder: str, fail: bool) -> None:
+    from ssl_xcit.models import factory
+    os.environ.update(SSL_XCIT_HOME=folder, LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+
+    def fake_download(url, dst, hash_prefix=None, progress=True):
+        Path(folder, f"download_by_rank{rank}").write_text(url)
+        if fail:
+            raise ConnectionError("no network here")
+        Path(dst).write_bytes(b"weights")
+
+    torch.hub.download_url_to_file = fake_download
+    try:
+        outcome = {"path": str(factory.pretrained_file(NAME, download=True))}
+    except Exception as err:  # noqa: BLE001 - the test inspects it
+        outcome = {"error": type(err).__name__, "message": str(err)}
+    dist.destroy_process_group()
+    Path(folder, f"outcome{rank}.json").write_text(json.dumps(outcome))
+
+
+def _run(tmp_path: Path, fail: bool) -> list[dict]:
+    mp.spawn(_rank_main, args=(_free_port(), str(tmp_path), fail), nprocs=2)
+    return [json.loads((tmp_path / f"outcome{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_only_local_rank_0_downloads_and_every_rank_gets_the_file(tmp_path):
+    outcomes = _run(tmp_path, fail=False)
+    assert sorted(p.name for p in tmp_path.glob("download_by_rank*")) == ["download_by_rank0"]
+    assert outcomes[0] == outcomes[1] and Path(outcomes[0]["path"]).read_bytes() == b"weights"
+
+
+def test_a_failed_download_fails_every_rank_without_hanging(tmp_path):
+    outcomes = _run(tmp_path, fail=True)
+    assert outcomes[0] == {"error": "ConnectionError", "message": "no network here"}
+    assert outcomes[1]["error"] == "FileNotFoundError"
+    assert "local rank 0" in outcomes[1]["message"] and NAME in outcomes[1]["message"]
