@@ -120,9 +120,34 @@ def test_compiled_backbones_train_and_keep_plain_checkpoint_keys(cifar_small, tm
     assert not [k for k in state["student"] if "_orig_mod" in k]
 
 
-def test_resume_with_another_batch_size_is_a_clear_error(cifar_small, tmp_path):
+def test_resume_with_another_global_batch_continues_at_the_same_data_position(cifar_small, tmp_path):
+    """A requeued job with another batch (or number of processes) picks up where the data order
+    stood: 3 steps of 4 images = 12 images of epoch 0 = 6 steps of 2; then it runs to the end."""
+    out = tmp_path / "run"
+    train(tiny_config(cifar_small, out, max_steps=3))                      # 24 images: 6 steps per epoch
+    saved = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert saved["sampler"]["epoch"] == 0 and saved["sampler"]["start_step"] == 3
+    result = train(tiny_config(cifar_small, out, batch_size_per_gpu=2))   # 12 steps per epoch
+    resume = [e for e in _events(out) if e["event"] == "resume"][-1]
+    assert (resume["global_step"], resume["epoch"], resume["step"]) == (6, 0, 6)
+    assert resume["converted_from_steps_per_epoch"] == 6
+    assert result.status == "finished" and result.global_step == 24       # 2 epochs x 12 steps
+
+
+def test_resume_with_a_batch_that_splits_the_seen_images_is_a_clear_error(cifar_small, tmp_path):
+    from ssl_xcit.train.checkpoint import CheckpointError
+    out = tmp_path / "run"
+    train(tiny_config(cifar_small, out, max_steps=1))                      # 4 images seen
+    with pytest.raises(CheckpointError, match="6 steps per epoch.*8.*not a multiple of the new global batch 3"):
+        train(tiny_config(cifar_small, out, batch_size_per_gpu=3))
+
+
+def test_resume_of_a_checkpoint_without_sampler_state_and_another_batch_is_refused(cifar_small, tmp_path):
     from ssl_xcit.train.checkpoint import CheckpointError
     out = tmp_path / "run"
     train(tiny_config(cifar_small, out, max_steps=1))
-    with pytest.raises(CheckpointError, match="steps per epoch"):
+    state = torch.load(out / "checkpoint.pth", weights_only=True)
+    del state["sampler"]                                                    # as written before this field
+    torch.save(state, out / "checkpoint.pth")
+    with pytest.raises(CheckpointError, match="steps per epoch.*same images, batch_size_per_gpu"):
         train(tiny_config(cifar_small, out, batch_size_per_gpu=2))

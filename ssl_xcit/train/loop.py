@@ -184,11 +184,23 @@ def train(cfg: DinoConfig, stop_requested: Callable[[], bool] | None = None) -> 
     if ckpt_path.exists():
         state = load_checkpoint(ckpt_path, map_location="cpu")
         saved_steps = state.get("steps_per_epoch", steps_per_epoch)
+        converted_from = None
         if saved_steps != steps_per_epoch:
-            raise CheckpointError(
-                f"{ckpt_path} was written with {saved_steps} steps per epoch, this run has {steps_per_epoch} "
-                f"({len(dataset)} images, global batch {cfg.optim.batch_size_per_gpu * world_size}): resume "
-                "with the same images, batch_size_per_gpu and number of processes, or use a new output_dir")
+            # another global batch (e.g. a requeued job on fewer nodes): continue at the same place of
+            # the same epoch's data order when the images already seen fill whole new batches
+            where = (f"{ckpt_path} was written with {saved_steps} steps per epoch, this run has "
+                     f"{steps_per_epoch} ({len(dataset)} images, global batch "
+                     f"{cfg.optim.batch_size_per_gpu * world_size})")
+            if "sampler" not in state:
+                raise CheckpointError(f"{where}: resume with the same images, batch_size_per_gpu and number "
+                                      "of processes, or use a new output_dir")
+            try:
+                sampler.load_state_dict(state["sampler"], strict=True)
+            except (KeyError, ValueError) as err:
+                raise CheckpointError(f"{where}, and the position cannot be carried over: {err}. Resume "
+                                      "with the old batch size or from an epoch-end checkpoint, or use a "
+                                      "new output_dir") from None
+            converted_from = saved_steps
         student.load_state_dict(state["student"])
         teacher.load_state_dict(state["teacher"])
         optimizer.load_state_dict(state["optimizer"])
@@ -196,6 +208,8 @@ def train(cfg: DinoConfig, stop_requested: Callable[[], bool] | None = None) -> 
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         global_step = int(state["global_step"])
+        if converted_from is not None:
+            global_step = sampler.epoch * steps_per_epoch + sampler.start_step
         restore_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)] if isinstance(state["rng"], list)
                           else state["rng"])
         epoch, step_in_epoch = divmod(global_step, steps_per_epoch)
@@ -203,8 +217,11 @@ def train(cfg: DinoConfig, stop_requested: Callable[[], bool] | None = None) -> 
             msg = (f"resumed from {ckpt_path} at global step {global_step} "
                    f"(epoch {epoch}, step {step_in_epoch} of {steps_per_epoch})")
             print(f"[ssl_xcit] {msg}", flush=True)
+            if converted_from is not None:
+                print(f"[ssl_xcit] the checkpoint had {converted_from} steps per epoch: same images of the "
+                      f"epoch done, position converted (lr schedule scaled to the new global batch)", flush=True)
             logger.event("resume", checkpoint=str(ckpt_path), global_step=global_step, epoch=epoch,
-                         step=step_in_epoch)
+                         step=step_in_epoch, converted_from_steps_per_epoch=converted_from)
     elif is_main:
         logger.event("start", images=len(dataset), world_size=world_size, steps_per_epoch=steps_per_epoch,
                      total_steps=total_steps, arch=cfg.model.arch)
@@ -219,7 +236,10 @@ def train(cfg: DinoConfig, stop_requested: Callable[[], bool] | None = None) -> 
                 "optimizer": optimizer.state_dict(), "dino_loss": dino_loss.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else {},
                 "epoch": global_step // steps_per_epoch, "global_step": global_step,
-                "steps_per_epoch": steps_per_epoch, "rng": rng_states, "config": cfg.to_dict()}
+                "steps_per_epoch": steps_per_epoch, "rng": rng_states, "config": cfg.to_dict(),
+                # the data position in sampler terms, so a run with another global batch can resume
+                "sampler": {**sampler.state_dict(), "epoch": global_step // steps_per_epoch,
+                            "start_step": global_step % steps_per_epoch}}
 
     def save(extra_name: str | None = None) -> Path:
         state = checkpoint_state()   # collective under DDP: every rank takes part
