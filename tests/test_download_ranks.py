@@ -2,6 +2,7 @@
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -34,8 +35,13 @@ def _rank_main(rank: int, port: int, folder: str, fail: bool) -> None:
         outcome = {"path": str(factory.pretrained_file(NAME, download=True))}
     except Exception as err:  # noqa: BLE001 - the test inspects it
         outcome = {"error": type(err).__name__, "message": str(err)}
-    dist.destroy_process_group()
     Path(folder, f"outcome{rank}.json").write_text(json.dumps(outcome))
+    # keep this process (and its gloo connections) alive until the other rank is done too: a rank
+    # that exits at once can close the socket under the other's still-finishing barrier
+    deadline = time.time() + 60
+    while not all(Path(folder, f"outcome{r}.json").exists() for r in (0, 1)) and time.time() < deadline:
+        time.sleep(0.05)
+    dist.destroy_process_group()
 
 
 def _run(tmp_path: Path, fail: bool) -> list[dict]:
