@@ -87,10 +87,8 @@ def knn_predictions(checkpoint: str, root: Path, crop: int, n_train: int, n_val:
     return knn_predict(index, train_y, l2_normalize(val_f), val_y, ks, temperature=0.07), val_y
 
 
-def knn_top1(checkpoint: str, root: Path, crop: int, n_train: int, n_val: int, ks: list[int],
-             device: torch.device, num_workers: int, seed: int = 0) -> dict[int, dict[str, float]]:
-    """``{k: {"top1": %, "top5": %}}`` of :func:`knn_predictions`."""
-    preds, _ = knn_predictions(checkpoint, root, crop, n_train, n_val, ks, device, num_workers, seed)
+def accuracies(preds) -> dict[int, dict[str, float]]:
+    """``{k: {"top1": %, "top5": %}}`` of :func:`knn_predictions`' predictions."""
     return {k: {"top1": p.top1_acc, "top5": p.top5_acc} for k, p in preds.items()}
 
 
@@ -154,8 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
     # seed = the training seed: the random backbone is the trained teacher's own starting point
     random_preds, _ = knn_predictions(cfg.model.arch, **common, seed=cfg.run.seed)
     elapsed = time.perf_counter() - t0
-    trained = {k: {"top1": p.top1_acc, "top5": p.top5_acc} for k, p in trained_preds.items()}
-    random_init = {k: {"top1": p.top1_acc, "top5": p.top5_acc} for k, p in random_preds.items()}
+    trained, random_init = accuracies(trained_preds), accuracies(random_preds)
     paired = {k: paired_gain(trained_preds[k].top5[:, 0] == val_y, random_preds[k].top5[:, 0] == val_y)
               for k in trained_preds}
 
