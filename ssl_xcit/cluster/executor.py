@@ -18,11 +18,12 @@ import submitit
 from submitit.slurm import slurm as submitit_slurm
 
 import ssl_xcit
+from ssl_xcit.errors import UserError
 
 CLUSTERS = ("auto", "slurm", "local")
 
 
-class SubmitError(Exception):
+class SubmitError(UserError):
     """Bad input or an unusable cluster, found before (or instead of) a submission: one clear line."""
 
 

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from .zoo import ARCHS
+from ssl_xcit.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ FORMATS = ("official", "dino_backbone", "dino", "ssl_xcit", "timm", "mmpretrain"
 HEAD_KEYS = ("head.weight", "head.bias")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message names the file."""
 
 

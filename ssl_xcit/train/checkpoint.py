@@ -14,13 +14,14 @@ import numpy as np
 import torch
 
 from ssl_xcit.utils.atomic import atomic_torch_save
+from ssl_xcit.errors import UserError
 
 CHECKPOINT_NAME = "checkpoint.pth"
 FORMAT = "ssl_xcit"
 VERSION = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be read or does not fit the run; the message names the file."""
 
 

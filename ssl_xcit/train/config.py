@@ -16,8 +16,10 @@ from typing import Any
 
 import yaml
 
+from ssl_xcit.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A bad config file, key or value; the message says which and why."""
 
 

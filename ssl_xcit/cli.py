@@ -1,0 +1,80 @@
+"""Running a command line: a known error is one line on stderr and exit status 2, never a traceback.
+
+Every script in ``launch/`` and ``eval/`` calls :func:`run` around its ``main``. Known errors are
+:class:`ssl_xcit.errors.UserError` and the file-system errors a user causes (a missing file, a folder
+where a file was expected, no permission, a full disk). Anything else is a bug: its traceback stays.
+``--debug`` (anywhere on the command line, removed before ``main`` sees it) or ``SSL_XCIT_DEBUG=1``
+shows the traceback of a known error too.
+
+This module imports nothing heavy, so a script can answer ``--help`` and argument errors before
+torch loads: pass ``main`` as a ``"module:function"`` string and it is imported only when needed.
+
+>>> def main(argv):
+...     raise FileNotFoundError(2, "No such file or directory", "runs/x/checkpoint.pth")
+>>> run(main, ["--x"], prog="demo")  # doctest: +SKIP
+demo: error: runs/x/checkpoint.pth: No such file or directory       (on stderr; exit status 2)
+"""
+from __future__ import annotations
+
+import errno
+import importlib
+import os
+import sys
+from typing import Any, Callable, Sequence
+
+from ssl_xcit.errors import UserError
+
+DEBUG_ENV = "SSL_XCIT_DEBUG"
+USER_ERROR_EXIT = 2
+INTERRUPTED_EXIT = 130
+
+
+def _debug_requested(argv: list[str]) -> tuple[bool, list[str]]:
+    debug = os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+    if "--debug" in argv:
+        argv = [a for a in argv if a != "--debug"]
+        debug = True
+    return debug, argv
+
+
+def describe(err: BaseException) -> str | None:
+    """The one-line message for a known error, or ``None`` when ``err`` is a bug to show in full."""
+    if isinstance(err, UserError):
+        return str(err)
+    if isinstance(err, OSError):
+        where = err.filename if err.filename is not None else None
+        if err.errno == errno.ENOSPC:
+            return f"no space left on the device writing {where}" if where else "no space left on the device"
+        if isinstance(err, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
+                            FileExistsError)):
+            reason = err.strerror or type(err).__name__
+            return f"{where}: {reason}" if where else str(err)
+    return None
+
+
+def run(main: Callable[[list[str]], Any] | str, argv: Sequence[str] | None = None, prog: str | None = None) -> Any:
+    """Call ``main(argv)``; turn a known error into one line on stderr and ``SystemExit(2)``.
+
+    ``main`` may be ``"package.module:function"``, imported here, so that heavy imports happen
+    after the command line has been checked by a light parser if the module is written that way.
+    Returns what ``main`` returns (scripts may ``sys.exit`` with it when it is an int).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog = prog or os.path.basename(sys.argv[0] or "ssl_xcit")
+    debug, argv = _debug_requested(argv)
+    try:
+        if isinstance(main, str):
+            module, _, name = main.partition(":")
+            main = getattr(importlib.import_module(module), name or "main")
+        return main(argv)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        raise SystemExit(INTERRUPTED_EXIT) from None
+    except Exception as err:  # noqa: BLE001 - sorted into known errors (one line) and bugs (re-raised)
+        message = describe(err)
+        if message is None or debug:
+            raise
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(USER_ERROR_EXIT) from None

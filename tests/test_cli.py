@@ -1,0 +1,68 @@
+"""ssl_xcit.cli: a known error is one line on stderr with exit status 2; a bug keeps its traceback."""
+from __future__ import annotations
+
+import errno
+import subprocess
+import sys
+
+import pytest
+
+from ssl_xcit import cli
+from ssl_xcit.errors import UserError
+from ssl_xcit.train.config import ConfigError
+
+
+def _raise(err: BaseException):
+    def main(argv):
+        raise err
+    return main
+
+
+@pytest.mark.parametrize("err, expected", [
+    (ConfigError("lr must be finite"), "lr must be finite"),
+    (FileNotFoundError(errno.ENOENT, "No such file or directory", "a/b.pth"), "a/b.pth: No such file or directory"),
+    (IsADirectoryError(errno.EISDIR, "Is a directory", "runs/x"), "runs/x: Is a directory"),
+    (OSError(errno.ENOSPC, "No space left on device", "out/c.pth"), "no space left on the device writing out/c.pth"),
+])
+def test_known_error_is_one_line_and_exit_2(err, expected, capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.run(_raise(err), [], prog="tool")
+    assert stop.value.code == 2
+    err_text = capsys.readouterr().err
+    assert err_text == f"tool: error: {expected}\n"
+
+
+def test_bug_keeps_its_traceback():
+    with pytest.raises(ZeroDivisionError):
+        cli.run(_raise(ZeroDivisionError("x")), [], prog="tool")
+
+
+def test_debug_flag_shows_traceback_and_is_removed_from_argv():
+    seen = []
+
+    def main(argv):
+        seen.append(list(argv))
+        raise UserError("bad")
+    with pytest.raises(UserError):
+        cli.run(main, ["--a", "--debug", "1"], prog="tool")
+    assert seen == [["--a", "1"]]
+
+
+def test_debug_env_shows_traceback(monkeypatch):
+    monkeypatch.setenv(cli.DEBUG_ENV, "1")
+    with pytest.raises(UserError):
+        cli.run(_raise(UserError("bad")), [], prog="tool")
+
+
+def test_main_given_as_string_is_imported_lazily(capsys):
+    assert cli.run("ssl_xcit.errors:UserError", ["x"]).args == (["x"],)
+
+
+def test_one_line_in_a_real_process():
+    code = ("from ssl_xcit import cli\n"
+            "from ssl_xcit.errors import UserError\n"
+            "def main(argv): raise UserError('checkpoint runs/x.pth holds arch A, config says B')\n"
+            "cli.run(main, [], prog='tool')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["tool: error: checkpoint runs/x.pth holds arch A, config says B"]
