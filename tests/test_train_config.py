@@ -80,3 +80,42 @@ def test_shipped_configs_load(path):
 def test_unknown_arch_is_a_config_error():
     with pytest.raises(ConfigError, match="xcit_nano_12_p16"):
         load_config(None, ["arch=xcit_nano_12_p61"])
+
+
+@pytest.mark.parametrize("overrides, numbers", [
+    (["arch=xcit_nano_12_p16", "global_crops_size=100"], ("global_crops_size", "100", "16")),
+    (["arch=xcit_nano_12_p8", "local_crops_size=36"], ("local_crops_size", "36", "8")),
+    (["arch=xcit-nano-12-p16_3rdparty_in1k", "global_crops_size=224", "local_crops_size=40"],
+     ("local_crops_size", "40", "16")),
+])
+def test_crop_sizes_must_divide_by_the_patch_size(overrides, numbers):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    for text in numbers:
+        assert text in str(err.value), str(err.value)
+
+
+def test_crop_sizes_that_divide_by_the_patch_are_accepted():
+    cfg = load_config(None, ["arch=xcit_nano_12_p8", "global_crops_size=32", "local_crops_size=16"])
+    assert (cfg.data.global_crops_size, cfg.data.local_crops_size) == (32, 16)
+
+
+@pytest.mark.parametrize("override", ["lr=inf", "lr=nan", "min_lr=.inf", "teacher_temp=.nan",
+                                      "weight_decay=-inf", "global_crops_scale=[0.4, .inf]",
+                                      "clip_grad=inf"])
+def test_non_finite_numbers_are_refused(override):
+    with pytest.raises(ConfigError, match="finite"):
+        load_config(None, [override])
+
+
+def test_non_finite_numbers_in_a_built_config_are_refused():
+    from ssl_xcit.train.config import validate
+    cfg = DinoConfig()
+    cfg.optim.weight_decay_end = float("nan")
+    with pytest.raises(ConfigError, match="weight_decay_end.*finite"):
+        validate(cfg)
+
+
+def test_absurd_epochs_are_refused_with_the_bound():
+    with pytest.raises(ConfigError, match=r"epochs must be at most [\d,]+.*100000000"):
+        load_config(None, ["epochs=1e8"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,12 @@ from ssl_xcit.errors import UserError
 
 class ConfigError(UserError, ValueError):
     """A bad config file, key or value; the message says which and why."""
+
+
+# The lr, weight-decay and teacher-momentum schedules hold one value per training step of every
+# epoch (ssl_xcit.dino.schedules), so an absurd epoch count fails late with a MemoryError; DINO's
+# longest recipe is 800 epochs.
+MAX_EPOCHS = 10_000
 
 
 @dataclass
@@ -164,6 +171,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         raise ConfigError(f"{key} must be true or false, got {value!r}")
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{key} must be a finite number, got {value!r}")
             return float(value)
         raise ConfigError(f"{key} must be a number, got {value!r}")
     if hint is int:
@@ -261,6 +270,25 @@ def _yaml_float_fix(value: Any) -> Any:
     return value
 
 
+def _check_finite(cfg: DinoConfig) -> None:
+    """No inf or nan anywhere: ``lr=inf`` would otherwise train (and checkpoint) NaN weights."""
+    for section in SECTIONS:
+        for f in dataclasses.fields(getattr(cfg, section)):
+            value = getattr(getattr(cfg, section), f.name)
+            numbers = value if isinstance(value, (tuple, list)) else (value,)
+            if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+                raise ConfigError(f"{section}.{f.name} must be a finite number, got {value!r}")
+
+
+def arch_patch_size(arch: str) -> int | None:
+    """The patch size of an architecture from the torch-free zoo table (``None`` if unknown)."""
+    try:
+        from ssl_xcit.models.zoo import resolve  # light import: the name table only
+        return resolve(arch).arch.patch_size
+    except (ImportError, ValueError, TypeError):
+        return None
+
+
 def validate(cfg: DinoConfig) -> DinoConfig:
     """Cross-field checks with messages a user can act on."""
     m, d, l, o, r = cfg.model, cfg.data, cfg.dino, cfg.optim, cfg.run
@@ -268,6 +296,8 @@ def validate(cfg: DinoConfig) -> DinoConfig:
     def need(cond: bool, msg: str) -> None:
         if not cond:
             raise ConfigError(msg)
+
+    _check_finite(cfg)
 
     need(m.out_dim > 0, f"out_dim must be positive, got {m.out_dim}")
     need(0.0 <= m.drop_path_rate < 1.0, f"drop_path_rate must be in [0, 1), got {m.drop_path_rate}")
@@ -284,6 +314,8 @@ def validate(cfg: DinoConfig) -> DinoConfig:
     need(0.0 <= l.momentum_teacher <= 1.0, f"momentum_teacher must be in [0, 1], got {l.momentum_teacher}")
     need(l.warmup_teacher_temp_epochs >= 0, "warmup_teacher_temp_epochs must be >= 0")
     need(o.epochs > 0, f"epochs must be positive, got {o.epochs}")
+    need(o.epochs <= MAX_EPOCHS, f"epochs must be at most {MAX_EPOCHS:,} (the lr, weight-decay and momentum "
+                                 f"schedules hold one value per step of every epoch), got {o.epochs}")
     need(o.batch_size_per_gpu > 0, f"batch_size_per_gpu must be positive, got {o.batch_size_per_gpu}")
     need(o.lr > 0 and o.min_lr >= 0, "lr must be positive and min_lr non-negative")
     need(0 <= o.warmup_epochs <= o.epochs, f"warmup_epochs ({o.warmup_epochs}) must be in [0, epochs={o.epochs}]")
@@ -307,4 +339,11 @@ def validate(cfg: DinoConfig) -> DinoConfig:
             resolve_arch(m.arch)
         except ValueError as err:
             raise ConfigError(str(err)) from err
+    patch = arch_patch_size(m.arch)
+    if patch:
+        for name in ("global_crops_size", "local_crops_size"):
+            size = getattr(d, name)
+            need(size % patch == 0 or (name == "local_crops_size" and d.local_crops_number == 0),
+                 f"{name}={size} is not divisible by the patch size {patch} of {m.arch}: use a multiple "
+                 f"of {patch} (e.g. {max(patch, size // patch * patch)})")
     return cfg
