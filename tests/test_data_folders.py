@@ -260,3 +260,43 @@ def test_seeded_crops_same_with_two_workers_or_none(cifar_small: Path):
 def test_extensions_constant_covers_the_required_formats():
     required = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
     assert set(IMAGE_EXTENSIONS) == required
+
+
+# --- issue 9, item 9: 16-bit images ------------------------------------------------------------
+def _png16(path: Path, arr: np.ndarray) -> Path:
+    """A 16-bit PNG written byte by byte (grey or RGB), independent of PIL's writer."""
+    import struct
+    import zlib
+    h, w = arr.shape[:2]
+    colour_type = 2 if arr.ndim == 3 else 0
+    raw = b"".join(b"\x00" + arr[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["grey_png", "rgb_png", "grey_pil_I"])
+def test_16bit_images_are_scaled_not_saturated(tmp_path: Path, kind):
+    """16-bit greys were clipped at 255: 99.6% of a ramp's pixels became white (issue 9, item 9)."""
+    from ssl_xcit.data.folders import load_rgb
+    rng = np.random.default_rng(0)
+    if kind == "rgb_png":
+        arr = rng.integers(0, 65536, (16, 16, 3)).astype(np.uint16)
+        path = _png16(tmp_path / "x.png", arr)
+        expected = np.round(arr / 257.0)
+    else:
+        arr = rng.integers(0, 65536, (16, 16)).astype(np.uint16)
+        if kind == "grey_png":
+            path = _png16(tmp_path / "x.png", arr)
+        else:  # PIL's 32-bit integer mode holding 16-bit values (what older Pillow gave for such PNGs)
+            path = tmp_path / "x.tif"
+            Image.fromarray(arr.astype(np.int32), mode="I").save(path)
+        expected = np.repeat(np.round(arr / 257.0)[..., None], 3, axis=2)
+    got = np.asarray(load_rgb(str(path))).astype(np.float64)
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).max() <= 1, "16-bit values must map to 8 bits by 255/65535"
+    assert (got == 255).mean() < 0.01

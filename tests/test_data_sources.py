@@ -207,3 +207,82 @@ def test_download_cifar10_failure_leaves_nothing_half_done(tmp_path: Path, monke
     with pytest.raises(RuntimeError, match="network down"):
         download_cifar10(tmp_path, progress=False)
     assert not (tmp_path / "cifar10").exists() and not list(tmp_path.glob(".cifar10.tmp-*"))
+
+
+# --- issue 9: truncated archives, lock files ---------------------------------------------------
+def _tar_bytes(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _member_offsets(data: bytes) -> dict[str, int]:
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return {m.name: m.offset for m in tar}
+
+
+@pytest.mark.parametrize("cut", ["at_member", "mid_data", "no_end_blocks"])
+def test_truncated_plain_tar_is_refused_naming_it_and_not_cached(tmp_path: Path, cut):
+    """A plain .tar cut short (a copy stopped half-way) was unpacked and cached as complete,
+    train/ present and val/ silently missing (issue 9, item 8)."""
+    full = _tar_bytes(TREE)
+    offsets = _member_offsets(full)
+    end_of_members = offsets["val/cat/2.png"] + 512 + 512  # header + one data block
+    cut_at = {"at_member": offsets["val/cat/2.png"],       # val/ header never arrives
+              "mid_data": offsets["val/cat/2.png"] + 512 + 10,
+              "no_end_blocks": end_of_members}[cut]
+    archive = tmp_path / "cut.tar"
+    archive.write_bytes(full[:cut_at])
+    cache = tmp_path / "cache"
+    with pytest.raises(sources.ArchiveError, match=r"cut\.tar.*(truncated|ends)"):
+        resolve_data_path(archive, cache_dir=cache, progress=False)
+    assert not list(cache.iterdir()), "nothing may be cached from a truncated archive"
+    # the complete archive is still accepted
+    archive.write_bytes(full)
+    root = resolve_data_path(archive, cache_dir=cache, progress=False)
+    assert (root / "val" / "cat" / "2.png").read_bytes() == TREE["val/cat/2.png"]
+
+
+def test_truncated_tar_inside_complete_gzip_is_refused(tmp_path: Path):
+    import gzip
+    full = _tar_bytes(TREE)
+    archive = tmp_path / "cut.tar.gz"
+    archive.write_bytes(gzip.compress(full[:_member_offsets(full)["val/cat/2.png"]]))
+    with pytest.raises(sources.ArchiveError, match=r"cut\.tar\.gz"):
+        resolve_data_path(archive, cache_dir=tmp_path / "cache", progress=False)
+
+
+def test_truncated_gzip_is_one_clear_error(tmp_path: Path):
+    import gzip
+    packed = gzip.compress(_tar_bytes(TREE))
+    archive = tmp_path / "cut.tar.gz"
+    archive.write_bytes(packed[:-6])  # the gzip trailer (CRC, length) is cut
+    with pytest.raises(sources.ArchiveError, match=r"cut\.tar\.gz"):
+        resolve_data_path(archive, cache_dir=tmp_path / "cache", progress=False)
+
+
+def test_failed_extraction_leaves_no_lock_file(tmp_path: Path):
+    fake = tmp_path / "fake.tar.gz"
+    fake.write_bytes(b"not a tar at all")
+    cache = tmp_path / "cache"
+    with pytest.raises(ValueError):
+        resolve_data_path(fake, cache_dir=cache, progress=False)
+    assert not list(cache.iterdir()), f"left behind: {[p.name for p in cache.iterdir()]}"
+    archive = _make_tar(tmp_path / "ds.tar.gz", TREE)
+    resolve_data_path(archive, cache_dir=cache, progress=False)
+    assert not list(cache.glob(".*.lock"))
+
+
+def test_archive_error_is_one_line_through_cli(tmp_path: Path, capsys):
+    from ssl_xcit import cli
+    archive = tmp_path / "cut.tar"
+    full = _tar_bytes(TREE)
+    archive.write_bytes(full[:_member_offsets(full)["val/cat/2.png"]])
+    with pytest.raises(SystemExit) as exc:
+        cli.run(lambda argv: resolve_data_path(archive, cache_dir=tmp_path / "c", progress=False), [], prog="t")
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and "cut.tar" in err

@@ -201,11 +201,32 @@ def load_listing(root: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTE
     return listing
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Open and fully decode an image as RGB (``load`` forces truncated files to fail here)."""
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit greys (modes ``I;16*``, or ``I`` holding 16-bit values) -> ``L`` scaled by 255/65535.
+
+    PIL's ``convert("RGB")`` clips such values at 255 instead of scaling them, which turned
+    nearly every pixel of a 16-bit PNG white. A 32-bit ``I`` image whose values do not fit in
+    16 bits is scaled by its own range. (16-bit RGB PNGs already open as 8-bit ``RGB``.)
+    """
+    if not (img.mode == "I" or img.mode.startswith("I;16")):
+        return img
+    arr = np.asarray(img, dtype=np.float64)
+    low, high = float(arr.min(initial=0)), float(arr.max(initial=0))
+    if low >= 0 and high <= 65535:
+        scaled = arr * (255.0 / 65535.0)
+    else:
+        scaled = (arr - low) * (255.0 / max(high - low, 1.0))
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
+
+
+def load_rgb(path: str | Any) -> Image.Image:
+    """Open and fully decode an image (a path or a binary file object) as 8-bit RGB.
+
+    ``load`` forces truncated files to fail here; 16-bit greys are scaled, not clipped.
+    """
     with Image.open(path) as img:
         img.load()
-        return img.convert("RGB")
+        return _to_8bit(img).convert("RGB")
 
 
 def _parse_index(item: Any, length: int) -> tuple[int, int | None]:

@@ -4,24 +4,35 @@ Archives are unpacked into ``<cache>/<name>-<size>-<mtime_ns>/`` so a changed ar
 folder. Unpacking goes to a temporary folder under a file lock and is renamed into place with a
 completeness marker inside, so concurrent ranks unpack once and nobody sees half a dataset.
 Members are filtered with ``tarfile``'s ``'data'`` filter (no absolute paths, no ``..``, no devices).
+An archive is cached only once its end has been read and checked: tar's two zero end-of-archive
+blocks after the last member, and for ``.tar.gz`` the gzip trailer (CRC and length). A copy cut
+short at a member boundary otherwise unpacks "successfully" with whole folders (val/) missing.
+The lock file is removed when the unpacking ends, whether it succeeded or not.
 """
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import os
 import re
 import shutil
 import tarfile
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Iterator
 
+from ssl_xcit.errors import UserError
 from ssl_xcit.utils.atomic import atomic_write_text
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 MARKER = ".ssl_xcit_complete"
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+class ArchiveError(UserError, ValueError):
+    """An archive that cannot be used as it is: unreadable, truncated, unsafe or without train/."""
 
 
 def _is_rank0() -> bool:
@@ -45,20 +56,41 @@ def _archive_stem(path: Path) -> str | None:
 
 
 @contextlib.contextmanager
-def _file_lock(lock_path: Path) -> Iterator[None]:
-    """An exclusive ``flock`` so that ranks sharing a cache unpack an archive only once."""
+def file_lock(lock_path: Path, remove: bool = True) -> Iterator[None]:
+    """An exclusive ``flock`` so that ranks sharing a cache do a piece of work only once.
+
+    With ``remove`` the lock file is deleted on exit, while still held. A waiter that then gets
+    the lock of the deleted file notices (its inode is no longer the one at ``lock_path``) and
+    locks the new file instead, so two processes never both believe they hold the lock.
+    """
     try:
         import fcntl
     except ImportError:  # not POSIX: rely on the atomic rename alone
         yield
         return
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+    while True:
+        fh = open(lock_path, "a")
         try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                current = os.stat(lock_path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current == os.fstat(fh.fileno()).st_ino:
+                break
+        except BaseException:
+            fh.close()
+            raise
+        fh.close()  # we locked a file another process removed: lock the new one
+    try:
+        yield
+    finally:
+        if remove:
+            with contextlib.suppress(OSError):
+                os.unlink(lock_path)
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        fh.close()
 
 
 def _find_root(folder: Path, archive: Path) -> Path:
@@ -69,8 +101,26 @@ def _find_root(folder: Path, archive: Path) -> Path:
     if len(top) == 1 and top[0].is_dir() and (top[0] / "train").is_dir():
         return top[0]
     listing = ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in top)[:10]) or "nothing"
-    raise ValueError(f"archive {archive} has no train/ folder at its top or inside a single top-level "
+    raise ArchiveError(f"archive {archive} has no train/ folder at its top or inside a single top-level "
                      f"folder (its top level holds: {listing})")
+
+
+def _check_archive_end(tar: tarfile.TarFile, archive: Path) -> None:
+    """Raise unless the archive ends as a complete one does (call after reading every member).
+
+    ``tarfile`` stops quietly when the data ends at a member boundary, so a truncated copy looks
+    complete; a whole archive has two zero blocks after its last member. Reading on to the end
+    of the stream also makes ``gzip`` check its trailer (CRC-32 and length).
+    """
+    fileobj = tar.fileobj
+    fileobj.seek(tar.offset)
+    end = fileobj.read(2 * tarfile.BLOCKSIZE)
+    if len(end) < 2 * tarfile.BLOCKSIZE or end.count(0) != len(end):
+        last = tar.members[-1].name if tar.members else "none"
+        raise ArchiveError(f"archive {archive} is truncated: it ends without tar's end-of-archive blocks "
+                           f"(last complete member: {last}); copy or download it again")
+    while fileobj.read(1 << 20):  # the rest (padding): gzip verifies its trailer at the end
+        pass
 
 
 def _extract(archive: Path, dest: Path, progress: bool) -> None:
@@ -83,10 +133,11 @@ def _extract(archive: Path, dest: Path, progress: bool) -> None:
                 from tqdm import tqdm
                 members = tqdm(members, desc=f"unpacking {archive.name}", unit="file")
             tar.extractall(dest, members=members, filter="data")
+            _check_archive_end(tar, archive)
     except tarfile.FilterError as err:
-        raise ValueError(f"archive {archive} holds an unsafe member, refused: {err}") from err
-    except (tarfile.ReadError, EOFError) as err:
-        raise ValueError(f"{archive} is not a readable tar archive: {err}") from err
+        raise ArchiveError(f"archive {archive} holds an unsafe member, refused: {err}") from err
+    except (tarfile.ReadError, EOFError, zlib.error, gzip.BadGzipFile) as err:
+        raise ArchiveError(f"{archive} is not a readable tar archive (truncated or corrupt?): {err}") from err
 
 
 def extract_archive(archive: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
@@ -95,7 +146,7 @@ def extract_archive(archive: str | os.PathLike, cache_dir: str | os.PathLike | N
     archive = Path(archive).expanduser().resolve()
     stem = _archive_stem(archive)
     if stem is None:
-        raise ValueError(f"{archive} is not a supported archive (expected {', '.join(ARCHIVE_SUFFIXES)})")
+        raise ArchiveError(f"{archive} is not a supported archive (expected {', '.join(ARCHIVE_SUFFIXES)})")
     st = archive.stat()
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     key = f"{re.sub(r'[^A-Za-z0-9._-]', '_', stem)}-{st.st_size}-{st.st_mtime_ns}"
@@ -110,7 +161,7 @@ def extract_archive(archive: str | os.PathLike, cache_dir: str | os.PathLike | N
     if marker.exists():
         return cached_root()
     cache.mkdir(parents=True, exist_ok=True)
-    with _file_lock(cache / f".{key}.lock"):
+    with file_lock(cache / f".{key}.lock"):
         if marker.exists():  # another process finished while we waited
             return cached_root()
         if target.exists():
@@ -146,8 +197,8 @@ def resolve_data_path(path: str | os.PathLike, cache_dir: str | os.PathLike | No
     if p.is_dir():
         return p.resolve()
     if _archive_stem(p) is None:
-        raise ValueError(f"data path {p} is a file but not a supported archive "
-                         f"(expected a folder or {', '.join(ARCHIVE_SUFFIXES)})")
+        raise ArchiveError(f"data path {p} is a file but not a supported archive "
+                           f"(expected a folder or {', '.join(ARCHIVE_SUFFIXES)})")
     return extract_archive(p, cache_dir, progress)
 
 
