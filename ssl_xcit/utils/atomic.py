@@ -1,10 +1,162 @@
-"""Atomic file writes: a crash mid-write must never leave a truncated checkpoint behind."""
+"""Atomic file writes: a crash mid-write must never leave a truncated checkpoint behind.
+
+What is guaranteed, for every file written here (checkpoints, manifests, results):
+
+* readers see the old file or the new one, never half of one (temp file in the same folder,
+  fsync, rename);
+* a full disk raises ``OSError(ENOSPC, filename=<the target>)`` (one line on the command line:
+  "no space left on the device writing PATH"), not torch's "enforce fail at inline_container.cc ...
+  unexpected pos"; the temp file is removed and the old file is left as it was;
+* a writer killed mid-write (kill -9, OOM killer, power loss) leaves its temp file
+  ``.<name>.<host>.<pid>.<random>.tmp``; the next write to the same target removes the temp files of
+  writers on this host whose process is gone (never a live writer's; a file from another host is left,
+  its process cannot be checked from here);
+* a new file gets the mode a plain ``open()`` would give it under the umask (0644 under umask 022).
+"""
 from __future__ import annotations
 
+import errno
 import os
-import tempfile
+import re
+import secrets
+import socket
+import time
 from pathlib import Path
 from typing import Any, Callable
+
+from ssl_xcit.errors import UserError
+
+TMP_SUFFIX = ".tmp"
+# Temp files named by the former scheme (tempfile.mkstemp: 8 random characters, no writer) are
+# removed only when nobody has written to them for this long: their writer cannot be checked.
+LEGACY_TMP_AGE_S = 3600.0
+_NAME_STEM_MAX = 150  # keeps ".<stem>.<host>.<pid>.<random>.tmp" under the 255-byte name limit
+
+
+class DiskFullError(UserError, OSError):
+    """No space left (ENOSPC, or EDQUOT: quota exceeded) while writing ``filename``: the target, not
+    the temp file. A :class:`UserError`, so command lines print it as one line."""
+
+    def __init__(self, target: str | os.PathLike, err_no: int = errno.ENOSPC) -> None:
+        super().__init__(err_no, os.strerror(err_no), str(target))
+
+    def __str__(self) -> str:
+        what = "no space left on the device" if self.errno == errno.ENOSPC else self.strerror.lower()
+        return f"{what} writing {self.filename} (the previous file, if any, is unchanged)"
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32] or "host"
+
+
+def _stem(path: Path) -> str:
+    return path.name[:_NAME_STEM_MAX]
+
+
+def _temp_pattern(stem: str) -> re.Pattern[str]:
+    """``.<stem>.<host>.<pid>.<random>.tmp``; the host has no dots, so the name parses from the right."""
+    return re.compile(rf"\.{re.escape(stem)}\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[0-9a-f]+{TMP_SUFFIX}")
+
+
+def _legacy_pattern(stem: str) -> re.Pattern[str]:
+    return re.compile(rf"\.{re.escape(stem)}\.[a-z0-9_]{{8}}{TMP_SUFFIX}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def remove_orphans(path: str | os.PathLike) -> list[Path]:
+    """Remove the temp files of dead writers of ``path`` (this host's writers whose process is gone,
+    and former-scheme temp files untouched for an hour); returns what was removed."""
+    path = Path(path)
+    stem = _stem(path)
+    pattern, legacy = _temp_pattern(stem), _legacy_pattern(stem)
+    host, me = _host(), os.getpid()
+    removed = []
+    try:
+        names = [n for n in os.listdir(path.parent) if n.startswith(f".{stem}.") and n.endswith(TMP_SUFFIX)]
+    except OSError:
+        return removed
+    for name in names:
+        cand = path.parent / name
+        m = pattern.fullmatch(name)
+        try:
+            if m:
+                pid = int(m.group("pid"))
+                dead = m.group("host") == host and pid != me and not _pid_alive(pid)
+            else:
+                dead = bool(legacy.fullmatch(name)) and time.time() - cand.lstat().st_mtime > LEGACY_TMP_AGE_S
+            if dead:
+                cand.unlink()
+                removed.append(cand)
+        except OSError:  # removed meanwhile by someone else, or not ours to remove
+            continue
+    return removed
+
+
+def remove_orphans_in(folder: str | os.PathLike) -> list[Path]:
+    """:func:`remove_orphans` for every target in ``folder`` that has temp files."""
+    folder = Path(folder)
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    targets = set()
+    for name in names:
+        m = re.fullmatch(rf"\.(.+)\.[A-Za-z0-9-]+\.\d+\.[0-9a-f]+{TMP_SUFFIX}", name) or \
+            re.fullmatch(rf"\.(.+)\.[a-z0-9_]{{8}}{TMP_SUFFIX}", name)
+        if m:
+            targets.add(m.group(1))
+    return [p for t in sorted(targets) for p in remove_orphans(folder / t)]
+
+
+def _create_temp(path: Path) -> str:
+    """A new, empty temp file next to ``path``, named after its writer; created like ``open(..., 'w')``
+    would (mode 0666 less the umask), not 0600 as ``tempfile.mkstemp`` makes it."""
+    prefix = f".{_stem(path)}.{_host()}.{os.getpid()}."
+    for _ in range(100):
+        tmp = path.parent / f"{prefix}{secrets.token_hex(4)}{TMP_SUFFIX}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return str(tmp)
+    raise FileExistsError(errno.EEXIST, "no free temp file name", str(path.parent / prefix))
+
+
+def _no_space_errno(err: BaseException, tmp: str) -> int | None:
+    """ENOSPC / EDQUOT when ``err`` (or what caused it) is a full disk, else ``None``.
+
+    Python's own writes raise ``OSError(ENOSPC)``. torch's writer does not keep the errno: a full
+    disk is a ``RuntimeError`` ("unexpected pos ...", "iostream error", "file write failed"). Then one
+    more small write to the temp file asks the file system itself: it fails with ENOSPC when the disk
+    is full, and succeeds (nothing is claimed) when the cause was something else.
+    """
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return seen.errno
+        seen = seen.__cause__ or seen.__context__
+    text = str(err).lower()
+    if not isinstance(err, RuntimeError) or not any(
+            s in text for s in ("unexpected pos", "iostream error", "write failed", "no space left")):
+        return None
+    try:
+        with open(tmp, "ab", buffering=0) as f:
+            f.write(b"\0" * (1 << 16))
+            os.fsync(f.fileno())
+    except OSError as probe:
+        if probe.errno in (errno.ENOSPC, errno.EDQUOT):
+            return probe.errno
+    return None
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -12,19 +164,26 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
 
     The rename is atomic on POSIX file systems, so readers see the old file or the new one,
     never half of one. The temp file lives in the same folder so the rename never crosses devices.
+    Temp files of dead writers of the same target are removed first; a full disk raises
+    :class:`DiskFullError` (an ``OSError`` naming ``path``) after removing the temp file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    remove_orphans(path)
+    tmp = _create_temp(path)
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    except BaseException as err:
+        full = _no_space_errno(err, tmp) if isinstance(err, Exception) else None
+        try:
+            os.remove(tmp)  # the link itself if the writer replaced it by one
+        except FileNotFoundError:
+            pass
+        if full is not None:
+            raise DiskFullError(path, full) from err
         raise
     return path
 

@@ -1,0 +1,160 @@
+"""Atomic writes: a full disk is one clear error naming the target and leaves nothing behind; a killed
+writer's temp file is removed by the next write to the same target (a live writer's never); files get
+the mode a plain open() would give them under the umask.
+
+The disk-full tests write through a temp file that is a symlink to ``/dev/full``: every write to it
+fails with the kernel's real ENOSPC, so torch raises exactly the error it raises on a full disk
+("[enforce fail at inline_container.cc:672] . unexpected pos ..." for large objects, "basic_ios::clear:
+iostream error" for small ones) without filling a disk (no loop device or tmpfs mount here).
+"""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from ssl_xcit.cli import describe
+from ssl_xcit.utils import atomic
+
+REPO = Path(__file__).resolve().parents[1]
+DEV_FULL = Path("/dev/full")
+needs_dev_full = pytest.mark.skipif(not DEV_FULL.exists(), reason="no /dev/full on this system")
+
+
+def _leftovers(folder: Path, target: str) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name != target)
+
+
+def _save_into_dev_full(monkeypatch) -> None:
+    """Make torch.save's file (the atomic temp file) a symlink to /dev/full, then save for real."""
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        os.remove(f)
+        os.symlink(DEV_FULL, f)
+        return real_save(obj, f, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", save)
+
+
+@needs_dev_full
+@pytest.mark.parametrize("numel", [10, 2_000_000], ids=["small", "large"])
+def test_disk_full_in_torch_save_is_a_clear_enospc_error(tmp_path, monkeypatch, numel):
+    target = tmp_path / "checkpoint.pth"
+    target.write_bytes(b"previous checkpoint")
+    _save_into_dev_full(monkeypatch)
+    with pytest.raises(OSError) as info:
+        atomic.atomic_torch_save({"w": torch.zeros(numel)}, target)
+    err = info.value
+    assert err.errno == errno.ENOSPC and err.filename == str(target)
+    assert describe(err).startswith(f"no space left on the device writing {target} ")
+    assert "inline_container" not in str(err) and "no space left" in str(err)
+    assert target.read_bytes() == b"previous checkpoint"  # the old file is untouched
+    assert _leftovers(tmp_path, target.name) == []  # no temp file (or link) left
+
+
+@needs_dev_full
+def test_disk_full_in_a_text_write_names_the_target(tmp_path):
+    target = tmp_path / "knn.json"
+
+    def write(tmp: str) -> None:
+        os.remove(tmp)
+        os.symlink(DEV_FULL, tmp)
+        with open(tmp, "w") as f:
+            f.write("{}" * 10000)
+    with pytest.raises(OSError) as info:
+        atomic.atomic_write(target, write)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(target)
+    assert not target.exists() and _leftovers(tmp_path, target.name) == []
+
+
+def test_other_write_errors_are_not_called_a_full_disk(tmp_path):
+    def write(tmp: str) -> None:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # a normal file: the disk is not full
+        atomic.atomic_write(tmp_path / "x.pth", write)
+    assert list(tmp_path.iterdir()) == []
+
+
+# A writer that opens its temp file, writes a little, says so, then waits to be killed.
+_WRITER = textwrap.dedent("""
+    import sys, time
+    from ssl_xcit.utils.atomic import atomic_write
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"partial")
+            f.flush()
+            print("writing", flush=True)
+            time.sleep(120)
+    atomic_write(sys.argv[1], write)
+""")
+
+
+def _start_writer(target: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(target)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.stdout.readline().strip() == "writing"
+    return proc
+
+
+def test_temp_files_of_killed_writers_are_removed_by_the_next_write(tmp_path):
+    target = tmp_path / "checkpoint.pth"
+    dead = _start_writer(target)
+    dead.send_signal(signal.SIGKILL)
+    dead.wait(timeout=30)
+    orphans = _leftovers(tmp_path, target.name)
+    assert len(orphans) == 1 and orphans[0].endswith(".tmp")  # what kill -9 leaves today
+    live = _start_writer(target)
+    try:
+        live_tmp = set(_leftovers(tmp_path, target.name)) - set(orphans)
+        assert len(live_tmp) == 1
+        atomic.atomic_write_text(target, "new")
+        assert target.read_text() == "new"
+        assert set(_leftovers(tmp_path, target.name)) == live_tmp  # the orphan is gone, the live one kept
+        assert str(live.pid) in next(iter(live_tmp))  # the temp file names its writer
+    finally:
+        live.kill()
+        live.wait(timeout=30)
+
+
+def test_other_targets_are_not_cleaned(tmp_path):
+    dead = _start_writer(tmp_path / "a.pth")
+    dead.kill()
+    dead.wait(timeout=30)
+    orphan = _leftovers(tmp_path, "none")
+    atomic.atomic_write_text(tmp_path / "b.json", "{}")
+    assert _leftovers(tmp_path, "b.json") == orphan
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_new_files_get_the_mode_open_would_give(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        with open(tmp_path / "plain", "w"):
+            pass
+        atomic.atomic_write_text(tmp_path / "result.json", "{}")
+        atomic.atomic_torch_save({"x": torch.ones(2)}, tmp_path / "checkpoint.pth")
+    finally:
+        os.umask(old)
+    want = 0o666 & ~umask
+    assert (tmp_path / "plain").stat().st_mode & 0o777 == want
+    assert (tmp_path / "result.json").stat().st_mode & 0o777 == want
+    assert (tmp_path / "checkpoint.pth").stat().st_mode & 0o777 == want
+
+
+def test_former_scheme_temp_files_are_removed_once_stale(tmp_path):
+    """Temp files of the former naming (mkstemp, no writer in the name; what kill -9 left before)
+    are removed when untouched for an hour; a fresh one may still be written to and is kept."""
+    stale, fresh = tmp_path / ".checkpoint.pth.k3_9x0ab.tmp", tmp_path / ".checkpoint.pth.q1w2e3r4.tmp"
+    for p in (stale, fresh):
+        p.write_bytes(b"partial")
+    hour_ago = os.stat(stale).st_mtime - atomic.LEGACY_TMP_AGE_S - 60
+    os.utime(stale, (hour_ago, hour_ago))
+    atomic.atomic_write_text(tmp_path / "checkpoint.pth", "new")
+    assert _leftovers(tmp_path, "checkpoint.pth") == [fresh.name]
