@@ -205,7 +205,7 @@ def test_missing_unreadable_and_unknown_files(tmp_path):
         get_model(ARCH, pretrained=missing)
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"definitely not a checkpoint")
-    with pytest.raises(CheckpointError, match="garbage.pth.*not a torch checkpoint"):
+    with pytest.raises(CheckpointError, match="garbage.pth is not a PyTorch checkpoint"):
         load_backbone(garbage)
     unknown = tmp_path / "unknown.pth"
     torch.save({"weights": [1, 2, 3], "version": 2}, unknown)
@@ -224,6 +224,75 @@ def test_pickled_objects_refused_unless_allowed(tmp_path, source, images):
     with pytest.warns(UserWarning, match="weights_only=False"):
         model = get_model(ARCH, pretrained=path, allow_pickle=True)
     _assert_same_logits(model, source, images)
+
+
+class _RunsShell:
+    """Unpickling this calls os.system: a file holding it must never be executed."""
+
+    def __init__(self, marker: pathlib.Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_random_bytes_and_refused_globals_get_different_messages(tmp_path):
+    """torch says "unsupported GLOBAL ... is blocked" (os.system) or "Unsupported global: GLOBAL ..."
+    (a class not allowed); random bytes, an empty and a truncated file are not checkpoints."""
+    import pickle
+    import random
+    marker = tmp_path / "EXECUTED"
+    evil_zip, evil_pickle = tmp_path / "evil.pth", tmp_path / "evil_legacy.pth"
+    torch.save({"model": {"w": torch.ones(2)}, "x": _RunsShell(marker)}, evil_zip)
+    evil_pickle.write_bytes(pickle.dumps({"x": _RunsShell(marker)}, protocol=2))
+    for path in (evil_zip, evil_pickle):
+        with pytest.raises(CheckpointError) as info:
+            load_backbone(path)
+        msg = str(info.value)
+        assert msg.startswith(f"{path} contains GLOBAL posix.system that weights_only loading refuses; "
+                              "if you trust the file"), msg
+        assert "allow_pickle=True" in msg and "--allow-pickle" in msg and "\n" not in msg
+    assert not marker.exists()  # never executed
+    cls_file = tmp_path / "path.pth"
+    torch.save({"model": {"w": torch.ones(2)}, "out": pathlib.PurePosixPath("/x")}, cls_file)
+    with pytest.raises(CheckpointError, match=r"path.pth contains GLOBAL pathlib.PurePosixPath that weights_only"):
+        read_checkpoint(cls_file)
+
+    noise = tmp_path / "noise.pth"
+    noise.write_bytes(random.Random(0).randbytes(4096))
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    good = tmp_path / "good.pth"
+    torch.save({"w": torch.ones(10000)}, good)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(good.read_bytes()[:20000])
+    for path in (noise, empty, truncated):
+        with pytest.raises(CheckpointError) as info:
+            read_checkpoint(path)
+        msg = str(info.value)
+        assert msg.startswith(f"{path} is not a PyTorch checkpoint ("), msg
+        assert "GLOBAL" not in msg and "allow_pickle" not in msg and "\n" not in msg and len(msg) < 300
+    assert "empty" in str(pytest.raises(CheckpointError, read_checkpoint, empty).value)
+
+
+def test_a_folder_is_not_a_checkpoint_file(tmp_path):
+    from ssl_xcit.evaluate.common import load_frozen_backbone
+    empty_dir, run_dir = tmp_path / "empty", tmp_path / "run"
+    empty_dir.mkdir()
+    run_dir.mkdir()
+    torch.save({"w": torch.ones(1)}, run_dir / "checkpoint.pth")
+    model = get_model(ARCH, num_classes=0)
+    loaders = [read_checkpoint, load_backbone, load_frozen_backbone, lambda p: get_model(ARCH, pretrained=p),
+               lambda p: load_weights(model, p), lambda p: load_weights(model, str(p))]
+    for load in loaders:
+        with pytest.raises(CheckpointError) as info:
+            load(empty_dir)
+        assert str(info.value) == f"{empty_dir} is a folder, not a checkpoint file"
+        with pytest.raises(CheckpointError) as info:
+            load(run_dir)
+        assert str(info.value) == (f"{run_dir} is a folder, not a checkpoint file; "
+                                   f"did you mean {run_dir / 'checkpoint.pth'}?")
 
 
 def test_wrong_arch_is_a_clear_error(tmp_path, source):

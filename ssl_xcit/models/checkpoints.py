@@ -28,6 +28,7 @@ Files are read with ``torch.load(weights_only=True)``, allowing ``argparse.Names
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import pickle
@@ -54,43 +55,76 @@ class CheckpointError(UserError, ValueError):
 
 
 # ---------------------------------------------------------------------------------- reading
+def require_checkpoint_file(path: str | os.PathLike) -> Path:
+    """``path`` as a Path when it is an existing file; a clear error for a missing one or a folder
+    (a training output folder holding ``checkpoint.pth`` gets that file suggested)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        hint = next((f"; did you mean {p / name}?" for name in ("checkpoint.pth", "checkpoint.pt")
+                     if (p / name).is_file()), "")
+        raise CheckpointError(f"{p} is a folder, not a checkpoint file{hint}")
+    if not p.exists():
+        raise FileNotFoundError(errno.ENOENT, "checkpoint file not found", str(p))
+    return p
+
+
+_TORCH_BOILERPLATE = ("weights only load failed", "please file an issue", "check the documentation",
+                      "re-running", "(1)", "(2)", "do those steps", "in pytorch 2.6")
+
+
+def _short_reason(err: BaseException, path: Path) -> str:
+    """What is wrong with the file, in a few words, from torch's multi-paragraph message."""
+    if path.stat().st_size == 0:
+        return "the file is empty"
+    for line in str(err).splitlines():
+        line = line.replace("WeightsUnpickler error:", "").strip()
+        if line and not line.lower().startswith(_TORCH_BOILERPLATE):
+            first = line.split(". ")[0].rstrip(".")
+            return f"{type(err).__name__}: {first[:160]}"
+    return type(err).__name__
+
+
+def _refused_global(err: BaseException) -> str | None:
+    """The ``module.name`` that weights-only unpickling refused, if that is why ``err`` was raised.
+
+    torch words it "Unsupported global: GLOBAL x.y was not an allowed global" (a class it does not
+    know) or "Trying to load unsupported GLOBAL x.y whose module x is blocked" (os, subprocess...)."""
+    if not isinstance(err, pickle.UnpicklingError):
+        return None
+    m = re.search(r"unsupported global:?\s+(?:GLOBAL\s+)?([\w.]+)", str(err), re.IGNORECASE)
+    return m.group(1) if m else None
+
+
 def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Any:
     """Load a checkpoint file on CPU without executing pickled code (unless ``allow_pickle``)."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise FileNotFoundError(f"checkpoint file not found: {p}")
-    if p.is_dir():
-        raise CheckpointError(f"{p}: is a folder, expected a checkpoint file")
+    p = require_checkpoint_file(path)
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         try:
             return load_file(str(p), device="cpu")
         except Exception as err:
-            raise CheckpointError(f"{p}: not a readable safetensors file ({err})") from err
+            raise CheckpointError(f"{p} is not a readable safetensors file ({err})") from err
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        refused = "Unsupported global" in str(err)
-        if not allow_pickle:
-            if refused:
-                what = re.search(r"GLOBAL ([\w.]+)", str(err))
-                raise CheckpointError(
-                    f"{p}: refused to unpickle {what.group(1) if what else 'a Python object'} "
-                    "with torch.load(weights_only=True); if you trust this file, pass "
-                    "allow_pickle=True (command lines: --allow-pickle)") from err
-            raise CheckpointError(f"{p}: not a torch checkpoint or corrupt "
-                                  f"({str(err).strip().splitlines()[-1][:200]})") from err
-        warnings.warn(f"{p}: loading with weights_only=False (allow_pickle=True): this runs "
-                      "pickled code from the file", stacklevel=2)
-        try:
-            return torch.load(p, map_location="cpu", weights_only=False)
-        except Exception as err2:
-            raise CheckpointError(f"{p}: not a torch checkpoint or corrupt ({err2})") from err2
     except Exception as err:
-        raise CheckpointError(f"{p}: not a torch checkpoint or corrupt "
-                              f"({type(err).__name__}: {str(err)[:200]})") from err
+        refused = _refused_global(err)
+        if allow_pickle and isinstance(err, pickle.UnpicklingError):
+            pass  # the full unpickler below may read what the weights-only one refused
+        elif refused is None:
+            raise CheckpointError(f"{p} is not a PyTorch checkpoint ({_short_reason(err, p)})") from err
+        else:
+            raise CheckpointError(
+                f"{p} contains GLOBAL {refused} that weights_only loading refuses; if you trust the "
+                "file, pass allow_pickle=True (command lines: --allow-pickle): unpickling runs code "
+                "from the file") from err
+    warnings.warn(f"{p}: loading with weights_only=False (allow_pickle=True): this runs "
+                  "pickled code from the file", stacklevel=2)
+    try:
+        return torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as err2:
+        raise CheckpointError(f"{p} is not a PyTorch checkpoint ({_short_reason(err2, p)})") from err2
 
 
 # ---------------------------------------------------------------------------------- naming
