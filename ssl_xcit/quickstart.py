@@ -69,7 +69,7 @@ def knn_predictions(checkpoint: str, root: Path, crop: int, n_train: int, n_val:
     gives the random backbone drawn from ``seed``: with the training seed that is exactly the
     network the training run started from.
     """
-    from ssl_xcit.data.folders import ImageFiles
+    from ssl_xcit.data.sources import open_image_dataset
     from ssl_xcit.evaluate.common import eval_transform, load_frozen_backbone
     from ssl_xcit.evaluate.features import extract_features
     from ssl_xcit.evaluate.knn import build_index, knn_predict, l2_normalize
@@ -78,7 +78,7 @@ def knn_predictions(checkpoint: str, root: Path, crop: int, n_train: int, n_val:
     transform = eval_transform(crop, resize=crop)
     feats = {}
     for split, n in (("train", n_train), ("val", n_val)):
-        ds = ImageFiles(root / split, transform=transform, progress=False)
+        ds = open_image_dataset(root / split, transform=transform, progress=False)
         ds.select(_spread(len(ds), n))
         feats[split] = extract_features(model, ds, batch_size=256, device=device, num_workers=num_workers,
                                         desc=f"{Path(checkpoint).name}: {split} features")

@@ -307,6 +307,36 @@ def test_bad_input_sizes_are_clear_errors():
         p8.forward_features_all(torch.randn(1, 3, 36, 36))
 
 
+def test_integer_images_get_a_one_line_hint_to_normalise():
+    """A uint8 batch (as decoded from disk) fails at the check with what to do, not with a conv's
+    dtype error; the recipe the message gives runs."""
+    model = get_model("xcit_nano_12_p16", num_classes=0).eval()
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    calls = [model, model.extract_feat, model.forward_features, model.forward_features_all,
+             model.get_intermediate_layers, model.get_last_cls_attention]
+    for call in calls:
+        with pytest.raises(TypeError) as info:
+            call(x)
+        msg = str(info.value)
+        assert "\n" not in msg and "torch.uint8" in msg and "x.float() / 255" in msg, msg
+        assert "(0.485, 0.456, 0.406)" in msg and "(0.229, 0.224, 0.225)" in msg
+    with pytest.raises(TypeError, match="torch.int64"):
+        model(x.long())
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        assert model((x.float() / 255 - mean) / std).shape == (2, model.embed_dim)
+
+
+def test_input_check_does_not_break_a_compiled_graph():
+    model = get_model("xcit_nano_12_p16", num_classes=0).eval()
+    torch._dynamo.reset()
+    check = torch.compile(model.check_input, backend="eager", fullgraph=True)  # fullgraph: no break allowed
+    check(torch.randn(1, 3, 32, 32))
+    with pytest.raises(Exception, match="x.float"):
+        check(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+
+
 def test_model_attributes():
     model = get_model("xcit-small-12-p8_3rdparty-dist_in1k-384px", num_classes=0)
     assert (model.arch, model.patch_size, model.embed_dim, model.num_cls_blocks) == \

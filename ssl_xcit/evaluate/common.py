@@ -285,9 +285,9 @@ def resolve_root(data_path: str | os.PathLike) -> Path:
 
 
 def open_images(root: str | os.PathLike, transform) -> "torch.utils.data.Dataset":
-    """The project's image folder dataset (class or flat layout; ``None`` for corrupt files)."""
-    from ssl_xcit.data.folders import ImageFiles
-    return ImageFiles(root, transform)
+    """The project's image dataset: a folder (class or flat layout) or tar shards; ``None`` for corrupt files."""
+    from ssl_xcit.data.sources import open_image_dataset
+    return open_image_dataset(root, transform)
 
 
 def open_split(data_root: Path, split: str, transform, need_labels: bool = True):

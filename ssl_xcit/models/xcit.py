@@ -4,7 +4,8 @@ timm's ``Xcit`` computes exactly the published architecture (its outputs are the
 tests compare with); this subclass adds nothing to the computation, only:
 
 * input checks with clear errors (any H, W divisible by the patch size works: 96-px local crops,
-  224, 384, non-square; the Fourier positional encoding is computed per input, so no interpolation);
+  224, 384, non-square; the Fourier positional encoding is computed per input, so no interpolation;
+  an integer batch, e.g. uint8 as decoded, is told to be converted and normalised);
 * :meth:`XCiT.extract_feat`: the final normed CLS feature (B, D) that DINO heads and k-NN use;
 * :meth:`XCiT.forward_features_all`: every useful token set from one pass;
 * :meth:`XCiT.get_intermediate_layers`: DINO-style "last n blocks" access (see below);
@@ -75,11 +76,21 @@ class XCiT(Xcit):
 
     # ------------------------------------------------------------------ checks
     def check_input(self, x: torch.Tensor) -> None:
-        """Raise ValueError unless ``x`` is (B, in_chans, H, W) with H, W divisible by the patch."""
+        """Raise ValueError unless ``x`` is (B, in_chans, H, W) with H, W divisible by the patch,
+        TypeError for integer images (uint8 as decoded): they need converting and normalising.
+
+        Python-level checks of dtype and shape only: no host sync, no graph break under
+        torch.compile."""
         if not isinstance(x, torch.Tensor) or x.ndim != 4:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"{self.arch}: expected an image batch (B, {self.in_chans}, H, W), "
                              f"got {shape}")
+        if not x.is_floating_point():
+            mean = tuple(IMAGENET_DEFAULT_MEAN)
+            std = tuple(IMAGENET_DEFAULT_STD)
+            raise TypeError(f"{self.arch}: expected a float image batch, got {x.dtype}; convert and "
+                            f"normalise it first, e.g. x = (x.float() / 255 - mean) / std with the "
+                            f"ImageNet mean {mean} and std {std} per channel")
         _, c, h, w = x.shape
         if c != self.in_chans:
             raise ValueError(f"{self.arch}: expected {self.in_chans} input channels, got {c} "
