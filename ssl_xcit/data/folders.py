@@ -175,13 +175,28 @@ def load_listing(root: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTE
 
     The cache is reused only while every scanned folder keeps its mtime, so adding or removing
     an image anywhere invalidates it; validating costs one ``stat`` per folder (about 1,000 for
-    ImageNet) instead of 1.28M directory entries.
+    ImageNet) instead of 1.28M directory entries. Reading or building it happens under a file
+    lock, so ranks started together list the folder once (the first) and the others reuse it.
     """
     root_str = os.path.abspath(os.fspath(root))
     exts = _normalise_extensions(extensions)
     if cache_dir is None:
         return scan_images(root_str, exts, progress)
+    from ssl_xcit.data.sources import file_lock
     cache_file = _listing_cache_file(cache_dir, root_str, exts)
+    try:
+        lock = file_lock(cache_file.with_suffix(".lock"))
+        lock.__enter__()
+    except OSError as err:  # a read-only cache location: list without it
+        logger.warning("listing cache %s not usable: %s", cache_file, err)
+        return scan_images(root_str, exts, progress)
+    try:  # under the lock: the first rank lists, the others wait and read its result
+        return _cached_or_scanned(cache_file, root_str, exts, progress)
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def _cached_or_scanned(cache_file: Path, root_str: str, exts: tuple[str, ...], progress: bool | None) -> Listing:
     if cache_file.exists():
         try:
             data = json.loads(cache_file.read_text())

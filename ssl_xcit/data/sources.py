@@ -241,3 +241,21 @@ def download_cifar10(dest: str | os.PathLike, progress: bool | None = None) -> P
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def open_image_dataset(path: str | os.PathLike | list, transform=None, *, progress: bool | None = None,
+                       cache_dir: str | os.PathLike | None = None):
+    """The dataset of an image location: :class:`~ssl_xcit.data.shards.ShardImages` for tar shards
+    (a folder of them, a brace pattern, a list), else :class:`~ssl_xcit.data.folders.ImageFiles`.
+
+    Both return ``(sample, label, index)`` (``None`` for a corrupt image) and offer ``select``,
+    ``targets`` and ``classes``, so a caller changes one line to read either. The folder listing
+    and a scanned shard index are cached in ``cache_dir`` (default :func:`default_cache_dir`) under
+    a lock: at 1.28M images the first rank lists once, the others and later jobs reuse the result.
+    """
+    from ssl_xcit.data.shards import ShardImages, looks_like_shards
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    if looks_like_shards(path):
+        return ShardImages(path, transform, index_cache_dir=cache / "shard-index", progress=progress)
+    from ssl_xcit.data.folders import ImageFiles
+    return ImageFiles(path, transform, listing_cache_dir=cache / "listings", progress=progress)

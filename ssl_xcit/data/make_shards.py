@@ -1,0 +1,270 @@
+"""Write WebDataset-style tar shards from an image folder, once, to read in place afterwards.
+
+    python -m ssl_xcit.data.make_shards SRC DEST --shard-size 1GB [--resize 256 --quality 90]
+
+``SRC`` is an ImageFolder (``<class>/<image>``), a flat folder, a root holding ``train/`` (and
+``val/``) such folders, or an archive :func:`~ssl_xcit.data.sources.resolve_data_path` accepts.
+A root with ``train/`` gives ``DEST/train`` and ``DEST/val``, so ``DEST`` can replace the folder
+anywhere (training ``data_path``, evaluation ``--data-path``, quickstart ``--data``).
+
+Each sample is ``KEY.<ext>`` (the original bytes, or a JPEG when resizing) and, with classes,
+``KEY.cls`` (the label). KEY is the image's path relative to its split, without extension.
+Samples keep the order of :func:`~ssl_xcit.data.folders.scan_images`, so index ``i`` of the
+shards is index ``i`` of the folder. Beside ``shard-NNNNNN.tar``: ``shard-NNNNNN.tar.idx.npy``
+(offset, size and label of every image, for random access), ``shard-NNNNNN.tar.json`` (its
+count, bytes, SHA-256, source range, skipped files) and, when all are written, ``manifest.json``
+(counts, classes, per-class counts, the shards with their hashes, the options).
+
+Resumable: a shard counts as done once its ``.json`` is written (last, atomically); an
+interrupted run starts again after the last done shard. Unreadable source images are skipped,
+counted and listed in the manifest. ``--resize N`` scales the shorter side down to N px (never
+up) and stores JPEG at ``--quality``.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ssl_xcit.data.folders import _DECODE_ERRORS, load_rgb, scan_images
+from ssl_xcit.data.shards import FORMAT, FORMAT_VERSION, INDEX_SUFFIX, MANIFEST
+from ssl_xcit.errors import UserError
+from ssl_xcit.utils.atomic import atomic_write, atomic_write_text
+
+STATE = ".make_shards.json"
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+class MakeShardsError(UserError, ValueError):
+    """Bad options, or a destination holding shards made from something else."""
+
+
+def parse_size(text: str) -> int:
+    """``"1GB"`` -> 10**9, ``"512MiB"`` -> 2**29, ``"1000000"`` -> bytes."""
+    import re
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise MakeShardsError(f"--shard-size {text!r}: expected a size such as 1GB, 500MB or 256MiB")
+    size = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if size < 10 * tarfile.BLOCKSIZE:
+        raise MakeShardsError(f"--shard-size {text!r} is too small (at least 5KB)")
+    return size
+
+
+def shard_name(k: int) -> str:
+    return f"shard-{k:06d}.tar"
+
+
+class _HashingFile(io.RawIOBase):
+    """A write-only file that hashes what passes through (the shard's SHA-256 without re-reading)."""
+
+    def __init__(self, path: Path) -> None:
+        self._fh = open(path, "wb")
+        self.sha256 = hashlib.sha256()
+        self._pos = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self.sha256.update(data)
+        n = self._fh.write(data)
+        self._pos += n
+        return n
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self) -> None:
+        if not self._fh.closed:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+        super().close()
+
+
+def _encode(path: Path, resize: int | None, quality: int) -> tuple[bytes, str]:
+    """The bytes to store and their extension; raises a decode error for an unreadable image."""
+    data = path.read_bytes()
+    image = load_rgb(io.BytesIO(data))  # every stored image has been decoded once
+    if resize is None:
+        return data, path.suffix.lower().lstrip(".")
+    w, h = image.size
+    if min(w, h) > resize:
+        scale = resize / min(w, h)
+        image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC,
+                             reducing_gap=3.0)
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=quality)
+    return out.getvalue(), "jpg"
+
+
+def _key(rel: str, previous: str) -> str:
+    stem = os.path.splitext(rel)[0].replace(os.sep, "/").replace(".", "_")
+    return stem if stem != previous else f"{stem}_dup"
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> int:
+    """Append one member; return the offset of its data in the shard."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o444
+    tar.addfile(info, io.BytesIO(data))
+    return tar.offset - -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+
+def _size_after(offset: int, image_bytes: int, labelled: bool) -> int:
+    """The shard's final size if it ended after one more sample: headers, data padded to blocks,
+    the label member, tar's two end blocks, padding to a 10 KiB record (pax headers not counted)."""
+    block, record = tarfile.BLOCKSIZE, tarfile.RECORDSIZE
+    end = offset + block + -(-image_bytes // block) * block + (2 * block if labelled else 0) + 2 * block
+    return -(-end // record) * record
+
+
+def write_split(src: Path, dest: Path, shard_size: int, resize: int | None = None, quality: int = 90,
+                progress: bool = True) -> dict[str, Any]:
+    """Shard one image folder into ``dest``; returns the manifest (also written as manifest.json)."""
+    listing = scan_images(src, progress=progress)
+    files, labels, classes = listing.files, listing.labels, listing.classes
+    options = {"source": str(src), "images": len(files), "classes": classes, "shard_size": shard_size,
+               "resize": resize, "quality": quality if resize else None,
+               "listing_sha1": hashlib.sha1("\n".join(files).encode()).hexdigest()}
+    dest.mkdir(parents=True, exist_ok=True)
+    state = dest / STATE
+    if state.exists():
+        before = json.loads(state.read_text())
+        if before != options:
+            changed = sorted(k for k in options if before.get(k) != options[k])
+            raise MakeShardsError(f"{dest} holds shards made from other input or options (differs in "
+                                  f"{', '.join(changed)}); give another DEST or delete it")
+    else:
+        atomic_write_text(state, json.dumps(options))
+    if (dest / MANIFEST).exists():
+        return json.loads((dest / MANIFEST).read_text())
+
+    done: list[dict[str, Any]] = []
+    while (dest / (shard_name(len(done)) + ".json")).exists():
+        done.append(json.loads((dest / (shard_name(len(done)) + ".json")).read_text()))
+    for stale in dest.glob(".shard-*.tmp"):
+        stale.unlink()
+    start = done[-1]["end"] if done else 0
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(files), initial=start, desc=f"sharding {src}", unit="img")
+    i = start
+    while i < len(files):
+        k = len(done)
+        tmp = dest / f".{shard_name(k)}.tmp"
+        out = _HashingFile(tmp)
+        rows: list[list[int]] = []
+        skipped: list[str] = []
+        first, previous = i, ""
+        with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            while i < len(files):
+                try:
+                    data, ext = _encode(src / files[i], resize, quality)
+                except _DECODE_ERRORS:
+                    skipped.append(files[i])
+                    i += 1
+                    if bar is not None:
+                        bar.update(1)
+                    continue
+                if rows and _size_after(tar.offset, len(data), bool(classes)) > shard_size:
+                    break  # the shard is full; this image opens the next one
+                key = _key(files[i], previous)
+                previous = key
+                offset = _add(tar, f"{key}.{ext}", data)
+                if classes:
+                    _add(tar, f"{key}.cls", str(labels[i]).encode())
+                rows.append([i, offset, len(data), labels[i]])
+                i += 1
+                if bar is not None:
+                    bar.update(1)
+        out.close()
+        if not rows:  # only unreadable images were left
+            tmp.unlink()
+            if done:
+                done[-1]["skipped"] += skipped
+                done[-1]["end"] = i
+            break
+        final = dest / shard_name(k)
+        os.replace(tmp, final)
+        atomic_write(dest / (shard_name(k) + INDEX_SUFFIX),
+                     lambda path: np.save(open(path, "wb"), np.asarray(rows, dtype=np.int64)))
+        meta = {"name": shard_name(k), "samples": len(rows), "bytes": final.stat().st_size,
+                "sha256": out.sha256.hexdigest(), "start": first, "end": i, "skipped": skipped}
+        atomic_write_text(dest / (shard_name(k) + ".json"), json.dumps(meta))
+        done.append(meta)
+    if bar is not None:
+        bar.close()
+
+    kept = np.concatenate([np.load(dest / (m["name"] + INDEX_SUFFIX)) for m in done]) if done else np.zeros((0, 4))
+    if not len(kept):
+        raise MakeShardsError(f"{src}: none of the {len(files)} images could be read; no shard written")
+    skipped_files = [f for m in done for f in m["skipped"]]
+    manifest = {"format": FORMAT, "version": FORMAT_VERSION, "source": str(src), "images": int(len(kept)),
+                "skipped": len(skipped_files), "skipped_files": skipped_files, "classes": classes,
+                "class_counts": np.bincount(kept[:, 3].astype(np.int64), minlength=len(classes)).tolist()
+                if classes else [],
+                "shards": [{k: m[k] for k in ("name", "samples", "bytes", "sha256")} for m in done],
+                "options": {k: options[k] for k in ("shard_size", "resize", "quality")}}
+    atomic_write_text(dest / MANIFEST, json.dumps(manifest, indent=1))
+    return manifest
+
+
+def splits_of(root: Path) -> list[str]:
+    """``["train", "val"]`` (those present) for a root holding train/, else ``[""]`` (root itself)."""
+    if (root / "train").is_dir():
+        return [s for s in ("train", "val") if (root / s).is_dir()]
+    return [""]
+
+
+def make_shards(src: str | os.PathLike, dest: str | os.PathLike, shard_size: int | str = "1GB",
+                resize: int | None = None, quality: int = 90, progress: bool = True) -> dict[str, dict]:
+    """Shard ``src`` into ``dest`` (see the module doc); returns ``{split: manifest}``."""
+    from ssl_xcit.data.sources import resolve_data_path
+    size = parse_size(shard_size) if isinstance(shard_size, str) else int(shard_size)
+    if resize is not None and resize < 1:
+        raise MakeShardsError(f"--resize must be a positive number of pixels, got {resize}")
+    if not 1 <= quality <= 100:
+        raise MakeShardsError(f"--quality must be within 1..100, got {quality}")
+    root = resolve_data_path(src, progress=progress)
+    dest = Path(dest).expanduser().absolute()
+    if dest == root or root in dest.parents:
+        raise MakeShardsError(f"DEST {dest} lies inside SRC {root}; write the shards elsewhere")
+    return {split or ".": write_split(root / split if split else root, dest / split if split else dest, size,
+                                      resize, quality, progress) for split in splits_of(root)}
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict]:
+    p = argparse.ArgumentParser(prog="python -m ssl_xcit.data.make_shards",
+                                description="Write WebDataset-style tar shards (with an index and a manifest) "
+                                            "from an image folder or archive; resumable.")
+    p.add_argument("src", help="ImageFolder, flat folder, root with train/ (and val/), or .tar/.tar.gz")
+    p.add_argument("dest", help="output folder (DEST/train and DEST/val for a root with train/)")
+    p.add_argument("--shard-size", default="1GB", help="target shard size, e.g. 1GB, 500MB (default: %(default)s)")
+    p.add_argument("--resize", type=int, default=None, help="scale the shorter side down to this many px")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality with --resize (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    result = make_shards(args.src, args.dest, args.shard_size, args.resize, args.quality, not args.no_progress)
+    for split, m in result.items():
+        where = Path(args.dest) / split if split != "." else Path(args.dest)
+        print(f"{where}: {m['images']} images in {len(m['shards'])} shards, {len(m['classes'])} classes, "
+              f"{m['skipped']} unreadable skipped")
+    return result
+
+
+if __name__ == "__main__":
+    from ssl_xcit import cli
+    cli.run(main, prog="python -m ssl_xcit.data.make_shards")

@@ -1,0 +1,202 @@
+"""Tar shards read in place: make_shards from real CIFAR-10, same images/labels as the folder,
+resumable writing, corrupt members skipped, truncated shards refused, brace patterns and lists."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ssl_xcit.data import make_shards as ms
+from ssl_xcit.data.folders import ImageFiles, collate_skip_corrupt
+from ssl_xcit.data.shards import ShardError, ShardImages, expand_braces, looks_like_shards
+from ssl_xcit.data.sources import open_image_dataset
+
+
+@pytest.fixture(scope="module")
+def cifar_shards(cifar_small: Path, tmp_path_factory) -> Path:
+    """cifar_small (200 train / 100 val real CIFAR-10 images) as shards of ~100 KB (6 + 3 shards)."""
+    dest = tmp_path_factory.mktemp("cifar_shards")
+    ms.make_shards(cifar_small, dest, "100KB", progress=False)
+    return dest
+
+
+def _pixels_sha(image: Image.Image) -> str:
+    return hashlib.sha256(np.asarray(image).tobytes()).hexdigest()
+
+
+def _file_sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_shards_hold_the_folders_images_and_labels_in_its_order(cifar_small: Path, cifar_shards: Path, tmp_path):
+    for split in ("train", "val"):
+        folder = ImageFiles(cifar_small / split, progress=False)
+        shards = open_image_dataset(cifar_shards / split, cache_dir=tmp_path)
+        assert isinstance(shards, ShardImages) and len(shards) == len(folder)
+        assert shards.classes == folder.classes and shards.targets == folder.targets
+        for i in range(len(folder)):
+            assert shards.read_bytes(i) == folder.path(i).read_bytes(), f"{split} image {i} differs"
+            a, b = folder[i], shards[i]
+            assert _pixels_sha(a[0]) == _pixels_sha(b[0]) and a[1:] == b[1:]
+    manifest = json.loads((cifar_shards / "train" / "manifest.json").read_text())
+    assert manifest["images"] == 200 and manifest["skipped"] == 0 and len(manifest["shards"]) > 2
+    assert manifest["class_counts"] == [20] * 10
+    for entry in manifest["shards"]:
+        shard = cifar_shards / "train" / entry["name"]
+        assert entry["sha256"] == _file_sha(shard) and entry["bytes"] == shard.stat().st_size
+        assert entry["bytes"] <= 100_000
+    # plain WebDataset: the members are KEY.jpg and KEY.cls, consecutive, the label as text
+    with tarfile.open(cifar_shards / "train" / "shard-000000.tar") as tar:
+        names = tar.getnames()[:4]
+        assert names[0].endswith(".jpg") and names[1] == names[0][:-4] + ".cls"
+        assert tar.extractfile(names[1]).read() == b"0"
+
+
+def test_foreign_shards_by_list_brace_pattern_and_folder_without_manifest(cifar_shards: Path, tmp_path):
+    ref = open_image_dataset(cifar_shards / "train", cache_dir=tmp_path)
+    tars = sorted((cifar_shards / "train").glob("*.tar"))
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for t in tars:
+        os.link(t, bare / t.name)   # shards without our manifest and index: scanned
+    pattern = str(cifar_shards / "train" / f"shard-{{000000..{len(tars) - 1:06d}}}.tar")
+    assert expand_braces(pattern) == [str(t) for t in tars]
+    for source in ([str(t) for t in tars], pattern, bare):
+        assert looks_like_shards(source)
+        ds = open_image_dataset(source, cache_dir=tmp_path / "cache")
+        assert len(ds) == len(ref) and ds.targets == ref.targets
+        assert [ds.read_bytes(i) for i in (0, 57, 199)] == [ref.read_bytes(i) for i in (0, 57, 199)]
+    assert list((tmp_path / "cache" / "shard-index").glob("*.npz")), "the scanned index is cached"
+
+
+def test_select_transform_seed_and_collate_like_imagefiles(cifar_small: Path, cifar_shards: Path, tmp_path):
+    from torchvision import transforms as T
+    tf = T.Compose([T.RandomResizedCrop(16), T.ToTensor()])
+    folder = ImageFiles(cifar_small / "train", tf, progress=False).select([5, 150, 7])
+    shards = open_image_dataset(cifar_shards / "train", tf, cache_dir=tmp_path).select([5, 150, 7])
+    for i in range(3):
+        a, b = folder[(i, 1234 + i)], shards[(i, 1234 + i)]
+        assert a[1:] == b[1:] and (a[0] == b[0]).all()
+    batch = collate_skip_corrupt([shards[(i, i)] for i in range(3)])
+    assert batch.images.shape == (3, 3, 16, 16) and batch.labels.tolist() == [0, 7, 0]
+
+
+def _jpeg(value: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (value, 10, 20)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _write_shard(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_corrupt_member_is_skipped_and_counted(tmp_path: Path, caplog):
+    shard = _write_shard(tmp_path / "a.tar", [("s0.jpg", _jpeg(1)), ("s0.cls", b"0"),
+                                             ("s1.jpg", _jpeg(2)[:40]), ("s1.cls", b"1"),
+                                             ("s2.jpg", b"not an image"), ("s2.cls", b"1"),
+                                             ("s3.jpg", _jpeg(3)), ("s3.cls", b"1")])
+    ds = ShardImages([str(shard)], lambda im: __import__("torch").zeros(1))
+    assert len(ds) == 4 and ds.targets == [0, 1, 1, 1] and ds.classes == ["0", "1"]
+    batch = collate_skip_corrupt([ds[i] for i in range(4)] + [ds[1]])
+    assert batch.n_skipped == 3 and batch.indices.tolist() == [0, 3]
+    warnings = [r for r in caplog.records if "skipping unreadable image" in r.getMessage()]
+    assert len(warnings) == 2 and "a.tar" in warnings[0].getMessage()   # once per member
+
+
+@pytest.mark.parametrize("how", ["manifest", "scanned"])
+def test_truncated_shard_is_one_clear_error_naming_it(cifar_shards: Path, tmp_path: Path, how):
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for f in (cifar_shards / "train").iterdir():
+        if how == "manifest" or f.suffix == ".tar":
+            (folder / f.name).write_bytes(f.read_bytes())
+    victim = folder / "shard-000001.tar"
+    victim.write_bytes(victim.read_bytes()[:30_000])
+    with pytest.raises(ShardError, match=r"shard-000001\.tar.*truncated"):
+        open_image_dataset(folder, cache_dir=tmp_path / "cache")
+    # cut at a member boundary: only the end-of-archive check catches it
+    data = (cifar_shards / "train" / "shard-000001.tar").read_bytes()
+    with tarfile.open(cifar_shards / "train" / "shard-000001.tar") as tar:
+        boundary = tar.getmembers()[6].offset
+    victim.write_bytes(data[:boundary])
+    with pytest.raises(ShardError, match=r"shard-000001\.tar.*truncated"):
+        open_image_dataset(folder, cache_dir=tmp_path / "cache2")
+
+
+def test_shard_truncated_after_opening_is_an_error_not_a_skip(cifar_shards: Path, tmp_path: Path):
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for f in (cifar_shards / "val").iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    ds = open_image_dataset(folder, cache_dir=tmp_path)
+    last = len(ds) - 1
+    shard = folder / "shard-000002.tar"
+    shard.write_bytes(shard.read_bytes()[:1024])
+    with pytest.raises(ShardError, match="shard-000002.tar is truncated"):
+        ds[last]
+
+
+def test_make_shards_resumes_to_identical_shards(cifar_small: Path, cifar_shards: Path, tmp_path, monkeypatch):
+    dest = tmp_path / "out"
+    real_encode, calls = ms._encode, {"n": 0}
+
+    def dying_encode(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 130:
+            raise KeyboardInterrupt
+        return real_encode(*args, **kwargs)
+    monkeypatch.setattr(ms, "_encode", dying_encode)
+    with pytest.raises(KeyboardInterrupt):
+        ms.make_shards(cifar_small, dest, "100KB", progress=False)
+    done = sorted(p.name for p in (dest / "train").glob("*.tar"))
+    assert 0 < len(done) < 6 and not (dest / "train" / "manifest.json").exists()
+    monkeypatch.setattr(ms, "_encode", real_encode)
+    ms.make_shards(cifar_small, dest, "100KB", progress=False)
+    for split in ("train", "val"):
+        got = {p.name: _file_sha(p) for p in (dest / split).glob("*.tar")}
+        want = {p.name: _file_sha(p) for p in (cifar_shards / split).glob("*.tar")}
+        assert got == want
+    assert not list((dest / "train").glob(".*.tmp"))
+    with pytest.raises(ms.MakeShardsError, match="other input or options.*shard_size"):
+        ms.make_shards(cifar_small, dest, "200KB", progress=False)
+
+
+def test_make_shards_resize_and_flat_folder(tmp_path: Path):
+    src = tmp_path / "flat"
+    src.mkdir()
+    Image.new("RGB", (400, 300), (200, 30, 30)).save(src / "big.png")
+    Image.new("RGB", (50, 60), (30, 200, 30)).save(src / "small.png")
+    (src / "broken.jpg").write_bytes(b"\xff\xd8 broken")
+    manifest = ms.make_shards(src, tmp_path / "out", "1MB", resize=100, quality=80, progress=False)["."]
+    assert manifest["images"] == 2 and manifest["skipped_files"] == ["broken.jpg"] and manifest["classes"] == []
+    ds = open_image_dataset(tmp_path / "out", cache_dir=tmp_path)
+    sizes = [ds[i][0].size for i in range(2)]
+    assert sizes == [(133, 100), (50, 60)] and ds.targets == [-1, -1]   # shorter side 100, never upscaled
+    assert ds.read_bytes(0)[:2] == b"\xff\xd8"                           # stored as JPEG
+
+
+def test_make_shards_command_line_errors_are_one_line(tmp_path: Path, capsys):
+    from ssl_xcit import cli
+    for argv, needle in ([str(tmp_path / "nope"), str(tmp_path / "o")], "does not exist"), \
+                        ([str(tmp_path), str(tmp_path / "o"), "--shard-size", "big"], "--shard-size"):
+        with pytest.raises(SystemExit) as exc:
+            cli.run("ssl_xcit.data.make_shards:main", argv, prog="make_shards")
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and err.count("\n") == 1 and needle in err, err
+
+
+def test_parse_size():
+    assert ms.parse_size("1GB") == 10**9 and ms.parse_size("512MiB") == 2**29 and ms.parse_size("1.5MB") == 1_500_000
