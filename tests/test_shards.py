@@ -200,3 +200,21 @@ def test_make_shards_command_line_errors_are_one_line(tmp_path: Path, capsys):
 
 def test_parse_size():
     assert ms.parse_size("1GB") == 10**9 and ms.parse_size("512MiB") == 2**29 and ms.parse_size("1.5MB") == 1_500_000
+
+
+def test_knn_tool_gives_the_same_figures_on_shards_as_on_the_folder(cifar_small: Path, cifar_shards: Path,
+                                                                   tmp_path: Path):
+    from ssl_xcit.evaluate import knn
+
+    def run(data: Path, out: Path) -> dict:
+        return knn.main(["--checkpoint", "xcit_nano_12_p16", "--data-path", str(data), "--crop-size", "32",
+                         "--batch-size", "100", "--num-workers", "0", "--device", "cpu", "--output-dir", str(out),
+                         "--nb-knn", "5", "20", "--no-progress", "--dump-features", str(out / "feats")])
+    on_folder, on_shards = run(cifar_small, tmp_path / "folder"), run(cifar_shards, tmp_path / "shards")
+    assert on_shards["results"] == on_folder["results"]
+    assert on_shards["num_train"] == 200 and on_shards["num_val"] == 100
+    a, _ = knn.load_dumped(tmp_path / "folder" / "feats")
+    b, _ = knn.load_dumped(tmp_path / "shards" / "feats")
+    for key in a:   # the same features, image for image: the same images in the same order
+        assert (a[key] == b[key]).all(), key
+
