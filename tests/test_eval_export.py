@@ -74,6 +74,19 @@ def test_interrupted_export_resumes_to_identical_files(model, images, straight, 
     assert _files(tmp_path) == _files(ref_dir)
 
 
+_BLOCKED_WRITER = """
+import sys, time
+from ssl_xcit.utils.atomic import atomic_write
+def write(tmp):
+    with open(tmp, "wb") as f:
+        f.write(b"junk")
+        f.flush()
+        print("writing", flush=True)
+        time.sleep(120)
+atomic_write(sys.argv[1], write)
+"""
+
+
 def test_damaged_and_partial_shards_are_redone(model, images, straight, tmp_path):
     ref_dir, _ = straight
     work = tmp_path / "work"
@@ -85,8 +98,13 @@ def test_damaged_and_partial_shards_are_redone(model, images, straight, tmp_path
     victim.write_bytes(bytes(data))
     # shard 3: interrupted before its record was written
     (work / "shard-00003.done.json").unlink()
-    # and a temp file a killed process left behind
-    (work / ".shard-00004.cls.npy.abc.tmp").write_bytes(b"junk")
+    # and a temp file a killed process left behind (kill -9 during its write)
+    writer = subprocess.Popen([sys.executable, "-c", _BLOCKED_WRITER, str(work / "shard-00004.cls.npy")],
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert writer.stdout.readline().strip() == "writing"
+    writer.kill()
+    writer.wait(timeout=30)
+    assert [p.name for p in work.glob(".shard-00004.cls.npy.*.tmp")]
     redone: list[int] = []
     export.export_features(model, images, work, on_shard_done=redone.append, **KW)
     assert redone == [1, 3]
@@ -157,6 +175,113 @@ def test_cli_exports_a_split(cifar_small, tmp_path):
     np.testing.assert_array_equal(loaded["label"], np.repeat(np.arange(10), 10))
     with pytest.raises(ValueError, match="--split train or --split val"):
         export.main(["--checkpoint", ARCH, "--data-path", str(cifar_small), "--out", str(tmp_path / "x")])
+
+
+def _tiny_checkpoint(path: Path, seed: int) -> str:
+    """A real timm-format checkpoint of the test arch with weights drawn from ``seed``; its sha256."""
+    import hashlib
+
+    from ssl_xcit import get_model
+    torch.manual_seed(seed)
+    torch.save(get_model(ARCH, num_classes=0).state_dict(), path)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_resume_with_another_checkpoint_is_refused(cifar_small, tmp_path, monkeypatch):
+    """Interrupted after one of three shards, the checkpoint file replaced by another: the rerun must not
+    mix two models' features; the original file resumes; --overwrite starts over."""
+    ckpt, out = tmp_path / "checkpoint.pth", tmp_path / "feats"
+    sha_a = _tiny_checkpoint(ckpt, seed=1)
+    argv = ["--checkpoint", str(ckpt), "--data-path", str(cifar_small), "--split", "val", "--out", str(out),
+            "--crop-size", "32", "--shard-size", "40", "--num-workers", "0", "--device", "cpu", "--no-progress"]
+    real_export, done = export.export_features, []
+
+    def export_recording(*args, stop_after=None, **kwargs):
+        def on_shard_done(i):
+            done.append(i)
+            if stop_after is not None and len(done) == stop_after:
+                raise Stop
+        return real_export(*args, on_shard_done=on_shard_done, **kwargs)
+
+    monkeypatch.setattr(export, "export_features", lambda *a, **k: export_recording(*a, stop_after=1, **k))
+    with pytest.raises(Stop):
+        export.main(argv)
+    assert json.loads((out / "manifest.json").read_text())["config"]["source"]["checkpoint_sha256"] == sha_a
+    monkeypatch.setattr(export, "export_features", export_recording)
+    before = _files(out)
+
+    sha_b = _tiny_checkpoint(ckpt, seed=2)  # same path, other weights
+    assert sha_b != sha_a
+    with pytest.raises(export.ExportError) as info:
+        export.main(argv)
+    msg = str(info.value)
+    assert sha_a[:16] in msg and sha_b[:16] in msg and str(ckpt) in msg, msg
+    assert "--overwrite" in msg and "--out" in msg and "\n" not in msg
+    assert _files(out) == before and done == [0]  # nothing written, nothing mixed
+
+    assert _tiny_checkpoint(ckpt, seed=1) == sha_a  # the original file again: resumes
+    manifest = export.main(argv)
+    assert manifest["complete"] and done == [0, 1, 2]
+
+    sha_b = _tiny_checkpoint(ckpt, seed=2)
+    done.clear()
+    (out / "notes.txt").write_text("mine")
+    manifest = export.main([*argv, "--overwrite"])
+    assert manifest["complete"] and done == [0, 1, 2]  # every shard redone with the new weights
+    assert (out / "notes.txt").read_text() == "mine"  # --overwrite removes the export's files only
+    assert manifest["config"]["source"]["checkpoint_sha256"] == sha_b
+    torch.manual_seed(2)
+    from ssl_xcit import get_model
+    model_b = get_model(ARCH, num_classes=0).eval()
+    loaded = export.load_exported(out, verify=True)
+    ds = common.open_images(cifar_small / "val", common.eval_transform(32))
+    with torch.no_grad():
+        first = torch.stack([ds[i][0] for i in range(4)])
+        np.testing.assert_allclose(loaded["cls"][:4], model_b(first).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_api_resume_with_other_weights_is_refused(model, images, tmp_path):
+    """export_features records a fingerprint of the weights themselves, so a library caller that
+    resumes with another model (no checkpoint file involved) is refused too."""
+    done = []
+
+    def stop(i):
+        done.append(i)
+        raise Stop
+
+    with pytest.raises(Stop):
+        export.export_features(model, images, tmp_path, on_shard_done=stop, **KW)
+    other = common.load_frozen_backbone(ARCH, seed=5)
+    with pytest.raises(export.ExportError, match="other weights"):
+        export.export_features(other, images, tmp_path, **KW)
+    manifest = export.export_features(model, images, tmp_path, on_shard_done=done.append, **KW)
+    assert manifest["complete"] and done == [0, 1, 2, 3, 4]
+
+
+def test_progress_counts_images_per_batch(model, images, tmp_path, monkeypatch):
+    """One bar over the images (not over 10,000-image shards), moved after every batch."""
+    import tqdm
+
+    bars = []
+
+    class Recorder(tqdm.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.steps, self.shown = [], not self.disable  # close() sets disable
+            bars.append(self)
+
+        def update(self, n=1):
+            self.steps.append(n)
+            return super().update(n)
+
+    monkeypatch.setattr(tqdm, "tqdm", Recorder)
+    export.export_features(model, images, tmp_path, **{**KW, "progress": True})
+    shown = [b for b in bars if b.shown]
+    assert len(shown) == 1
+    bar = shown[0]
+    assert bar.total == len(images) == 30 and bar.unit == "img"
+    # shards of 7 images in batches of 4: 4+3 per shard, 2 for the last shard of 2 images
+    assert bar.steps == [4, 3] * 4 + [2] and bar.n == 30
 
 
 def test_script_help_runs_without_install(tmp_path):

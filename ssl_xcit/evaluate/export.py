@@ -18,6 +18,11 @@ sizes and checksums still match is finished and kept on resume; anything else is
 images are skipped (``index`` says which images the rows are). Under torchrun shard ``i`` is
 written by rank ``i % world_size``; batches never cross shards, so the bytes do not depend on the
 number of ranks or on where a run was interrupted.
+
+A resumed export never mixes two models: the manifest records a sha256 of the backbone's weights
+(``model.weights_sha256``) and, from the command line, of the checkpoint file
+(``config.source.checkpoint_sha256``) with every option that shapes the features; a rerun with
+anything else is refused (``--overwrite`` starts the export over).
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -36,8 +42,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ssl_xcit import distributed as du
+from ssl_xcit.errors import UserError
 from ssl_xcit.evaluate import common
-from ssl_xcit.utils.atomic import atomic_write, atomic_write_text
+from ssl_xcit.utils.atomic import atomic_write, atomic_write_text, remove_orphans_in
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +53,12 @@ FORMAT = "ssl_xcit-features"
 VERSION = 1
 FORMATS = ("npy", "safetensors")
 DTYPES = {"float32": (torch.float32, np.float32), "float16": (torch.float16, np.float16)}
+_EXPORT_FILE = re.compile(r"shard-\d{5}\.[\w.]+")
+
+
+class ExportError(UserError, ValueError):
+    """An export that cannot start or resume as asked (other settings or weights in ``--out``, a bad
+    option); the message says what to do. A ``ValueError`` too, as before."""
 
 
 @dataclass(frozen=True)
@@ -61,15 +74,15 @@ class ExportConfig:
 
     def __post_init__(self) -> None:
         if not self.outputs or any(o not in ("cls", "patch", "last_blocks") for o in self.outputs):
-            raise ValueError(f"outputs must be among cls, patch, last_blocks; got {self.outputs}")
+            raise ExportError(f"outputs must be among cls, patch, last_blocks; got {self.outputs}")
         if ("last_blocks" in self.outputs) != (self.n_last_blocks > 0):
-            raise ValueError("'last_blocks' is exported exactly when n_last_blocks > 0 "
+            raise ExportError("'last_blocks' is exported exactly when n_last_blocks > 0 "
                              f"(outputs={self.outputs}, n_last_blocks={self.n_last_blocks})")
         common.check_positive(self.shard_size, "--shard-size")
         if not self.formats or any(f not in FORMATS for f in self.formats):
-            raise ValueError(f"--format must be npy, safetensors or both; got {self.formats}")
+            raise ExportError(f"--format must be npy, safetensors or both; got {self.formats}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+            raise ExportError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
 
 
 def shard_name(i: int) -> str:
@@ -81,6 +94,22 @@ def _sha256(path: Path, chunk: int = 1 << 22) -> str:
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
+    return h.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file, streamed (about 1 s per GB): the identity of the checkpoint an export reads."""
+    return _sha256(Path(path))
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """sha256 over the model's state dict (names, dtypes, shapes, bytes): which weights the features
+    come from, whatever file or object they were loaded from."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -134,39 +163,79 @@ def _relative_paths(dataset: Dataset, indices: np.ndarray) -> list[str] | None:
     return [os.path.relpath(samples[i][0], root) if root else str(samples[i][0]) for i in indices]
 
 
-def _manifest_base(cfg: ExportConfig, dataset: Dataset) -> dict:
+def _manifest_base(cfg: ExportConfig, dataset: Dataset, weights: str) -> dict:
     classes = list(getattr(dataset, "classes", []) or [])
-    return {"format": FORMAT, "version": VERSION, "complete": False,
+    return {"format": FORMAT, "version": VERSION, "complete": False, "model": {"weights_sha256": weights},
             "config": {**asdict(cfg), "outputs": list(cfg.outputs), "formats": list(cfg.formats)},
             "num_images": len(dataset), "num_shards": -(-len(dataset) // cfg.shard_size),
             "root": str(getattr(dataset, "root", "")), "classes": classes, "has_labels": bool(classes)}
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+_START_OVER = "use another --out folder, or --overwrite (overwrite=True) to start this export over"
+
+
 def _check_existing(out_dir: Path, base: dict) -> None:
+    """Refuse to resume an export in ``out_dir`` made from other weights or with other settings."""
     path = out_dir / MANIFEST
     if not path.is_file():
         return
     try:
         old = json.loads(path.read_text())
     except ValueError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); remove it or use a new --out") from err
-    keys = ("format", "config", "num_images", "num_shards", "root", "classes")
-    diff = [k for k in keys if old.get(k) != base[k]]
+        raise ExportError(f"{path} is not valid JSON ({err}); {_START_OVER}") from err
+    if not isinstance(old, dict) or old.get("format") != FORMAT:
+        raise ExportError(f"{path} is not an ssl_xcit feature export; {_START_OVER}")
+    old_src, new_src = old.get("config", {}).get("source", {}), base["config"]["source"]
+    old_sha, new_sha = old_src.get("checkpoint_sha256"), new_src.get("checkpoint_sha256")
+    if (old_sha or new_sha) and old_sha != new_sha:
+        raise ExportError(
+            f"{out_dir} holds features of checkpoint {old_src.get('checkpoint')} with sha256 "
+            f"{str(old_sha)[:16]}..., but {new_src.get('checkpoint')} now has sha256 {str(new_sha)[:16]}...: "
+            f"resuming would mix two models; {_START_OVER}")
+    old_w, new_w = old.get("model", {}).get("weights_sha256"), base["model"]["weights_sha256"]
+    if old_w != new_w:
+        was = f"weights sha256 {old_w[:16]}..." if old_w else "weights not recorded (older ssl_xcit)"
+        raise ExportError(f"{out_dir} holds features of other weights ({was}; this model's: {new_w[:16]}...): "
+                          f"resuming would mix two models; {_START_OVER}")
+    keys = ("config", "num_images", "num_shards", "root", "classes")
+    old_flat, new_flat = _flat({k: old.get(k) for k in keys}), _flat({k: base[k] for k in keys})
+    diff = [k for k in sorted(set(old_flat) | set(new_flat)) if old_flat.get(k) != new_flat.get(k)]
     if diff:
-        detail = "; ".join(f"{k}: {old.get(k)!r} -> {base[k]!r}" for k in diff)[:800]
-        raise ValueError(f"{out_dir} holds an export with other settings ({detail}); use a new --out folder")
+        detail = "; ".join(f"{k}: {old_flat.get(k)!r} -> {new_flat.get(k)!r}" for k in diff)[:600]
+        raise ExportError(f"{out_dir} holds an export with other settings ({detail}); {_START_OVER}")
+
+
+def _remove_export(out_dir: Path) -> None:
+    """Delete the files of an ssl_xcit export in ``out_dir`` (manifest, shard files); others stay."""
+    if not out_dir.is_dir():
+        return
+    for p in out_dir.iterdir():
+        if p.is_file() and (p.name == MANIFEST or _EXPORT_FILE.fullmatch(p.name)):
+            p.unlink()
 
 
 def export_features(model: nn.Module, dataset: Dataset, out_dir: str | os.PathLike, *,
                     outputs: Sequence[str] = ("cls",), n_last_blocks: int = 0, shard_size: int = 10000,
                     formats: Sequence[str] = ("npy",), dtype: str = "float32", batch_size: int = 128,
                     num_workers: int = 4, device: torch.device | str = "cpu", progress: bool = True,
-                    source: dict | None = None, check_sha: bool = True,
+                    source: dict | None = None, check_sha: bool = True, overwrite: bool = False,
                     on_shard_done: Callable[[int], None] | None = None) -> dict:
     """Write (or finish) a sharded export of ``model``'s features over ``dataset``; returns the manifest.
 
     ``outputs``: ``cls`` and optionally ``patch``; ``last_blocks`` is added when ``n_last_blocks``
-    > 0. ``on_shard_done(i)`` is called after shard ``i`` is complete (progress hooks, tests).
+    > 0. ``source`` (checkpoint, its ``checkpoint_sha256``, arch, crop...) is recorded and must match
+    on resume, as must the weights themselves; ``overwrite`` deletes an earlier export in ``out_dir``
+    instead. ``on_shard_done(i)`` is called after shard ``i`` is complete (progress hooks, tests).
     """
     from tqdm import tqdm
 
@@ -179,13 +248,15 @@ def export_features(model: nn.Module, dataset: Dataset, out_dir: str | os.PathLi
     if len(dataset) == 0:
         raise ValueError("cannot export features of an empty dataset")
     out_dir = Path(out_dir)
-    base = _manifest_base(cfg, dataset)
-    _check_existing(out_dir, base)  # on every rank, so all of them fail alike
+    base = _manifest_base(cfg, dataset, weights_sha256(model))
+    if not overwrite:
+        _check_existing(out_dir, base)  # on every rank, so all of them fail alike
     rank, world = du.get_rank(), du.get_world_size()
     if rank == 0:
+        if overwrite:
+            _remove_export(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in out_dir.glob(".shard-*.tmp"):  # left by a killed process
-            stale.unlink(missing_ok=True)
+        remove_orphans_in(out_dir)  # temp files of killed writers (never a live writer's)
         if not (out_dir / MANIFEST).is_file():
             atomic_write_text(out_dir / MANIFEST, json.dumps(base, indent=2))
     du.barrier()
@@ -197,13 +268,17 @@ def export_features(model: nn.Module, dataset: Dataset, out_dir: str | os.PathLi
     if rank == 0 and len(todo) < len(mine):
         print(f"export {out_dir}: {len(mine) - len(todo)} finished shard(s) kept, {len(todo)} to do")
     names = list(outs)
-    for i in tqdm(todo, desc=f"export shards (rank {rank})", disable=not (progress and rank == 0), unit="shard"):
+    n_todo = sum(min((i + 1) * shard_size, len(dataset)) - i * shard_size for i in todo)
+    bar = tqdm(total=n_todo, desc="export", unit="img", disable=not (progress and rank == 0), dynamic_ncols=True)
+    for i in todo:
         start, stop = i * shard_size, min((i + 1) * shard_size, len(dataset))
+        bar.set_postfix_str(f"shard {i + 1}/{n_shards}", refresh=False)
         loader = feature_loader(dataset, range(start, stop), batch_size, num_workers, device)
         parts: dict[str, list[torch.Tensor]] = {n: [] for n in names}
         labels, indices, skipped = [], [], 0
         for out, lab, idx, n_skip in iter_outputs(model, loader, names, device, max(n_last_blocks, 1), torch_dtype,
                                                   progress=False):
+            bar.update(len(idx) + n_skip)
             skipped += n_skip
             if out:
                 for n in names:
@@ -211,7 +286,7 @@ def export_features(model: nn.Module, dataset: Dataset, out_dir: str | os.PathLi
                 labels.append(lab)
                 indices.append(idx)
         if not indices:
-            raise RuntimeError(f"shard {i}: every image in [{start}, {stop}) is unreadable")
+            raise ExportError(f"shard {i}: every image in [{start}, {stop}) of {base['root']} is unreadable")
         arrays = {n: torch.cat(parts[n]).numpy().astype(np_dtype, copy=False) for n in names}
         index = torch.cat(indices).numpy().astype(np.int64)
         arrays["index"] = index
@@ -236,6 +311,7 @@ def export_features(model: nn.Module, dataset: Dataset, out_dir: str | os.PathLi
         atomic_write_text(out_dir / f"{stem}.done.json", json.dumps(record, indent=2))
         if on_shard_done is not None:
             on_shard_done(i)
+    bar.close()
     du.barrier()
     manifest = dict(base)
     if rank == 0:
@@ -312,7 +388,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     g.add_argument("--no-verify", action="store_true",
                    help="on resume, trust finished shards by size only (skip the sha256 re-read)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="delete an earlier export in --out (other checkpoint or settings) and start over")
     return p
+
+
+def _checkpoint_identity(checkpoint: str) -> tuple[str | None, tuple | None]:
+    """sha256 and (inode, size, mtime) of a checkpoint file; ``(None, None)`` for a model name."""
+    path = Path(checkpoint).expanduser()
+    if not path.is_file():
+        return None, None
+    st = path.stat()
+    return file_sha256(path), (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -321,28 +408,33 @@ def main(argv: list[str] | None = None) -> dict:
         args.batch_size = 128
     common.check_positive(args.batch_size, "--batch-size")
     if args.n_last_blocks < 0:
-        raise ValueError(f"--n-last-blocks must be >= 0, got {args.n_last_blocks}")
+        raise ExportError(f"--n-last-blocks must be >= 0, got {args.n_last_blocks}")
     root = common.resolve_root(args.data_path)
     folder = root / args.split if args.split else root
     if not folder.is_dir():
-        raise FileNotFoundError(f"--data-path {root} has no {args.split}/ folder")
+        raise ExportError(f"--data-path {root} has no {args.split}/ folder")
     if not args.split and (root / "train").is_dir() and (root / "val").is_dir():
-        raise ValueError(f"--data-path {root} holds train/ and val/: pass --split train or --split val "
-                         "(otherwise they would be exported as two classes)")
+        raise ExportError(f"--data-path {root} holds train/ and val/: pass --split train or --split val "
+                          "(otherwise they would be exported as two classes)")
     env = common.setup_env(args.device, args.seed)
     try:
         dataset = common.open_images(folder, common.eval_transform(args.crop_size, args.resize))
+        sha, stat = _checkpoint_identity(args.checkpoint)  # before loading: what the features come from
         model = common.load_frozen_backbone(args.checkpoint, args.arch, args.checkpoint_key, env.device,
                                             seed=args.seed)
+        if stat is not None and _checkpoint_identity(args.checkpoint)[1] != stat:
+            raise ExportError(f"{args.checkpoint} changed while it was read (a training still writing it?); "
+                              "run the export again once it is stable")
         formats = FORMATS if args.format == "both" else (args.format,)
-        source = {"checkpoint": str(args.checkpoint), "arch": args.arch, "checkpoint_key": args.checkpoint_key,
-                  "crop_size": args.crop_size, "resize": common.resize_for(args.crop_size, args.resize),
-                  "seed": args.seed}
+        source = {"checkpoint": str(args.checkpoint), "checkpoint_sha256": sha, "arch": args.arch,
+                  "checkpoint_key": args.checkpoint_key, "crop_size": args.crop_size,
+                  "resize": common.resize_for(args.crop_size, args.resize), "seed": args.seed}
         outputs = ("cls", "patch") if args.patch_tokens else ("cls",)
         manifest = export_features(model, dataset, args.out, outputs=outputs, n_last_blocks=args.n_last_blocks,
                                    shard_size=args.shard_size, formats=formats, dtype=args.dtype,
                                    batch_size=args.batch_size, num_workers=args.num_workers, device=env.device,
-                                   progress=not args.no_progress, source=source, check_sha=not args.no_verify)
+                                   progress=not args.no_progress, source=source, check_sha=not args.no_verify,
+                                   overwrite=args.overwrite)
         if env.is_main:
             print(f"exported {manifest['rows']} images in {manifest['num_shards']} shard(s) to {args.out}")
         return manifest if env.is_main else {}
