@@ -300,3 +300,30 @@ def test_16bit_images_are_scaled_not_saturated(tmp_path: Path, kind):
     assert got.shape == expected.shape
     assert np.abs(got - expected).max() <= 1, "16-bit values must map to 8 bits by 255/65535"
     assert (got == 255).mean() < 0.01
+
+
+def test_listing_cache_is_built_once_when_ranks_start_together(tmp_path: Path, monkeypatch):
+    """Ranks (here threads) listing one folder at the same time: the first scans, the others wait
+    on the cache's lock and reuse its result instead of listing 1.28M files each."""
+    import threading
+    import time
+    from ssl_xcit.data import folders
+    for c in ("a", "b"):
+        for i in range(3):
+            _save(tmp_path / "data" / c / f"{i}.png", size=4)
+    real_scan, scans = folders.scan_images, []
+
+    def slow_scan(*args, **kwargs):
+        scans.append(1)
+        time.sleep(0.3)   # long enough for every other thread to arrive while the first scans
+        return real_scan(*args, **kwargs)
+    monkeypatch.setattr(folders, "scan_images", slow_scan)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(
+        load_listing(tmp_path / "data", cache_dir=tmp_path / "cache", progress=False))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(scans) == 1 and len(results) == 4 and all(r.files == results[0].files for r in results)
+    assert not list((tmp_path / "cache").glob("*.lock"))

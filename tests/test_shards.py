@@ -218,3 +218,9 @@ def test_knn_tool_gives_the_same_figures_on_shards_as_on_the_folder(cifar_small:
     for key in a:   # the same features, image for image: the same images in the same order
         assert (a[key] == b[key]).all(), key
 
+
+def test_brace_pattern_passes_resolve_data_path_unchanged(cifar_shards: Path):
+    from ssl_xcit.data.sources import resolve_data_path
+    pattern = str(cifar_shards / "val" / "shard-{000000..000002}.tar")
+    assert str(resolve_data_path(pattern)) == pattern
+    assert resolve_data_path(cifar_shards / "val") == (cifar_shards / "val").resolve()

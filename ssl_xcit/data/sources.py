@@ -187,11 +187,15 @@ def resolve_data_path(path: str | os.PathLike, cache_dir: str | os.PathLike | No
                       progress: bool | None = None) -> Path:
     """A data location -> a local folder.
 
-    A folder is returned as-is (resolved); a ``.tar``/``.tar.gz``/``.tgz`` archive is unpacked once
-    into ``cache_dir`` (default :func:`default_cache_dir`) and the folder that contains ``train/``
-    is returned.
+    A folder is returned as-is (resolved), a shard folder too; a brace pattern or comma-separated
+    list of tar shards is returned unchanged (:func:`open_image_dataset` reads it in place); a
+    ``.tar``/``.tar.gz``/``.tgz`` archive is unpacked once into ``cache_dir`` (default
+    :func:`default_cache_dir`) and the folder that contains ``train/`` is returned.
     """
+    from ssl_xcit.data.shards import looks_like_shards
     p = Path(path).expanduser()
+    if not p.exists() and looks_like_shards(p):  # a brace pattern or comma list of shards: read in place
+        return p
     if not p.exists():
         raise FileNotFoundError(f"data path {p} does not exist")
     if p.is_dir():
