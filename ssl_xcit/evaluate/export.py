@@ -181,7 +181,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-_START_OVER = "use another --out folder, or --overwrite (overwrite=True) to start this export over"
+_START_OVER = "use another --out folder, or --overwrite to start this export over"
 
 
 def _check_existing(out_dir: Path, base: dict) -> None:
