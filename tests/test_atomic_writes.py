@@ -158,3 +158,36 @@ def test_former_scheme_temp_files_are_removed_once_stale(tmp_path):
     os.utime(stale, (hour_ago, hour_ago))
     atomic.atomic_write_text(tmp_path / "checkpoint.pth", "new")
     assert _leftovers(tmp_path, "checkpoint.pth") == [fresh.name]
+
+
+_ON_TINY_DISK = textwrap.dedent("""
+    import errno, os, sys, torch
+    from ssl_xcit.utils.atomic import atomic_torch_save
+    folder = sys.argv[1]
+    target = os.path.join(folder, "checkpoint.pth")
+    with open(target, "wb") as f:
+        f.write(b"previous")
+    try:
+        atomic_torch_save({"w": torch.zeros(1_000_000)}, target)  # 4 MB on a 1 MiB file system
+    except OSError as err:
+        assert err.errno == errno.ENOSPC and err.filename == target, (err.errno, err.filename)
+        assert open(target, "rb").read() == b"previous" and os.listdir(folder) == ["checkpoint.pth"]
+        print("ok:", err)
+""")
+
+
+def test_a_real_full_disk(tmp_path):
+    """The same on a real 1 MiB tmpfs, mounted in a private user and mount namespace (skipped where
+    unprivileged namespaces or mounts are not allowed)."""
+    import shutil
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare")
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    script = f'mount -t tmpfs -o size=1m tmpfs {folder} || exit 77; exec "$0" -c "$1" {folder}'
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script, sys.executable, _ON_TINY_DISK],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    if proc.returncode == 77 or (proc.returncode == 1 and "unshare" in proc.stderr):
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()[:200]}")
+    assert proc.returncode == 0 and "ok: no space left on the device writing" in proc.stdout, proc.stderr[-2000:]
