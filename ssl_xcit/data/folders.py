@@ -19,6 +19,7 @@ JPEG in 1.28M never stops a run.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -184,16 +185,14 @@ def load_listing(root: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTE
         return scan_images(root_str, exts, progress)
     from ssl_xcit.data.sources import file_lock
     cache_file = _listing_cache_file(cache_dir, root_str, exts)
-    try:
-        lock = file_lock(cache_file.with_suffix(".lock"))
-        lock.__enter__()
-    except OSError as err:  # a read-only cache location: list without it
-        logger.warning("listing cache %s not usable: %s", cache_file, err)
-        return scan_images(root_str, exts, progress)
-    try:  # under the lock: the first rank lists, the others wait and read its result
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(file_lock(cache_file.with_suffix(".lock")))
+        except OSError as err:  # a read-only cache location: list without it
+            logger.warning("listing cache %s not usable: %s", cache_file, err)
+            return scan_images(root_str, exts, progress)
+        # under the lock: the first rank lists, the others wait and read its result
         return _cached_or_scanned(cache_file, root_str, exts, progress)
-    finally:
-        lock.__exit__(None, None, None)
 
 
 def _cached_or_scanned(cache_file: Path, root_str: str, exts: tuple[str, ...], progress: bool | None) -> Listing:
