@@ -3,6 +3,8 @@
 
     python launch/submit.py --config configs/X.yaml [key=value ...] --nodes 2 --gpus-per-node 8
     python launch/submit.py --gpus-per-node 1 eval_knn --checkpoint runs/x/checkpoint.pth --data-path DIR
+
+A known error is one line on stderr and exit status 2 (``--debug`` shows the traceback).
 """
 import sys
 from pathlib import Path

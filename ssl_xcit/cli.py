@@ -16,11 +16,12 @@ demo: error: runs/x/checkpoint.pth: No such file or directory       (on stderr; 
 """
 from __future__ import annotations
 
+import argparse
 import errno
 import importlib
 import os
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 from ssl_xcit.errors import UserError
 
@@ -78,3 +79,33 @@ def run(main: Callable[[list[str]], Any] | str, argv: Sequence[str] | None = Non
             raise
         print(f"{prog}: error: {message}", file=sys.stderr)
         raise SystemExit(USER_ERROR_EXIT) from None
+
+
+class UsageError(UserError):
+    """A command line that does not parse (unknown option, missing or malformed value)."""
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """``--help`` with each option's default said once: "(default: X)" is appended unless the help
+    text already speaks of its default, or there is nothing to say (no default, a plain flag)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or "default" in text or default in (None, False, argparse.SUPPRESS)
+                or action.nargs == 0):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})".strip()
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for this project's command lines: a usage mistake raises :class:`UsageError`, which
+    :func:`run` prints as one line (exit status 2) instead of the usage block; defaults show once."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see {self.prog} --help)")

@@ -12,11 +12,15 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
+from ssl_xcit.cli import ArgumentParser
+from ssl_xcit.evaluate.options import EvalInputError, MissingPathError, check_data_path
+from ssl_xcit.train.config import load_config
 
-from ssl_xcit.train.config import ConfigError, load_config
+if TYPE_CHECKING:  # torch and numpy load only when the work starts: --help answers at once
+    import numpy as np
+    import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "quickstart.yaml"
@@ -24,7 +28,7 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10.tar.gz"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="launch/quickstart.py",
         description="Pretrain a small XCiT with DINO on a small real dataset (CPU is fine), then "
                     "compare k-NN top-1 of the trained teacher with a random backbone.")
@@ -51,10 +55,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     is_override = [("=" in a and not a.startswith("-")) for a in argv]
     options = [a for a, o in zip(argv, is_override) if not o]
     overrides = [a for a, o in zip(argv, is_override) if o]
-    return build_parser().parse_args([*options, "--", *overrides] if overrides else options)
+    args = build_parser().parse_args([*options, "--", *overrides] if overrides else options)
+    check_args(args)
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The k-NN numbers, the data and the recipe, checked before torch loads and before minutes of
+    training rather than after."""
+    for flag in ("knn_train_images", "knn_val_images"):
+        if getattr(args, flag) <= 0:
+            raise EvalInputError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if any(k <= 0 for k in args.knn_k):
+        raise EvalInputError(f"--knn-k values must be positive, got {' '.join(map(str, args.knn_k))}")
+    if max(args.knn_k) > args.knn_train_images:
+        raise EvalInputError(f"--knn-k {max(args.knn_k)} exceeds the {args.knn_train_images} k-NN train images "
+                             "(--knn-train-images)")
+    if not args.download:
+        if not Path(args.data).exists():
+            raise MissingPathError(f"--data {args.data}: not found; give --data DIR_OR_TAR_GZ, or --download to "
+                                   "fetch CIFAR-10 (needs network)")
+        check_data_path(args.data, ("train", "val"), flag="--data")
+    load_config(args.config, args.overrides)  # the recipe and overrides, checked before torch loads
 
 
 def _spread(n_total: int, n: int) -> np.ndarray:
+    import numpy as np
     if n <= 0 or n >= n_total:
         return np.arange(n_total)
     return np.linspace(0, n_total - 1, n).round().astype(np.int64)
@@ -100,6 +126,7 @@ def paired_gain(hits_a: torch.Tensor, hits_b: torch.Tensor) -> dict[str, float]:
     "A is no better than B" that count is Binomial(n_discordant, 1/2), and p = P(X >= a_only).
     Pairing removes the query-difficulty noise that two separate accuracies carry.
     """
+    import torch
     a, b = torch.as_tensor(hits_a, dtype=torch.bool), torch.as_tensor(hits_b, dtype=torch.bool)
     if a.shape != b.shape or a.ndim != 1 or a.numel() == 0:
         raise ValueError(f"paired_gain needs two equal, non-empty 1-D hit vectors, got {tuple(a.shape)} "
@@ -117,26 +144,14 @@ def main(argv: list[str] | None = None) -> dict:
     from ssl_xcit.train.loop import pick_device, train
 
     t0 = time.perf_counter()
-    if args.download:
-        root = download_cifar10(args.download_dir)
-    else:
-        if not Path(args.data).exists():
-            print(f"error: data not found: {args.data}. Give --data DIR_OR_TAR_GZ, or --download to fetch "
-                  "CIFAR-10 (needs network).", file=sys.stderr)
-            raise SystemExit(2)
-        root = resolve_data_path(args.data)
+    root = download_cifar10(args.download_dir) if args.download else resolve_data_path(args.data)
     for split in ("train", "val"):
         if not (root / split).is_dir():
-            print(f"error: {root} has no {split}/ folder; the quickstart needs an ImageFolder "
-                  "root with train/ and val/", file=sys.stderr)
-            raise SystemExit(2)
+            raise EvalInputError(f"--data {root} has no {split}/ folder; the quickstart needs an ImageFolder "
+                                 "root with train/ and val/")
     out = Path(args.output)
-    try:
-        cfg = load_config(args.config, [f"data_path={root / 'train'}", f"output_dir={out / 'train'}",
-                                        *args.overrides])
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    cfg = load_config(args.config, [f"data_path={root / 'train'}", f"output_dir={out / 'train'}",
+                                    *args.overrides])
 
     print(f"[quickstart] DINO pretraining of {cfg.model.arch} on {root / 'train'} "
           f"({cfg.data.max_images or 'all'} images, {cfg.optim.epochs} epochs) -> {out / 'train'}", flush=True)

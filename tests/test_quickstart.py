@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ssl_xcit.cli import UsageError
 from ssl_xcit.quickstart import DEFAULT_CONFIG, main as quickstart, parse_args
 from ssl_xcit.train.config import load_config
 from ssl_xcit.train.loop import train
@@ -35,10 +36,11 @@ def test_dino_loss_falls_on_real_images_without_collapse(cifar_root, tmp_path):
     assert not [r for r in records if r["event"] == "collapse_warning"]
 
 
-def test_overrides_may_follow_the_knn_k_list():
-    args = parse_args(["--knn-k", "10", "20", "epochs=3", "--output", "o", "max_images=64"])
+def test_overrides_may_follow_the_knn_k_list(cifar_small):
+    args = parse_args(["--knn-k", "10", "20", "epochs=3", "--output", "o", "max_images=64",
+                       "--data", str(cifar_small)])
     assert args.knn_k == [10, 20] and args.overrides == ["epochs=3", "max_images=64"] and args.output == "o"
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="invalid int value: 'ten'"):
         parse_args(["--knn-k", "ten"])
 
 

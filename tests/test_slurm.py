@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -56,7 +57,7 @@ def no_slurm_path(tmp_path: Path, monkeypatch) -> Path:
 def one_line_error(capsys) -> str:
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Traceback" not in err, err
-    assert err.startswith("error: "), err
+    assert err.startswith("launch/submit.py: error: "), err
     return err
 
 
@@ -149,6 +150,30 @@ def test_evaluation_tools_get_the_words_after_their_name(tmp_path, no_slurm_path
     assert "eval_knn: " in (err := one_line_error(capsys)) and "--nb-knm" in err
     assert main(["--config", "x.yaml", "eval_linear", "--epochs", "1"]) == 2
     assert "--config and key=value overrides are for training" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dry-run", "eval_knnn", "--checkpoint", "c.pth", "--data-path", "d"],
+     "unknown tool 'eval_knnn'; did you mean 'eval_knn'?"),
+    (["--dry-run", "--nodes", "2", "evl_linear", "--epochs", "1"], "unknown tool 'evl_linear'; did you mean 'eval_linear'?"),
+    (["--dry-run", "configs/x.yaml"], "unknown tool 'configs/x.yaml'; known tools: eval_knn"),
+])
+def test_misspelt_tool_name_is_named_with_the_closest_tool(no_slurm_path, capsys, argv, message):
+    assert main(argv) == 2
+    assert message in one_line_error(capsys)
+
+
+def test_tool_words_are_checked_without_importing_torch(tmp_path):
+    """The submitting node parses a tool's words with the torch-free parser (fast, no GPU stack)."""
+    code = ("import sys\n"
+            "from ssl_xcit.cluster.submit import main\n"
+            "status = main(['--dry-run', '--job-dir', sys.argv[1], 'eval_knn', '--nb-knn', 'x'])\n"
+            "assert status == 2, status\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "jobs")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "invalid int value: 'x'" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
 # --------------------------------------------------------------------------- inside a task (fast)

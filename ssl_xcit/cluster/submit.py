@@ -11,31 +11,28 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
+import difflib
 import io
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable
 
 from submitit.core.utils import FailedJobError
 
+from ssl_xcit import cli
 from ssl_xcit.cluster.executor import (CLUSTERS, JobSpec, SubmitError, check_partition, choose_cluster,
                                        make_executor, render_sbatch, reword_sbatch_error)
 from ssl_xcit.cluster.tasks import EVAL_TOOLS, EvalTask, TrainTask
+from ssl_xcit.evaluate import options as eval_options
 
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage mistake is one line (and still exit status 2)."""
-
-    def error(self, message: str) -> NoReturn:
-        raise SubmitError(f"{message} (see {self.prog} --help)")
+PROG = "launch/submit.py"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="launch/submit.py",
+    p = cli.ArgumentParser(
+        prog=PROG,
         description="Submit DINO training (or an evaluation tool) as a SLURM job through submitit: one "
                     "task per GPU, torch.distributed set up from SLURM, checkpoint and requeue on the "
                     "time-limit/preemption signal, resume on restart.",
@@ -85,6 +82,18 @@ def split_tool(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
         if word in EVAL_TOOLS and not (i > 0 and argv[i - 1] in _VALUE_OPTIONS):
             return argv[:i], word, argv[i + 1:]
     return argv, None, []
+
+
+def check_no_unknown_tool(argv: list[str]) -> None:
+    """A bare word among the launcher's words is a misspelt tool (or a recipe without --config):
+    name it, and the closest tool, instead of failing later on a misleading config error."""
+    for i, word in enumerate(argv):
+        if word.startswith("-") or "=" in word or (i > 0 and argv[i - 1] in _VALUE_OPTIONS):
+            continue
+        close = difflib.get_close_matches(word, list(EVAL_TOOLS), n=1, cutoff=0.6)
+        hint = (f"did you mean '{close[0]}'?" if close else
+                f"known tools: {', '.join(EVAL_TOOLS)} (training: --config X.yaml [key=value ...])")
+        raise SubmitError(f"unknown tool '{word}'; {hint}")
 
 
 def parse_slurm_extras(items: list[str]) -> dict[str, Any]:
@@ -153,27 +162,18 @@ def option_value(argv: list[str], name: str) -> str | None:
 
 
 def check_tool_args(tool: str, tool_argv: list[str]) -> None:
-    """Parse the tool's words with its own parser now, so a typo fails here and not in the queue.
+    """Parse the tool's words with its own (torch-free) parser now, so a typo fails here and not in
+    the queue. Paths are not checked: they may exist only where the job runs.
 
     ``eval_knn --help`` prints the tool's help and exits 0.
     """
-    module_name = EVAL_TOOLS[tool]
-    if importlib.util.find_spec(module_name) is None:
-        raise SubmitError(f"evaluation tool {tool} is not available: module {module_name} not found")
-    build = getattr(importlib.import_module(module_name), "build_parser", None)
-    if build is None:
-        return
-    parser = build()
-    parser.prog = f"launch/submit.py [options] {tool}"
-    captured = io.StringIO()
+    _, make_parser, _ = eval_options.TOOLS[tool]
+    parser = make_parser()
+    parser.prog = f"{PROG} [options] {tool}"
     try:
-        with contextlib.redirect_stderr(captured):
-            parser.parse_args(tool_argv)
-    except SystemExit as stop:
-        if not stop.code:
-            raise
-        lines = [ln for ln in captured.getvalue().splitlines() if ln.strip()]
-        raise SubmitError(f"{tool}: {lines[-1] if lines else 'bad arguments'}") from None
+        parser.parse_args(tool_argv)
+    except cli.UsageError as err:
+        raise SubmitError(f"{tool}: {err}") from None
 
 
 def prepare_eval(args: argparse.Namespace, tool: str, tool_argv: list[str]) -> Prepared:
@@ -190,6 +190,8 @@ def prepare_eval(args: argparse.Namespace, tool: str, tool_argv: list[str]) -> P
 
 def prepare(argv: list[str], train_fn: Callable[..., Any] | None = None) -> tuple[argparse.Namespace, Prepared]:
     launcher_argv, tool, tool_argv = split_tool(argv)
+    if tool is None:
+        check_no_unknown_tool(launcher_argv)
     args = build_parser().parse_intermixed_args(launcher_argv)
     if tool is None:
         if args.config is None and not args.overrides:
@@ -252,14 +254,17 @@ def submit(argv: list[str], *, train_fn: Callable[..., Any] | None = None) -> Su
     return Submitted(job, cluster, prep, args.wait)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry: returns the exit status (2 for bad input, with one line on stderr)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        submitted = submit(argv)
-    except SubmitError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def _run(argv: list[str]) -> int:
+    submitted = submit(argv)
     if submitted is not None and submitted.wait:
         return wait_for(submitted.job)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry: returns the exit status; a known error is one line on stderr and status 2
+    (:func:`ssl_xcit.cli.run`: ``--debug`` shows its traceback)."""
+    try:
+        return cli.run(_run, argv, prog=PROG)
+    except SystemExit as stop:  # cli.run's status for a known error or ^C; argparse's 0 after --help
+        return stop.code if isinstance(stop.code, int) else 1

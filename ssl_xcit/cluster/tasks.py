@@ -12,14 +12,10 @@ from submitit.core.utils import DelayedSubmission
 
 from ssl_xcit.cluster.environment import TaskInfo, export_torch_env
 from ssl_xcit.cluster.stopping import StopRendezvous, StopSignals, decide, rendezvous_folder
+from ssl_xcit.evaluate.options import TOOLS
 
 # evaluation tools the launcher submits: name on the command line -> module with main(argv)
-EVAL_TOOLS = {
-    "eval_knn": "ssl_xcit.evaluate.knn",
-    "eval_linear": "ssl_xcit.evaluate.linear",
-    "export_features": "ssl_xcit.evaluate.export",
-    "eval_classification": "ssl_xcit.evaluate.classification",
-}
+EVAL_TOOLS = {name: module for name, (module, _parser, _checks) in TOOLS.items()}
 
 # exit status of a task whose job was requeued: it must end without a result file, or
 # submitit's job.result() would read this run's partial result while the job runs again

@@ -12,7 +12,6 @@ Preprocessing is the model's own (:attr:`XCiT.data_config`): bicubic resize of t
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import time
@@ -24,10 +23,10 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from ssl_xcit.data.folders import Batch, ImageFiles, collate_skip_corrupt
 from ssl_xcit.distributed import pick_device
+from ssl_xcit.evaluate import options
+from ssl_xcit.evaluate.options import SPECIAL_CHECKPOINTS, EvalInputError
 
 log = logging.getLogger(__name__)
-
-SPECIAL_CHECKPOINTS = ("pretrained", "none")
 
 
 @dataclass
@@ -68,7 +67,7 @@ def resolve_val_root(path: str | os.PathLike) -> Path:
     if (root / "val").is_dir():
         return root / "val"
     if not any(p.is_dir() for p in root.iterdir()):
-        raise ValueError(f"--data-path {root}: no class folders (expected <root>/<class>/<image> "
+        raise EvalInputError(f"--data-path {root}: no class folders (expected <root>/<class>/<image> "
                          "or <root>/val/<class>/<image>)")
     return root
 
@@ -79,7 +78,7 @@ def spread_subset(n_total: int, limit: int | None) -> list[int] | None:
     if limit is None or limit >= n_total:
         return None
     if limit <= 0:
-        raise ValueError(f"--limit must be positive, got {limit}")
+        raise EvalInputError(f"--limit must be positive, got {limit}")
     return sorted({int(i * n_total / limit) for i in range(limit)})
 
 
@@ -116,7 +115,7 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device,
         for k in correct:
             correct[k] += hits[k]
     if n == 0:
-        raise ValueError(f"no images evaluated ({skipped} unreadable)")
+        raise EvalInputError(f"no images evaluated ({skipped} unreadable)")
     if skipped:
         log.warning("%d unreadable images skipped", skipped)
     return {"top1": 100.0 * correct[1] / n, "top5": 100.0 * correct[5] / n, "n_images": n,
@@ -133,12 +132,15 @@ def _build_model(cfg: ClassificationConfig, n_dataset_classes: int):
         log.warning("--checkpoint none: evaluating a randomly initialised %s", cfg.model)
         return build_model(cfg.model, num_classes=cfg.num_classes or n_dataset_classes,
                            **overrides)
-    path = pretrained_file(cfg.model, cfg.download) if cfg.checkpoint == "pretrained" \
-        else Path(cfg.checkpoint)
+    try:
+        path = pretrained_file(cfg.model, cfg.download) if cfg.checkpoint == "pretrained" \
+            else Path(cfg.checkpoint)
+    except ValueError as err:  # no published weights for this name
+        raise EvalInputError(f"--checkpoint pretrained: {err}") from None
     weights = load_state_source(path, cfg.format, cfg.checkpoint_key, cfg.allow_pickle)
     head = weights.state_dict.get("head.weight")
     if head is None:
-        raise ValueError(f"{path}: no classifier head in this checkpoint (a self-supervised "
+        raise EvalInputError(f"{path}: no classifier head in this checkpoint (a self-supervised "
                          "backbone needs a linear probe first); classification needs head.weight")
     model = build_model(cfg.model, num_classes=int(head.shape[0]), **overrides)
     load_into(model, weights, strict=True)
@@ -147,17 +149,14 @@ def _build_model(cfg: ClassificationConfig, n_dataset_classes: int):
 
 def run(cfg: ClassificationConfig) -> dict:
     """Library entry: evaluate and return the result dict (also printed as one line)."""
-    from ..models.zoo import resolve
-
-    resolve(cfg.model)  # unknown names fail before any data is touched
-    if cfg.batch_size <= 0:
-        raise ValueError(f"--batch-size must be positive, got {cfg.batch_size}")
+    options.check_model_name(cfg.model, "--model")  # unknown names fail before any data is touched
+    options.check_positive(cfg.batch_size, "--batch-size")
     root = resolve_val_root(cfg.data_path)
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     model = _build_model(cfg, len(classes))
     n_out = model.num_classes
     if len(classes) > n_out:
-        raise ValueError(f"--data-path {root} has {len(classes)} class folders but the model "
+        raise EvalInputError(f"--data-path {root} has {len(classes)} class folders but the model "
                          f"predicts {n_out} classes")
     if len(classes) < n_out:
         log.warning("%s has %d class folders, the model %d classes: indices follow the sorted "
@@ -186,28 +185,8 @@ def run(cfg: ClassificationConfig) -> dict:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> ClassificationConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help="zoo or arch name (ssl_xcit.list_models())")
-    p.add_argument("--checkpoint", required=True,
-                   help="checkpoint file (any supported format), 'pretrained' (published weights "
-                        "of --model from the local cache) or 'none' (random init)")
-    p.add_argument("--data-path", required=True,
-                   help="ImageFolder root (<dir>/<class>/<img> or <dir>/val/<class>/<img>)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--limit", type=int, default=None, help="evaluate N evenly spaced images")
-    p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
-    p.add_argument("--img-size", type=int, default=None, help="override the model's resolution")
-    p.add_argument("--num-classes", type=int, default=None,
-                   help="head size with --checkpoint none (default: number of class folders)")
-    p.add_argument("--checkpoint-key", default="teacher", help="student/teacher in DINO files")
-    p.add_argument("--format", default="auto", help="checkpoint format (default: detect)")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="allow unpickling arbitrary objects (trusted files only)")
-    p.add_argument("--download", action="store_true",
-                   help="with --checkpoint pretrained: download missing weights")
-    a = p.parse_args(argv)
+    """The command line (torch-free parser and checks: :mod:`ssl_xcit.evaluate.options`)."""
+    a = options.parse("eval_classification", None if argv is None else list(argv))
     return ClassificationConfig(**{f.name: getattr(a, f.name) for f in fields(ClassificationConfig)})
 
 

@@ -13,7 +13,6 @@ Backbone outputs (:func:`backbone_outputs`):
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import random
@@ -35,43 +34,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 OUTPUT_NAMES = ("cls", "last_blocks", "avgpool", "patch")
 
 
-# --------------------------------------------------------------------------------------------- flags
-def add_backbone_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    g = parser.add_argument_group("backbone")
-    g.add_argument("--checkpoint", required=required, default=None,
-                   help="any checkpoint ssl_xcit.models.load_backbone reads (this project's training "
-                        "checkpoints, official DINO/XCiT, timm, mmpretrain), or a model name for a "
-                        "random-init backbone")
-    g.add_argument("--arch", default=None, help="architecture, when the checkpoint does not name it")
-    g.add_argument("--checkpoint-key", default="teacher", choices=("teacher", "student"),
-                   help="which network of a DINO checkpoint to evaluate (default: teacher, as DINO)")
-
-
-def add_data_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    g = parser.add_argument_group("data")
-    g.add_argument("--data-path", required=required, default=None,
-                   help="folder (or .tar.gz) with train/ and val/ class sub-folders")
-    g.add_argument("--crop-size", type=int, default=224, help="centre crop side (default 224, as DINO)")
-    g.add_argument("--resize", type=int, default=None,
-                   help="shorter side before the crop (default crop*256/224: 256 for 224, as DINO)")
-    g.add_argument("--batch-size", type=int, default=None, help="images per process (per GPU) and step")
-    g.add_argument("--num-workers", type=int, default=4, help="data-loading worker processes")
-
-
-def add_runtime_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("runtime")
-    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                   help="auto: CUDA when available")
-    g.add_argument("--output-dir", default=None,
-                   help="where results go (default: the checkpoint's folder; outputs/<name> for a model name)")
-    g.add_argument("--seed", type=int, default=0,
-                   help="seeds random-init backbones (identical on every rank) and shuffles")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def check_positive(value: int | float | None, name: str) -> None:
-    if value is not None and value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
+# flags and input checks live in the torch-free options module (fast --help); the tools and
+# export.py reach them through this module as before
+from ssl_xcit.evaluate.options import (EvalInputError, add_backbone_args, add_data_args,  # noqa: E402,F401
+                                       add_runtime_args, check_positive)
 
 
 # --------------------------------------------------------------------------------------------- runtime
@@ -133,16 +99,23 @@ def default_output_dir(checkpoint: str | None, fallback: str | os.PathLike = "ou
 
 # --------------------------------------------------------------------------------------------- backbone
 def load_frozen_backbone(checkpoint: str, arch: str | None = None, checkpoint_key: str = "teacher",
-                         device: torch.device | str = "cpu", seed: int = 0) -> nn.Module:
+                         device: torch.device | str = "cpu", seed: int = 0,
+                         crop_size: int | None = None) -> nn.Module:
     """The backbone in eval mode with gradients off: evaluation never changes its weights.
 
     A model name gives a random-init backbone drawn from ``seed`` alone (the caller's random
     state is left untouched), so every rank and every resumed run evaluates the same network.
+    ``crop_size`` is checked against the backbone's patch size before any image is read.
     """
     from ssl_xcit.models import load_backbone
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = load_backbone(checkpoint, arch=arch, checkpoint_key=checkpoint_key)
+    patch = getattr(model, "patch_size", None)
+    if crop_size is not None and isinstance(patch, int) and crop_size % patch:
+        raise EvalInputError(f"--crop-size {crop_size} is not divisible by the patch size {patch} of "
+                             f"{getattr(model, 'arch', type(model).__name__)}: use a multiple of {patch} "
+                             f"(e.g. {max(patch, crop_size // patch * patch)})")
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -259,7 +232,7 @@ def resize_for(crop_size: int, resize: int | None = None) -> int:
         return int(round(crop_size * 256 / 224))
     check_positive(resize, "--resize")
     if resize < crop_size:
-        raise ValueError(f"--resize {resize} is smaller than --crop-size {crop_size}")
+        raise EvalInputError(f"--resize {resize} is smaller than --crop-size {crop_size}")
     return resize
 
 
@@ -284,20 +257,21 @@ def resolve_root(data_path: str | os.PathLike) -> Path:
     return Path(resolve_data_path(data_path))
 
 
-def open_images(root: str | os.PathLike, transform) -> "torch.utils.data.Dataset":
-    """The project's image dataset: a folder (class or flat layout) or tar shards; ``None`` for corrupt files."""
+def open_images(root: str | os.PathLike, transform, progress: bool | None = None) -> "torch.utils.data.Dataset":
+    """The project's image dataset: a folder (class or flat layout) or tar shards; ``None`` for corrupt files.
+    ``progress=False`` silences the listing's progress bar (``--no-progress``)."""
     from ssl_xcit.data.sources import open_image_dataset
-    return open_image_dataset(root, transform)
+    return open_image_dataset(root, transform, progress=progress)
 
 
-def open_split(data_root: Path, split: str, transform, need_labels: bool = True):
+def open_split(data_root: Path, split: str, transform, need_labels: bool = True, progress: bool | None = None):
     folder = Path(data_root) / split
     if not folder.is_dir():
         raise FileNotFoundError(f"--data-path {data_root} has no {split}/ folder (expected train/ and val/)")
-    ds = open_images(folder, transform)
+    ds = open_images(folder, transform, progress)
     if need_labels and not getattr(ds, "classes", None):
-        raise ValueError(f"{folder} has no class sub-folders: this evaluation needs labelled images "
-                         f"({folder}/<class>/<image>)")
+        raise EvalInputError(f"{folder} has no class sub-folders: this evaluation needs labelled images "
+                             f"({folder}/<class>/<image>)")
     return ds
 
 
@@ -305,7 +279,7 @@ def check_same_classes(train_ds, val_ds, data_root: Path) -> list[str]:
     if list(train_ds.classes) != list(val_ds.classes):
         only_t = sorted(set(train_ds.classes) - set(val_ds.classes))
         only_v = sorted(set(val_ds.classes) - set(train_ds.classes))
-        raise ValueError(f"{data_root}: train/ and val/ class folders differ (only in train: {only_t[:5]}, "
+        raise EvalInputError(f"{data_root}: train/ and val/ class folders differ (only in train: {only_t[:5]}, "
                          f"only in val: {only_v[:5]}); labels would not match")
     return list(train_ds.classes)
 
@@ -364,13 +338,21 @@ def gather_rows(rows: torch.Tensor, indices: torch.Tensor, chunk_rows: int = 655
     return all_rows[order], all_idx[order]
 
 
-def open_splits_and_backbone(args, env: EvalEnv):
-    """``(train_ds, val_ds, classes, model)`` for the tools that read train/ and val/ (k-NN, linear):
-    DINO's eval transform on both splits, the same classes checked, the frozen backbone loaded."""
+def open_splits(args):
+    """``(train_ds, val_ds, classes)`` for the tools that read train/ and val/ (k-NN, linear):
+    DINO's eval transform on both splits, the same classes checked."""
     root = resolve_root(args.data_path)
     tf = eval_transform(args.crop_size, args.resize)
-    train_ds = open_split(root, "train", tf)
-    val_ds = open_split(root, "val", tf)
-    classes = check_same_classes(train_ds, val_ds, root)
-    model = load_frozen_backbone(args.checkpoint, args.arch, args.checkpoint_key, env.device, seed=args.seed)
+    progress = False if getattr(args, "no_progress", False) else None
+    train_ds = open_split(root, "train", tf, progress=progress)
+    val_ds = open_split(root, "val", tf, progress=progress)
+    return train_ds, val_ds, check_same_classes(train_ds, val_ds, root)
+
+
+def open_splits_and_backbone(args, env: EvalEnv):
+    """The frozen backbone, then :func:`open_splits`: ``(train_ds, val_ds, classes, model)``. The
+    checkpoint first: a bad one is reported in seconds, before a large folder is listed."""
+    model = load_frozen_backbone(args.checkpoint, args.arch, args.checkpoint_key, env.device, seed=args.seed,
+                                 crop_size=args.crop_size)
+    train_ds, val_ds, classes = open_splits(args)
     return train_ds, val_ds, classes, model

@@ -22,13 +22,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ssl_xcit.evaluate import common
+from ssl_xcit.evaluate import common, options
+from ssl_xcit.evaluate.options import DEFAULT_KS, DEFAULT_TEMPERATURE, EvalInputError
 from ssl_xcit.utils.atomic import atomic_torch_save, atomic_write_text
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_KS = (10, 20, 100, 200)
-DEFAULT_TEMPERATURE = 0.07
 # DINO's --dump_features file names, so dumps from either tool load in the other
 DUMP_FILES = {"train_features": "trainfeat.pth", "train_labels": "trainlabels.pth",
               "val_features": "testfeat.pth", "val_labels": "testlabels.pth"}
@@ -50,7 +48,7 @@ class IndexConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in ("flat", "ivf", "hnsw"):
-            raise ValueError(f"--index must be flat, ivf or hnsw, got {self.kind!r}")
+            raise EvalInputError(f"--index must be flat, ivf or hnsw, got {self.kind!r}")
         for name in ("nprobe", "hnsw_m", "ef_search"):
             common.check_positive(getattr(self, name), f"--{name.replace('_', '-')}")
         common.check_positive(self.nlist, "--nlist")
@@ -101,7 +99,7 @@ def build_index(train_features: torch.Tensor | np.ndarray, cfg: IndexConfig = In
     import faiss
     n, d = train_features.shape
     if n == 0:
-        raise ValueError("no train features to index")
+        raise EvalInputError("no train features to index (no readable train image?)")
     codec = "SQfp16" if cfg.fp16 else "Flat"
     nlist = None
     if cfg.kind == "flat":
@@ -109,7 +107,7 @@ def build_index(train_features: torch.Tensor | np.ndarray, cfg: IndexConfig = In
     elif cfg.kind == "ivf":
         nlist = cfg.nlist or max(1, min(int(4 * math.sqrt(n)), n // 39))
         if nlist > n:
-            raise ValueError(f"--nlist {nlist} exceeds the {n} train features")
+            raise EvalInputError(f"--nlist {nlist} exceeds the {n} train features")
         key = f"IVF{nlist},{codec}"
     else:
         key = f"HNSW{cfg.hnsw_m},{codec}"
@@ -180,9 +178,9 @@ def knn_predict(index: FeatureIndex, train_labels: torch.Tensor, val_features: t
     """One search with the largest k; each smaller k uses the first k (sorted) neighbours."""
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] <= 0:
-        raise ValueError(f"--nb-knn values must be positive, got {ks}")
+        raise EvalInputError(f"--nb-knn values must be positive, got {ks}")
     if ks[-1] > index.ntotal:
-        raise ValueError(f"--nb-knn {ks[-1]} exceeds the {index.ntotal} train features")
+        raise EvalInputError(f"--nb-knn {ks[-1]} exceeds the {index.ntotal} train features")
     train_labels = torch.as_tensor(train_labels, dtype=torch.long).cpu()
     val_labels = torch.as_tensor(val_labels, dtype=torch.long).cpu()
     if len(val_features) != len(val_labels):
@@ -191,7 +189,7 @@ def knn_predict(index: FeatureIndex, train_labels: torch.Tensor, val_features: t
         raise ValueError(f"{index.ntotal} indexed train features but {len(train_labels)} train labels")
     for name, lab in (("train", train_labels), ("val", val_labels)):
         if lab.numel() and lab.min() < 0:
-            raise ValueError(f"{name} labels contain {int(lab.min())}: k-NN needs class labels")
+            raise EvalInputError(f"{name} labels contain {int(lab.min())}: k-NN needs class labels")
     if num_classes is None:
         num_classes = int(max(train_labels.max(), val_labels.max())) + 1
     sims, ids = index.search(val_features, ks[-1], query_batch)
@@ -255,47 +253,38 @@ def load_dumped(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         try:
             out[key] = torch.load(folder / fname, map_location="cpu", weights_only=True)
         except Exception as err:
-            raise RuntimeError(f"cannot read {folder / fname}: {type(err).__name__}: {err}") from err
+            raise EvalInputError(f"cannot read {folder / fname}: {type(err).__name__}: {err}") from err
     meta_file = folder / DUMP_META
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     for split in ("train", "val"):
         f, lab = out[f"{split}_features"], out[f"{split}_labels"]
         if f.dim() != 2 or lab.dim() != 1 or len(f) != len(lab):
-            raise ValueError(f"{folder}: {split} features {tuple(f.shape)} and labels {tuple(lab.shape)} "
+            raise EvalInputError(f"{folder}: {split} features {tuple(f.shape)} and labels {tuple(lab.shape)} "
                              "do not match")
     if out["train_features"].shape[1] != out["val_features"].shape[1]:
-        raise ValueError(f"{folder}: train and val features differ in width")
+        raise EvalInputError(f"{folder}: train and val features differ in width")
     return out, meta
 
 
 # --------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Weighted k-NN evaluation of a frozen backbone (DINO protocol)",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    common.add_backbone_args(p, required=False)
-    common.add_data_args(p, required=False)
-    common.add_runtime_args(p)
-    g = p.add_argument_group("k-NN")
-    g.add_argument("--nb-knn", type=int, nargs="+", default=list(DEFAULT_KS), help="numbers of neighbours")
-    g.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="vote weight exp(sim / T)")
-    g.add_argument("--index", default="flat", choices=("flat", "ivf", "hnsw"),
-                   help="faiss index: exact inner product, or approximate for very large sets")
-    g.add_argument("--nlist", type=int, default=None, help="ivf cells (default ~4*sqrt(N))")
-    g.add_argument("--nprobe", type=int, default=32, help="ivf cells searched per query")
-    g.add_argument("--hnsw-m", type=int, default=32, help="hnsw graph degree")
-    g.add_argument("--ef-search", type=int, default=256, help="hnsw search breadth")
-    g.add_argument("--fp16-features", action="store_true", help="hold features (and the index) in float16")
-    g.add_argument("--query-batch", type=int, default=1000, help="val queries per search call")
-    g.add_argument("--dump-features", default=None, help="save the extracted features to this folder")
-    g.add_argument("--load-features", default=None, help="read features saved by --dump-features; no extraction")
-    return p
+    """The command line (torch-free, in :mod:`ssl_xcit.evaluate.options`)."""
+    return options.knn_parser()
+
+
+def check_k_fits(ks: Sequence[int], n_train: int, what: str = "images") -> None:
+    """Every k at most the number of train samples, checked before any feature is extracted."""
+    if max(ks) > n_train:
+        raise EvalInputError(f"--nb-knn {max(ks)} exceeds the {n_train} train {what}: "
+                             f"give --nb-knn values of at most {n_train}")
 
 
 def _extract(args: argparse.Namespace, env: common.EvalEnv) -> tuple[dict[str, torch.Tensor] | None, dict]:
     from ssl_xcit.evaluate.features import extract_features
-    if not args.checkpoint or not args.data_path:
-        raise ValueError("--checkpoint and --data-path are required (unless --load-features is given)")
-    train_ds, val_ds, classes, model = common.open_splits_and_backbone(args, env)
+    model = common.load_frozen_backbone(args.checkpoint, args.arch, args.checkpoint_key, env.device,
+                                        seed=args.seed, crop_size=args.crop_size)
+    train_ds, val_ds, classes = common.open_splits(args)
+    check_k_fits(args.nb_knn, len(train_ds))  # before minutes of extraction
     dtype = torch.float16 if args.fp16_features else torch.float32
     feats = {}
     for split, ds in (("train", train_ds), ("val", val_ds)):
@@ -311,13 +300,9 @@ def _extract(args: argparse.Namespace, env: common.EvalEnv) -> tuple[dict[str, t
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    common.check_positive(args.temperature, "--temperature")
+    args = options.parse("eval_knn", argv)
     if args.batch_size is None:
         args.batch_size = 128
-    common.check_positive(args.batch_size, "--batch-size")
-    if any(k <= 0 for k in args.nb_knn):
-        raise ValueError(f"--nb-knn values must be positive, got {args.nb_knn}")
     index_cfg = IndexConfig(kind=args.index, fp16=args.fp16_features, nlist=args.nlist, nprobe=args.nprobe,
                             hnsw_m=args.hnsw_m, ef_search=args.ef_search)
     env = common.setup_env(args.device, args.seed)
@@ -326,6 +311,7 @@ def main(argv: list[str] | None = None) -> dict:
             if not env.is_main:
                 return {}
             feats, meta = load_dumped(args.load_features)
+            check_k_fits(args.nb_knn, len(feats["train_labels"]), "features")
             if args.fp16_features:
                 feats = {k: (v.half() if v.is_floating_point() else v) for k, v in feats.items()}
         else:

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssl_xcit import distributed as du
-from ssl_xcit.evaluate import common
+from ssl_xcit.evaluate import common, options
+from ssl_xcit.evaluate.options import DEFAULT_LR_GRID, DEFAULT_WD_GRID, EvalInputError
 from ssl_xcit.utils.atomic import atomic_torch_save, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -48,8 +49,6 @@ PROTOCOLS = {
     "cached": "cached-feature linear probe: centre-crop features without augmentation, lr/wd grid "
               "chosen on a held-out split of train, retrained on all of train; NOT DINO's protocol",
 }
-DEFAULT_LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
-DEFAULT_WD_GRID = (0.0, 1e-5, 1e-4)
 
 
 # --------------------------------------------------------------------------------------------- shared
@@ -179,11 +178,11 @@ def cached_linear_eval(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torc
                        num_classes: int, cfg: CachedConfig = CachedConfig(), progress: bool = False) -> dict:
     """Grid on a held-out split of train, retrain the winner on all of train, report val."""
     if not 0.0 < cfg.holdout < 1.0:
-        raise ValueError(f"--holdout must be in (0, 1), got {cfg.holdout}")
+        raise EvalInputError(f"--holdout must be in (0, 1), got {cfg.holdout}")
     n = len(train_x)
     n_hold = max(1, int(round(cfg.holdout * n)))
     if n - n_hold < 1:
-        raise ValueError(f"{n} train features are too few to hold out {cfg.holdout:.0%}")
+        raise EvalInputError(f"{n} train features are too few to hold out {cfg.holdout:.0%}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 1))
     hold, fit = perm[:n_hold].to(train_x.device), perm[n_hold:].to(train_x.device)
     grid = list(itertools.product(cfg.lrs, cfg.wds))
@@ -264,7 +263,7 @@ def full_linear_eval(args: argparse.Namespace, env: common.EvalEnv, out_dir: Pat
     classes = common.check_same_classes(train_ds, val_ds, root)
     if model is None:
         model = common.load_frozen_backbone(args.checkpoint, args.arch, args.checkpoint_key, env.device,
-                                             seed=args.seed)
+                                             seed=args.seed, crop_size=args.crop_size)
     elif model.training or any(p.requires_grad for p in model.parameters()):
         raise ValueError("the backbone must be frozen: model.eval() and requires_grad_(False)")
     model.to(env.device)
@@ -297,11 +296,15 @@ def full_linear_eval(args: argparse.Namespace, env: common.EvalEnv, out_dir: Pat
     start_epoch, best, last, history = 0, None, None, []
     ckpt_path = out_dir / CHECKPOINT_NAME
     if ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
+            raise EvalInputError(f"{ckpt_path} is unreadable ({type(err).__name__}); delete it to start "
+                                 "the probe over, or use another --output-dir") from err
         if state.get("fingerprint") != fingerprint:
             diff = {k: (state.get("fingerprint", {}).get(k), v) for k, v in fingerprint.items()
                     if state.get("fingerprint", {}).get(k) != v}
-            raise ValueError(f"{ckpt_path} belongs to a different linear probe (saved vs now: {diff}); "
+            raise EvalInputError(f"{ckpt_path} belongs to a different linear probe (saved vs now: {diff}); "
                              "use another --output-dir or delete it")
         probe.load_state_dict(state["probe"])
         optimizer.load_state_dict(state["optimizer"])
@@ -344,42 +347,15 @@ def full_linear_eval(args: argparse.Namespace, env: common.EvalEnv, out_dir: Pat
 
 # --------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Linear probe of a frozen backbone",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    common.add_backbone_args(p)
-    common.add_data_args(p)
-    common.add_runtime_args(p)
-    g = p.add_argument_group("linear probe")
-    g.add_argument("--mode", default="cached", choices=("cached", "full"),
-                   help="cached: fast lr/wd grid on extracted features (not DINO's protocol); "
-                        "full: DINO's protocol (augmented, 100 epochs, resumable)")
-    g.add_argument("--n-last-blocks", type=int, default=None,
-                   help="concatenate the CLS tokens of the last n blocks (default: 1 for XCiT, as DINO; 4 else)")
-    g.add_argument("--avgpool-patchtokens", action="store_true", help="append the mean patch token")
-    g.add_argument("--epochs", type=int, default=100)
-    g.add_argument("--lr", type=float, default=0.001, help="full: base lr, scaled by global batch / 256")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="full: weight decay")
-    g.add_argument("--val-freq", type=int, default=1, help="full: validate every n epochs")
-    g.add_argument("--lr-grid", type=float, nargs="+", default=list(DEFAULT_LR_GRID),
-                   help="cached: base lrs (scaled by batch / 256)")
-    g.add_argument("--wd-grid", type=float, nargs="+", default=list(DEFAULT_WD_GRID), help="cached: weight decays")
-    g.add_argument("--holdout", type=float, default=0.1, help="cached: fraction of train used to choose lr/wd")
-    g.add_argument("--extract-batch-size", type=int, default=128,
-                   help="cached: images per feature-extraction step")
-    return p
+    """The command line (torch-free, in :mod:`ssl_xcit.evaluate.options`)."""
+    return options.linear_parser()
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    """The checks of :mod:`ssl_xcit.evaluate.options`, and the batch size each mode defaults to."""
+    options.check_linear_args(args)
     if args.batch_size is None:
         args.batch_size = 128 if args.mode == "full" else 1024
-    for name in ("batch_size", "epochs", "lr", "val_freq", "extract_batch_size"):
-        common.check_positive(getattr(args, name), "--" + name.replace("_", "-"))
-    if args.n_last_blocks is not None:
-        common.check_positive(args.n_last_blocks, "--n-last-blocks")
-    if args.weight_decay < 0 or any(w < 0 for w in args.wd_grid):
-        raise ValueError("weight decays must be >= 0")
-    if any(lr <= 0 for lr in args.lr_grid):
-        raise ValueError(f"--lr-grid values must be positive, got {args.lr_grid}")
 
 
 def _cached_from_args(args: argparse.Namespace, env: common.EvalEnv) -> dict | None:
@@ -404,7 +380,7 @@ def _cached_from_args(args: argparse.Namespace, env: common.EvalEnv) -> dict | N
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
+    args = options.parse("eval_linear", argv, check=False)
     _check_args(args)
     env = common.setup_env(args.device, args.seed)
     try:

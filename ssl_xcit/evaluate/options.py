@@ -1,0 +1,332 @@
+"""The command lines of the evaluation tools, without torch: their parsers and the input checks that
+need no model or data loaded.
+
+Why a module of its own: ``--help``, a mistyped option, a missing data folder or a checkpoint path
+that is a folder must be answered in a fraction of a second, not after the 5-10 s that importing
+torch takes. ``eval/*.py`` (through :func:`run_tool`) and ``launch/submit.py`` (to check a tool's
+words before submitting) use the parsers here; each tool's ``main(argv)`` parses with the same
+parser and runs the same checks, so a library caller gets the same errors.
+
+Imports: the standard library, :mod:`ssl_xcit.cli` and the torch-free zoo name table only.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from ssl_xcit.cli import ArgumentParser
+from ssl_xcit.errors import UserError
+
+DEFAULT_KS = (10, 20, 100, 200)              # DINO's k-NN
+DEFAULT_TEMPERATURE = 0.07
+DEFAULT_LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+DEFAULT_WD_GRID = (0.0, 1e-5, 1e-4)
+SPECIAL_CHECKPOINTS = ("pretrained", "none")  # eval_classification: published weights / random init
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
+class EvalInputError(UserError, ValueError):
+    """A bad evaluation input (an option's value, a data folder, a checkpoint path); the message
+    says what to change. A ``ValueError`` too, which library callers already catch."""
+
+
+class MissingPathError(UserError, FileNotFoundError):
+    """A file or folder named on the command line does not exist."""
+
+
+# --------------------------------------------------------------------------------------------- flags
+def add_backbone_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    g = parser.add_argument_group("backbone")
+    g.add_argument("--checkpoint", required=required, default=None,
+                   help="any checkpoint ssl_xcit.models.load_backbone reads (this project's training "
+                        "checkpoints, official DINO/XCiT, timm, mmpretrain), or a model name for a "
+                        "random-init backbone")
+    g.add_argument("--arch", default=None, help="architecture, when the checkpoint does not name it")
+    g.add_argument("--checkpoint-key", default="teacher", choices=("teacher", "student"),
+                   help="which network of a DINO checkpoint to evaluate (default: teacher, as DINO)")
+
+
+def add_data_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    g = parser.add_argument_group("data")
+    g.add_argument("--data-path", required=required, default=None,
+                   help="folder (or .tar.gz) with train/ and val/ class sub-folders")
+    g.add_argument("--crop-size", type=int, default=224, help="centre crop side (default: 224, as DINO)")
+    g.add_argument("--resize", type=int, default=None,
+                   help="shorter side before the crop (default: crop*256/224, i.e. 256 for 224, as DINO)")
+    g.add_argument("--batch-size", type=int, default=None, help="images per process (per GPU) and step")
+    g.add_argument("--num-workers", type=int, default=4, help="data-loading worker processes")
+
+
+def add_runtime_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("runtime")
+    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto: CUDA when available")
+    g.add_argument("--output-dir", default=None,
+                   help="where results go (default: the checkpoint's folder; outputs/<name> for a model name)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seeds random-init backbones (identical on every rank) and shuffles")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def knn_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(prog="eval_knn.py",
+                       description="Weighted k-NN evaluation of a frozen backbone (DINO protocol)")
+    add_backbone_args(p, required=False)
+    add_data_args(p, required=False)
+    add_runtime_args(p)
+    g = p.add_argument_group("k-NN")
+    g.add_argument("--nb-knn", type=int, nargs="+", default=list(DEFAULT_KS), help="numbers of neighbours")
+    g.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="vote weight exp(sim / T)")
+    g.add_argument("--index", default="flat", choices=("flat", "ivf", "hnsw"),
+                   help="faiss index: exact inner product, or approximate for very large sets")
+    g.add_argument("--nlist", type=int, default=None, help="ivf cells (default: ~4*sqrt(N))")
+    g.add_argument("--nprobe", type=int, default=32, help="ivf cells searched per query")
+    g.add_argument("--hnsw-m", type=int, default=32, help="hnsw graph degree")
+    g.add_argument("--ef-search", type=int, default=256, help="hnsw search breadth")
+    g.add_argument("--fp16-features", action="store_true", help="hold features (and the index) in float16")
+    g.add_argument("--query-batch", type=int, default=1000, help="val queries per search call")
+    g.add_argument("--dump-features", default=None, help="save the extracted features to this folder")
+    g.add_argument("--load-features", default=None, help="read features saved by --dump-features; no extraction")
+    return p
+
+
+def linear_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(prog="eval_linear.py", description="Linear probe of a frozen backbone")
+    add_backbone_args(p)
+    add_data_args(p)
+    add_runtime_args(p)
+    g = p.add_argument_group("linear probe")
+    g.add_argument("--mode", default="cached", choices=("cached", "full"),
+                   help="cached: fast lr/wd grid on extracted features (not DINO's protocol); "
+                        "full: DINO's protocol (augmented, 100 epochs, resumable)")
+    g.add_argument("--n-last-blocks", type=int, default=None,
+                   help="concatenate the CLS tokens of the last n blocks (default: 1 for XCiT, as DINO; 4 else)")
+    g.add_argument("--avgpool-patchtokens", action="store_true", help="append the mean patch token")
+    g.add_argument("--epochs", type=int, default=100, help="training epochs of the probe")
+    g.add_argument("--lr", type=float, default=0.001, help="full: base lr, scaled by global batch / 256")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="full: weight decay")
+    g.add_argument("--val-freq", type=int, default=1, help="full: validate every n epochs")
+    g.add_argument("--lr-grid", type=float, nargs="+", default=list(DEFAULT_LR_GRID),
+                   help="cached: base lrs (scaled by batch / 256)")
+    g.add_argument("--wd-grid", type=float, nargs="+", default=list(DEFAULT_WD_GRID), help="cached: weight decays")
+    g.add_argument("--holdout", type=float, default=0.1, help="cached: fraction of train used to choose lr/wd")
+    g.add_argument("--extract-batch-size", type=int, default=128,
+                   help="cached: images per feature-extraction step")
+    return p
+
+
+def export_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(prog="export_features.py", description="Export frozen backbone features to sharded files")
+    add_backbone_args(p)
+    add_data_args(p)
+    add_runtime_args(p)
+    g = p.add_argument_group("export")
+    g.add_argument("--out", required=True, help="output folder (an interrupted export there is resumed)")
+    g.add_argument("--split", default=None,
+                   help="sub-folder of --data-path to export (e.g. train or val); default: --data-path itself")
+    g.add_argument("--patch-tokens", action="store_true", help="also export the patch tokens (large)")
+    g.add_argument("--n-last-blocks", type=int, default=0,
+                   help="also export the concatenated CLS tokens of the last n blocks (XCiT: n <= 2)")
+    g.add_argument("--format", default="npy", choices=("npy", "safetensors", "both"), help="file format")
+    g.add_argument("--shard-size", type=int, default=10000, help="images per shard")
+    g.add_argument("--dtype", default="float32", choices=("float16", "float32"), help="feature dtype")
+    g.add_argument("--no-verify", action="store_true",
+                   help="on resume, trust finished shards by size only (skip the sha256 re-read)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="delete an earlier export in --out (other checkpoint or settings) and start over")
+    return p
+
+
+def classification_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(prog="eval_classification.py",
+                       description="Top-1 / top-5 accuracy of an XCiT classifier on an ImageFolder validation set.")
+    p.add_argument("--model", required=True, help="zoo or arch name (ssl_xcit.list_models())")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint file (any supported format), 'pretrained' (published weights "
+                        "of --model from the local cache) or 'none' (random init)")
+    p.add_argument("--data-path", required=True,
+                   help="ImageFolder root (<dir>/<class>/<img> or <dir>/val/<class>/<img>)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per step")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--limit", type=int, default=None, help="evaluate N evenly spaced images")
+    p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="data-loading worker processes")
+    p.add_argument("--img-size", type=int, default=None, help="override the model's resolution")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="head size with --checkpoint none (default: number of class folders)")
+    p.add_argument("--checkpoint-key", default="teacher", choices=("teacher", "student"),
+                   help="network of a DINO training checkpoint")
+    p.add_argument("--format", default="auto", help="checkpoint format (default: detect)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow unpickling arbitrary objects (trusted files only)")
+    p.add_argument("--download", action="store_true",
+                   help="with --checkpoint pretrained: download missing weights")
+    return p
+
+
+# --------------------------------------------------------------------------------------------- checks
+def check_positive(value: int | float | None, name: str) -> None:
+    if value is not None and not value > 0:
+        raise EvalInputError(f"{name} must be positive, got {value}")
+
+
+def check_divisible(size: int, model: str, flag: str) -> None:
+    """``size`` divides by the patch size of ``model`` (a zoo or arch name)."""
+    from ssl_xcit.models.zoo import resolve  # the name table: no torch
+    patch = resolve(model).arch.patch_size
+    if size % patch:
+        raise EvalInputError(f"{flag} {size} is not divisible by the patch size {patch} of {model}: use a "
+                             f"multiple of {patch} (e.g. {max(patch, size // patch * patch)})")
+
+
+def check_model_name(name: str, flag: str) -> None:
+    from ssl_xcit.models.zoo import resolve  # the name table: no torch
+    try:
+        resolve(name)
+    except ValueError as err:
+        raise EvalInputError(f"{flag}: {err}") from None
+
+
+def check_checkpoint(text: str, flag: str = "--checkpoint", names_allowed: bool = True) -> None:
+    """A checkpoint file that exists, or (``names_allowed``) a model name for a random backbone."""
+    path = Path(text).expanduser()
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.pth"))[:3]
+        hint = f" (it holds {', '.join(inside)})" if inside else ""
+        raise EvalInputError(f"{flag} {text} is a folder; give the checkpoint file in it{hint}")
+    if path.exists():
+        return
+    looks_like_path = os.sep in text or path.suffix in (".pth", ".pt", ".safetensors", ".ckpt", ".bin")
+    if looks_like_path or not names_allowed:
+        raise MissingPathError(f"{flag} {text}: no such file")
+    try:
+        check_model_name(text, flag)
+    except EvalInputError as err:
+        raise EvalInputError(f"{flag} {text!r} is neither an existing file nor a model name "
+                             f"({str(err).split(': ', 1)[1]})") from None
+
+
+def _is_archive(path: Path) -> bool:
+    return path.name.endswith(ARCHIVE_SUFFIXES)
+
+
+def check_data_path(text: str, splits: tuple[str, ...] = (), flag: str = "--data-path") -> None:
+    """The folder (or archive) exists; a folder holds ``splits`` (an archive is checked once unpacked)."""
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise MissingPathError(f"{flag} {text}: no such folder or archive")
+    if _is_archive(path) and path.is_file():
+        return
+    if not path.is_dir():
+        raise EvalInputError(f"{flag} {text} is a file; give a folder (or a .tar/.tar.gz archive) of images")
+    missing = [s for s in splits if not (path / s).is_dir()]
+    if missing:
+        raise EvalInputError(f"{flag} {text} has no {' or '.join(m + '/' for m in missing)} folder "
+                             f"(expected {' and '.join(s + '/' for s in splits)} with class sub-folders)")
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    for name in ("batch_size", "crop_size", "resize"):
+        check_positive(getattr(args, name, None), "--" + name.replace("_", "-"))
+    if args.resize is not None and args.resize < args.crop_size:
+        raise EvalInputError(f"--resize {args.resize} is smaller than --crop-size {args.crop_size}")
+    if args.num_workers < 0:
+        raise EvalInputError(f"--num-workers must be >= 0, got {args.num_workers}")
+
+
+def _check_sources(args: argparse.Namespace, splits: tuple[str, ...]) -> None:
+    """The names and paths, after the numbers: a bad number is reported whatever the paths."""
+    if args.arch is not None:
+        check_model_name(args.arch, "--arch")
+    if args.checkpoint is not None:
+        check_checkpoint(args.checkpoint)
+    if args.data_path is not None:
+        check_data_path(args.data_path, splits)
+
+
+def check_knn_args(args: argparse.Namespace) -> None:
+    if args.load_features:
+        if not Path(args.load_features).is_dir():
+            raise MissingPathError(f"--load-features {args.load_features}: no such folder (written by "
+                                   "--dump-features)")
+    elif not args.checkpoint or not args.data_path:
+        raise EvalInputError("--checkpoint and --data-path are required (unless --load-features is given)")
+    _check_numbers(args)
+    for name in ("temperature", "nlist", "nprobe", "hnsw_m", "ef_search", "query_batch"):
+        check_positive(getattr(args, name), "--" + name.replace("_", "-"))
+    if any(k <= 0 for k in args.nb_knn):
+        raise EvalInputError(f"--nb-knn values must be positive, got {' '.join(map(str, args.nb_knn))}")
+    if not args.load_features:
+        _check_sources(args, ("train", "val"))
+
+
+def check_linear_args(args: argparse.Namespace) -> None:
+    _check_numbers(args)
+    for name in ("epochs", "lr", "val_freq", "extract_batch_size", "n_last_blocks"):
+        check_positive(getattr(args, name), "--" + name.replace("_", "-"))
+    if args.weight_decay < 0 or any(w < 0 for w in args.wd_grid):
+        raise EvalInputError("--weight-decay and --wd-grid values must be >= 0")
+    if any(not lr > 0 for lr in args.lr_grid):
+        raise EvalInputError(f"--lr-grid values must be positive, got {' '.join(map(str, args.lr_grid))}")
+    if not 0.0 < args.holdout < 1.0:
+        raise EvalInputError(f"--holdout must be in (0, 1), got {args.holdout}")
+    _check_sources(args, ("train", "val"))
+
+
+def check_export_args(args: argparse.Namespace) -> None:
+    _check_numbers(args)
+    check_positive(args.shard_size, "--shard-size")
+    if args.n_last_blocks < 0:
+        raise EvalInputError(f"--n-last-blocks must be >= 0, got {args.n_last_blocks}")
+    _check_sources(args, ())
+    root = Path(args.data_path).expanduser()
+    if root.is_dir():
+        if args.split and not (root / args.split).is_dir():
+            raise EvalInputError(f"--data-path {args.data_path} has no {args.split}/ folder (--split)")
+        if not args.split and (root / "train").is_dir() and (root / "val").is_dir():
+            raise EvalInputError(f"--data-path {args.data_path} holds train/ and val/: pass --split train or "
+                                 "--split val (otherwise they would be exported as two classes)")
+
+
+def check_classification_args(args: argparse.Namespace) -> None:
+    check_model_name(args.model, "--model")
+    if args.checkpoint not in SPECIAL_CHECKPOINTS:
+        check_checkpoint(args.checkpoint, names_allowed=False)
+    for name in ("batch_size", "limit", "img_size", "num_classes"):
+        check_positive(getattr(args, name), "--" + name.replace("_", "-"))
+    if args.num_workers < 0:
+        raise EvalInputError(f"--num-workers must be >= 0, got {args.num_workers}")
+    if not Path(args.data_path).expanduser().is_dir():
+        raise MissingPathError(f"--data-path {args.data_path}: folder not found")
+    if args.img_size is not None:
+        check_divisible(args.img_size, args.model, "--img-size")
+
+
+# --------------------------------------------------------------------------------------------- tools
+# command-line name -> (module with main(argv), parser, checks)
+TOOLS: dict[str, tuple[str, Callable[[], argparse.ArgumentParser], Callable[[argparse.Namespace], None]]] = {
+    "eval_knn": ("ssl_xcit.evaluate.knn", knn_parser, check_knn_args),
+    "eval_linear": ("ssl_xcit.evaluate.linear", linear_parser, check_linear_args),
+    "export_features": ("ssl_xcit.evaluate.export", export_parser, check_export_args),
+    "eval_classification": ("ssl_xcit.evaluate.classification", classification_parser,
+                            check_classification_args),
+}
+
+
+def parse(tool: str, argv: list[str] | None, check: bool = True) -> argparse.Namespace:
+    """``tool``'s arguments parsed (and, with ``check``, checked) without importing torch."""
+    _, parser, checks = TOOLS[tool]
+    args = parser().parse_args(argv)
+    if check:
+        checks(args)
+    return args
+
+
+def run_tool(tool: str, argv: list[str]) -> Any:
+    """The command line of ``eval/<tool>.py``: answer ``--help`` and bad input first, then import
+    the tool (and torch) and run its ``main``."""
+    parse(tool, argv)
+    return importlib.import_module(TOOLS[tool][0]).main(argv)

@@ -1,0 +1,215 @@
+"""The evaluation tools, the quickstart and the SLURM launcher as a demanding new user meets them:
+``--help`` answers before torch loads and says each default once; a bad input (missing or
+incomplete data folder, missing / folder / corrupt checkpoint, bad numbers, unknown names) is one
+line on stderr and exit status 2, never a traceback (issue 9)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ssl_xcit import cli
+from ssl_xcit.evaluate import options
+
+REPO = Path(__file__).resolve().parents[1]
+ARCH = "xcit_nano_12_p16"
+SCRIPTS = ["eval/eval_knn.py", "eval/eval_linear.py", "eval/export_features.py", "eval/eval_classification.py",
+           "launch/quickstart.py", "launch/submit.py"]
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
+
+
+@pytest.fixture(scope="module")
+def torch_import_seconds() -> float:
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch"], check=True, env=_env(), timeout=300)
+    return time.perf_counter() - start
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_answers_before_torch_loads_and_says_each_default_once(script, torch_import_seconds, tmp_path):
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-X", "importtime", str(REPO / script), "--help"], cwd=tmp_path,
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    seconds = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "|" in line]
+    assert "torch" not in imported, f"{script} --help imported torch"
+    # wall time is noisy on a shared machine: only ask for clearly less than importing torch alone
+    assert seconds < 0.7 * torch_import_seconds, (seconds, torch_import_seconds)
+    text = " ".join(proc.stdout.split())
+    assert not re.search(r"\(default[^()]*(\([^()]*\))?[^()]*\)\s*\(default", text), f"default said twice:\n{text}"
+    assert "(default: None)" not in text and "(default: False)" not in text, text
+
+
+@pytest.mark.parametrize("parser", [options.knn_parser, options.linear_parser, options.export_parser,
+                                    options.classification_parser, "ssl_xcit.quickstart:build_parser",
+                                    "ssl_xcit.cluster.submit:build_parser"])
+def test_every_option_says_its_default_at_most_once(parser):
+    if isinstance(parser, str):
+        module, _, name = parser.partition(":")
+        parser = getattr(importlib.import_module(module), name)
+    p = parser()
+    formatter = p._get_formatter()
+    for action in p._actions:
+        if action.help and action.help is not argparse.SUPPRESS:
+            text = formatter._expand_help(action)
+            assert len(re.findall(r"\(default\b", text)) <= 1, (action.option_strings, text)
+
+
+def test_export_parser_matches_the_tool():
+    """eval/export_features.py checks its words with the torch-free parser before export.main parses
+    them again with its own: both must know the same options."""
+    from ssl_xcit.evaluate import export
+
+    def flags(p):
+        return sorted(s for a in p._actions for s in a.option_strings)
+    assert flags(options.export_parser()) == flags(export.build_parser())
+
+
+# ------------------------------------------------------------------------------ one line, exit status 2
+def _one_line_error(capsys, call, prog: str) -> str:
+    with pytest.raises(SystemExit) as stop:
+        call()
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"{prog}: error: "), err
+    return lines[0]
+
+
+def _tool_main(script: str):
+    return importlib.import_module(script.removesuffix(".py").replace("/", ".")).main
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bad")
+    corrupt = root / "corrupt.pth"
+    corrupt.write_bytes(b"\x00not a checkpoint" * 10)
+    run_dir = root / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoint.pth").write_bytes(b"")
+    no_splits = root / "images"
+    (no_splits / "cat").mkdir(parents=True)
+    return {"corrupt": corrupt, "run_dir": run_dir, "no_splits": no_splits, "root": root}
+
+
+CORRUPT_MESSAGE = re.compile(r"corrupt\.pth.{0,4}(is )?not a (PyTorch|torch) checkpoint")
+KNN = ["--crop-size", "32", "--num-workers", "0", "--device", "cpu", "--no-progress"]
+# (script, argv, part of the one-line message); DATA, MISSING, CORRUPT, RUN_DIR and NO_SPLITS stand for
+# CIFAR-10 (200 / 100 images), a path that does not exist, garbage bytes named .pth, a run folder
+# holding checkpoint.pth, and a folder of class folders without train/ and val/
+CASES = [
+    ("eval/eval_knn.py", ["--checkpoint", ARCH, "--data-path", "MISSING"], "--data-path MISSING: no such folder"),
+    ("eval/eval_knn.py", ["--checkpoint", ARCH, "--data-path", "NO_SPLITS"], "has no train/ or val/ folder"),
+    ("eval/eval_knn.py", ["--checkpoint", "MISSING.pth", "--data-path", "DATA"], "MISSING.pth: no such file"),
+    ("eval/eval_knn.py", ["--checkpoint", "RUN_DIR", "--data-path", "DATA"],
+     "is a folder; give the checkpoint file in it (it holds checkpoint.pth)"),
+    ("eval/eval_knn.py", ["--checkpoint", "CORRUPT", "--data-path", "DATA", *KNN], CORRUPT_MESSAGE),
+    ("eval/eval_knn.py", ["--checkpoint", ARCH, "--data-path", "DATA", "--batch-size", "-4"],
+     "--batch-size must be positive, got -4"),
+    ("eval/eval_knn.py", ["--checkpoint", ARCH, "--data-path", "DATA", "--nb-knn", "0", "5"],
+     "--nb-knn values must be positive"),
+    ("eval/eval_knn.py", ["--checkpoint", ARCH, "--data-path", "DATA", "--arch", "xcit_tiny_99_p16"],
+     "--arch: unknown model name 'xcit_tiny_99_p16'"),
+    ("eval/eval_knn.py", ["--checkpoint", "xcit_nano_12_p61", "--data-path", "DATA"],
+     "neither an existing file nor a model name"),
+    ("eval/eval_knn.py", ["--checkpoint", ARCH, "--data-path", "DATA", "--nb-knn", "x"],
+     "argument --nb-knn: invalid int value: 'x'"),
+    ("eval/eval_knn.py", ["--checkpoint", ARCH, "--data-path", "DATA", *KNN, "--crop-size", "40"],
+     "--crop-size 40 is not divisible by the patch size 16"),
+    ("eval/eval_knn.py", ["--data-path", "DATA"], "--checkpoint and --data-path are required"),
+    ("eval/eval_linear.py", ["--checkpoint", ARCH, "--data-path", "DATA", "--holdout", "1.5"], "--holdout"),
+    ("eval/eval_linear.py", ["--checkpoint", "RUN_DIR", "--data-path", "DATA"], "is a folder"),
+    ("eval/eval_linear.py", ["--checkpoint", "CORRUPT", "--data-path", "DATA", *KNN], CORRUPT_MESSAGE),
+    ("eval/eval_linear.py", ["--checkpoint", ARCH, "--data-path", "DATA", "--resize", "16", "--crop-size", "32"],
+     "--resize 16 is smaller than --crop-size 32"),
+    ("eval/export_features.py", ["--checkpoint", ARCH, "--data-path", "DATA", "--out", "MISSING"],
+     "pass --split train or --split val"),
+    ("eval/export_features.py", ["--checkpoint", "RUN_DIR", "--data-path", "DATA", "--split", "val",
+                                 "--out", "MISSING"], "is a folder"),
+    ("eval/export_features.py", ["--checkpoint", ARCH, "--data-path", "MISSING", "--out", "MISSING"],
+     "no such folder or archive"),
+    ("eval/export_features.py", ["--checkpoint", ARCH, "--data-path", "DATA", "--split", "test", "--out",
+                                 "MISSING"], "has no test/ folder"),
+    ("eval/eval_classification.py", ["--model", "xcit_nano_12_p61", "--checkpoint", "none", "--data-path",
+                                     "DATA"], "--model: unknown model name"),
+    ("eval/eval_classification.py", ["--model", ARCH, "--checkpoint", "RUN_DIR", "--data-path", "DATA"],
+     "is a folder"),
+    ("eval/eval_classification.py", ["--model", ARCH, "--checkpoint", "CORRUPT", "--data-path", "DATA"],
+     CORRUPT_MESSAGE),
+    ("eval/eval_classification.py", ["--model", ARCH, "--checkpoint", "none", "--data-path", "DATA",
+                                     "--batch-size", "0"], "--batch-size must be positive"),
+    ("eval/eval_classification.py", ["--model", ARCH, "--checkpoint", "none", "--data-path", "MISSING"],
+     "folder not found"),
+    ("launch/quickstart.py", ["--data", "MISSING"], "or --download to fetch CIFAR-10"),
+    ("launch/quickstart.py", ["--data", "DATA", "--knn-k", "0"], "--knn-k values must be positive"),
+    ("launch/quickstart.py", ["--data", "DATA", "lr=inf"], "optim.lr must be a finite number"),
+    ("launch/quickstart.py", ["--data", "NO_SPLITS"], "has no train/ or val/ folder"),
+]
+
+
+@pytest.mark.parametrize("script, argv, expected", CASES,
+                         ids=[f"{Path(c[0]).stem}-{getattr(c[2], 'pattern', c[2])[:30]}" for c in CASES])
+def test_bad_input_is_one_line_and_exit_status_2(script, argv, expected, cifar_small, bad_files, capsys,
+                                                 monkeypatch):
+    words = {"DATA": str(cifar_small), "MISSING": "nowhere", "CORRUPT": str(bad_files["corrupt"]),
+             "RUN_DIR": str(bad_files["run_dir"]), "NO_SPLITS": str(bad_files["no_splits"])}
+
+    def real(word: str) -> str:
+        return re.sub("|".join(words), lambda m: words[m.group(0)], word)
+    monkeypatch.chdir(bad_files["root"])
+    line = _one_line_error(capsys, lambda: cli.run(_tool_main(script), [real(w) for w in argv], prog=script),
+                           script)
+    if isinstance(expected, re.Pattern):
+        assert expected.search(line), line
+    else:
+        assert real(expected) in line, line
+
+
+def test_nb_knn_larger_than_the_train_set_fails_before_extraction(cifar_small, capsys, monkeypatch):
+    from ssl_xcit.evaluate import features
+
+    def no_extraction(*args, **kwargs):
+        raise AssertionError("features were extracted before k was checked")
+    monkeypatch.setattr(features, "extract_features", no_extraction)
+    argv = ["--checkpoint", ARCH, "--data-path", str(cifar_small), "--nb-knn", "20", "500", "--crop-size", "32",
+            "--num-workers", "0", "--device", "cpu", "--no-progress"]
+    line = _one_line_error(capsys, lambda: cli.run(_tool_main("eval/eval_knn.py"), argv, prog="eval_knn"),
+                           "eval_knn")
+    assert "--nb-knn 500 exceeds the 200 train images" in line, line
+
+
+@pytest.mark.parametrize("script, argv, expected", [
+    ("eval/eval_knn.py", ["--checkpoint", "nowhere/checkpoint.pth", "--data-path", "."], "no such file"),
+    ("eval/eval_linear.py", ["--checkpoint", ARCH, "--data-path", "nowhere"], "no such folder"),
+    ("eval/export_features.py", ["--checkpoint", ARCH, "--data-path", ".", "--out", "x", "--batch-size", "0"],
+     "--batch-size must be positive"),
+    ("eval/eval_classification.py", ["--model", ARCH, "--checkpoint", "none"], "required: --data-path"),
+    ("launch/quickstart.py", ["--knn-k", "ten"], "invalid int value: 'ten'"),
+    ("launch/submit.py", ["eval_knnn", "--checkpoint", "c.pth"], "did you mean 'eval_knn'?"),
+])
+def test_scripts_print_one_line_and_exit_2(script, argv, expected, tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / script), *argv], cwd=tmp_path, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], proc.stderr[-2000:]
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "eval" / "eval_knn.py"), "--debug", "--checkpoint",
+                           "nowhere/c.pth", "--data-path", "."], cwd=tmp_path, env=_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "MissingPathError" in proc.stderr
