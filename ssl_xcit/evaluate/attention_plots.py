@@ -122,7 +122,8 @@ def write_image_maps(maps: AttentionMaps, out_dir: str | Path, title: str = "") 
 
 def evolution_figure(rows: Sequence[tuple[str, Sequence[AttentionMaps]]], path: str | Path) -> Path:
     """Checkpoints (rows, oldest first) x images (columns): the image, then each checkpoint's mean
-    map blended over it, so the maps can be seen to sharpen as training goes."""
+    map blended over it, so the maps can be seen to sharpen as training goes; each cell names the
+    map's peak (1.0x is flat), as the colours span each map's own range."""
     plt = _pyplot()
     if not rows or not rows[0][1]:
         raise ValueError("evolution_figure needs at least one checkpoint with one image")
@@ -140,8 +141,11 @@ def evolution_figure(rows: Sequence[tuple[str, Sequence[AttentionMaps]]], path: 
             heat = heatmap_rgb(m, m.mean).astype(np.float32)
             pic = heat if m.image is None else 0.35 * m.image.astype(np.float32) + 0.65 * heat
             axes[i, j].imshow(pic.round().astype(np.uint8), interpolation="nearest")
+            axes[i, j].text(0.03, 0.04, f"{_peak(m.mean):.1f}x", transform=axes[i, j].transAxes, fontsize=7,
+                            color="white", bbox=dict(facecolor="black", alpha=0.5, pad=1, lw=0))
         axes[i, 0].set_ylabel(label, fontsize=8)
-    fig.suptitle("mean class-attention map of the teacher, per checkpoint", fontsize=9)
+    fig.suptitle("teacher's mean class-attention map per checkpoint (each map its own colour range; "
+                 "corner: peak as a multiple of a flat map)", fontsize=8)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
