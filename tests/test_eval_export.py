@@ -229,6 +229,11 @@ def test_resume_with_another_checkpoint_is_refused(cifar_small, tmp_path, monkey
     manifest = export.main([*argv, "--overwrite"])
     assert manifest["complete"] and done == [0, 1, 2]  # every shard redone with the new weights
     assert (out / "notes.txt").read_text() == "mine"  # --overwrite removes the export's files only
+    moved = tmp_path / "moved.pth"
+    ckpt.rename(moved)  # the same file elsewhere: its identity is its contents, the export is complete
+    done.clear()
+    argv[argv.index(str(ckpt))] = str(moved)
+    assert export.main(argv)["complete"] and done == []
     assert manifest["config"]["source"]["checkpoint_sha256"] == sha_b
     torch.manual_seed(2)
     from ssl_xcit import get_model

@@ -209,6 +209,9 @@ def _check_existing(out_dir: Path, base: dict) -> None:
                           f"resuming would mix two models; {_START_OVER}")
     keys = ("config", "num_images", "num_shards", "root", "classes")
     old_flat, new_flat = _flat({k: old.get(k) for k in keys}), _flat({k: base[k] for k in keys})
+    if new_sha is not None:  # same file contents: where it lies now does not matter
+        old_flat.pop("config.source.checkpoint", None)
+        new_flat.pop("config.source.checkpoint", None)
     diff = [k for k in sorted(set(old_flat) | set(new_flat)) if old_flat.get(k) != new_flat.get(k)]
     if diff:
         detail = "; ".join(f"{k}: {old_flat.get(k)!r} -> {new_flat.get(k)!r}" for k in diff)[:600]
