@@ -115,15 +115,23 @@ def official_params_groups(model: nn.Module):
 
 
 def official_clip_gradients(model: nn.Module, clip: float):
-    """dino/utils.py ``clip_gradients``: per parameter, with a host sync per parameter."""
+    """dino/utils.py ``clip_gradients``: per parameter, with a host sync per parameter. The official
+    XCiT holds class attention's q, k, v in one ``qkv`` parameter (weight and bias): timm's split
+    ``q``/``k``/``v`` are clipped here as that one fused tensor."""
+    params = dict(model.named_parameters())
     norms = []
-    for _, p in model.named_parameters():
-        if p.grad is not None:
-            param_norm = p.grad.data.norm(2)
-            norms.append(param_norm.item())
-            clip_coef = clip / (param_norm + 1e-6)
-            if clip_coef < 1:
-                p.grad.data.mul_(clip_coef)
+    for name, p in params.items():
+        if p.grad is None or any(f".attn.{x}." in name and "cls_attn" in name for x in "kv"):
+            continue   # k and v of class attention go with their q
+        fused = [p]
+        if "cls_attn" in name and ".attn.q." in name:
+            fused = [params[name.replace(".attn.q.", f".attn.{x}.")] for x in "qkv"]
+        param_norm = torch.cat([f.grad.data.reshape(-1) for f in fused]).norm(2)
+        norms.append(param_norm.item())
+        clip_coef = clip / (param_norm + 1e-6)
+        if clip_coef < 1:
+            for f in fused:
+                f.grad.data.mul_(clip_coef)
     return norms
 
 

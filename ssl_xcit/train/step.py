@@ -1,5 +1,11 @@
 """One DINO training step as a function of (crops, state): no I/O, no host syncs but the ones the
 caller asks for, so it can be tested, timed and compiled on its own.
+
+The step comes in two halves so that the caller can look at the loss between them, as DINO's
+``main_dino.py`` does (``if not math.isfinite(loss.item()): sys.exit(1)`` before ``backward``):
+:func:`forward_loss` changes nothing but the loss centre, :func:`apply_update` does backward, clipping,
+the optimizer step and the teacher's EMA. Under DDP every rank must take the same decision between
+them (``backward`` is collective). :func:`train_step` is both halves in a row.
 """
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from torch import nn
 
 from ssl_xcit.dino.ema import unwrap, update_teacher
 from ssl_xcit.dino.head import cancel_last_layer_gradients
+from ssl_xcit.dino.optim import gradient_clip_groups
 
 
 @dataclass
@@ -47,47 +54,60 @@ def apply_schedules(optimizer: torch.optim.Optimizer, lr: float, weight_decay: f
             group["weight_decay"] = weight_decay
 
 
-def clip_gradients_per_parameter(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
-    """DINO's clipping: each parameter's gradient is scaled to norm <= ``max_norm`` on its own.
+def clip_gradients(groups: list[list[nn.Parameter]], max_norm: float) -> torch.Tensor:
+    """DINO's clipping: each group's gradient is scaled to norm <= ``max_norm`` on its own
+    (``clip / (norm + 1e-6)`` when below 1). A group is one parameter, or the parameters that the
+    official model holds as one tensor (:func:`ssl_xcit.dino.optim.gradient_clip_groups`).
 
     Returns the global gradient norm before clipping, for logging.
     """
-    grads = [p.grad for p in params if p.grad is not None]
+    groups = [[p for p in g if p.grad is not None] for g in groups]
+    groups = [g for g in groups if g]
+    grads = [p.grad for g in groups for p in g]
     if not grads:
         return torch.zeros(())
     norms = torch._foreach_norm(grads)
     total = torch.linalg.vector_norm(torch.stack(norms))
     if max_norm > 0:
-        coefs = [torch.clamp(max_norm / (n + 1e-6), max=1.0) for n in norms]
+        coefs, i = [], 0
+        for g in groups:
+            n = len(g)
+            norm = norms[i] if n == 1 else torch.linalg.vector_norm(torch.stack(norms[i:i + n]))
+            coefs += [torch.clamp(max_norm / (norm + 1e-6), max=1.0)] * n
+            i += n
         torch._foreach_mul_(grads, coefs)
     return total
 
 
-def train_step(crops: list[torch.Tensor], student: nn.Module, teacher: nn.Module, dino_loss: nn.Module,
-               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
-               hp: StepHParams, precision: str = "fp32") -> StepOutput:
-    """Forward teacher (2 global crops) and student (all crops), DINO loss, backward, clip,
-    freeze the last layer in the first epochs, optimizer step, EMA update of the teacher."""
-    device = crops[0].device
-    apply_schedules(optimizer, hp.lr, hp.weight_decay)
-    with autocast_context(device, precision):
+def forward_loss(crops: list[torch.Tensor], student: nn.Module, teacher: nn.Module, dino_loss: nn.Module,
+                 hp: StepHParams, precision: str = "fp32") -> torch.Tensor:
+    """Teacher (2 global crops) and student (all crops) forward, DINO loss (updates its centre)."""
+    with autocast_context(crops[0].device, precision):
         with torch.no_grad():
             teacher_output = teacher(crops[:2])
         student_output = student(crops)
-        loss = dino_loss(student_output, teacher_output, hp.epoch)
+        return dino_loss(student_output, teacher_output, hp.epoch)
 
+
+def apply_update(loss: torch.Tensor, student: nn.Module, teacher: nn.Module, dino_loss: nn.Module,
+                 optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+                 hp: StepHParams, clip_groups: list[list[nn.Parameter]] | None = None) -> StepOutput:
+    """Backward, clip, freeze the last layer in the first epochs, optimizer step, EMA update of
+    the teacher. ``clip_groups`` defaults to :func:`gradient_clip_groups` of the student."""
+    apply_schedules(optimizer, hp.lr, hp.weight_decay)
     optimizer.zero_grad(set_to_none=True)
-    params = [p for p in student.parameters() if p.requires_grad]
+    if clip_groups is None:
+        clip_groups = gradient_clip_groups(unwrap(student))
     if scaler is not None:
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
-        grad_norm = clip_gradients_per_parameter(params, hp.clip_grad)
+        grad_norm = clip_gradients(clip_groups, hp.clip_grad)
         cancel_last_layer_gradients(unwrap(student).head, hp.epoch, hp.freeze_last_layer)
         scaler.step(optimizer)
         scaler.update()
     else:
         loss.backward()
-        grad_norm = clip_gradients_per_parameter(params, hp.clip_grad)
+        grad_norm = clip_gradients(clip_groups, hp.clip_grad)
         cancel_last_layer_gradients(unwrap(student).head, hp.epoch, hp.freeze_last_layer)
         optimizer.step()
 
@@ -95,3 +115,10 @@ def train_step(crops: list[torch.Tensor], student: nn.Module, teacher: nn.Module
     stats = dino_loss.last_stats
     return StepOutput(loss.detach(), grad_norm.detach(), stats["teacher_entropy"], stats["teacher_kl_uniform"])
 
+
+def train_step(crops: list[torch.Tensor], student: nn.Module, teacher: nn.Module, dino_loss: nn.Module,
+               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+               hp: StepHParams, precision: str = "fp32") -> StepOutput:
+    """:func:`forward_loss` then :func:`apply_update`, with no look at the loss in between."""
+    loss = forward_loss(crops, student, teacher, dino_loss, hp, precision)
+    return apply_update(loss, student, teacher, dino_loss, optimizer, scaler, hp)
