@@ -8,7 +8,8 @@ import torch
 from ssl_xcit.train.config import DinoConfig, load_config
 
 
-def tiny_config(data_path: Path, output_dir: Path, **overrides) -> DinoConfig:
+def tiny_overrides(data_path: Path, output_dir: Path, **overrides) -> list[str]:
+    """The tiny run as ``key=value`` strings, for command lines (``launch/train.py``, ``entry.main``)."""
     base = {
         "arch": "xcit_nano_12_p16", "out_dim": 256, "head_hidden_dim": 64, "head_bottleneck_dim": 32,
         "global_crops_size": 32, "local_crops_size": 16, "local_crops_number": 2,
@@ -18,7 +19,11 @@ def tiny_config(data_path: Path, output_dir: Path, **overrides) -> DinoConfig:
         "output_dir": str(output_dir), "seed": 3,
     }
     base.update(overrides)
-    return load_config(None, [f"{k}={v}" for k, v in base.items()])
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def tiny_config(data_path: Path, output_dir: Path, **overrides) -> DinoConfig:
+    return load_config(None, tiny_overrides(data_path, output_dir, **overrides))
 
 
 def load_weights(output_dir: Path) -> dict[str, torch.Tensor]:

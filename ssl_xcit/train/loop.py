@@ -1,12 +1,20 @@
-"""The DINO training loop, readable top to bottom: build data, models, loss, optimizer and
-schedules; resume if the output folder holds a checkpoint; run the epochs; checkpoint atomically.
+"""The DINO training loop, readable top to bottom, in the pieces of DINO's ``train_dino`` and
+``train_one_epoch``: lock the output folder; build data, models, loss, optimizer and schedules
+(:func:`_build`); resume if the folder holds a checkpoint, checking that it fits before anything is
+written (:func:`_resume`); open the logs; run the epochs (:func:`_train_epochs`,
+:func:`_train_one_epoch`, :func:`_end_epoch`), checkpointing atomically (:func:`_save`).
+
+What never gets through silently: a non-finite loss (caught before ``backward``, no update applied)
+or non-finite weights (never saved); a second run in the same folder (:mod:`ssl_xcit.train.lock`);
+a data set whose images do not load (an error, or a warning when most fail); a diverging or
+collapsed run (warnings in the log).
 """
 from __future__ import annotations
 
 import math
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -17,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from ssl_xcit import distributed as dist_utils
 from ssl_xcit.distributed import pick_device
-from ssl_xcit.data.folders import ImageFiles, collate_skip_corrupt
+from ssl_xcit.data.folders import Batch, ImageFiles, collate_skip_corrupt, load_rgb
 from ssl_xcit.data.multicrop import DinoMultiCrop, MultiCropConfig
 from ssl_xcit.data.sampler import ResumableDistributedSampler
 from ssl_xcit.data.sources import resolve_data_path
@@ -25,19 +33,34 @@ from ssl_xcit.dino.ema import copy_student_to_teacher
 from ssl_xcit.dino.head import DINOHead
 from ssl_xcit.dino.loss import DINOLoss
 from ssl_xcit.dino.multicrop import MultiCropForward
-from ssl_xcit.dino.optim import param_groups_for_weight_decay
+from ssl_xcit.dino.optim import gradient_clip_groups, param_groups_for_weight_decay
 from ssl_xcit.dino.schedules import cosine_schedule
+from ssl_xcit.errors import UserError
 from ssl_xcit.models import get_model
 from ssl_xcit.train.checkpoint import (CHECKPOINT_NAME, CheckpointError, capture_rng_state, load_checkpoint,
                                        restore_rng_state, save_checkpoint)
 from ssl_xcit.train.config import DinoConfig
+from ssl_xcit.train.lock import OutputDirLock
 from ssl_xcit.train.logger import RunLogger
-from ssl_xcit.train.step import StepHParams, train_step
+from ssl_xcit.train.step import StepHParams, apply_update, forward_loss
 from ssl_xcit.train.sync_bn import convert_sync_batchnorm
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is left untouched."""
+class NonFiniteLossError(UserError, RuntimeError):
+    """The loss or the weights became NaN or infinite: no update applied, nothing saved; the
+    message says what checkpoint.pth holds."""
+
+
+class DataSetError(UserError, ValueError):
+    """The images cannot be trained on: none given, too few for a batch, none readable."""
+
+
+# a run whose batches are all unreadable this many steps in a row stops (rather than at epoch end)
+MAX_EMPTY_STEPS_IN_A_ROW = 20
+# warn once when at least this fraction of the images tried failed to load
+UNREADABLE_WARN_FRACTION = 0.5
+# a loss above this many times ln(out_dim) is divergence, not learning (healthy: near or below 1x)
+DIVERGED_LOSS_FACTOR = 3.0
 
 
 @dataclass
@@ -59,7 +82,7 @@ class Schedules:
 def training_images_root(data_path: str) -> Path:
     """``data_path`` itself, or its ``train/`` folder when it holds the usual train/val split."""
     if not data_path:
-        raise ValueError("data_path is empty: give data_path=/path/to/images (a folder or a .tar.gz)")
+        raise DataSetError("data_path is empty: give data_path=/path/to/images (a folder or a .tar.gz)")
     root = resolve_data_path(data_path)
     return root / "train" if (root / "train").is_dir() else root
 
@@ -115,31 +138,125 @@ def build_optimizer(cfg: DinoConfig, student: nn.Module) -> torch.optim.Optimize
     return torch.optim.SGD(groups, lr=0.0, momentum=0.9, foreach=True)
 
 
+def build_loss(cfg: DinoConfig) -> DINOLoss:
+    return DINOLoss(cfg.model.out_dim, 2 + cfg.data.local_crops_number,
+                    warmup_teacher_temp=cfg.dino.warmup_teacher_temp, teacher_temp=cfg.dino.teacher_temp,
+                    warmup_teacher_temp_epochs=cfg.dino.warmup_teacher_temp_epochs,
+                    nepochs=cfg.optim.epochs, student_temp=cfg.dino.student_temp,
+                    center_momentum=cfg.dino.center_momentum)
+
+
+@dataclass
+class _Counters:
+    """What the loop counts besides steps: images read and skipped, for the logs and data checks."""
+    images_seen: int = 0          # since the last log record (images/s)
+    t_last: float = 0.0
+    epoch_loaded: int = 0         # images of this epoch that loaded
+    epoch_skipped: int = 0        # ... and that did not
+    run_loaded: int = 0           # since this process started (rank-local)
+    run_skipped: int = 0
+    empty_steps_in_a_row: int = 0
+    warned_unreadable: bool = False
+    warned_diverging: bool = False
+
+
+@dataclass
+class _Run:
+    """Everything one training run holds: built by :func:`_build`, advanced by the loop's pieces."""
+    cfg: DinoConfig
+    rank: int
+    world_size: int
+    device: torch.device
+    dataset: ImageFiles
+    sampler: ResumableDistributedSampler
+    loader: DataLoader
+    student: MultiCropForward
+    teacher: MultiCropForward
+    student_ddp: nn.Module
+    dino_loss: DINOLoss
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    schedules: Schedules
+    clip_groups: list[list[nn.Parameter]]   # gradients clipped as one tensor (fused q/k/v: official XCiT)
+    steps_per_epoch: int
+    total_steps: int
+    global_step: int = 0
+    saved_step: int | None = None    # the global step checkpoint.pth holds (None: there is none)
+    last_loss: float = float("nan")
+    last_ckpt: Path | None = None
+    logger: RunLogger | None = None
+    counters: _Counters = field(default_factory=_Counters)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.cfg.run.output_dir)
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.output_dir / CHECKPOINT_NAME
+
+    @property
+    def epoch(self) -> int:
+        return self.global_step // self.steps_per_epoch
+
+
 def train(cfg: DinoConfig, stop_requested: Callable[[], bool] | None = None) -> TrainResult:
-    """Run (or resume) DINO pretraining as configured. Distributed when a process group is up."""
+    """Run (or resume) DINO pretraining as configured. Distributed when a process group is up.
+
+    ``stop_requested`` is polled once a step (all ranks agree on it): when true, the run saves a
+    checkpoint at that step boundary and returns with status ``"stopped"``.
+    """
     rank, world_size = dist_utils.get_rank(), dist_utils.get_world_size()
-    is_main = rank == 0
     device = pick_device(cfg.run.device)
     if cfg.run.deterministic:
         torch.use_deterministic_algorithms(True)
     torch.manual_seed(cfg.run.seed)   # the same initial weights on every rank (student and teacher)
     np.random.seed(cfg.run.seed)
+    Path(cfg.run.output_dir).mkdir(parents=True, exist_ok=True)
+    lock = _lock_output_dir(Path(cfg.run.output_dir), rank, device)
+    run = None
+    try:
+        run = _build(cfg, rank, world_size, device)
+        resumed = _resume(run)          # refuses before anything in output_dir is written
+        _open_logs(run, resumed, lock)
+        return _train_epochs(run, stop_requested)
+    finally:
+        if run is not None and run.logger is not None:
+            run.logger.close()
+        if lock is not None:
+            lock.release()
 
-    output_dir = Path(cfg.run.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = output_dir / CHECKPOINT_NAME
-    logger = RunLogger(output_dir, enabled=is_main, tensorboard=cfg.run.tensorboard)
-    if is_main:
-        (output_dir / "config.yaml").write_text(cfg.to_yaml())
 
+def _lock_output_dir(output_dir: Path, rank: int, device: torch.device) -> OutputDirLock | None:
+    """Rank 0 takes the folder's lock (the other ranks are the same run); all ranks agree on refusal."""
+    lock, refusal = None, None
+    if rank == 0:
+        try:
+            lock = OutputDirLock(output_dir).acquire()
+        except UserError as err:
+            refusal = err
+    (refused,) = dist_utils.any_rank_flags(refusal is not None, device=device)
+    if refusal is not None:
+        raise refusal
+    if refused:
+        raise UserError(f"rank 0 could not lock {output_dir}: another training uses it (rank 0 says who)")
+    return lock
+
+
+def _build(cfg: DinoConfig, rank: int, world_size: int, device: torch.device) -> _Run:
+    """Data, models, loss, optimizer, scaler and schedules, in the order that fixes the RNG streams."""
     # ---- data: multi-crop views of unlabelled images; each sample seeded by its global position
     dataset = build_dataset(cfg)
     sampler = ResumableDistributedSampler(len(dataset), cfg.optim.batch_size_per_gpu, num_replicas=world_size,
                                           rank=rank, shuffle=True, seed=cfg.run.seed)
     steps_per_epoch = sampler.steps_per_epoch
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(dataset)} images are fewer than one global batch of "
-                         f"{cfg.optim.batch_size_per_gpu * world_size}: lower batch_size_per_gpu")
+        raise DataSetError(f"{len(dataset)} images are fewer than one global batch of "
+                           f"{cfg.optim.batch_size_per_gpu * world_size}: lower batch_size_per_gpu")
     loader = DataLoader(dataset, batch_size=cfg.optim.batch_size_per_gpu, sampler=sampler,
                         num_workers=cfg.data.num_workers, collate_fn=collate_skip_corrupt,
                         pin_memory=device.type == "cuda", drop_last=False,
@@ -166,172 +283,346 @@ def train(cfg: DinoConfig, stop_requested: Callable[[], bool] | None = None) -> 
             student, device_ids=[device.index] if device.type == "cuda" else None)
     teacher.train()  # DINO's teacher normalises with its own batch statistics
 
-    ncrops = 2 + cfg.data.local_crops_number
-    dino_loss = DINOLoss(cfg.model.out_dim, ncrops, warmup_teacher_temp=cfg.dino.warmup_teacher_temp,
-                         teacher_temp=cfg.dino.teacher_temp,
-                         warmup_teacher_temp_epochs=cfg.dino.warmup_teacher_temp_epochs,
-                         nepochs=cfg.optim.epochs, student_temp=cfg.dino.student_temp,
-                         center_momentum=cfg.dino.center_momentum).to(device)
-    optimizer = build_optimizer(cfg, student)
-    scaler = torch.amp.GradScaler(device.type) if cfg.run.precision == "fp16" else None
-    schedules = build_schedules(cfg, steps_per_epoch, world_size)
     total_steps = cfg.optim.epochs * steps_per_epoch
     if cfg.run.max_steps:
         total_steps = min(total_steps, cfg.run.max_steps)
+    return _Run(cfg=cfg, rank=rank, world_size=world_size, device=device, dataset=dataset, sampler=sampler,
+                loader=loader, student=student, teacher=teacher, student_ddp=student_ddp,
+                dino_loss=build_loss(cfg).to(device), optimizer=build_optimizer(cfg, student),
+                scaler=torch.amp.GradScaler(device.type) if cfg.run.precision == "fp16" else None,
+                schedules=build_schedules(cfg, steps_per_epoch, world_size),
+                clip_groups=gradient_clip_groups(student), steps_per_epoch=steps_per_epoch, total_steps=total_steps)
 
-    # ---- resume: everything that shapes the next step comes back from the checkpoint
-    global_step = 0
-    if ckpt_path.exists():
-        state = load_checkpoint(ckpt_path, map_location="cpu")
-        saved_steps = state.get("steps_per_epoch", steps_per_epoch)
-        converted_from = None
-        if saved_steps != steps_per_epoch:
-            # another global batch (e.g. a requeued job on fewer nodes): continue at the same place of
-            # the same epoch's data order when the images already seen fill whole new batches
-            where = (f"{ckpt_path} was written with {saved_steps} steps per epoch, this run has "
-                     f"{steps_per_epoch} ({len(dataset)} images, global batch "
-                     f"{cfg.optim.batch_size_per_gpu * world_size})")
-            if "sampler" not in state:
-                raise CheckpointError(f"{where}: resume with the same images, batch_size_per_gpu and number "
-                                      "of processes, or use a new output_dir")
-            try:
-                sampler.load_state_dict(state["sampler"], strict=True)
-            except (KeyError, ValueError) as err:
-                raise CheckpointError(f"{where}, and the position cannot be carried over: {err}. Resume "
-                                      "with the old batch size or from an epoch-end checkpoint, or use a "
-                                      "new output_dir") from None
-            converted_from = saved_steps
-        student.load_state_dict(state["student"])
-        teacher.load_state_dict(state["teacher"])
-        optimizer.load_state_dict(state["optimizer"])
-        dino_loss.load_state_dict(state["dino_loss"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        global_step = int(state["global_step"])
-        if converted_from is not None:
-            global_step = sampler.epoch * steps_per_epoch + sampler.start_step
-        restore_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)] if isinstance(state["rng"], list)
-                          else state["rng"])
-        epoch, step_in_epoch = divmod(global_step, steps_per_epoch)
-        if is_main:
-            msg = (f"resumed from {ckpt_path} at global step {global_step} "
-                   f"(epoch {epoch}, step {step_in_epoch} of {steps_per_epoch})")
-            print(f"[ssl_xcit] {msg}", flush=True)
-            if converted_from is not None:
-                print(f"[ssl_xcit] the checkpoint had {converted_from} steps per epoch: same images of the "
-                      f"epoch done, position converted (lr schedule scaled to the new global batch)", flush=True)
-            logger.event("resume", checkpoint=str(ckpt_path), global_step=global_step, epoch=epoch,
-                         step=step_in_epoch, converted_from_steps_per_epoch=converted_from)
-    elif is_main:
-        logger.event("start", images=len(dataset), world_size=world_size, steps_per_epoch=steps_per_epoch,
-                     total_steps=total_steps, arch=cfg.model.arch)
 
-    def checkpoint_state() -> dict:
-        rng_states = [capture_rng_state()]
-        if world_size > 1:   # every rank's RNG, so drop-path masks continue exactly on each rank
-            gathered: list = [None] * world_size
-            torch.distributed.all_gather_object(gathered, rng_states[0])
-            rng_states = gathered
-        return {"student": student.state_dict(), "teacher": teacher.state_dict(),
-                "optimizer": optimizer.state_dict(), "dino_loss": dino_loss.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else {},
-                "epoch": global_step // steps_per_epoch, "global_step": global_step,
-                "steps_per_epoch": steps_per_epoch, "rng": rng_states, "config": cfg.to_dict(),
-                # the data position in sampler terms, so a run with another global batch can resume
-                "sampler": {**sampler.state_dict(), "epoch": global_step // steps_per_epoch,
-                            "start_step": global_step % steps_per_epoch}}
+def _resume(run: _Run) -> dict | None:
+    """Load checkpoint.pth if there is one: everything that shapes the next step comes back.
 
-    def save(extra_name: str | None = None) -> Path:
-        state = checkpoint_state()   # collective under DDP: every rank takes part
-        if is_main:
-            save_checkpoint(state, ckpt_path)
-            if extra_name:
-                save_checkpoint(state, output_dir / extra_name)
-        dist_utils.barrier()
-        return ckpt_path
+    Every check comes before any state changes and before anything is written, so a refused resume
+    leaves the folder as it was. Returns what to log about it (``None``: a fresh start).
+    """
+    ckpt_path, steps_per_epoch = run.ckpt_path, run.steps_per_epoch
+    if not ckpt_path.exists():
+        return None
+    state = load_checkpoint(ckpt_path, map_location="cpu")
+    _check_models_fit(run, state)
+    saved_steps = state.get("steps_per_epoch", steps_per_epoch)
+    converted_from = None
+    if saved_steps != steps_per_epoch:
+        # another global batch (e.g. a requeued job on fewer nodes): continue at the same place of
+        # the same epoch's data order when the images already seen fill whole new batches
+        where = (f"{ckpt_path} was written with {saved_steps} steps per epoch, this run has "
+                 f"{steps_per_epoch} ({len(run.dataset)} images, global batch "
+                 f"{run.cfg.optim.batch_size_per_gpu * run.world_size})")
+        if "sampler" not in state:
+            raise CheckpointError(f"{where}: resume with the same images, batch_size_per_gpu and number "
+                                  "of processes, or use a new output_dir")
+        try:
+            run.sampler.load_state_dict(state["sampler"], strict=True)
+        except (KeyError, ValueError) as err:
+            raise CheckpointError(f"{where}, and the position cannot be carried over: {err}. Resume "
+                                  "with the old batch size or from an epoch-end checkpoint, or use a "
+                                  "new output_dir") from None
+        converted_from = saved_steps
+    run.student.load_state_dict(state["student"])
+    run.teacher.load_state_dict(state["teacher"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.dino_loss.load_state_dict(state["dino_loss"])
+    if run.scaler is not None and state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    run.global_step = run.saved_step = int(state["global_step"])
+    if converted_from is not None:
+        run.global_step = run.sampler.epoch * steps_per_epoch + run.sampler.start_step
+    rng = state["rng"]
+    restore_rng_state(rng[min(run.rank, len(rng) - 1)] if isinstance(rng, list) else rng)
+    epoch, step_in_epoch = divmod(run.global_step, steps_per_epoch)
+    return {"checkpoint": str(ckpt_path), "global_step": run.global_step, "epoch": epoch, "step": step_in_epoch,
+            "converted_from_steps_per_epoch": converted_from}
 
-    status, last_loss, last_ckpt = "finished", float("nan"), None
-    images_seen, skipped_images, t_last = 0, 0, time.perf_counter()
+
+def _check_models_fit(run: _Run, state: dict) -> None:
+    """One line when the checkpoint's student/teacher do not fit this run's models (other arch, head)."""
+    saved_arch = state.get("config", {}).get("model", {}).get("arch", "unknown")
+    for part, model in (("student", run.student), ("teacher", run.teacher)):
+        mismatch = _state_dict_mismatch(state[part], model.state_dict())
+        if mismatch is None:
+            continue
+        if saved_arch != run.cfg.model.arch:
+            raise CheckpointError(f"{run.ckpt_path} holds an arch={saved_arch} run, this run asks for "
+                                  f"arch={run.cfg.model.arch}: resume with arch={saved_arch}, or use a new output_dir")
+        raise CheckpointError(f"{run.ckpt_path} does not fit this run's model ({part}: {mismatch}): resume "
+                              f"with the settings in {run.output_dir / 'config.yaml'}, or use a new output_dir")
+
+
+def _state_dict_mismatch(saved: dict, here: dict) -> str | None:
+    missing = [k for k in here if k not in saved]
+    unexpected = [k for k in saved if k not in here]
+    reshaped = [k for k in here if k in saved and tuple(saved[k].shape) != tuple(here[k].shape)]
+    if not (missing or unexpected or reshaped):
+        return None
+    parts = [f"{len(keys)} {what} (e.g. {keys[0]})" for keys, what in
+             ((missing, "missing"), (unexpected, "unexpected")) if keys]
+    if reshaped:
+        k = reshaped[0]
+        parts.append(f"{len(reshaped)} of another shape (e.g. {k}: saved {tuple(saved[k].shape)}, "
+                     f"here {tuple(here[k].shape)})")
+    return ", ".join(parts)
+
+
+def _open_logs(run: _Run, resumed: dict | None, lock: OutputDirLock | None) -> None:
+    """config.yaml, log.jsonl and TensorBoard, written only now that the run is accepted."""
+    cfg = run.cfg
+    run.logger = logger = RunLogger(run.output_dir, enabled=run.is_main, tensorboard=cfg.run.tensorboard)
+    run.counters.t_last = time.perf_counter()
+    if not run.is_main:
+        return
+    (run.output_dir / "config.yaml").write_text(cfg.to_yaml())
+    if lock is not None and lock.took_over is not None:
+        old = lock.took_over
+        print(f"[ssl_xcit] took over the lock of a training that is gone ({old.describe()})", flush=True)
+        logger.event("lock_taken_over", host=old.host, pid=old.pid, since=old.since)
+    if resumed is None:
+        logger.event("start", images=len(run.dataset), world_size=run.world_size,
+                     steps_per_epoch=run.steps_per_epoch, total_steps=run.total_steps, arch=cfg.model.arch)
+        return
+    print(f"[ssl_xcit] resumed from {resumed['checkpoint']} at global step {resumed['global_step']} "
+          f"(epoch {resumed['epoch']}, step {resumed['step']} of {run.steps_per_epoch})", flush=True)
+    if resumed["converted_from_steps_per_epoch"] is not None:
+        print(f"[ssl_xcit] the checkpoint had {resumed['converted_from_steps_per_epoch']} steps per epoch: "
+              "same images of the epoch done, position converted (lr schedule scaled to the new global batch)",
+              flush=True)
+    logger.event("resume", **resumed)
+
+
+def _train_epochs(run: _Run, stop_requested: Callable[[], bool] | None) -> TrainResult:
+    """The epochs from the run's position to ``total_steps``; returns early on a stop request."""
+    while run.global_step < run.total_steps:
+        if _train_one_epoch(run, stop_requested):
+            return TrainResult("stopped", run.epoch, run.global_step, run.last_ckpt, run.last_loss)
+        _end_epoch(run)
+    if run.is_main:
+        run.logger.event("finished", global_step=run.global_step, checkpoint=str(run.ckpt_path))
+    return TrainResult("finished", run.epoch, run.global_step, run.last_ckpt or run.ckpt_path, run.last_loss)
+
+
+def _train_one_epoch(run: _Run, stop_requested: Callable[[], bool] | None) -> bool:
+    """The steps of one epoch from the run's position. True when a stop was requested (and saved)."""
+    cfg, spe = run.cfg, run.steps_per_epoch
+    epoch, start_step = divmod(run.global_step, spe)
+    run.sampler.set_epoch(epoch)
+    run.sampler.set_start_step(start_step)
+    steps_this_epoch = min(spe, run.total_steps - epoch * spe)
+    progress = _progress(run.is_main, start_step, steps_this_epoch, epoch, cfg.optim.epochs)
     try:
-        while global_step < total_steps:
-            epoch, start_step = divmod(global_step, steps_per_epoch)
-            sampler.set_epoch(epoch)
-            sampler.set_start_step(start_step)
-            steps_this_epoch = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
-            progress = _progress(is_main, start_step, steps_this_epoch, epoch, cfg.optim.epochs)
-            for batch in loader:
-                if global_step >= total_steps or global_step - epoch * steps_per_epoch >= steps_this_epoch:
-                    break
-                skipped_images += batch.n_skipped
-                if dist_utils.any_rank(batch.is_empty, device):
-                    # every image of some rank's batch was unreadable: all ranks skip the step together
-                    global_step += 1
-                    continue
-                crops = [c.to(device, non_blocking=True) for c in batch.crops]
-                hp = StepHParams(lr=float(schedules.lr[global_step]),
-                                 weight_decay=float(schedules.weight_decay[global_step]),
-                                 teacher_momentum=float(schedules.teacher_momentum[global_step]),
-                                 epoch=epoch, clip_grad=cfg.optim.clip_grad,
-                                 freeze_last_layer=cfg.optim.freeze_last_layer)
-                out = train_step(crops, student_ddp, teacher, dino_loss, optimizer, scaler, hp,
-                                 cfg.run.precision)
-                loss_value = out.loss.item()
-                stop_here = stop_requested() if stop_requested is not None else False
-                bad_loss, stop_here = dist_utils.any_rank_flags(not math.isfinite(loss_value), stop_here, device=device)
-                if bad_loss:
-                    raise NonFiniteLossError(
-                        f"non-finite loss ({loss_value}) at global step {global_step} (epoch {epoch}); "
-                        f"stopping without overwriting {ckpt_path}. Lower lr, raise warmup, or use fp32.")
-                global_step += 1
-                last_loss = loss_value
-                images_seen += batch.crops[0].shape[0] * world_size
-                if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{hp.lr:.2e}")
-                if global_step % cfg.run.log_every_steps == 0 or global_step == total_steps:
-                    now = time.perf_counter()
-                    values = {"loss": loss_value, "lr": hp.lr, "weight_decay": hp.weight_decay,
-                              "teacher_momentum": hp.teacher_momentum,
-                              "teacher_temp": float(dino_loss.temperature(epoch)),
-                              "grad_norm": out.grad_norm.item(),
-                              "teacher_entropy": out.teacher_entropy.item(),
-                              "teacher_kl_uniform": out.teacher_kl_uniform.item(),
-                              "images_per_s": images_seen / max(now - t_last, 1e-9)}
-                    logger.scalars(global_step, values, epoch)
-                    _warn_if_collapsed(values, cfg.model.out_dim, global_step, logger, is_main)
-                    images_seen, t_last = 0, now
-                if stop_here:
-                    last_ckpt = save()
-                    status = "stopped"
-                    if is_main:
-                        print(f"[ssl_xcit] stop requested: saved {ckpt_path} at global step {global_step}",
-                              flush=True)
-                        logger.event("stopped", global_step=global_step, checkpoint=str(ckpt_path))
-                    return TrainResult(status, global_step // steps_per_epoch, global_step, last_ckpt, last_loss)
-                if cfg.run.save_every_steps and global_step % cfg.run.save_every_steps == 0:
-                    last_ckpt = save()
+        for batch in run.loader:
+            if run.global_step >= run.total_steps or run.global_step - epoch * spe >= steps_this_epoch:
+                break
+            if _count_batch(run, batch):
+                continue    # every image of some rank's batch was unreadable: all ranks skip the step
+            hp = StepHParams(lr=float(run.schedules.lr[run.global_step]),
+                             weight_decay=float(run.schedules.weight_decay[run.global_step]),
+                             teacher_momentum=float(run.schedules.teacher_momentum[run.global_step]),
+                             epoch=epoch, clip_grad=cfg.optim.clip_grad,
+                             freeze_last_layer=cfg.optim.freeze_last_layer)
+            crops = [c.to(run.device, non_blocking=True) for c in batch.crops]
+            loss = forward_loss(crops, run.student_ddp, run.teacher, run.dino_loss, hp, cfg.run.precision)
+            loss_value = loss.item()
+            stop_here = stop_requested() if stop_requested is not None else False
+            bad_loss, stop_here = dist_utils.any_rank_flags(not math.isfinite(loss_value), stop_here,
+                                                            device=run.device)
+            if bad_loss:   # before backward, as DINO: no update from this batch reaches the weights
+                raise NonFiniteLossError(f"non-finite loss ({loss_value}) at global step {run.global_step} "
+                                         f"(epoch {epoch}): stopped, no update applied; {_checkpoint_holds(run)}. "
+                                         "Lower lr, raise warmup_epochs, set clip_grad, or use fp32")
+            out = apply_update(loss, run.student_ddp, run.teacher, run.dino_loss, run.optimizer, run.scaler, hp,
+                               run.clip_groups)
+            run.global_step += 1
+            run.last_loss = loss_value
+            run.counters.images_seen += batch.crops[0].shape[0] * run.world_size
             if progress is not None:
-                progress.close()
-            end_of_epoch = global_step % steps_per_epoch == 0
-            if end_of_epoch or global_step >= total_steps:
-                done_epoch = (global_step - 1) // steps_per_epoch
-                keep = (f"checkpoint{done_epoch:04d}.pth" if end_of_epoch and cfg.run.saveckp_freq
-                        and (done_epoch + 1) % cfg.run.saveckp_freq == 0 else None)
-                last_ckpt = save(keep)
-                skipped = int(dist_utils.all_reduce_sum(
-                    torch.tensor([skipped_images], dtype=torch.float64, device=device)).item())
-                if skipped and is_main:
-                    print(f"[ssl_xcit] epoch {done_epoch}: skipped {skipped} unreadable images "
-                          "(warnings above name them)", flush=True)
-                logger.event("epoch_end", epoch=done_epoch, global_step=global_step, loss=last_loss,
-                             skipped_images=skipped)
-                skipped_images = 0
-                logger.flush()
-        if is_main:
-            logger.event("finished", global_step=global_step, checkpoint=str(ckpt_path))
-        return TrainResult(status, global_step // steps_per_epoch, global_step, last_ckpt or ckpt_path, last_loss)
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{hp.lr:.2e}")
+            if run.global_step % cfg.run.log_every_steps == 0 or run.global_step == run.total_steps:
+                _log_step(run, hp, out, loss_value, epoch)
+            if stop_here:
+                _save(run)
+                if run.is_main:
+                    print(f"[ssl_xcit] stop requested: saved {run.ckpt_path} at global step {run.global_step}",
+                          flush=True)
+                    run.logger.event("stopped", global_step=run.global_step, checkpoint=str(run.ckpt_path))
+                return True
+            if cfg.run.save_every_steps and run.global_step % cfg.run.save_every_steps == 0:
+                _save(run)
     finally:
-        logger.close()
+        if progress is not None:
+            progress.close()
+    return False
+
+
+def _count_batch(run: _Run, batch: Batch) -> bool:
+    """Count loaded and unreadable images; True (on every rank) when the step must be skipped."""
+    c = run.counters
+    c.epoch_loaded += len(batch)
+    c.epoch_skipped += batch.n_skipped
+    c.run_loaded += len(batch)
+    c.run_skipped += batch.n_skipped
+    if not dist_utils.any_rank(batch.is_empty, run.device):
+        c.empty_steps_in_a_row = 0
+        return False
+    run.global_step += 1
+    c.empty_steps_in_a_row += 1
+    if c.empty_steps_in_a_row >= MAX_EMPTY_STEPS_IN_A_ROW:
+        loaded, skipped = _all_ranks_sum(run, c.run_loaded, c.run_skipped)
+        raise DataSetError(_unreadable_message(run, loaded, skipped, extra=f"{c.empty_steps_in_a_row} steps "
+                                               "in a row had a batch without one readable image"))
+    return True
+
+
+def _log_step(run: _Run, hp: StepHParams, out, loss_value: float, epoch: int) -> None:
+    """One log record (log.jsonl, TensorBoard) and the health warnings that read it."""
+    c, cfg = run.counters, run.cfg
+    now = time.perf_counter()
+    values = {"loss": loss_value, "lr": hp.lr, "weight_decay": hp.weight_decay,
+              "teacher_momentum": hp.teacher_momentum,
+              "teacher_temp": float(run.dino_loss.temperature(epoch)),
+              "grad_norm": out.grad_norm.item(),
+              "teacher_entropy": out.teacher_entropy.item(),
+              "teacher_kl_uniform": out.teacher_kl_uniform.item(),
+              "images_per_s": c.images_seen / max(now - c.t_last, 1e-9)}
+    run.logger.scalars(run.global_step, values, epoch)
+    _warn_if_collapsed(values, cfg.model.out_dim, run.global_step, run.logger, run.is_main)
+    if not c.warned_diverging:
+        c.warned_diverging = _warn_if_diverging(values, cfg.model.out_dim, run.global_step, run.logger,
+                                                run.is_main, lr=cfg.optim.lr)
+    _warn_if_mostly_unreadable(run, c.run_loaded, c.run_skipped, min_tried=16)
+    c.images_seen, c.t_last = 0, now
+
+
+def _end_epoch(run: _Run) -> None:
+    """At an epoch's end (or the run's): check that images loaded, save, log the epoch."""
+    spe, c = run.steps_per_epoch, run.counters
+    end_of_epoch = run.global_step % spe == 0
+    if not (end_of_epoch or run.global_step >= run.total_steps):
+        return
+    done_epoch = (run.global_step - 1) // spe
+    loaded, skipped = _all_ranks_sum(run, c.epoch_loaded, c.epoch_skipped)
+    if loaded == 0:
+        raise DataSetError(_unreadable_message(run, loaded, skipped))
+    _warn_if_mostly_unreadable(run, loaded, skipped, min_tried=1)
+    keep = (f"checkpoint{done_epoch:04d}.pth" if end_of_epoch and run.cfg.run.saveckp_freq
+            and (done_epoch + 1) % run.cfg.run.saveckp_freq == 0 else None)
+    _save(run, keep)
+    if skipped and run.is_main:
+        print(f"[ssl_xcit] epoch {done_epoch}: skipped {skipped} unreadable images "
+              "(warnings above name them)", flush=True)
+    run.logger.event("epoch_end", epoch=done_epoch, global_step=run.global_step, loss=run.last_loss,
+                     skipped_images=skipped)
+    c.epoch_loaded = c.epoch_skipped = 0
+    run.logger.flush()
+
+
+def _all_ranks_sum(run: _Run, *counts: int) -> tuple[int, ...]:
+    total = dist_utils.all_reduce_sum(torch.tensor(counts, dtype=torch.float64, device=run.device))
+    return tuple(int(v) for v in total.tolist())
+
+
+# ---- checkpoints
+
+def _checkpoint_state(run: _Run) -> dict:
+    rng_states = [capture_rng_state()]
+    if run.world_size > 1:   # every rank's RNG, so drop-path masks continue exactly on each rank
+        gathered: list = [None] * run.world_size
+        torch.distributed.all_gather_object(gathered, rng_states[0])
+        rng_states = gathered
+    gs, spe = run.global_step, run.steps_per_epoch
+    return {"student": run.student.state_dict(), "teacher": run.teacher.state_dict(),
+            "optimizer": run.optimizer.state_dict(), "dino_loss": run.dino_loss.state_dict(),
+            "scaler": run.scaler.state_dict() if run.scaler is not None else {},
+            "epoch": gs // spe, "global_step": gs,
+            "steps_per_epoch": spe, "rng": rng_states, "config": run.cfg.to_dict(),
+            # the data position in sampler terms, so a run with another global batch can resume
+            "sampler": {**run.sampler.state_dict(), "epoch": gs // spe, "start_step": gs % spe}}
+
+
+def _save(run: _Run, extra_name: str | None = None) -> Path:
+    """Write checkpoint.pth (and ``extra_name``) atomically; never weights that are not finite."""
+    (bad,) = dist_utils.any_rank_flags(not _weights_finite(run), device=run.device)
+    if bad:
+        raise NonFiniteLossError(f"student or teacher weights are not finite after global step {run.global_step} "
+                                 f"(last loss {run.last_loss:.4g}): stopped without saving them; "
+                                 f"{_checkpoint_holds(run)}. Lower lr, raise warmup_epochs, or set clip_grad")
+    state = _checkpoint_state(run)   # collective under DDP: every rank takes part
+    if run.is_main:
+        save_checkpoint(state, run.ckpt_path)
+        if extra_name:
+            save_checkpoint(state, run.output_dir / extra_name)
+    dist_utils.barrier()
+    run.saved_step, run.last_ckpt = run.global_step, run.ckpt_path
+    return run.ckpt_path
+
+
+def _weights_finite(run: _Run) -> bool:
+    tensors = [t for model in (run.student, run.teacher) for t in model.state_dict().values()
+               if t.is_floating_point()]
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def _checkpoint_holds(run: _Run) -> str:
+    """What checkpoint.pth holds now, for messages that stop the run (they must be true)."""
+    if run.saved_step is None:
+        return f"no checkpoint was written ({run.ckpt_path} does not exist)"
+    return (f"{run.ckpt_path} holds global step {run.saved_step}, not overwritten (if the loss was already "
+            "climbing, resume from an earlier checkpoint or start again with another lr)")
+
+
+# ---- health checks: unreadable data, divergence, collapse
+
+def _unreadable_reasons(dataset: ImageFiles, limit: int = 200) -> tuple[int, str]:
+    """Load up to ``limit`` of the files (evenly spread) again and count why those that fail do:
+    (number checked, ``"20 x cannot identify image file, 3 x image file is truncated"``)."""
+    indices = np.linspace(0, len(dataset) - 1, min(limit, len(dataset))).round().astype(np.int64)
+    reasons: dict[str, int] = {}
+    for i in dict.fromkeys(indices.tolist()):
+        path = str(dataset.path(i))
+        try:
+            load_rgb(path)
+        except Exception as err:  # noqa: BLE001 - any failure is a reason to report
+            text = str(err).replace(repr(path), "").replace(path, "").strip(" :'\"") or type(err).__name__
+            reasons[text] = reasons.get(text, 0) + 1
+    ranked = sorted(reasons.items(), key=lambda kv: -kv[1])
+    summary = ", ".join(f"{n} x {text}" for text, n in ranked[:3])
+    if len(ranked) > 3:
+        summary += f", {sum(n for _, n in ranked[3:])} x other reasons"
+    return len(dict.fromkeys(indices.tolist())), summary
+
+
+def _unreadable_message(run: _Run, loaded: int, skipped: int, extra: str = "") -> str:
+    checked, reasons = _unreadable_reasons(run.dataset)
+    where = run.dataset.root
+    tried = loaded + skipped
+    if loaded == 0:
+        what = (f"all {tried} images of {where}" if tried == len(run.dataset)
+                else f"all {tried} images tried of the {len(run.dataset)} in {where}")
+    else:
+        what = f"{skipped} of {tried} images tried of {where}"
+    because = f"{reasons}" if checked >= len(run.dataset) else f"{checked} of them checked again: {reasons}"
+    extra = f"; {extra}" if extra else ""
+    return f"{what} failed to load ({because or 'no failure on a second look'}){extra}: nothing to train on"
+
+
+def _warn_if_mostly_unreadable(run: _Run, loaded: int, skipped: int, min_tried: int) -> None:
+    """Warn once when most images fail to load: the run trains on what is left, which may not be
+    what the user thinks (a missing codec, a folder of something else)."""
+    c, tried = run.counters, loaded + skipped
+    if c.warned_unreadable or not run.is_main or tried < min_tried or skipped < UNREADABLE_WARN_FRACTION * tried:
+        return
+    c.warned_unreadable = True
+    checked, reasons = _unreadable_reasons(run.dataset)
+    msg = (f"{skipped} of {tried} images tried failed to load ({checked} of {run.dataset.root} checked again: "
+           f"{reasons}); training on the rest. Fix or remove the unreadable files")
+    warnings.warn(msg, RuntimeWarning, stacklevel=2)
+    print(f"[ssl_xcit] warning: {msg}", flush=True)
+    run.logger.event("unreadable_images_warning", global_step=run.global_step, tried=tried, skipped=skipped,
+                     reasons=reasons)
 
 
 def _progress(is_main: bool, start: int, total: int, epoch: int, epochs: int):
@@ -359,3 +650,21 @@ def _warn_if_collapsed(values: dict, out_dim: int, step: int, logger: RunLogger,
                f"entropy {values['teacher_entropy']:.3f}, ln(out_dim) {ln_k:.3f})")
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
         logger.event("collapse_warning", global_step=step, kind=kind)
+
+
+def _warn_if_diverging(values: dict, out_dim: int, step: int, logger: RunLogger, is_main: bool,
+                       lr: float) -> bool:
+    """DINO's loss is a cross-entropy over ``out_dim`` prototypes: it starts near ln(out_dim) and a
+    healthy run stays near or below it. Far above it, the student's logits are blowing up: the run
+    diverges (usually too high a learning rate). True when it warned (the caller warns once)."""
+    ln_k = math.log(out_dim)
+    if not is_main or values["loss"] <= DIVERGED_LOSS_FACTOR * ln_k:
+        return False
+    msg = (f"run is diverging at global step {step}: loss {values['loss']:.2e} is "
+           f"{values['loss'] / ln_k:.0f}x ln(out_dim) {ln_k:.2f} (a healthy DINO loss stays near or below it). "
+           f"Likely cause: the learning rate is too high for this batch (lr={lr:g} per 256 images): "
+           "lower lr, raise warmup_epochs, or set clip_grad (DINO: 3.0)")
+    warnings.warn(msg, RuntimeWarning, stacklevel=2)
+    print(f"[ssl_xcit] warning: {msg}", flush=True)
+    logger.event("divergence_warning", global_step=step, loss=values["loss"], ln_out_dim=ln_k)
+    return True
