@@ -9,8 +9,8 @@ What is guaranteed, for every file written here (checkpoints, manifests, results
   unexpected pos"; the temp file is removed and the old file is left as it was;
 * a writer killed mid-write (kill -9, OOM killer, power loss) leaves its temp file
   ``.<name>.<host>.<pid>.<random>.tmp``; the next write to the same target removes the temp files of
-  writers on this host whose process is gone (never a live writer's; a file from another host is left,
-  its process cannot be checked from here);
+  writers on this host (and PID namespace) whose process is gone (never a live writer's; a file from
+  another host or container is left, its process cannot be checked from here);
 * a new file gets the mode a plain ``open()`` would give it under the umask (0644 under umask 022).
 """
 from __future__ import annotations
@@ -46,7 +46,14 @@ class DiskFullError(UserError, OSError):
 
 
 def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32] or "host"
+    """This machine (and, on Linux, its PID namespace: containers that share a host name but not their
+    process ids must not judge each other's writers)."""
+    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32] or "host"
+    try:
+        ns = re.sub(r"\D", "", os.readlink("/proc/self/ns/pid"))
+    except OSError:
+        ns = ""
+    return f"{host}-{ns}" if ns else host
 
 
 def _stem(path: Path) -> str:
