@@ -224,3 +224,47 @@ def test_brace_pattern_passes_resolve_data_path_unchanged(cifar_shards: Path):
     pattern = str(cifar_shards / "val" / "shard-{000000..000002}.tar")
     assert str(resolve_data_path(pattern)) == pattern
     assert resolve_data_path(cifar_shards / "val") == (cifar_shards / "val").resolve()
+
+
+def test_resume_on_another_number_of_ranks_reads_the_same_crops_from_shards(cifar_shards: Path, tmp_path):
+    """1 process, batch 4, stopped after 2 steps; resumed as 2 ranks x batch 2: from step 2 on the
+    two ranks' batches together are the single process's batches, crop for crop."""
+    import torch
+    from torch.utils.data import DataLoader
+    from torchvision import transforms as T
+    from ssl_xcit.data.sampler import ResumableDistributedSampler
+    ds = open_image_dataset(cifar_shards / "train", T.Compose([T.RandomResizedCrop(8), T.ToTensor()]),
+                            cache_dir=tmp_path).select(range(0, 200, 8))   # 25 images
+
+    def batches(sampler, batch):
+        return list(DataLoader(ds, batch_size=batch, sampler=sampler, collate_fn=collate_skip_corrupt))
+    one = ResumableDistributedSampler(len(ds), 4, seed=5)
+    whole = batches(one, 4)
+    state = one.state_dict(step=2)
+    ranks = []
+    for r in range(2):
+        s = ResumableDistributedSampler(len(ds), 2, num_replicas=2, rank=r, seed=5)
+        s.load_state_dict(state)
+        ranks.append(batches(s, 2))
+    assert len(ranks[0]) == len(whole) - 2
+    for step, (a, b) in enumerate(zip(*ranks), start=2):
+        got = {int(i): img for part in (a, b) for i, img in zip(part.indices, part.images)}
+        want = {int(i): img for i, img in zip(whole[step].indices, whole[step].images)}
+        assert got.keys() == want.keys() and all(torch.equal(got[i], want[i]) for i in want)
+
+
+@pytest.mark.heavy
+def test_make_shards_from_the_real_cifar_archive_matches_the_folder(cifar_root: Path, tmp_path: Path, monkeypatch):
+    """All 60,000 CIFAR-10 images: make_shards straight from ../shared/data/cifar10.tar.gz, then
+    every image's bytes and label equal the unpacked folder's (by SHA-256), split by split."""
+    import conftest
+    monkeypatch.setenv("SSL_XCIT_HOME", str(tmp_path / "home"))   # the archive unpacks here
+    result = ms.make_shards(conftest.CIFAR_TAR, tmp_path / "shards", "64MB", progress=False)
+    assert set(result) == {"train", "val"}
+    for split in ("train", "val"):
+        folder = ImageFiles(cifar_root / split, progress=False)
+        shards = ShardImages(tmp_path / "shards" / split)
+        assert len(shards) == len(folder) and shards.targets == folder.targets and shards.classes == folder.classes
+        want = [hashlib.sha256(folder.path(i).read_bytes()).digest() for i in range(len(folder))]
+        got = [hashlib.sha256(shards.read_bytes(i)).digest() for i in range(len(shards))]
+        assert got == want
