@@ -20,6 +20,7 @@ import submitit
 
 REQUEUE = "requeue"   # SLURM's warning signal (USR2 by default): time limit or preemption is near
 TERMINATE = "term"    # SIGTERM: scancel, or a preemption SLURM itself handles; save, do not requeue
+INTERRUPT = "interrupt"   # SIGINT (Ctrl-C) on a plain run: save and stop; a second one quits at once
 
 
 def requeue_signal() -> signal.Signals:
@@ -37,23 +38,49 @@ class StopSignals:
     The handler does nothing but append to a list: printing from a handler can raise a
     reentrant-write error when the main thread is printing too. ``stop_requested`` logs the first
     signal instead, from the loop's thread.
+
+    SLURM jobs install the requeue signal and SIGTERM. A plain run (``launch/train.py``, torchrun)
+    passes ``plain=True`` and ``install(interrupt=True)``: SIGINT (Ctrl-C) stops at the next step
+    boundary too, and a second SIGINT raises ``KeyboardInterrupt`` at once (nothing saved).
+    ``restore()`` puts back the handlers that were there before ``install``.
     """
 
-    def __init__(self, log: Callable[[str], None] = print) -> None:
+    def __init__(self, log: Callable[[str], None] = print, plain: bool = False) -> None:
         self.received: list[tuple[str, float]] = []
+        self.signums: list[int] = []
         self._log = log
+        self._plain = plain
         self._announced = False
+        self._previous: dict[int, object] = {}
 
-    def install(self) -> "StopSignals":
-        signal.signal(requeue_signal(), self._on_requeue)
-        signal.signal(signal.SIGTERM, self._on_term)
+    def install(self, interrupt: bool = False) -> "StopSignals":
+        handlers = {requeue_signal(): self._on_requeue, signal.SIGTERM: self._on_term}
+        if interrupt:
+            handlers[signal.SIGINT] = self._on_interrupt
+        for sig, handler in handlers.items():
+            self._previous[sig] = signal.signal(sig, handler)
         return self
 
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _record(self, reason: str, signum: int) -> None:
+        self.received.append((reason, time.time()))
+        self.signums.append(signum)
+
     def _on_requeue(self, signum: int, frame: object) -> None:
-        self.received.append((REQUEUE, time.time()))
+        self._record(REQUEUE, signum)
 
     def _on_term(self, signum: int, frame: object) -> None:
-        self.received.append((TERMINATE, time.time()))
+        self._record(TERMINATE, signum)
+
+    def _on_interrupt(self, signum: int, frame: object) -> None:
+        if INTERRUPT in self.reasons:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt   # the second Ctrl-C: quit now, without saving
+        self._record(INTERRUPT, signum)
 
     @property
     def reasons(self) -> list[str]:
@@ -62,9 +89,16 @@ class StopSignals:
     def stop_requested(self) -> bool:
         if self.received and not self._announced:
             self._announced = True
-            names = {REQUEUE: f"SIG{submitit.JobEnvironment.USR_SIG} (time limit or preemption)",
-                     TERMINATE: "SIGTERM (cancelled or preempted)"}
-            self._log(f"[cluster] caught {', '.join(names[r] for r in self.reasons)}: "
+            usr = f"SIG{submitit.JobEnvironment.USR_SIG}"
+            if self._plain:
+                names = {REQUEUE: usr, TERMINATE: "SIGTERM",
+                         INTERRUPT: "SIGINT (Ctrl-C again quits at once, without saving)"}
+                prefix = "[ssl_xcit]"
+            else:
+                names = {REQUEUE: f"{usr} (time limit or preemption)", TERMINATE: "SIGTERM (cancelled or preempted)",
+                         INTERRUPT: "SIGINT"}
+                prefix = "[cluster]"
+            self._log(f"{prefix} caught {', '.join(names[r] for r in self.reasons)}: "
                       "stopping at this step boundary to save a checkpoint")
         return bool(self.received)
 

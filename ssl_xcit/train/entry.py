@@ -1,17 +1,33 @@
-"""The training entry point shared by ``launch/train.py``, torchrun and the SLURM launcher."""
+"""The training entry point shared by ``launch/train.py``, torchrun and the SLURM launcher.
+
+Light on import: the parser and the config (YAML only) load without torch, so ``--help`` and config
+errors answer at once; torch and the loop load only once the config is valid.
+
+Outside SLURM, SIGTERM, SIGUSR2 and Ctrl-C stop the run at the next step boundary with a saved
+checkpoint; the process then exits with status 128 + the signal number (143, 140, 130), so that a
+shell or a scheduler sees an unfinished run, and running the same command again resumes it. A
+second Ctrl-C quits at once without saving. (SLURM jobs handle their signals in
+:class:`ssl_xcit.cluster.tasks.TrainTask`, which also requeues.)
+"""
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from ssl_xcit import distributed as dist_utils
-from ssl_xcit.train.config import ConfigError, load_config, DinoConfig
-from ssl_xcit.train.loop import TrainResult, train
+from ssl_xcit.train.config import DinoConfig, load_config
+
+if TYPE_CHECKING:
+    from ssl_xcit.train.loop import TrainResult
 
 
-def run_training(cfg: DinoConfig, stop_requested: Callable[[], bool] | None = None) -> TrainResult:
+def run_training(cfg: DinoConfig, stop_requested: Callable[[], bool] | None = None) -> "TrainResult":
     """Join the process group described by the environment (if any), train, leave the group."""
+    from ssl_xcit import distributed as dist_utils
+    from ssl_xcit.train.loop import train
+
     dist_utils.init_distributed(cfg.run.device)
     try:
         return train(cfg, stop_requested=stop_requested)
@@ -24,7 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="launch/train.py",
         description="DINO pretraining of an XCiT on a folder of images (no labels needed). "
                     "Runs alone, or under torchrun for several GPUs/nodes; resumes from the "
-                    "checkpoint in output_dir when there is one.",
+                    "checkpoint in output_dir when there is one. SIGTERM, SIGUSR2 or Ctrl-C save "
+                    "a checkpoint at the next step and exit with status 128 + signal number "
+                    "(Ctrl-C twice: at once, unsaved). Known errors: one line, exit status 2 "
+                    "(--debug shows the traceback).",
         epilog="example: python launch/train.py --config configs/quickstart.yaml "
                "data_path=../shared/data/cifar10.tar.gz output_dir=runs/quick epochs=2")
     parser.add_argument("--config", help="YAML recipe (configs/*.yaml); defaults are DINO's")
@@ -33,11 +52,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> TrainResult:
+def main(argv: list[str] | None = None) -> int:
+    """Parse, load the config, train; returns the exit status (0 finished, 128 + signum stopped).
+
+    Known errors (a bad config, a refused resume, unreadable data) raise
+    :class:`ssl_xcit.errors.UserError`; :func:`ssl_xcit.cli.run` prints them as one line.
+    """
     args = build_parser().parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    from ssl_xcit.cluster.stopping import StopSignals   # submitit, not torch
+
+    is_rank0 = os.environ.get("RANK", "0") in ("", "0")
+    quiet: Callable[[str], None] = lambda _msg: None   # noqa: E731
+    signals = StopSignals(log=(lambda msg: print(msg, flush=True)) if is_rank0 else quiet, plain=True)
+    signals.install(interrupt=True)
     try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    return run_training(cfg)
+        result = run_training(cfg, stop_requested=signals.stop_requested)
+    finally:
+        signals.restore()
+    if result.status != "stopped":
+        return 0
+    signum = signals.signums[0] if signals.signums else signal.SIGTERM
+    if is_rank0:
+        print(f"launch/train.py: stopped on {signal.Signals(signum).name}: {result.checkpoint} holds global "
+              f"step {result.global_step}; run the same command to resume", file=sys.stderr, flush=True)
+    return 128 + int(signum)
