@@ -97,12 +97,26 @@ class RunConfig:
 
 
 @dataclass
+class EvalConfig:
+    """k-NN of the teacher while training (ssl_xcit.train.monitor): off unless eval_every_* > 0."""
+    eval_every_epochs: int = 0               # >0: k-NN every N epochs (at the epoch's end)
+    eval_every_steps: int = 0                # >0: k-NN every N optimizer steps
+    eval_data_path: str = ""                 # ImageFolder (or .tar.gz of one) with train/ and val/
+    eval_max_images: int = 0                 # >0: at most N images of train/ and N of val/, evenly spread
+    eval_knn_k: int = 20                     # neighbours of DINO's weighted vote (T = 0.07)
+    eval_crop_size: int = 0                  # 0: global_crops_size (the training resolution)
+    eval_resize: int = 0                     # shorter side before the crop; 0: crop * 256 / 224 (DINO)
+    eval_batch_size: int = 128
+
+
+@dataclass
 class DinoConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     dino: DinoLossConfig = field(default_factory=DinoLossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -289,6 +303,19 @@ def arch_patch_size(arch: str) -> int | None:
         return None
 
 
+def _validate_eval(e: EvalConfig) -> None:
+    for name in ("eval_every_epochs", "eval_every_steps", "eval_max_images", "eval_crop_size", "eval_resize"):
+        if getattr(e, name) < 0:
+            raise ConfigError(f"{name} must be >= 0, got {getattr(e, name)}")
+    for name in ("eval_knn_k", "eval_batch_size"):
+        if getattr(e, name) <= 0:
+            raise ConfigError(f"{name} must be positive, got {getattr(e, name)}")
+    if (e.eval_every_epochs or e.eval_every_steps) and not e.eval_data_path:
+        raise ConfigError("eval_every_epochs / eval_every_steps need eval_data_path=<folder with train/ and val/>")
+    if e.eval_crop_size and e.eval_resize and e.eval_resize < e.eval_crop_size:
+        raise ConfigError(f"eval_resize ({e.eval_resize}) must be >= eval_crop_size ({e.eval_crop_size})")
+
+
 def validate(cfg: DinoConfig) -> DinoConfig:
     """Cross-field checks with messages a user can act on."""
     m, d, l, o, r = cfg.model, cfg.data, cfg.dino, cfg.optim, cfg.run
@@ -330,6 +357,7 @@ def validate(cfg: DinoConfig) -> DinoConfig:
     for name in ("saveckp_freq", "save_every_steps", "max_steps"):
         need(getattr(r, name) >= 0, f"{name} must be >= 0")
     need(r.log_every_steps > 0, "log_every_steps must be positive")
+    _validate_eval(cfg.eval)
     try:
         from ssl_xcit.models.zoo import resolve_arch  # light import: the zoo table only
     except ImportError:

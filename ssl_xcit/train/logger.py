@@ -28,15 +28,16 @@ class RunLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps(record, default=_plain) + "\n")
 
-    def scalars(self, step: int, values: dict[str, float], epoch: int) -> None:
-        """One training-progress record: to log.jsonl and TensorBoard (``train/<name>``)."""
+    def scalars(self, step: int, values: dict[str, float], epoch: int, group: str = "train") -> None:
+        """One progress record: to log.jsonl (``event: group``) and TensorBoard (``<group>/<name>``);
+        ``group="knn"`` for the k-NN monitor (ssl_xcit.train.monitor)."""
         if not self.enabled:
             return
-        self._write({"event": "train", "time": time.time(), "global_step": step, "epoch": epoch, **values})
+        self._write({"event": group, "time": time.time(), "global_step": step, "epoch": epoch, **values})
         if self._tb is not None:
             for name, value in values.items():
                 if isinstance(value, (int, float)) and math.isfinite(value):
-                    self._tb.add_scalar(f"train/{name}", value, step)
+                    self._tb.add_scalar(f"{group}/{name}", value, step)
 
     def event(self, name: str, **fields: Any) -> None:
         self._write({"event": name, "time": time.time(), **fields})
