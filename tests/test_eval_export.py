@@ -218,6 +218,13 @@ def test_resume_with_another_checkpoint_is_refused(cifar_small, tmp_path, monkey
     assert sha_a[:16] in msg and sha_b[:16] in msg and str(ckpt) in msg, msg
     assert "--overwrite" in msg and "--out" in msg and "\n" not in msg
     assert _files(out) == before and done == [0]  # nothing written, nothing mixed
+    manifest_file = out / "manifest.json"
+    older = json.loads(manifest_file.read_text())  # as an export by an ssl_xcit without hashes
+    older["config"]["source"].pop("checkpoint_sha256")
+    manifest_file.write_text(json.dumps(older))
+    with pytest.raises(export.ExportError, match="no file hash recorded.*mix two models"):
+        export.main(argv)
+    manifest_file.write_bytes(before["manifest.json"])
 
     assert _tiny_checkpoint(ckpt, seed=1) == sha_a  # the original file again: resumes
     manifest = export.main(argv)

@@ -198,10 +198,11 @@ def _check_existing(out_dir: Path, base: dict) -> None:
     old_src, new_src = old.get("config", {}).get("source", {}), base["config"]["source"]
     old_sha, new_sha = old_src.get("checkpoint_sha256"), new_src.get("checkpoint_sha256")
     if (old_sha or new_sha) and old_sha != new_sha:
-        raise ExportError(
-            f"{out_dir} holds features of checkpoint {old_src.get('checkpoint')} with sha256 "
-            f"{str(old_sha)[:16]}..., but {new_src.get('checkpoint')} now has sha256 {str(new_sha)[:16]}...: "
-            f"resuming would mix two models; {_START_OVER}")
+        def ident(src: dict, sha: str | None) -> str:
+            what = f"checkpoint {src.get('checkpoint')}"
+            return f"{what} with sha256 {sha[:16]}..." if sha else f"{what} (no file hash recorded)"
+        raise ExportError(f"{out_dir} holds features of {ident(old_src, old_sha)}, but this export reads "
+                          f"{ident(new_src, new_sha)}: resuming would mix two models; {_START_OVER}")
     old_w, new_w = old.get("model", {}).get("weights_sha256"), base["model"]["weights_sha256"]
     if old_w != new_w:
         was = f"weights sha256 {old_w[:16]}..." if old_w else "weights not recorded (older ssl_xcit)"
@@ -396,13 +397,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _checkpoint_identity(checkpoint: str) -> tuple[str | None, tuple | None]:
-    """sha256 and (inode, size, mtime) of a checkpoint file; ``(None, None)`` for a model name."""
+def _file_version(checkpoint: str) -> tuple | None:
+    """(inode, size, mtime) of a checkpoint file, ``None`` for a model name: tells a replaced file."""
     path = Path(checkpoint).expanduser()
     if not path.is_file():
-        return None, None
+        return None
     st = path.stat()
-    return file_sha256(path), (st.st_ino, st.st_size, st.st_mtime_ns)
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -422,10 +423,11 @@ def main(argv: list[str] | None = None) -> dict:
     env = common.setup_env(args.device, args.seed)
     try:
         dataset = common.open_images(folder, common.eval_transform(args.crop_size, args.resize))
-        sha, stat = _checkpoint_identity(args.checkpoint)  # before loading: what the features come from
+        version = _file_version(args.checkpoint)  # the file hashed must be the file loaded
+        sha = file_sha256(Path(args.checkpoint).expanduser()) if version is not None else None
         model = common.load_frozen_backbone(args.checkpoint, args.arch, args.checkpoint_key, env.device,
                                             seed=args.seed)
-        if stat is not None and _checkpoint_identity(args.checkpoint)[1] != stat:
+        if _file_version(args.checkpoint) != version:
             raise ExportError(f"{args.checkpoint} changed while it was read (a training still writing it?); "
                               "run the export again once it is stable")
         formats = FORMATS if args.format == "both" else (args.format,)
