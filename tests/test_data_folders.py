@@ -327,3 +327,16 @@ def test_listing_cache_is_built_once_when_ranks_start_together(tmp_path: Path, m
         t.join()
     assert len(scans) == 1 and len(results) == 4 and all(r.files == results[0].files for r in results)
     assert not list((tmp_path / "cache").glob("*.lock"))
+
+
+def test_listing_cache_sees_a_file_added_within_the_same_clock_tick(tmp_path: Path):
+    """Folder mtimes move in coarse ticks: a file added right after the scan can leave the mtime
+    as the cache recorded it. Simulated by restoring the mtime; the new image must still be seen."""
+    root = tmp_path / "data"
+    _save(root / "cls" / "0.png", fmt="PNG")
+    cache = tmp_path / "cache"
+    assert load_listing(root, cache_dir=cache, progress=False).files == ["cls/0.png"]
+    before = os.stat(root / "cls").st_mtime_ns
+    _save(root / "cls" / "1.png", fmt="PNG")
+    os.utime(root / "cls", ns=(before, before))
+    assert load_listing(root, cache_dir=cache, progress=False).files == ["cls/0.png", "cls/1.png"]

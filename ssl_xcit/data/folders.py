@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -159,15 +160,48 @@ def _listing_cache_file(cache_dir: str | os.PathLike, root: str, exts: tuple[str
     return Path(cache_dir) / f"listing-{Path(root).name}-{key}.json"
 
 
-def _cache_still_valid(root: str, dir_mtimes: dict[str, int]) -> bool:
-    """A folder's mtime changes when an entry is added, removed or renamed in it."""
+# Folder mtimes tick with the kernel's coarse clock (milliseconds), so an entry added within the
+# same tick as the scan may leave the mtime unchanged. Folders changed less than this long before
+# the scan began are "racy" (as git calls such index entries): their entries are listed again.
+_RACY_NS = 2_000_000_000
+
+
+def _racy_dirs_unchanged(root: str, racy: set[str], files: list[str], dir_mtimes: dict[str, int],
+                         exts: tuple[str, ...]) -> bool:
+    """Re-list only the racy folders and compare with what the cached listing holds for them."""
+    expected: dict[str, set[str]] = {d: set() for d in racy}
+    for rel in files:
+        parent, name = os.path.split(rel)
+        if (parent or ".") in expected:
+            expected[parent or "."].add(name)
+    for rel in dir_mtimes:
+        parent, name = os.path.split(rel)
+        if rel != "." and (parent or ".") in expected:
+            expected[parent or "."].add(name)
+    for rel in racy:
+        try:
+            with os.scandir(os.path.join(root, rel)) as it:
+                found = {e.name for e in it if not e.name.startswith(".")
+                         and (e.is_dir() or (e.is_file() and _is_image(e.name, exts)))}
+        except OSError:
+            return False
+        if found != expected[rel]:
+            return False
+    return True
+
+
+def _cache_still_valid(root: str, dir_mtimes: dict[str, int], scanned_at_ns: int = 0,
+                       files: list[str] | None = None, exts: tuple[str, ...] = IMAGE_EXTENSIONS) -> bool:
+    """A folder's mtime changes when an entry is added, removed or renamed in it (racy folders,
+    changed just before the scan, are listed again)."""
     for rel, mtime in dir_mtimes.items():
         try:
             if os.stat(os.path.join(root, rel)).st_mtime_ns != mtime:
                 return False
         except OSError:
             return False
-    return True
+    racy = {rel for rel, mtime in dir_mtimes.items() if mtime >= scanned_at_ns - _RACY_NS}
+    return not racy or _racy_dirs_unchanged(root, racy, files or [], dir_mtimes, exts)
 
 
 def load_listing(root: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS,
@@ -200,13 +234,16 @@ def _cached_or_scanned(cache_file: Path, root_str: str, exts: tuple[str, ...], p
         try:
             data = json.loads(cache_file.read_text())
             if (data.get("version") == _LISTING_CACHE_VERSION and data.get("root") == root_str
-                    and _cache_still_valid(root_str, data["dir_mtimes"])):
+                    and _cache_still_valid(root_str, data["dir_mtimes"], data.get("scanned_at_ns", 0),
+                                          data["files"], exts)):
                 return Listing(files=data["files"], labels=data["labels"], classes=data["classes"],
                                dir_mtimes=data["dir_mtimes"])
         except (OSError, ValueError, KeyError, TypeError) as err:
             logger.warning("ignoring unreadable listing cache %s: %s", cache_file, err)
+    scanned_at_ns = time.time_ns()
     listing = scan_images(root_str, exts, progress)
-    payload = {"version": _LISTING_CACHE_VERSION, "root": root_str, "files": listing.files,
+    payload = {"version": _LISTING_CACHE_VERSION, "root": root_str, "scanned_at_ns": scanned_at_ns,
+               "files": listing.files,
                "labels": listing.labels, "classes": listing.classes, "dir_mtimes": listing.dir_mtimes}
     try:
         atomic_write_text(cache_file, json.dumps(payload))
