@@ -253,6 +253,22 @@ def test_resume_on_another_number_of_ranks_reads_the_same_crops_from_shards(cifa
         assert got.keys() == want.keys() and all(torch.equal(got[i], want[i]) for i in want)
 
 
+def test_two_loader_workers_read_what_one_process_reads(cifar_shards: Path, tmp_path):
+    """Workers inherit the open shard descriptors (pread needs no shared file position)."""
+    import torch
+    from torch.utils.data import DataLoader
+    from torchvision import transforms as T
+    from ssl_xcit.data.sampler import ResumableDistributedSampler
+    ds = open_image_dataset(cifar_shards / "val", T.Compose([T.RandomResizedCrop(8), T.ToTensor()]),
+                            cache_dir=tmp_path)
+    ds[0]   # opens a shard in the parent before the workers fork
+    runs = [list(DataLoader(ds, batch_size=10, sampler=ResumableDistributedSampler(len(ds), 10, seed=1),
+                            num_workers=w, collate_fn=collate_skip_corrupt)) for w in (0, 2)]
+    assert len(runs[0]) == 10
+    for a, b in zip(*runs):
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.images, b.images)
+
+
 @pytest.mark.heavy
 def test_make_shards_from_the_real_cifar_archive_matches_the_folder(cifar_root: Path, tmp_path: Path, monkeypatch):
     """All 60,000 CIFAR-10 images: make_shards straight from ../shared/data/cifar10.tar.gz, then
