@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from ssl_xcit import cli
 from ssl_xcit.evaluate import options
@@ -153,6 +154,8 @@ CASES = [
                                      "--batch-size", "0"], "--batch-size must be positive"),
     ("eval/eval_classification.py", ["--model", ARCH, "--checkpoint", "none", "--data-path", "MISSING"],
      "folder not found"),
+    ("eval/eval_classification.py", ["--model", ARCH, "--checkpoint", "none", "--data-path", "DATA",
+                                     "--device", "gpu"], "--device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
     ("launch/quickstart.py", ["--data", "MISSING"], "or --download to fetch CIFAR-10"),
     ("launch/quickstart.py", ["--data", "DATA", "--knn-k", "0"], "--knn-k values must be positive"),
     ("launch/quickstart.py", ["--data", "DATA", "lr=inf"], "optim.lr must be a finite number"),
@@ -189,6 +192,18 @@ def test_nb_knn_larger_than_the_train_set_fails_before_extraction(cifar_small, c
     line = _one_line_error(capsys, lambda: cli.run(_tool_main("eval/eval_knn.py"), argv, prog="eval_knn"),
                            "eval_knn")
     assert "--nb-knn 500 exceeds the 200 train images" in line, line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+@pytest.mark.parametrize("script, argv", [
+    ("eval/eval_knn.py", ["--checkpoint", ARCH, "--data-path", "DATA", "--device", "cuda"]),
+    ("eval/eval_classification.py", ["--model", ARCH, "--checkpoint", "none", "--data-path", "DATA",
+                                     "--device", "cuda:0"]),
+])
+def test_cuda_without_a_gpu_is_one_line(script, argv, cifar_small, capsys):
+    argv = [str(cifar_small) if w == "DATA" else w for w in argv]
+    line = _one_line_error(capsys, lambda: cli.run(_tool_main(script), argv, prog=script), script)
+    assert "torch sees no CUDA GPU" in line, line
 
 
 @pytest.mark.parametrize("script, argv, expected", [

@@ -22,7 +22,6 @@ from typing import Sequence
 import torch
 from torch.utils.data import DataLoader, Subset
 from ssl_xcit.data.folders import Batch, ImageFiles, collate_skip_corrupt
-from ssl_xcit.distributed import pick_device
 from ssl_xcit.evaluate import options
 from ssl_xcit.evaluate.options import SPECIAL_CHECKPOINTS, EvalInputError
 
@@ -151,6 +150,7 @@ def run(cfg: ClassificationConfig) -> dict:
     """Library entry: evaluate and return the result dict (also printed as one line)."""
     options.check_model_name(cfg.model, "--model")  # unknown names fail before any data is touched
     options.check_positive(cfg.batch_size, "--batch-size")
+    device = options.pick_device(cfg.device)  # before minutes of work: cuda without a GPU fails here
     root = resolve_val_root(cfg.data_path)
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     model = _build_model(cfg, len(classes))
@@ -167,7 +167,6 @@ def run(cfg: ClassificationConfig) -> dict:
     dataset = ImageFiles(root, transform=eval_transform(model.data_config))
     idx = spread_subset(len(dataset), cfg.limit)
     data = dataset if idx is None else Subset(dataset, idx)
-    device = pick_device(cfg.device)
     loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate_skip_corrupt,
                         num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
     rank0 = int(os.environ.get("RANK", "0")) == 0

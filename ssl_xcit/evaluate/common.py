@@ -37,7 +37,7 @@ OUTPUT_NAMES = ("cls", "last_blocks", "avgpool", "patch")
 # flags and input checks live in the torch-free options module (fast --help); the tools and
 # export.py reach them through this module as before
 from ssl_xcit.evaluate.options import (EvalInputError, add_backbone_args, add_data_args,  # noqa: E402,F401
-                                       add_runtime_args, check_positive)
+                                       add_runtime_args, check_positive, pick_device)
 
 
 # --------------------------------------------------------------------------------------------- runtime
@@ -62,7 +62,7 @@ def setup_env(device: str = "auto", seed: int = 0) -> EvalEnv:
     """
     had_group = dist.is_available() and dist.is_initialized()
     info = du.init_distributed(device)
-    dev = du.pick_device(device, info.local_rank)
+    dev = pick_device(device, info.local_rank)  # cuda without a GPU: one line
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     seed_everything(seed)

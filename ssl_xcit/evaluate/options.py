@@ -182,6 +182,22 @@ def check_divisible(size: int, model: str, flag: str) -> None:
                              f"multiple of {patch} (e.g. {max(patch, size // patch * patch)})")
 
 
+def check_device(name: str) -> None:
+    """auto, cpu, cuda or cuda:N (whether a GPU is there is known only once torch is loaded)."""
+    if name not in ("auto", "cpu", "cuda") and not (name.startswith("cuda:") and name[5:].isdigit()):
+        raise EvalInputError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+
+
+def pick_device(name: str, local_rank: int | None = None):
+    """:func:`ssl_xcit.distributed.pick_device`, with "cuda but no GPU" as a one-line error."""
+    from ssl_xcit.distributed import pick_device as pick
+    check_device(name)
+    try:
+        return pick(name, local_rank)
+    except RuntimeError as err:  # cuda asked for, none visible
+        raise EvalInputError(f"--device {name}: {err}") from None
+
+
 def check_model_name(name: str, flag: str) -> None:
     from ssl_xcit.models.zoo import resolve  # the name table: no torch
     try:
@@ -293,6 +309,7 @@ def check_export_args(args: argparse.Namespace) -> None:
 
 def check_classification_args(args: argparse.Namespace) -> None:
     check_model_name(args.model, "--model")
+    check_device(args.device)
     if args.checkpoint not in SPECIAL_CHECKPOINTS:
         check_checkpoint(args.checkpoint, names_allowed=False)
     for name in ("batch_size", "limit", "img_size", "num_classes"):
