@@ -54,6 +54,8 @@ def test_bad_values_are_clear_errors(override, message):
 def test_missing_and_invalid_files(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="is a folder; give a recipe file"):
+        load_config(tmp_path)
     bad = tmp_path / "bad.yaml"
     bad.write_text("optim: [1, 2")
     with pytest.raises(ConfigError, match="not valid YAML"):

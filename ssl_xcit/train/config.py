@@ -261,6 +261,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     cfg = DinoConfig()
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a folder; give a recipe file (e.g. configs/quickstart.yaml)")
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
