@@ -79,11 +79,11 @@ def grid_figure(maps: AttentionMaps, path: str | Path, title: str = "", ncols: i
     panels: list[tuple[str, np.ndarray]] = []
     if maps.image is not None:
         panels.append(("image", maps.image))
-    panels.append((f"mean of heads, peak {_peak(maps.mean):.1f}x", heatmap_rgb(maps, maps.mean)))
+    panels.append((f"mean of heads, peak {_peak(maps.mean):.2f}x", heatmap_rgb(maps, maps.mean)))
     if maps.image is not None:
         panels.append((f"mean: {maps.threshold:.0%} mask", mask_overlay(maps, maps.mean_mask)))
     for i, h in enumerate(maps.heads):
-        panels.append((f"head {i}, peak {_peak(h):.1f}x, CLS {maps.cls_self[i]:.2f}", heatmap_rgb(maps, h)))
+        panels.append((f"head {i}, peak {_peak(h):.2f}x, CLS {maps.cls_self[i]:.2f}", heatmap_rgb(maps, h)))
     ncols = min(ncols, len(panels))
     nrows = math.ceil(len(panels) / ncols)
     aspect = maps.heads.shape[1] / maps.heads.shape[2]
@@ -141,7 +141,7 @@ def evolution_figure(rows: Sequence[tuple[str, Sequence[AttentionMaps]]], path: 
             heat = heatmap_rgb(m, m.mean).astype(np.float32)
             pic = heat if m.image is None else 0.35 * m.image.astype(np.float32) + 0.65 * heat
             axes[i, j].imshow(pic.round().astype(np.uint8), interpolation="nearest")
-            axes[i, j].text(0.03, 0.04, f"{_peak(m.mean):.1f}x", transform=axes[i, j].transAxes, fontsize=7,
+            axes[i, j].text(0.03, 0.04, f"{_peak(m.mean):.2f}x", transform=axes[i, j].transAxes, fontsize=7,
                             color="white", bbox=dict(facecolor="black", alpha=0.5, pad=1, lw=0))
         axes[i, 0].set_ylabel(label, fontsize=8)
     fig.suptitle("teacher's mean class-attention map per checkpoint (each map its own colour range; "
