@@ -223,7 +223,8 @@ def train(cfg: DinoConfig, stop_requested: Callable[[], bool] | None = None) -> 
         run = _build(cfg, rank, world_size, device)
         resumed = _resume(run)          # refuses before anything in output_dir is written
         _open_logs(run, resumed, lock)
-        return _train_epochs(run, stop_requested)
+        result = _train_epochs(run, stop_requested)
+        return result
     finally:
         if run is not None and run.logger is not None:
             run.logger.close()
@@ -237,7 +238,7 @@ def _lock_output_dir(output_dir: Path, rank: int, device: torch.device) -> Outpu
     if rank == 0:
         try:
             lock = OutputDirLock(output_dir).acquire()
-        except UserError as err:
+        except (UserError, OSError) as err:   # raised after the other ranks know, so none waits
             refusal = err
     (refused,) = dist_utils.any_rank_flags(refusal is not None, device=device)
     if refusal is not None:
@@ -398,7 +399,7 @@ def _train_epochs(run: _Run, stop_requested: Callable[[], bool] | None) -> Train
     while run.global_step < run.total_steps:
         if _train_one_epoch(run, stop_requested):
             return TrainResult("stopped", run.epoch, run.global_step, run.last_ckpt, run.last_loss)
-        _end_epoch(run)
+        _end_epoch(run)     # an epoch-boundary monitor (e.g. k-NN of run.teacher) goes after this line
     if run.is_main:
         run.logger.event("finished", global_step=run.global_step, checkpoint=str(run.ckpt_path))
     return TrainResult("finished", run.epoch, run.global_step, run.last_ckpt or run.ckpt_path, run.last_loss)
