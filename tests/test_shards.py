@@ -284,3 +284,17 @@ def test_make_shards_from_the_real_cifar_archive_matches_the_folder(cifar_root: 
         want = [hashlib.sha256(folder.path(i).read_bytes()).digest() for i in range(len(folder))]
         got = [hashlib.sha256(shards.read_bytes(i)).digest() for i in range(len(shards))]
         assert got == want
+
+
+def test_load_and_location_name_the_failing_member(tmp_path: Path):
+    shard = _write_shard(tmp_path / "a.tar", [("s0.jpg", _jpeg(1)), ("s1.jpg", b"not an image")])
+    ds = ShardImages([str(shard)])
+    assert ds.load(0).size == (8, 8) and ds.root == tmp_path
+    with pytest.raises(OSError):
+        ds.load(1)
+    with tarfile.open(shard) as tar:
+        assert ds.location(1) == f"{shard}@{tar.getmember('s1.jpg').offset_data}"
+    (tmp_path / "f").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "f" / "x.png")
+    folder = ImageFiles(tmp_path / "f", progress=False)
+    assert folder.location(0) == str(tmp_path / "f" / "x.png") and folder.load(0).mode == "RGB"

@@ -375,6 +375,14 @@ class ImageFiles(Dataset):
     def label(self, index: int) -> int:
         return int(self._targets[index])
 
+    def location(self, index: int) -> str:
+        """Where image ``index`` is stored, for messages (its path)."""
+        return str(self.path(index))
+
+    def load(self, index: int) -> Image.Image:
+        """Image ``index`` decoded as RGB; raises what decoding raises (``__getitem__`` skips instead)."""
+        return load_rgb(str(self.path(index)))
+
     def __len__(self) -> int:
         return len(self._files)
 

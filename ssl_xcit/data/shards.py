@@ -303,12 +303,15 @@ def load_shard_index(source: str | os.PathLike | Sequence[str], cache_dir: str |
 class ShardImages(Dataset):
     """Images in tar shards -> ``(sample, label, index)``, the interface of
     :class:`~ssl_xcit.data.folders.ImageFiles` (``__len__``, ``__getitem__`` with ``int`` or
-    ``(index, sample_seed)``, ``select``, ``targets``, ``classes``, ``None`` for a corrupt image)."""
+    ``(index, sample_seed)``, ``select``, ``targets``, ``classes``, ``label``, ``load``,
+    ``location``, ``root``, ``None`` for a corrupt image)."""
 
     def __init__(self, source: str | os.PathLike | Sequence[str],
                  transform: Callable[[Image.Image], Any] | None = None, *,
                  index_cache_dir: str | os.PathLike | None = None, progress: bool | None = None) -> None:
         self.source = source if isinstance(source, (list, tuple)) else os.fspath(source)
+        # what messages name as "where the images are" (ImageFiles.root's role)
+        self.root = Path(os.path.abspath(self.source)) if isinstance(self.source, str) else Path(self.source[0]).parent
         self.transform = transform
         index = load_shard_index(source, index_cache_dir, progress)
         self._shards = [os.fspath(p) for p in index.shards]
@@ -339,6 +342,14 @@ class ShardImages(Dataset):
 
     def label(self, index: int) -> int:
         return int(self._rows[index, LABEL])
+
+    def location(self, index: int) -> str:
+        """Where image ``index`` is stored, for messages: ``shard.tar@byte_offset``."""
+        return f"{self._shards[int(self._shard_of[index])]}@{int(self._rows[index, OFFSET])}"
+
+    def load(self, index: int) -> Image.Image:
+        """Image ``index`` decoded as RGB; raises what decoding raises (``__getitem__`` skips instead)."""
+        return load_rgb(io.BytesIO(self.read_bytes(index)))
 
     def __len__(self) -> int:
         return len(self._rows)
