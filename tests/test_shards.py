@@ -298,3 +298,10 @@ def test_load_and_location_name_the_failing_member(tmp_path: Path):
     Image.new("RGB", (4, 4)).save(tmp_path / "f" / "x.png")
     folder = ImageFiles(tmp_path / "f", progress=False)
     assert folder.location(0) == str(tmp_path / "f" / "x.png") and folder.load(0).mode == "RGB"
+
+
+def test_a_flat_image_folder_with_a_stray_tar_is_still_a_folder(tmp_path: Path):
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    _write_shard(tmp_path / "backup.tar", [("s0.jpg", _jpeg(1))])
+    assert not looks_like_shards(tmp_path)
+    assert isinstance(open_image_dataset(tmp_path, cache_dir=tmp_path / ".c"), ImageFiles)

@@ -94,7 +94,7 @@ def expand_braces(pattern: str) -> list[str]:
 
 def looks_like_shards(path: str | os.PathLike | Sequence[str]) -> bool:
     """True for a brace pattern, a list of ``.tar`` files, or a folder holding ``.tar`` shards
-    (a ``manifest.json`` of this format, or ``*.tar`` files and no sub-folders)."""
+    (a ``manifest.json`` of this format, or ``*.tar`` files and neither images nor sub-folders)."""
     if isinstance(path, (list, tuple)):
         return True
     text = os.fspath(path)
@@ -113,7 +113,9 @@ def looks_like_shards(path: str | os.PathLike | Sequence[str]) -> bool:
             return False
     with os.scandir(p) as it:
         entries = [e for e in it if not e.name.startswith(".")]
-    return any(e.name.endswith(".tar") and e.is_file() for e in entries) and not any(e.is_dir() for e in entries)
+    images = any(e.name.lower().endswith(IMAGE_EXTENSIONS) for e in entries)
+    return (any(e.name.endswith(".tar") and e.is_file() for e in entries) and not images
+            and not any(e.is_dir() for e in entries))
 
 
 def shard_paths(source: str | os.PathLike | Sequence[str]) -> list[Path]:
