@@ -14,7 +14,6 @@ import pytest
 import torch
 import yaml
 
-from ssl_xcit.evaluate.common import eval_transform
 from ssl_xcit.evaluate.features import extract_features
 from ssl_xcit.models import build_model
 from ssl_xcit.train.config import ConfigError, config_from_dict, load_config

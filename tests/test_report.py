@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from ssl_xcit import cli
-from ssl_xcit.evaluate.report import find_checkpoints, read_log, write_report
+from ssl_xcit.evaluate.report import read_log, write_report
+from ssl_xcit.evaluate.report_attention import find_checkpoints
 from ssl_xcit.models import build_model
 from ssl_xcit.train.config import DinoConfig
 from ssl_xcit.train.logger import RunLogger
@@ -106,6 +107,25 @@ def test_report_of_a_run_that_has_just_started(tmp_path, capsys):
     page = write_report(empty).read_text()
     assert "1 unreadable line(s)" in page and "loss.png" in _img_sources(page)
     assert "running or interrupted (last logged global step 2)" in page
+
+
+def test_attention_images_from_an_archive_and_a_bad_checkpoint(tmp_path, cifar_small, monkeypatch):
+    """The quickstart trains from a .tar.gz: the page takes its images from the unpacked archive;
+    an unreadable checkpoint is named on the page instead of stopping it."""
+    import tarfile
+    monkeypatch.setenv("SSL_XCIT_HOME", str(tmp_path / "home"))   # the archive cache goes here
+    archive = tmp_path / "mini.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for cls in ("cat", "dog"):
+            for img in sorted((cifar_small / "train" / cls).iterdir())[:2]:
+                tar.add(img.resolve(), arcname=f"mini/train/{cls}/{img.name}")
+    run = make_run(tmp_path / "run", archive, checkpoints=False)
+    _checkpoint(run / "checkpoint0000.pth", 10, 1)
+    (run / "checkpoint.pth").write_bytes(b"not a checkpoint")
+    page = write_report(run, n_images=2).read_text()
+    assert "attention.png" in _img_sources(page)
+    assert "rows: step 0 (random init), step 10 (checkpoint0000)" in page
+    assert "unreadable checkpoint skipped: checkpoint.pth" in page
 
 
 def test_read_log_and_checkpoint_order(tmp_path):

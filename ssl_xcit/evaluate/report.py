@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import html
 import json
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 
 REPORT_DIR = "report"
-CKPT_RE = re.compile(r"checkpoint(\d{4})\.pth$")
 
 
 @dataclass
@@ -47,72 +44,6 @@ def read_log(path: str | Path) -> RunLog:
             else:
                 log.bad_lines += 1
     return log
-
-
-def find_checkpoints(output_dir: str | Path, limit: int = 8) -> list[Path]:
-    """``checkpointNNNN.pth`` by epoch, then ``checkpoint.pth``; at most ``limit``, evenly spread,
-    always keeping the first and the last."""
-    output_dir = Path(output_dir)
-    kept = sorted((p for p in output_dir.glob("checkpoint*.pth") if CKPT_RE.search(p.name)),
-                  key=lambda p: int(CKPT_RE.search(p.name).group(1)))
-    if (output_dir / "checkpoint.pth").is_file():
-        kept.append(output_dir / "checkpoint.pth")
-    if len(kept) > limit:
-        kept = [kept[i] for i in np.unique(np.linspace(0, len(kept) - 1, limit).round().astype(int))]
-    return kept
-
-
-def pick_images(config: dict, n: int) -> list[Path]:
-    """``n`` fixed images, evenly spread: the k-NN monitor's val/ split when configured, else the
-    training images. Empty when the folder is not reachable from here."""
-    from ssl_xcit.data.folders import load_listing
-    paths = []
-    eval_path = (config.get("eval") or {}).get("eval_data_path")
-    data_path = (config.get("data") or {}).get("data_path")
-    for p, sub in ((eval_path, "val"), (data_path, "train"), (data_path, "")):
-        if p and Path(p).is_dir() and (Path(p) / sub).is_dir():
-            paths.append(Path(p) / sub)
-    for root in paths:
-        files = load_listing(root, progress=False).files
-        if files:
-            idx = np.unique(np.linspace(0, len(files) - 1, min(n, len(files))).round().astype(int))
-            return [root / files[i] for i in idx]
-    return []
-
-
-def attention_evolution(checkpoints: Sequence[Path], images: Sequence[Path], image_size: int | None,
-                        out_path: Path, start: tuple[str, int] | None = None) -> tuple[Path, list[str]]:
-    """The teacher's mean map of ``images`` for each checkpoint, one row per distinct global step.
-
-    ``start=(arch, seed)`` adds a first row for the random network the run started from (the
-    training seed draws it again exactly, see :func:`ssl_xcit.evaluate.common.load_frozen_backbone`).
-    """
-    import torch
-    from ssl_xcit.evaluate.attention import attention_maps, load_image
-    from ssl_xcit.evaluate.attention_plots import evolution_figure
-    from ssl_xcit.evaluate.common import load_frozen_backbone
-    from ssl_xcit.models import load_backbone
-    from ssl_xcit.models.checkpoints import read_checkpoint
-    sources: list = [] if start is None else [("step 0\n(random init)", lambda: load_frozen_backbone(
-        start[0], seed=start[1]), 0)]
-    for ckpt in checkpoints:
-        state = read_checkpoint(ckpt)
-        step = state.get("global_step") if isinstance(state, dict) else None
-        label = f"step {step}\n({ckpt.stem})" if step is not None else ckpt.stem
-        sources.append((label, lambda state=state: load_backbone(state, checkpoint_key="teacher"), step))
-    rows, labels, seen = [], [], set()
-    for label, load, step in sources:
-        if step is not None and step in seen:
-            continue  # checkpoint.pth is usually a copy of the last checkpointNNNN.pth
-        seen.add(step)
-        model = load().eval()
-        loaded = [load_image(p, image_size, model.patch_size, model.data_config["mean"], model.data_config["std"])
-                  for p in images]
-        with torch.no_grad():
-            maps = [attention_maps(model, t[None], pictures=[pic])[0] for t, pic in loaded]
-        rows.append((label, maps))
-        labels.append(label.replace("\n", " "))
-    return evolution_figure(rows, out_path), labels
 
 
 def _config(output_dir: Path) -> tuple[dict, str]:
@@ -155,10 +86,6 @@ def _event_rows(records: list[dict]) -> str:
         if rows else "<p class=note>no events logged yet</p>"
 
 
-def _figure(path: Path, alt: str) -> str:
-    return f'<figure><img src="{html.escape(path.name)}" alt="{html.escape(alt)}"><figcaption>{html.escape(alt)}</figcaption></figure>'
-
-
 STYLE = """body{font-family:sans-serif;margin:1.5em auto;max-width:1150px;color:#222}
 h1{font-size:1.4em}h2{font-size:1.15em;border-bottom:1px solid #ccc;margin-top:1.6em}
 figure{display:inline-block;margin:.4em;vertical-align:top}img{max-width:100%;border:1px solid #ddd}
@@ -171,7 +98,8 @@ pre{background:#f6f6f6;padding:.6em;font-size:.8em;overflow-x:auto}"""
 def write_report(output_dir: str | Path, out_dir: str | Path | None = None, images: Sequence[Path] | None = None,
                  n_images: int = 6, max_checkpoints: int = 8) -> Path:
     """Write ``index.html`` and its PNGs into ``out_dir`` (default ``OUTPUT_DIR/report``); return it."""
-    from ssl_xcit.evaluate.report_plots import plot_curves, plot_knn
+    from ssl_xcit.evaluate.report_attention import attention_section
+    from ssl_xcit.evaluate.report_plots import figure_html, plot_curves, plot_knn
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         raise FileNotFoundError(2, "No such directory (the run's output_dir)", str(output_dir))
@@ -193,7 +121,7 @@ def write_report(output_dir: str | Path, out_dir: str | Path | None = None, imag
         parts.append("<p class=note>no log.jsonl yet: the run has not started logging</p>")
     else:
         figs = plot_curves(log.records, out, model_cfg.get("out_dim"))
-        parts += [_figure(p, t) for t, p in figs] or ["<p class=note>no training records in log.jsonl yet</p>"]
+        parts += [figure_html(p, t) for t, p in figs] or ["<p class=note>no training records in log.jsonl yet</p>"]
         if log.bad_lines:
             parts.append(f"<p class=note>{log.bad_lines} unreadable line(s) of log.jsonl skipped "
                          "(a line being written)</p>")
@@ -201,13 +129,13 @@ def write_report(output_dir: str | Path, out_dir: str | Path | None = None, imag
     parts.append("<h2>k-NN of the teacher</h2>")
     if knn:
         last = knn[-1]
-        parts.append(_figure(plot_knn(knn, out / "knn.png", eval_cfg.get("eval_knn_k")),
+        parts.append(figure_html(plot_knn(knn, out / "knn.png", eval_cfg.get("eval_knn_k")),
                              f"last: top-1 {last.get('top1', float('nan')):.2f}% at global step {last.get('global_step')}"))
     else:
         parts.append("<p class=note>no k-NN records (set eval_every_epochs or eval_every_steps and "
                      "eval_data_path to monitor k-NN while training)</p>")
     parts.append("<h2>Attention maps of the teacher, per checkpoint</h2>")
-    parts.append(_attention_section(output_dir, out, config, images, n_images, max_checkpoints))
+    parts.append(attention_section(output_dir, out, config, images, n_images, max_checkpoints))
     parts.append("<h2>Events</h2>" + _event_rows(log.records))
     parts.append("<h2>Config</h2>" + (f"<pre>{html.escape(config_text)}</pre>" if config_text
                                       else "<p class=note>no config.yaml</p>"))
@@ -216,24 +144,6 @@ def write_report(output_dir: str | Path, out_dir: str | Path | None = None, imag
     index = out / "index.html"
     index.write_text(page, encoding="utf-8")
     return index
-
-
-def _attention_section(output_dir: Path, out: Path, config: dict, images: Sequence[Path] | None,
-                       n_images: int, max_checkpoints: int) -> str:
-    checkpoints = find_checkpoints(output_dir, max_checkpoints)
-    if not checkpoints:
-        return "<p class=note>no checkpoint saved yet</p>"
-    images = list(images) if images else pick_images(config, n_images)
-    if not images:
-        return ("<p class=note>no images to show: the run's data_path is not reachable from here "
-                "(pass --images)</p>")
-    size = (config.get("data") or {}).get("global_crops_size")
-    arch, seed = (config.get("model") or {}).get("arch"), (config.get("run") or {}).get("seed")
-    start = (arch, int(seed)) if arch and isinstance(seed, int) else None
-    path, labels = attention_evolution(checkpoints, images, size, out / "attention.png", start)
-    caption = (f"mean over heads of the last class-attention layer; rows: {', '.join(labels)}; "
-               f"images resized to {size} px (shorter side)" if size else "")
-    return _figure(path, caption)
 
 
 def build_parser():

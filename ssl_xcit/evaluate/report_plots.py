@@ -7,6 +7,7 @@ collapse warnings red crosses, so a jump in a curve can be matched with what hap
 """
 from __future__ import annotations
 
+import html
 import math
 from pathlib import Path
 from typing import Sequence
@@ -113,3 +114,8 @@ def plot_knn(records: Sequence[dict], path: str | Path, k: int | None = None) ->
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def figure_html(path: Path, alt: str) -> str:
+    """An <img> of a PNG beside the page (relative link), captioned."""
+    return f'<figure><img src="{html.escape(path.name)}" alt="{html.escape(alt)}"><figcaption>{html.escape(alt)}</figcaption></figure>'

@@ -1,0 +1,127 @@
+"""The report page's attention section: the teacher's mean class-attention map of a few fixed images
+for the run's random start and each saved checkpoint, one figure (rows: checkpoints, oldest first).
+
+Images are the k-NN monitor's val/ split when the run has one, else its training images (folders or
+archives resolved as the run resolved them), evenly spread and the same for every checkpoint. They
+are resized to the run's ``global_crops_size`` (shorter side), the resolution the teacher trained at.
+"""
+from __future__ import annotations
+
+import html
+import re
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ssl_xcit.errors import UserError
+from ssl_xcit.evaluate.report_plots import figure_html
+
+CKPT_RE = re.compile(r"checkpoint(\d{4})\.pth$")
+
+
+def find_checkpoints(output_dir: str | Path, limit: int = 8) -> list[Path]:
+    """``checkpointNNNN.pth`` by epoch, then ``checkpoint.pth``; at most ``limit``, evenly spread,
+    always keeping the first and the last."""
+    output_dir = Path(output_dir)
+    kept = sorted((p for p in output_dir.glob("checkpoint*.pth") if CKPT_RE.search(p.name)),
+                  key=lambda p: int(CKPT_RE.search(p.name).group(1)))
+    if (output_dir / "checkpoint.pth").is_file():
+        kept.append(output_dir / "checkpoint.pth")
+    if len(kept) > limit:
+        kept = [kept[i] for i in np.unique(np.linspace(0, len(kept) - 1, limit).round().astype(int))]
+    return kept
+
+
+def pick_images(config: dict, n: int) -> tuple[list[Path], str]:
+    """``n`` fixed images, evenly spread: the k-NN monitor's val/ split when configured, else the
+    training images (folders or archives, as the run read them). ``([], why)`` when none is reachable."""
+    from ssl_xcit.data.folders import load_listing
+    from ssl_xcit.data.sources import resolve_data_path
+    why = "the run's config names no data_path"
+    eval_path = (config.get("eval") or {}).get("eval_data_path")
+    data_path = (config.get("data") or {}).get("data_path")
+    for path, subs in ((eval_path, ("val",)), (data_path, ("train", ""))):
+        if not path:
+            continue
+        try:
+            root = resolve_data_path(path, progress=False)
+        except (UserError, OSError) as err:
+            why = f"{path} is not readable from here ({err})"
+            continue
+        for sub in subs:
+            folder = Path(root) / sub
+            files = load_listing(folder, progress=False).files if folder.is_dir() else []
+            if files:
+                idx = np.unique(np.linspace(0, len(files) - 1, min(n, len(files))).round().astype(int))
+                return [folder / files[i] for i in idx], ""
+        why = f"no images found in {path}"
+    return [], why
+
+
+def attention_evolution(checkpoints: Sequence[Path], images: Sequence[Path], image_size: int | None,
+                        out_path: Path, start: tuple[str, int] | None = None
+                        ) -> tuple[Path | None, list[str], list[str]]:
+    """The teacher's mean map of ``images`` for each checkpoint, one row per distinct global step.
+
+    ``start=(arch, seed)`` adds a first row for the random network the run started from (the
+    training seed draws it again exactly, see :func:`ssl_xcit.evaluate.common.load_frozen_backbone`).
+    Returns ``(figure or None, row labels, unreadable checkpoints with the reason)``.
+    """
+    import torch
+    from ssl_xcit.evaluate.attention import attention_maps, load_image
+    from ssl_xcit.evaluate.attention_plots import evolution_figure
+    from ssl_xcit.evaluate.common import load_frozen_backbone
+    from ssl_xcit.models import load_backbone
+    from ssl_xcit.models.checkpoints import read_checkpoint
+    skipped: list[str] = []
+    sources: list = [] if start is None else [("step 0\n(random init)", lambda: load_frozen_backbone(
+        start[0], seed=start[1]), 0)]
+    for ckpt in checkpoints:
+        try:
+            state = read_checkpoint(ckpt)
+        except (UserError, OSError) as err:
+            skipped.append(f"{ckpt.name}: {err}")
+            continue
+        step = state.get("global_step") if isinstance(state, dict) else None
+        label = f"step {step}\n({ckpt.stem})" if step is not None else ckpt.stem
+        sources.append((label, lambda state=state: load_backbone(state, checkpoint_key="teacher"), step))
+    rows, labels, seen = [], [], set()
+    for label, load, step in sources:
+        if step is not None and step in seen:
+            continue  # checkpoint.pth is usually a copy of the last checkpointNNNN.pth
+        seen.add(step)
+        model = load().eval()
+        loaded = [load_image(p, image_size, model.patch_size, model.data_config["mean"], model.data_config["std"])
+                  for p in images]
+        with torch.no_grad():
+            maps = [attention_maps(model, t[None], pictures=[pic])[0] for t, pic in loaded]
+        rows.append((label, maps))
+        labels.append(label.replace("\n", " "))
+    return (evolution_figure(rows, out_path) if rows else None), labels, skipped
+
+
+
+
+def attention_section(output_dir: Path, out: Path, config: dict, images: Sequence[Path] | None,
+                      n_images: int, max_checkpoints: int) -> str:
+    """The section's HTML (writing ``attention.png`` into ``out``), or a note saying what is missing."""
+    checkpoints = find_checkpoints(output_dir, max_checkpoints)
+    if not checkpoints:
+        return "<p class=note>no checkpoint saved yet</p>"
+    why = ""
+    images = list(images) if images else None
+    if not images:
+        images, why = pick_images(config, n_images)
+    if not images:
+        return f"<p class=note>no images to show: {html.escape(why)} (pass --images)</p>"
+    size = (config.get("data") or {}).get("global_crops_size")
+    arch, seed = (config.get("model") or {}).get("arch"), (config.get("run") or {}).get("seed")
+    start = (arch, int(seed)) if arch and isinstance(seed, int) else None
+    path, labels, skipped = attention_evolution(checkpoints, images, size, out / "attention.png", start)
+    notes = "".join(f"<p class=note>unreadable checkpoint skipped: {html.escape(s)}</p>" for s in skipped)
+    if path is None:
+        return notes
+    caption = (f"mean over heads of the last class-attention layer; rows: {', '.join(labels)}"
+               + (f"; images resized to {size} px (shorter side)" if size else ""))
+    return figure_html(path, caption) + notes
