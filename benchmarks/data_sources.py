@@ -64,10 +64,17 @@ def throughput(data: Path, n_images: int, shard_size: str, work: Path) -> dict:
                            .parse_size(shard_size), progress=False)
     make_s = time.perf_counter() - t0
     ref = ImageFiles(subset, progress=False)
+    t0 = time.perf_counter()
     sh = ShardImages(work / "shards")
+    open_s = time.perf_counter() - t0
+    from ssl_xcit.data.shards import _scan_all, shard_paths
+    t0 = time.perf_counter()
+    _scan_all(shard_paths(work / "shards"), None, False)  # foreign shards: no index, headers read once
+    scan_s = time.perf_counter() - t0
     order = [i for i, _ in ResumableDistributedSampler(len(ref), 1, seed=0)]
     out = {"images": len(ref), "shards": len(manifest["shards"]), "shard_size": shard_size,
-           "make_shards_s": round(make_s, 2)}
+           "make_shards_s": round(make_s, 2), "open_index_s": round(open_s, 3),
+           "scan_headers_img_s": round(len(ref) / scan_s)}
     # interleave the runs so a load change on the shared machine hits both alike
     rates = {"folder": [], "shards": [], "wids": []}
     wds = _wids_dataset(work / "shards", manifest)
