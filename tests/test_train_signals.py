@@ -63,7 +63,7 @@ def _fallback_handlers():
 def test_a_signal_stops_at_a_step_boundary_saves_and_the_run_resumes(cifar_small, tmp_path, capsys, sig):
     from ssl_xcit.train.entry import main
     out = tmp_path / "run"
-    argv = tiny_overrides(cifar_small, out)                  # 12 steps, no periodic save
+    argv = tiny_overrides(cifar_small, out, epochs=1, warmup_epochs=0)    # 6 steps, no periodic save
     with _fallback_handlers() as unhandled:
         sender = _send_after_steps(out, 2, sig)
         code = main(argv)
@@ -71,13 +71,13 @@ def test_a_signal_stops_at_a_step_boundary_saves_and_the_run_resumes(cifar_small
         assert signal.getsignal(sig) is not signal.SIG_DFL and not unhandled   # main restored our handler
     assert code == 128 + sig
     step = torch.load(out / "checkpoint.pth", weights_only=True)["global_step"]
-    assert 2 <= step < 12
+    assert 2 <= step < 6
     err = capsys.readouterr().err
     assert f"stopped on {signal.Signals(sig).name}" in err and f"global step {step}" in err
     assert main(argv) == 0                                   # the same command continues ...
     events = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [e["global_step"] for e in events if e["event"] == "resume"] == [step]   # ... from there
-    assert events[-1]["event"] == "finished" and events[-1]["global_step"] == 12
+    assert events[-1]["event"] == "finished" and events[-1]["global_step"] == 6
 
 
 def test_a_second_ctrl_c_exits_at_once(cifar_small, tmp_path):
