@@ -182,3 +182,39 @@ def test_eval_config_errors(overrides, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, overrides)
     assert message in str(err.value)
+
+
+# ------------------------------------------------------------------ under torchrun
+def _rank_main(rank: int, port: int, data, out):
+    import os
+    import torch.distributed as dist
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        teacher = _teacher()
+        monitor = _monitor(data, out, logger=RunLogger(out, enabled=rank == 0, tensorboard=False))
+        before = torch.get_rng_state().clone()
+        record = monitor.evaluate(teacher, global_step=5)
+        assert torch.equal(before, torch.get_rng_state())
+        assert (record is None) == (rank != 0)      # rank 0 votes; the others only embed their shard
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.heavy
+def test_monitor_sharded_over_two_ranks_equals_one_process(cifar_small, tmp_path):
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    single = _monitor(cifar_small, tmp_path / "one", logger=None).evaluate(_teacher(), global_step=5)
+    (tmp_path / "two").mkdir()
+    mp.spawn(_rank_main, args=(port, cifar_small, tmp_path / "two"), nprocs=2)
+    logged = [json.loads(s) for s in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in logged] == ["knn"]
+    assert logged[0]["top1"] == pytest.approx(single["top1"], abs=100.0 / 40 + 1e-9)
+    assert logged[0]["top5"] == pytest.approx(single["top5"], abs=100.0 / 40 + 1e-9)
