@@ -2,6 +2,7 @@
 import os
 import socket
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -44,3 +45,42 @@ def test_two_process_ddp_equals_one_process(cifar_small, tmp_path):
     init, _ = build_models(tiny_config(cifar_small, tmp_path / "unused", drop_path_rate=0.0))
     moved = (a["student.backbone.blocks.0.attn.qkv.weight"] - init.state_dict()["backbone.blocks.0.attn.qkv.weight"]).abs().max()
     assert moved > 1e-3, moved
+
+
+def _rank_nan_main(rank: int, port: int, data, out, results):
+    """Rank 1 alone sees a NaN loss at its second step: both ranks must stop there, unupdated."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from ssl_xcit.dino.loss import DINOLoss
+    from ssl_xcit.train.loop import NonFiniteLossError
+    original, calls, updates = DINOLoss.forward, {"n": 0}, {"n": 0}
+
+    def nan_on_rank1(self, *args, **kwargs):
+        calls["n"] += 1
+        loss = original(self, *args, **kwargs)
+        return loss * float("nan") if rank == 1 and calls["n"] == 2 else loss
+    DINOLoss.forward = nan_on_rank1
+    step = torch.optim.AdamW.step
+
+    def counting(self, *args, **kwargs):
+        updates["n"] += 1
+        return step(self, *args, **kwargs)
+    torch.optim.AdamW.step = counting
+    try:
+        run_training(tiny_config(data, out, batch_size_per_gpu=2, max_steps=STEPS, drop_path_rate=0.0))
+        results.put((rank, "finished", updates["n"]))
+    except NonFiniteLossError as err:
+        results.put((rank, str(err), updates["n"]))
+
+
+@pytest.mark.heavy
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_before_the_update(cifar_small, tmp_path):
+    results = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_rank_nan_main, args=(_free_port(), cifar_small, tmp_path / "ddp", results), nprocs=2)
+    got = sorted(results.get() for _ in range(2))
+    assert [r for r, _, _ in got] == [0, 1]
+    for rank, message, updates in got:
+        assert "global step 1" in message and "no update applied" in message, (rank, message)
+        assert updates == 1, (rank, updates)     # the second step's update ran on neither rank
+    assert "on another rank" in got[0][1] and "(nan)" in got[1][1]   # each rank's message is true

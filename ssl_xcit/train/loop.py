@@ -431,7 +431,9 @@ def _train_one_epoch(run: _Run, stop_requested: Callable[[], bool] | None) -> bo
             bad_loss, stop_here = dist_utils.any_rank_flags(not math.isfinite(loss_value), stop_here,
                                                             device=run.device)
             if bad_loss:   # before backward, as DINO: no update from this batch reaches the weights
-                raise NonFiniteLossError(f"non-finite loss ({loss_value}) at global step {run.global_step} "
+                where = (f"({loss_value})" if not math.isfinite(loss_value)
+                         else f"on another rank (here {loss_value:.4g})")
+                raise NonFiniteLossError(f"non-finite loss {where} at global step {run.global_step} "
                                          f"(epoch {epoch}): stopped, no update applied; {_checkpoint_holds(run)}. "
                                          "Lower lr, raise warmup_epochs, set clip_grad, or use fp32")
             out = apply_update(loss, run.student_ddp, run.teacher, run.dino_loss, run.optimizer, run.scaler, hp,
