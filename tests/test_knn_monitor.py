@@ -147,6 +147,21 @@ def test_monitor_errors_name_the_problem(cifar_small, tmp_path):
         _monitor(cifar_small, tmp_path, max_images=20, k=50)
     with pytest.raises(ConfigError, match="eval_data_path .*train has no train/ or val/ folder"):
         _monitor(cifar_small / "train", tmp_path)
+    flat = tmp_path / "flat"
+    for split in ("train", "val"):
+        (flat / split).mkdir(parents=True)
+        for img in sorted((cifar_small / split / "cat").iterdir())[:6]:
+            (flat / split / img.name).symlink_to(img)
+    with pytest.raises(ConfigError, match="train/ has no class folders"):
+        _monitor(flat, tmp_path)
+    other = tmp_path / "other"
+    for split, classes in (("train", ("cat", "dog")), ("val", ("cat", "ship"))):
+        for cls in classes:
+            (other / split / cls).mkdir(parents=True)
+            for img in sorted((cifar_small / split / cls).iterdir())[:6]:
+                (other / split / cls / img.name).symlink_to(img)
+    with pytest.raises(ConfigError, match="class folders differ"):
+        _monitor(other, tmp_path, k=3)
 
 
 def test_evenly_spread():

@@ -89,9 +89,16 @@ class KnnMonitor:
             raise ConfigError(f"eval_data_path {data_path} has no {' or '.join(s + '/' for s in missing)} "
                               "folder: the k-NN monitor needs labelled train/<class>/ and val/<class>/ images")
         transform = common.eval_transform(crop_size, resize)
-        self.train_set = common.open_split(root, "train", transform)
-        self.val_set = common.open_split(root, "val", transform)
-        self.classes = common.check_same_classes(self.train_set, self.val_set, root)
+        from ssl_xcit.data.folders import ImageFiles
+        self.train_set = ImageFiles(root / "train", transform, progress=False)
+        self.val_set = ImageFiles(root / "val", transform, progress=False)
+        if not self.train_set.classes:
+            raise ConfigError(f"eval_data_path {data_path}: train/ has no class folders; the k-NN monitor "
+                              "needs labelled images (train/<class>/<image>)")
+        try:
+            self.classes = common.check_same_classes(self.train_set, self.val_set, root)
+        except ValueError as err:
+            raise ConfigError(f"eval_data_path: {err}") from None
         for ds in (self.train_set, self.val_set):
             ds.select(evenly_spread(len(ds), max_images))
         if k > len(self.train_set):
