@@ -209,6 +209,14 @@ def test_a_data_set_without_one_readable_image_is_an_error(cifar_small, tmp_path
     assert not (out / "checkpoint.pth").exists()
 
 
+def test_unreadable_batches_in_a_row_stop_the_run_before_the_epoch_ends(cifar_small, tmp_path):
+    data = _garbage_copy(cifar_small, tmp_path / "data", n_bad=200)
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=r"all 20 images tried of the 200 in .*20 steps in a row"):
+        train(tiny_config(data, out, max_images=0, batch_size_per_gpu=1, epochs=1, warmup_epochs=0))
+    assert not (out / "checkpoint.pth").exists()
+
+
 def test_a_data_set_where_most_images_fail_is_flagged(cifar_small, tmp_path):
     data = _garbage_copy(cifar_small, tmp_path / "data", n_bad=170)          # 170 of 200 unreadable
     out = tmp_path / "run"

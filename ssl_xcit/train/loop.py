@@ -417,7 +417,7 @@ def _train_one_epoch(run: _Run, stop_requested: Callable[[], bool] | None) -> bo
         for batch in run.loader:
             if run.global_step >= run.total_steps or run.global_step - epoch * spe >= steps_this_epoch:
                 break
-            if _count_batch(run, batch):
+            if _count_and_skip_empty(run, batch):
                 continue    # every image of some rank's batch was unreadable: all ranks skip the step
             hp = StepHParams(lr=float(run.schedules.lr[run.global_step]),
                              weight_decay=float(run.schedules.weight_decay[run.global_step]),
@@ -461,8 +461,9 @@ def _train_one_epoch(run: _Run, stop_requested: Callable[[], bool] | None) -> bo
     return False
 
 
-def _count_batch(run: _Run, batch: Batch) -> bool:
-    """Count loaded and unreadable images; True (on every rank) when the step must be skipped."""
+def _count_and_skip_empty(run: _Run, batch: Batch) -> bool:
+    """Count loaded and unreadable images. When some rank's batch has none that loaded, every rank
+    skips the step (it counts as done) and True is returned; many such steps in a row are an error."""
     c = run.counters
     c.epoch_loaded += len(batch)
     c.epoch_skipped += batch.n_skipped
