@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from ssl_xcit import cli
-from ssl_xcit.evaluate.report import read_log, write_report
+from ssl_xcit.evaluate.report import read_log, write_report, write_report_at_end_of_run
 from ssl_xcit.evaluate.report_attention import find_checkpoints
 from ssl_xcit.models import build_model
 from ssl_xcit.train.config import DinoConfig
@@ -126,6 +126,15 @@ def test_attention_images_from_an_archive_and_a_bad_checkpoint(tmp_path, cifar_s
     assert "attention.png" in _img_sources(page)
     assert "rows: step 0 (random init), step 10 (checkpoint0000)" in page
     assert "unreadable checkpoint skipped: checkpoint.pth" in page
+
+
+def test_end_of_run_report_never_raises(tmp_path):
+    (tmp_path / "run").mkdir()
+    assert write_report_at_end_of_run(tmp_path / "run") == tmp_path / "run" / "report" / "index.html"
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("x")
+    with pytest.warns(RuntimeWarning, match="report page not written .*python eval/report.py"):
+        assert write_report_at_end_of_run(not_a_folder) is None
 
 
 def test_read_log_and_checkpoint_order(tmp_path):

@@ -146,6 +146,18 @@ def write_report(output_dir: str | Path, out_dir: str | Path | None = None, imag
     return index
 
 
+def write_report_at_end_of_run(output_dir: str | Path) -> Path | None:
+    """For the training loop (rank 0, after the last checkpoint): the page, or ``None`` and a warning
+    when it cannot be made -- a finished run must not fail because of its report."""
+    import warnings
+    try:
+        return write_report(output_dir)
+    except Exception as err:  # noqa: BLE001 - reported, never raised: the training itself succeeded
+        warnings.warn(f"report page not written for {output_dir}: {type(err).__name__}: {err} "
+                      f"(retry with: python eval/report.py {output_dir})", RuntimeWarning, stacklevel=2)
+        return None
+
+
 def build_parser():
     import argparse
     p = argparse.ArgumentParser(prog="report.py", description="Write a run's report page (HTML + PNGs).")
