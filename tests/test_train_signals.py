@@ -142,6 +142,7 @@ def test_help_answers_before_torch_loads():
 @pytest.mark.parametrize("args, words", [
     (["lrr=1e-3"], ["lrr", "lr"]),
     (["--config", "configs/does_not_exist.yaml"], ["does_not_exist.yaml"]),
+    (["arch=xcit_bogus"], ["xcit_bogus"]),                 # checked against the zoo table, still no torch
 ])
 def test_config_errors_are_one_line_before_torch_loads(args, words):
     proc = _run_cli(*args)
