@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from ssl_xcit import distributed as dist_utils
 from ssl_xcit.distributed import pick_device
-from ssl_xcit.data.folders import Batch, ImageFiles, collate_skip_corrupt, load_rgb
+from ssl_xcit.data.folders import Batch, ImageFiles, collate_skip_corrupt
 from ssl_xcit.data.multicrop import DinoMultiCrop, MultiCropConfig
 from ssl_xcit.data.sampler import ResumableDistributedSampler
 from ssl_xcit.data.sources import resolve_data_path
@@ -581,16 +581,16 @@ def _checkpoint_holds(run: _Run) -> str:
 # ---- health checks: unreadable data, divergence, collapse
 
 def _unreadable_reasons(dataset: ImageFiles, limit: int = 200) -> tuple[int, str]:
-    """Load up to ``limit`` of the files (evenly spread) again and count why those that fail do:
+    """Load up to ``limit`` of the images (evenly spread; files or shard members) again and count why those that fail do:
     (number checked, ``"20 x cannot identify image file, 3 x image file is truncated"``)."""
     indices = np.linspace(0, len(dataset) - 1, min(limit, len(dataset))).round().astype(np.int64)
     reasons: dict[str, int] = {}
     for i in dict.fromkeys(indices.tolist()):
-        path = str(dataset.path(i))
+        where = dataset.location(i)
         try:
-            load_rgb(path)
+            dataset.load(i)
         except Exception as err:  # noqa: BLE001 - any failure is a reason to report
-            text = str(err).replace(repr(path), "").replace(path, "").strip(" :'\"") or type(err).__name__
+            text = str(err).replace(repr(where), "").replace(where, "").strip(" :'\"") or type(err).__name__
             reasons[text] = reasons.get(text, 0) + 1
     ranked = sorted(reasons.items(), key=lambda kv: -kv[1])
     summary = ", ".join(f"{n} x {text}" for text, n in ranked[:3])
