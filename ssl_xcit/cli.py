@@ -40,8 +40,8 @@ def _debug_requested(argv: list[str]) -> tuple[bool, list[str]]:
 
 def describe(err: BaseException) -> str | None:
     """The one-line message for a known error, or ``None`` when ``err`` is a bug to show in full."""
-    if isinstance(err, UserError):
-        return str(err)
+    if isinstance(err, UserError):  # one line even when the message quotes a multi-line library error
+        return "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
     if isinstance(err, OSError):
         where = err.filename if err.filename is not None else None
         if err.errno == errno.ENOSPC:

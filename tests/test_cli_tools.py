@@ -101,16 +101,19 @@ def bad_files(tmp_path_factory) -> dict[str, Path]:
     run_dir = root / "run"
     run_dir.mkdir()
     (run_dir / "checkpoint.pth").write_bytes(b"")
+    bad_tar = root / "images.tar.gz"
+    bad_tar.write_bytes(b"\x1f\x8b not really gzip" * 20)
     no_splits = root / "images"
     (no_splits / "cat").mkdir(parents=True)
-    return {"corrupt": corrupt, "run_dir": run_dir, "no_splits": no_splits, "root": root}
+    return {"corrupt": corrupt, "run_dir": run_dir, "no_splits": no_splits, "bad_tar": bad_tar, "root": root}
 
 
 CORRUPT_MESSAGE = re.compile(r"corrupt\.pth.{0,4}(is )?not a (PyTorch|torch) checkpoint")
 KNN = ["--crop-size", "32", "--num-workers", "0", "--device", "cpu", "--no-progress"]
-# (script, argv, part of the one-line message); DATA, MISSING, CORRUPT, RUN_DIR and NO_SPLITS stand for
+# (script, argv, part of the one-line message); DATA, MISSING, CORRUPT, RUN_DIR, NO_SPLITS stand for
 # CIFAR-10 (200 / 100 images), a path that does not exist, garbage bytes named .pth, a run folder
-# holding checkpoint.pth, and a folder of class folders without train/ and val/
+# holding checkpoint.pth, and a folder of class folders without train/ and val/; BAD_TAR is garbage
+# named .tar.gz (tarfile's error about it spans several lines)
 CASES = [
     ("eval/eval_knn.py", ["--checkpoint", ARCH, "--data-path", "MISSING"], "--data-path MISSING: no such folder"),
     ("eval/eval_knn.py", ["--checkpoint", ARCH, "--data-path", "NO_SPLITS"], "has no train/ or val/ folder"),
@@ -131,6 +134,9 @@ CASES = [
     ("eval/eval_knn.py", ["--checkpoint", ARCH, "--data-path", "DATA", *KNN, "--crop-size", "40"],
      "--crop-size 40 is not divisible by the patch size 16"),
     ("eval/eval_knn.py", ["--data-path", "DATA"], "--checkpoint and --data-path are required"),
+    ("eval/eval_knn.py", ["--checkpoint", ARCH, "--data-path", "DATA", "--temperature", "inf"],
+     "--temperature must be a finite number, got inf"),
+    ("eval/eval_knn.py", ["--checkpoint", ARCH, "--data-path", "BAD_TAR", *KNN], "BAD_TAR is not a readable tar"),
     ("eval/eval_linear.py", ["--checkpoint", ARCH, "--data-path", "DATA", "--holdout", "1.5"], "--holdout"),
     ("eval/eval_linear.py", ["--checkpoint", "RUN_DIR", "--data-path", "DATA"], "is a folder"),
     ("eval/eval_linear.py", ["--checkpoint", "CORRUPT", "--data-path", "DATA", *KNN], CORRUPT_MESSAGE),
@@ -167,7 +173,8 @@ CASES = [
                          ids=[f"{Path(c[0]).stem}-{getattr(c[2], 'pattern', c[2])[:30]}" for c in CASES])
 def test_bad_input_is_one_line_and_exit_status_2(script, argv, expected, cifar_small, bad_files, capsys,
                                                  monkeypatch):
-    words = {"DATA": str(cifar_small), "MISSING": "nowhere", "CORRUPT": str(bad_files["corrupt"]),
+    words = {"DATA": str(cifar_small), "MISSING": "nowhere", "BAD_TAR": str(bad_files["bad_tar"]),
+             "CORRUPT": str(bad_files["corrupt"]),
              "RUN_DIR": str(bad_files["run_dir"]), "NO_SPLITS": str(bad_files["no_splits"])}
 
     def real(word: str) -> str:

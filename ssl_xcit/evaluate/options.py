@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -169,7 +170,12 @@ def classification_parser() -> argparse.ArgumentParser:
 
 # --------------------------------------------------------------------------------------------- checks
 def check_positive(value: int | float | None, name: str) -> None:
-    if value is not None and not value > 0:
+    """``value`` is ``None`` (not given) or a finite number above 0 (nan and inf are refused)."""
+    if value is None:
+        return
+    if not math.isfinite(value):
+        raise EvalInputError(f"{name} must be a finite number, got {value}")
+    if value <= 0:
         raise EvalInputError(f"{name} must be positive, got {value}")
 
 
