@@ -25,7 +25,7 @@ PROG = "visualize_attention.py"
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=cli.DefaultsHelpFormatter)  # each default said once
     p.add_argument("--checkpoint", required=True,
                    help="any checkpoint ssl_xcit.load_backbone reads (training checkpoint, DINO, official "
                         "XCiT, timm, mmpretrain), or a model name for a random-init backbone")
