@@ -21,9 +21,7 @@ from ssl_xcit.evaluate import options
 
 REPO = Path(__file__).resolve().parents[1]
 ARCH = "xcit_nano_12_p16"
-SCRIPTS = ["eval/eval_knn.py", "eval/eval_linear.py", "eval/export_features.py", "eval/eval_classification.py",
-           "eval/report.py", "eval/visualize_attention.py", "launch/quickstart.py", "launch/submit.py",
-           "launch/train.py"]
+SCRIPTS = sorted(f"{d}/{p.name}" for d in ("eval", "launch") for p in (REPO / d).glob("*.py"))  # every tool
 
 
 def _env() -> dict:
