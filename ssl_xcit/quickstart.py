@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ssl_xcit.cli import ArgumentParser
-from ssl_xcit.evaluate.options import EvalInputError, MissingPathError, check_data_path
+from ssl_xcit.evaluate.options import EvalInputError, MissingPathError, check_data_path, check_output_folder
 from ssl_xcit.train.config import load_config
 
 if TYPE_CHECKING:  # torch and numpy load only when the work starts: --help answers at once
@@ -76,6 +76,7 @@ def check_args(args: argparse.Namespace) -> None:
             raise MissingPathError(f"--data {args.data}: not found; give --data DIR_OR_TAR_GZ, or --download to "
                                    "fetch CIFAR-10 (needs network)")
         check_data_path(args.data, ("train", "val"), flag="--data")
+    check_output_folder(args.output, "--output")
     load_config(args.config, args.overrides)  # the recipe and overrides, checked before torch loads
 
 

@@ -259,8 +259,16 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise EvalInputError(f"--num-workers must be >= 0, got {args.num_workers}")
 
 
+def check_output_folder(text: str | None, flag: str) -> None:
+    """A folder results go to may not exist yet, but must not be a file (found now, not after the work)."""
+    if text is not None and Path(text).expanduser().exists() and not Path(text).expanduser().is_dir():
+        raise EvalInputError(f"{flag} {text} is a file; give a folder (it is created if missing)")
+
+
 def _check_sources(args: argparse.Namespace, splits: tuple[str, ...]) -> None:
     """The names and paths, after the numbers: a bad number is reported whatever the paths."""
+    for flag in ("output_dir", "dump_features", "out"):
+        check_output_folder(getattr(args, flag, None), "--" + flag.replace("_", "-"))
     if args.arch is not None:
         check_model_name(args.arch, "--arch")
     if args.checkpoint is not None:
@@ -283,6 +291,8 @@ def check_knn_args(args: argparse.Namespace) -> None:
         raise EvalInputError(f"--nb-knn values must be positive, got {' '.join(map(str, args.nb_knn))}")
     if not args.load_features:
         _check_sources(args, ("train", "val"))
+    else:
+        check_output_folder(args.output_dir, "--output-dir")
 
 
 def check_linear_args(args: argparse.Namespace) -> None:
