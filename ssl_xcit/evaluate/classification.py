@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from ssl_xcit.data.folders import Batch, ImageFiles, collate_skip_corrupt
 from ssl_xcit.evaluate import options
-from ssl_xcit.evaluate.options import SPECIAL_CHECKPOINTS, EvalInputError
+from ssl_xcit.evaluate.options import SPECIAL_CHECKPOINTS, EvalInputError  # noqa: F401 (SPECIAL_CHECKPOINTS re-exported)
 
 log = logging.getLogger(__name__)
 
