@@ -68,7 +68,7 @@ def test_every_option_says_its_default_at_most_once(parser):
 
 def test_export_parser_matches_the_tool():
     """eval/export_features.py checks its words with the torch-free parser before export.main parses
-    them again with its own: both must know the same options."""
+    them again: both must know the same options (export.build_parser delegates; keep it so)."""
     from ssl_xcit.evaluate import export
 
     def flags(p):

@@ -375,26 +375,10 @@ def load_exported(out_dir: str | os.PathLike, verify: bool = False) -> dict[str,
 
 # --------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Export frozen backbone features to sharded files",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    common.add_backbone_args(p)
-    common.add_data_args(p)
-    common.add_runtime_args(p)
-    g = p.add_argument_group("export")
-    g.add_argument("--out", required=True, help="output folder (an interrupted export there is resumed)")
-    g.add_argument("--split", default=None,
-                   help="sub-folder of --data-path to export (e.g. train or val); default: --data-path itself")
-    g.add_argument("--patch-tokens", action="store_true", help="also export the patch tokens (large)")
-    g.add_argument("--n-last-blocks", type=int, default=0,
-                   help="also export the concatenated CLS tokens of the last n blocks (XCiT: n <= 2)")
-    g.add_argument("--format", default="npy", choices=("npy", "safetensors", "both"))
-    g.add_argument("--shard-size", type=int, default=10000, help="images per shard")
-    g.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    g.add_argument("--no-verify", action="store_true",
-                   help="on resume, trust finished shards by size only (skip the sha256 re-read)")
-    g.add_argument("--overwrite", action="store_true",
-                   help="delete an earlier export in --out (other checkpoint or settings) and start over")
-    return p
+    """The command line: defined torch-free in :mod:`ssl_xcit.evaluate.options` (``--help`` and bad
+    input answer before torch loads); add an option there."""
+    from ssl_xcit.evaluate.options import export_parser
+    return export_parser()
 
 
 def _file_version(checkpoint: str) -> tuple | None:
