@@ -14,7 +14,7 @@ def tiny_overrides(data_path: Path, output_dir: Path, **overrides) -> list[str]:
         "arch": "xcit_nano_12_p16", "out_dim": 256, "head_hidden_dim": 64, "head_bottleneck_dim": 32,
         "global_crops_size": 32, "local_crops_size": 16, "local_crops_number": 2,
         "batch_size_per_gpu": 4, "epochs": 2, "warmup_epochs": 1, "max_images": 24,
-        "num_workers": 0, "precision": "fp32", "device": "cpu", "tensorboard": False,
+        "num_workers": 0, "precision": "fp32", "device": "cpu", "tensorboard": False, "report": False,
         "log_every_steps": 1, "drop_path_rate": 0.1, "data_path": str(data_path),
         "output_dir": str(output_dir), "seed": 3,
     }

@@ -94,6 +94,7 @@ class RunConfig:
     compile: bool = False                    # torch.compile the backbone (per crop resolution)
     deterministic: bool = False              # torch.use_deterministic_algorithms, for exact resume on GPU
     tensorboard: bool = True
+    report: bool = True                      # write output_dir/report/index.html when the run finishes
 
 
 @dataclass

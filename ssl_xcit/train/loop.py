@@ -2,7 +2,10 @@
 ``train_one_epoch``: lock the output folder; build data, models, loss, optimizer and schedules
 (:func:`_build`); resume if the folder holds a checkpoint, checking that it fits before anything is
 written (:func:`_resume`); open the logs; run the epochs (:func:`_train_epochs`,
-:func:`_train_one_epoch`, :func:`_end_epoch`), checkpointing atomically (:func:`_save`).
+:func:`_train_one_epoch`, :func:`_end_epoch`), checkpointing atomically (:func:`_save`). When the
+``eval`` keys ask for it, the k-NN monitor (:mod:`ssl_xcit.train.monitor`) scores the teacher before
+the first step, on its schedule and at the end, without changing the training; a finished run
+writes its report page (:mod:`ssl_xcit.evaluate.report`, ``report=false`` turns it off).
 
 What never gets through silently: a non-finite loss (caught before ``backward``, no update applied)
 or non-finite weights (never saved); a second run in the same folder (:mod:`ssl_xcit.train.lock`);
@@ -36,12 +39,14 @@ from ssl_xcit.dino.multicrop import MultiCropForward
 from ssl_xcit.dino.optim import gradient_clip_groups, param_groups_for_weight_decay
 from ssl_xcit.dino.schedules import cosine_schedule
 from ssl_xcit.errors import UserError
+from ssl_xcit.evaluate.report import write_report_at_end_of_run
 from ssl_xcit.models import get_model
 from ssl_xcit.train.checkpoint import (CHECKPOINT_NAME, CheckpointError, capture_rng_state, load_checkpoint,
                                        restore_rng_state, save_checkpoint)
 from ssl_xcit.train.config import DinoConfig
 from ssl_xcit.train.lock import OutputDirLock
 from ssl_xcit.train.logger import RunLogger
+from ssl_xcit.train.monitor import KnnMonitor
 from ssl_xcit.train.step import StepHParams, apply_update, forward_loss
 from ssl_xcit.train.sync_bn import convert_sync_batchnorm
 
@@ -185,6 +190,7 @@ class _Run:
     last_loss: float = float("nan")
     last_ckpt: Path | None = None
     logger: RunLogger | None = None
+    monitor: KnnMonitor | None = None     # k-NN of the teacher while training (None: eval keys off)
     counters: _Counters = field(default_factory=_Counters)
 
     @property
@@ -222,6 +228,8 @@ def train(cfg: DinoConfig, stop_requested: Callable[[], bool] | None = None) -> 
     try:
         run = _build(cfg, rank, world_size, device)
         resumed = _resume(run)          # refuses before anything in output_dir is written
+        # every rank: under torchrun each embeds a shard of the k-NN images (a bad eval_data_path stops here too)
+        run.monitor = KnnMonitor.from_config(cfg, run.steps_per_epoch, device)
         _open_logs(run, resumed, lock)
         result = _train_epochs(run, stop_requested)
         return result
@@ -373,6 +381,8 @@ def _open_logs(run: _Run, resumed: dict | None, lock: OutputDirLock | None) -> N
     """config.yaml, log.jsonl and TensorBoard, written only now that the run is accepted."""
     cfg = run.cfg
     run.logger = logger = RunLogger(run.output_dir, enabled=run.is_main, tensorboard=cfg.run.tensorboard)
+    if run.monitor is not None:
+        run.monitor.logger = logger
     run.counters.t_last = time.perf_counter()
     if not run.is_main:
         return
@@ -395,13 +405,20 @@ def _open_logs(run: _Run, resumed: dict | None, lock: OutputDirLock | None) -> N
 
 
 def _train_epochs(run: _Run, stop_requested: Callable[[], bool] | None) -> TrainResult:
-    """The epochs from the run's position to ``total_steps``; returns early on a stop request."""
+    """The epochs from the run's position to ``total_steps``; returns early on a stop request.
+    A finished run ends with the k-NN monitor's last point and knn.png, then the report page."""
+    if run.monitor is not None:
+        run.monitor.before_training(run.teacher.backbone, run.global_step)   # step 0 only: the random start
     while run.global_step < run.total_steps:
         if _train_one_epoch(run, stop_requested):
             return TrainResult("stopped", run.epoch, run.global_step, run.last_ckpt, run.last_loss)
-        _end_epoch(run)     # an epoch-boundary monitor (e.g. k-NN of run.teacher) goes after this line
+        _end_epoch(run)
+    if run.monitor is not None:
+        run.monitor.after_training(run.teacher.backbone, run.global_step)
     if run.is_main:
         run.logger.event("finished", global_step=run.global_step, checkpoint=str(run.ckpt_path))
+        if run.cfg.run.report:
+            write_report_at_end_of_run(run.output_dir)    # never raises: a warning names the retry command
     return TrainResult("finished", run.epoch, run.global_step, run.last_ckpt or run.ckpt_path, run.last_loss)
 
 
@@ -441,6 +458,7 @@ def _train_one_epoch(run: _Run, stop_requested: Callable[[], bool] | None) -> bo
             run.global_step += 1
             run.last_loss = loss_value
             run.counters.images_seen += batch.crops[0].shape[0] * run.world_size
+            _monitor_after_step(run)
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{hp.lr:.2e}")
@@ -459,6 +477,15 @@ def _train_one_epoch(run: _Run, stop_requested: Callable[[], bool] | None) -> bo
         if progress is not None:
             progress.close()
     return False
+
+
+def _monitor_after_step(run: _Run) -> None:
+    """The k-NN monitor's evaluation when one is due (every rank); its time is left out of images/s."""
+    if run.monitor is None:
+        return
+    start = time.perf_counter()
+    run.monitor.after_step(run.teacher.backbone, run.global_step)
+    run.counters.t_last += time.perf_counter() - start
 
 
 def _count_and_skip_empty(run: _Run, batch: Batch) -> bool:
