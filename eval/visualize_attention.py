@@ -24,8 +24,8 @@ PROG = "visualize_attention.py"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                                formatter_class=cli.DefaultsHelpFormatter)  # each default said once
+    # a usage mistake is one line (cli.UsageError), each default is said once
+    p = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True,
                    help="any checkpoint ssl_xcit.load_backbone reads (training checkpoint, DINO, official "
                         "XCiT, timm, mmpretrain), or a model name for a random-init backbone")

@@ -66,3 +66,17 @@ def test_one_line_in_a_real_process():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["tool: error: checkpoint runs/x.pth holds arch A, config says B"]
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("eval/report.py", ["--no-such-option"]),
+    ("eval/report.py", []),
+    ("eval/visualize_attention.py", ["--checkpoint", "x"]),
+    ("eval/visualize_attention.py", ["--checkpoint", "x", "--images", "y", "--out", "z", "--layer", "one"]),
+])
+def test_usage_mistakes_are_one_line(script, argv):
+    repo = __import__("pathlib").Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(repo / script), *argv], capture_output=True, text=True, cwd=repo)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and ": error: " in lines[0] and "--help" in lines[0], proc.stderr

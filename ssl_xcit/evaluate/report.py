@@ -159,10 +159,10 @@ def write_report_at_end_of_run(output_dir: str | Path) -> Path | None:
 
 
 def build_parser():
-    import argparse
-    p = argparse.ArgumentParser(prog="report.py", description="Write a run's report page (HTML + PNGs).")
+    from ssl_xcit import cli   # a usage mistake is one line (cli.UsageError); defaults said once
+    p = cli.ArgumentParser(prog="report.py", description="Write a run's report page (HTML + PNGs).")
     p.add_argument("output_dir", help="the run's output_dir (holds log.jsonl, config.yaml, checkpoints)")
-    p.add_argument("--out", default=None, help="where the page goes (default OUTPUT_DIR/report)")
+    p.add_argument("--out", default=None, help="where the page goes (default: OUTPUT_DIR/report)")
     p.add_argument("--images", nargs="+", default=None,
                    help="images for the attention maps (default: a few fixed ones of the run's data)")
     p.add_argument("--n-images", type=int, default=6, help="how many images when picked from the data")
