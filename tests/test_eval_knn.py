@@ -97,6 +97,25 @@ def test_ivf_with_all_cells_probed_is_exact_and_fp16_is_close():
         assert (hnsw[k].top5[:, 0] == flat[k].top5[:, 0]).float().mean() > 0.95
 
 
+def test_cells_index_with_every_cell_probed_matches_float64_reference():
+    """knn_index's cell-by-cell search, all cells probed, gives the float64 vote's exact rankings;
+    probing fewer cells (calibrated) keeps nearly every prediction."""
+    train, tl, val, vl = random_problem(seed=7)
+    ks = [1, 10, 20]
+    every = _predict(train, tl, val, vl, ks, knn.IndexConfig(kind="cells", nlist=6, nprobe=6))
+    calibrated = _predict(train, tl, val, vl, ks, knn.IndexConfig(kind="cells", nlist=6))
+    for k in ks:
+        ranked, top1, _ = reference_knn(train, tl, val, vl, k, 0.07, 7)
+        np.testing.assert_array_equal(every[k].top5.numpy(), ranked, err_msg=f"k={k}")
+        assert (calibrated[k].top5[:, 0].numpy() == ranked[:, 0]).mean() > 0.97
+
+
+def test_index_defaults_to_auto_which_is_exact_on_small_sets():
+    from ssl_xcit.evaluate import options
+    assert options.knn_parser().parse_args([]).index == "auto"
+    assert knn.IndexConfig(kind="auto").resolved(knn.AUTO_MIN_TRAIN - 1).kind == "flat"
+
+
 def test_ties_break_towards_lower_class_index():
     scores = torch.tensor([[0.0, 2.0, 2.0, 1.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
     assert knn.ranked_classes(scores, 5).tolist() == [[1, 2, 3, 0, 4]]

@@ -5,16 +5,17 @@ resized to 256 (bicubic) and centre-cropped to 224, L2-normalised; for each val 
 cosine-similar train images vote for their class with weight ``exp(sim / T)``; the class scores
 give top-1 and top-5 (top-min(5, k)). Defaults are DINO's: k in 10 20 100 200, T = 0.07.
 
-Exact inner-product search (``IndexFlatIP``) by default; ``--index ivf|hnsw`` approximate it for
-very large train sets. Class-score ties are broken towards the lower class index, so results do
-not depend on the sort implementation.
+The search (:mod:`ssl_xcit.evaluate.knn_index`): ``--index auto`` (default) is exact faiss
+``IndexFlatIP`` below 100,000 train features and ``cells`` (an inverted file searched cell by cell,
+its nprobe calibrated against exact search on a sample of the queries) from there on;
+``flat|cells|ivf|hnsw`` force one. Class-score ties are broken towards the lower class index, so
+results do not depend on the sort implementation.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -23,6 +24,8 @@ import numpy as np
 import torch
 
 from ssl_xcit.evaluate import common, options
+from ssl_xcit.evaluate.knn_index import (AUTO_MIN_TRAIN, CellIndex, FeatureIndex,  # noqa: F401 (re-exported)
+                                         IndexConfig, build_index, faiss_gpu_available)
 from ssl_xcit.evaluate.options import DEFAULT_KS, DEFAULT_TEMPERATURE, EvalInputError
 from ssl_xcit.utils.atomic import atomic_torch_save, atomic_write_text
 
@@ -31,113 +34,6 @@ logger = logging.getLogger(__name__)
 DUMP_FILES = {"train_features": "trainfeat.pth", "train_labels": "trainlabels.pth",
               "val_features": "testfeat.pth", "val_labels": "testlabels.pth"}
 DUMP_META = "features.json"
-
-
-# --------------------------------------------------------------------------------------------- search
-@dataclass(frozen=True)
-class IndexConfig:
-    """How to search: ``flat`` is exact; ``ivf``/``hnsw`` trade exactness for speed on huge sets."""
-
-    kind: str = "flat"
-    fp16: bool = False  # vectors stored as float16 in the index (half the memory)
-    use_gpu: bool = False  # faiss GPU when the faiss build has GPUs (flat and ivf)
-    nlist: int | None = None  # ivf: number of cells (default ~4*sqrt(N))
-    nprobe: int = 32  # ivf: cells visited per query
-    hnsw_m: int = 32  # hnsw: graph degree
-    ef_search: int = 256  # hnsw: search breadth
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("flat", "ivf", "hnsw"):
-            raise EvalInputError(f"--index must be flat, ivf or hnsw, got {self.kind!r}")
-        for name in ("nprobe", "hnsw_m", "ef_search"):
-            common.check_positive(getattr(self, name), f"--{name.replace('_', '-')}")
-        common.check_positive(self.nlist, "--nlist")
-
-
-class FeatureIndex:
-    """A faiss index over train features (kept with the GPU resources it needs alive)."""
-
-    def __init__(self, index, resources=None) -> None:
-        self.index = index
-        self._resources = resources
-
-    @property
-    def ntotal(self) -> int:
-        return int(self.index.ntotal)
-
-    def search(self, queries: torch.Tensor | np.ndarray, k: int, batch_size: int = 1000
-               ) -> tuple[np.ndarray, np.ndarray]:
-        """``(similarities (Q, k) float32, train row ids (Q, k) int64)``, best first; id -1 = none."""
-        common.check_positive(k, "k")
-        common.check_positive(batch_size, "query batch size")
-        n = len(queries)
-        sims = np.empty((n, k), dtype=np.float32)
-        ids = np.empty((n, k), dtype=np.int64)
-        for s in range(0, n, batch_size):
-            d, i = self.index.search(_as_f32(queries[s:s + batch_size]), k)
-            sims[s:s + batch_size], ids[s:s + batch_size] = d, i
-        return sims, ids
-
-
-def _as_f32(x: torch.Tensor | np.ndarray) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().float().numpy()
-    return np.ascontiguousarray(x, dtype=np.float32)
-
-
-def faiss_gpu_available() -> bool:
-    import faiss
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-
-
-def build_index(train_features: torch.Tensor | np.ndarray, cfg: IndexConfig = IndexConfig(),
-                add_batch: int = 262144, seed: int = 0) -> FeatureIndex:
-    """An inner-product faiss index holding ``train_features`` (row i -> id i).
-
-    Rows are added in float32 chunks so float16 features are never widened all at once.
-    """
-    import faiss
-    n, d = train_features.shape
-    if n == 0:
-        raise EvalInputError("no train features to index (no readable train image?)")
-    codec = "SQfp16" if cfg.fp16 else "Flat"
-    nlist = None
-    if cfg.kind == "flat":
-        key = codec
-    elif cfg.kind == "ivf":
-        nlist = cfg.nlist or max(1, min(int(4 * math.sqrt(n)), n // 39))
-        if nlist > n:
-            raise EvalInputError(f"--nlist {nlist} exceeds the {n} train features")
-        key = f"IVF{nlist},{codec}"
-    else:
-        key = f"HNSW{cfg.hnsw_m},{codec}"
-    gpu = cfg.use_gpu and cfg.kind != "hnsw" and faiss_gpu_available()
-    resources = None
-    if gpu and cfg.kind == "flat":
-        resources = faiss.StandardGpuResources()
-        conf = faiss.GpuIndexFlatConfig()
-        conf.useFloat16 = cfg.fp16
-        conf.device = torch.cuda.current_device() if torch.cuda.is_available() else 0
-        index = faiss.GpuIndexFlatIP(resources, d, conf)
-    else:
-        index = faiss.index_factory(d, key, faiss.METRIC_INNER_PRODUCT)
-    if cfg.kind == "ivf":
-        rng = np.random.default_rng(seed)
-        n_train = min(n, 256 * nlist)
-        sample = np.sort(rng.choice(n, n_train, replace=False)) if n_train < n else np.arange(n)
-        index.train(_as_f32(train_features[torch.as_tensor(sample)] if isinstance(train_features, torch.Tensor)
-                            else train_features[sample]))
-        index.nprobe = min(cfg.nprobe, nlist)
-        if gpu:
-            resources = faiss.StandardGpuResources()
-            co = faiss.GpuClonerOptions()
-            co.useFloat16 = cfg.fp16
-            index = faiss.index_cpu_to_gpu(resources, torch.cuda.current_device(), index, co)
-    elif cfg.kind == "hnsw":
-        index.hnsw.efSearch = cfg.ef_search
-    for s in range(0, n, add_batch):
-        index.add(_as_f32(train_features[s:s + add_batch]))
-    return FeatureIndex(index, resources)
 
 
 # --------------------------------------------------------------------------------------------- votes
@@ -327,6 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
                                  feats["val_features"], feats["val_labels"], args.nb_knn,
                                  args.temperature, len(classes) if classes else None, index_cfg,
                                  args.query_batch, normalize=not meta.get("normalized", False))
+        used_index = index_cfg.resolved(len(feats["train_labels"])).kind  # auto -> flat or cells
         out_dir = Path(args.output_dir) if args.output_dir else (
             common.default_output_dir(args.checkpoint) if args.checkpoint else Path(args.load_features))
         report = {
@@ -335,14 +232,15 @@ def main(argv: list[str] | None = None) -> dict:
             "checkpoint": meta.get("checkpoint", args.checkpoint), "arch": meta.get("arch", args.arch),
             "checkpoint_key": meta.get("checkpoint_key", args.checkpoint_key),
             "crop_size": meta.get("crop_size"), "resize": meta.get("resize"),
-            "temperature": args.temperature, "index": args.index, "fp16_features": args.fp16_features,
+            "temperature": args.temperature, "index": used_index, "index_requested": args.index,
+            "fp16_features": args.fp16_features,
             "num_train": len(feats["train_labels"]), "num_val": len(feats["val_labels"]),
             "num_classes": len(classes) if classes else int(max(feats["train_labels"].max(),
                                                                 feats["val_labels"].max())) + 1,
             "results": {str(k): v for k, v in results.items()},
         }
         out_file = atomic_write_text(out_dir / "knn.json", json.dumps(report, indent=2))
-        print(format_table(results, args.temperature, args.index))
+        print(format_table(results, args.temperature, used_index))
         print(f"written {out_file}")
         report["output"] = str(out_file)
         return report

@@ -81,10 +81,13 @@ def knn_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("k-NN")
     g.add_argument("--nb-knn", type=int, nargs="+", default=list(DEFAULT_KS), help="numbers of neighbours")
     g.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="vote weight exp(sim / T)")
-    g.add_argument("--index", default="flat", choices=("flat", "ivf", "hnsw"),
-                   help="faiss index: exact inner product, or approximate for very large sets")
-    g.add_argument("--nlist", type=int, default=None, help="ivf cells (default: ~4*sqrt(N))")
-    g.add_argument("--nprobe", type=int, default=32, help="ivf cells searched per query")
+    g.add_argument("--index", default="auto", choices=("auto", "flat", "cells", "ivf", "hnsw"),
+                   help="auto: exact (flat) below 100,000 train features, cells above; cells: inverted "
+                        "file searched cell by cell, nprobe calibrated to find 99.95%% of the true "
+                        "neighbours; ivf/hnsw: faiss's approximate indexes (ssl_xcit.evaluate.knn_index)")
+    g.add_argument("--nlist", type=int, default=None, help="ivf/cells cells (default: ~4*sqrt(N) / ~sqrt(N)/2)")
+    g.add_argument("--nprobe", type=int, default=None,
+                   help="cells searched per query (default: cells calibrated per search, ivf 32)")
     g.add_argument("--hnsw-m", type=int, default=32, help="hnsw graph degree")
     g.add_argument("--ef-search", type=int, default=256, help="hnsw search breadth")
     g.add_argument("--fp16-features", action="store_true", help="hold features (and the index) in float16")
