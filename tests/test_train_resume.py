@@ -1,6 +1,7 @@
 """k steps + resume + (n-k) steps gives bitwise the same weights as n steps straight (CPU, fp32)."""
 import json
 
+import pytest
 import torch
 
 from ssl_xcit.train.loop import train
@@ -48,3 +49,17 @@ def test_weights_actually_change_and_teacher_trails_student(cifar_small, tmp_pat
     key = "backbone.blocks.0.attn.qkv.weight"
     assert not torch.equal(w[f"student.{key}"], init[key])
     assert not torch.equal(w[f"teacher.{key}"], w[f"student.{key}"])
+
+
+def test_a_folder_is_named_as_a_folder_not_a_missing_checkpoint(cifar_small, tmp_path):
+    from ssl_xcit.train.checkpoint import CheckpointError, load_checkpoint
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "nothing.pth")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint.pth").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"run is a folder, not a checkpoint file; did you mean .*run/checkpoint\.pth"):
+        load_checkpoint(tmp_path / "run")
+    out = tmp_path / "folder_ckpt"
+    (out / "checkpoint.pth").mkdir(parents=True)     # the run meets a folder where its checkpoint goes
+    with pytest.raises(CheckpointError, match=r"checkpoint\.pth is a folder, not a checkpoint file"):
+        train(tiny_config(cifar_small / "train", out))

@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ssl_xcit.utils.atomic import atomic_torch_save
 from ssl_xcit.errors import UserError
+from ssl_xcit.models.checkpoints import require_checkpoint_file
+from ssl_xcit.utils.atomic import atomic_torch_save
 
 CHECKPOINT_NAME = "checkpoint.pth"
 FORMAT = "ssl_xcit"
@@ -64,8 +65,12 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a training checkpoint with ``weights_only=True``; errors name the file and the problem."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        require_checkpoint_file(path)     # a folder: "PATH is a folder, not a checkpoint file"
+    except UserError as err:
+        raise CheckpointError(str(err)) from None
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # truncated, not a torch file, or pickled objects
