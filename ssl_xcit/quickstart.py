@@ -2,7 +2,10 @@
 a randomly initialised backbone of the same architecture, on the same images.
 
 It answers the first question a newcomer has — does this train anything? — in minutes, with the
-same code paths a real run uses (config, loop, checkpoint, feature extraction, faiss k-NN).
+same code paths a real run uses (config, loop, checkpoint, feature extraction, faiss k-NN). While it
+trains, the k-NN monitor scores the teacher every ``--monitor-every-steps`` steps on a smaller fixed
+subset, so the output also shows the curve rising (``train/knn.png``, ``quickstart.json``), and the
+run's report page is written at its end (``train/report/index.html``).
 """
 from __future__ import annotations
 
@@ -44,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train images in the k-NN memory bank (evenly spread over classes)")
     p.add_argument("--knn-val-images", type=int, default=2000, help="val images queried")
     p.add_argument("--knn-k", type=int, nargs="+", default=[20], help="numbers of neighbours")
+    p.add_argument("--monitor-every-steps", type=int, default=50,
+                   help="k-NN of the teacher while training every N steps, and before the first (0: off)")
+    p.add_argument("--monitor-images", type=int, default=500,
+                   help="train images and val images (each) of the k-NN while training")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides")
     return p
 
@@ -66,6 +73,9 @@ def check_args(args: argparse.Namespace) -> None:
     for flag in ("knn_train_images", "knn_val_images"):
         if getattr(args, flag) <= 0:
             raise EvalInputError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if args.monitor_every_steps < 0 or args.monitor_images <= 0:
+        raise EvalInputError(f"--monitor-every-steps must be >= 0 and --monitor-images positive, got "
+                             f"{args.monitor_every_steps} and {args.monitor_images}")
     if any(k <= 0 for k in args.knn_k):
         raise EvalInputError(f"--knn-k values must be positive, got {' '.join(map(str, args.knn_k))}")
     if max(args.knn_k) > args.knn_train_images:
@@ -78,6 +88,31 @@ def check_args(args: argparse.Namespace) -> None:
         check_data_path(args.data, ("train", "val"), flag="--data")
     check_output_folder(args.output, "--output")
     load_config(args.config, args.overrides)  # the recipe and overrides, checked before torch loads
+
+
+def training_config(args: argparse.Namespace, root: Path, out: Path):
+    """The recipe with the data and output folders and, unless ``--monitor-every-steps 0``, the k-NN
+    monitor on ``root``'s train/ and val/ at the final k-NN's resolution (crop = resize = the global
+    crop). The user's ``key=value`` overrides come last, so ``eval_*=`` keys win."""
+    paths = [f"data_path={root / 'train'}", f"output_dir={out / 'train'}"]
+    cfg = load_config(args.config, [*paths, *args.overrides])
+    if not args.monitor_every_steps:
+        return cfg
+    crop = cfg.data.global_crops_size
+    monitor = [f"eval_data_path={root}", f"eval_every_steps={args.monitor_every_steps}",
+               f"eval_max_images={args.monitor_images}", f"eval_crop_size={crop}", f"eval_resize={crop}"]
+    return load_config(args.config, [*paths, *monitor, *args.overrides])
+
+
+def knn_curve(train_dir: Path) -> list[dict]:
+    """The k-NN monitor's points in ``train_dir/log.jsonl``, by step (a resumed run's earlier ones
+    too; a step scored twice, e.g. a finished run started again, keeps its last point)."""
+    from ssl_xcit.evaluate.report import read_log
+    log = train_dir / "log.jsonl"
+    records = read_log(log).records if log.is_file() else []
+    by_step = {r["global_step"]: {k: r[k] for k in ("global_step", "top1", "top5", "seconds")}
+               for r in records if r.get("event") == "knn"}
+    return [by_step[step] for step in sorted(by_step)]
 
 
 def _spread(n_total: int, n: int) -> np.ndarray:
@@ -151,13 +186,13 @@ def main(argv: list[str] | None = None) -> dict:
             raise EvalInputError(f"--data {root} has no {split}/ folder; the quickstart needs an ImageFolder "
                                  "root with train/ and val/")
     out = Path(args.output)
-    cfg = load_config(args.config, [f"data_path={root / 'train'}", f"output_dir={out / 'train'}",
-                                    *args.overrides])
+    cfg = training_config(args, root, out)
 
     print(f"[quickstart] DINO pretraining of {cfg.model.arch} on {root / 'train'} "
           f"({cfg.data.max_images or 'all'} images, {cfg.optim.epochs} epochs) -> {out / 'train'}", flush=True)
-    result = train(cfg)
+    result = train(cfg)     # with the k-NN monitor's points and, at the end, the report page
     t_train = time.perf_counter() - t0
+    curve = knn_curve(out / "train")
 
     device = pick_device(cfg.run.device)
     crop = cfg.data.global_crops_size
@@ -179,14 +214,21 @@ def main(argv: list[str] | None = None) -> dict:
     for k in sorted(trained):
         lines.append(f"{k:>5} {trained[k]['top1']:>22.2f} {random_init[k]['top1']:>22.2f} "
                      f"{paired[k]['gain']:>+7.2f} {paired[k]['p_value']:>22.2g}")
+    if curve:
+        lines.append(f"k-NN while training (top-1, k={cfg.eval.eval_knn_k}, {cfg.eval.eval_max_images} train / "
+                     f"{cfg.eval.eval_max_images} val images): "
+                     + ", ".join(f"step {r['global_step']}: {r['top1']:.2f}" for r in curve)
+                     + f" -> {out / 'train' / 'knn.png'}")
     lines.append(f"training {t_train / 60:.1f} min ({result.global_step} steps, final loss "
-                 f"{result.last_loss:.3f}), total {elapsed / 60:.1f} min")
+                 f"{result.last_loss:.3f}; k-NN while training {sum(r['seconds'] for r in curve) / 60:.1f} min "
+                 f"of it), total {elapsed / 60:.1f} min; report page {out / 'train' / 'report' / 'index.html'}")
     print("\n".join(lines), flush=True)
     report = {"arch": cfg.model.arch, "data": str(root), "steps": result.global_step,
               "final_loss": result.last_loss, "train_minutes": t_train / 60, "total_minutes": elapsed / 60,
               "knn_train_images": args.knn_train_images, "knn_val_images": args.knn_val_images,
               "trained": {str(k): v for k, v in trained.items()},
               "random": {str(k): v for k, v in random_init.items()},
-              "paired": {str(k): v for k, v in paired.items()}}
+              "paired": {str(k): v for k, v in paired.items()},
+              "knn_curve": curve, "knn_curve_images": cfg.eval.eval_max_images if curve else 0}
     (out / "quickstart.json").write_text(json.dumps(report, indent=2))
     return report

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from ssl_xcit.cli import UsageError
-from ssl_xcit.quickstart import DEFAULT_CONFIG, main as quickstart, parse_args
+from ssl_xcit.evaluate.options import EvalInputError
+from ssl_xcit.quickstart import DEFAULT_CONFIG, main as quickstart, parse_args, training_config
 from ssl_xcit.train.config import load_config
 from ssl_xcit.train.loop import train
 
@@ -22,7 +23,7 @@ def test_dino_loss_falls_on_real_images_without_collapse(cifar_root, tmp_path):
                                        "arch=xcit_nano_12_p16", "batch_size_per_gpu=32", "max_images=2560",
                                        "local_crops_number=2", "epochs=2", "freeze_last_layer=1",
                                        "max_steps=80", "log_every_steps=1", "tensorboard=false",
-                                       "num_workers=0"])
+                                       "num_workers=0", "report=false"])
     result = train(cfg)
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     steps = [r for r in records if r["event"] == "train"]
@@ -42,6 +43,20 @@ def test_overrides_may_follow_the_knn_k_list(cifar_small):
     assert args.knn_k == [10, 20] and args.overrides == ["epochs=3", "max_images=64"] and args.output == "o"
     with pytest.raises(UsageError, match="invalid int value: 'ten'"):
         parse_args(["--knn-k", "ten"])
+
+
+def test_the_knn_monitor_is_on_at_the_final_knn_resolution_and_can_be_changed(cifar_small, tmp_path):
+    def config(*argv):
+        return training_config(parse_args(["--data", str(cifar_small), *argv]), cifar_small, tmp_path).eval
+    default = config()
+    assert (default.eval_every_steps, default.eval_max_images, default.eval_data_path) == (50, 500, str(cifar_small))
+    assert default.eval_crop_size == default.eval_resize == 32               # the quickstart's global crop
+    assert config("global_crops_size=64").eval_resize == 64
+    assert config("--monitor-every-steps", "20", "--monitor-images", "300").eval_every_steps == 20
+    assert config("eval_max_images=100").eval_max_images == 100              # the user's keys win
+    assert config("--monitor-every-steps", "0").eval_every_steps == 0
+    with pytest.raises(EvalInputError, match="--monitor-images positive"):
+        parse_args(["--data", str(cifar_small), "--monitor-images", "0"])
 
 
 @pytest.fixture
@@ -66,6 +81,17 @@ def _check_clear_gain(report: dict, out: Path, steps: int, min_gain: float, max_
     assert saved["paired"]["20"] == paired and saved["trained"]["20"]["top1"] == trained
 
 
+def _check_curve_and_page(report: dict, out: Path, steps: list[int]) -> None:
+    """The k-NN monitor's curve (every 50 steps, 500 + 500 images) rises from the random start, is in
+    quickstart.json and knn.png, and the run's report page was written at the end of training."""
+    curve = report["knn_curve"]
+    assert [r["global_step"] for r in curve] == steps, curve
+    assert curve[-1]["top1"] > curve[0]["top1"], curve
+    assert json.loads((out / "quickstart.json").read_text())["knn_curve"] == curve
+    assert (out / "train" / "knn.png").stat().st_size > 0
+    assert "knn.png" in (out / "train" / "report" / "index.html").read_text()
+
+
 def test_quickstart_trained_teacher_clearly_beats_its_random_start(cifar_root, tmp_path, both_cores):
     """The README command as documented (200 steps of batch 32, 6,400 CIFAR-10 images).
 
@@ -77,6 +103,7 @@ def test_quickstart_trained_teacher_clearly_beats_its_random_start(cifar_root, t
     report = quickstart(["--data", str(cifar_root), "--output", str(out), "--knn-train-images", "10000",
                          "--knn-val-images", "2000", "--knn-k", "20", "tensorboard=false"])
     _check_clear_gain(report, out, steps=200, min_gain=3.0, max_p=1e-3)
+    _check_curve_and_page(report, out, steps=[0, 50, 100, 150, 200])
 
 
 @pytest.mark.heavy
@@ -86,3 +113,4 @@ def test_quickstart_longer_run_clearly_beats_its_random_start(cifar_root, tmp_pa
     report = quickstart(["--data", str(cifar_root), "--output", str(out), "--knn-train-images", "10000",
                          "--knn-val-images", "2000", "--knn-k", "20", "max_images=9600", "tensorboard=false"])
     _check_clear_gain(report, out, steps=300, min_gain=3.0, max_p=1e-3)
+    _check_curve_and_page(report, out, steps=[0, 50, 100, 150, 200, 250, 300])
