@@ -13,6 +13,15 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ssl_xcit.errors import UserError
+
+
+class DeviceError(UserError, ValueError, RuntimeError):
+    """A device or process-group setting this process cannot use: ``device=cuda`` without a GPU, a
+    GPU index that is not there, a misspelt device, torchrun variables that do not fit together.
+    A :class:`UserError` (one line on a command line) and still the ``ValueError`` or
+    ``RuntimeError`` these were raised as before, so callers that catch those keep working."""
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -37,7 +46,7 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(value)
     except ValueError as err:
-        raise ValueError(f"environment variable {name}={value!r} is not an integer") from err
+        raise DeviceError(f"environment variable {name}={value!r} is not an integer") from err
 
 
 def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
@@ -52,10 +61,10 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Dis
     if world_size <= 1:
         return DistInfo()
     if not 0 <= rank < world_size:
-        raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world_size}")
+        raise DeviceError(f"RANK={rank} is outside WORLD_SIZE={world_size}")
     for var in ("MASTER_ADDR", "MASTER_PORT"):
         if var not in os.environ:
-            raise RuntimeError(f"WORLD_SIZE={world_size} but {var} is not set: start with torchrun "
+            raise DeviceError(f"WORLD_SIZE={world_size} but {var} is not set: start with torchrun "
                                "or launch/submit.py, which set it")
     use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
     backend = "nccl" if use_cuda else "gloo"
@@ -76,12 +85,16 @@ def pick_device(name: str = "auto", local_rank: int | None = None) -> torch.devi
     which :func:`init_distributed` has set to the local rank).
     """
     if name not in ("auto", "cpu", "cuda") and not (name.startswith("cuda:") and name[5:].isdigit()):
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+        raise DeviceError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name} was asked for but torch sees no CUDA GPU; use cpu or auto")
+        raise DeviceError(f"device {name} was asked for but torch sees no CUDA GPU; use cpu or auto")
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if name.startswith("cuda:"):
+        count = torch.cuda.device_count()
+        if int(name[5:]) >= count:
+            raise DeviceError(f"device {name} was asked for but torch sees {count} GPU(s) (cuda:0 to "
+                              f"cuda:{count - 1}); check CUDA_VISIBLE_DEVICES")
         return torch.device(name)
     index = torch.cuda.current_device() if local_rank is None else local_rank % torch.cuda.device_count()
     return torch.device("cuda", index)
