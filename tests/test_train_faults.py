@@ -228,15 +228,15 @@ def test_a_data_set_where_most_images_fail_is_flagged(cifar_small, tmp_path):
 # ---- 11. a diverging run is flagged once
 
 def test_diverging_loss_warning_fires_once_with_the_knob(tmp_path):
-    from ssl_xcit.train.loop import _warn_if_diverging
+    from ssl_xcit.train.health import warn_if_diverging
     from ssl_xcit.train.logger import RunLogger
     logger = RunLogger(tmp_path, enabled=True, tensorboard=False)
     ln_k = math.log(256)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert not _warn_if_diverging({"loss": 2.0 * ln_k}, 256, 5, logger, True, lr=1e-3)   # high but plausible
+        assert not warn_if_diverging({"loss": 2.0 * ln_k}, 256, 5, logger, True, lr=1e-3)   # high but plausible
     with pytest.warns(RuntimeWarning, match=r"diverging.*loss 4\.00e\+04.*ln\(out_dim\).*lower lr"):
-        assert _warn_if_diverging({"loss": 4e4}, 256, 5, logger, True, lr=1e3)
+        assert warn_if_diverging({"loss": 4e4}, 256, 5, logger, True, lr=1e3)
     assert [e["event"] for e in _events(tmp_path)] == ["divergence_warning"]
 
 

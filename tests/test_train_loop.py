@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from ssl_xcit.dino.loss import DINOLoss
-from ssl_xcit.train.loop import NonFiniteLossError, _warn_if_collapsed, train
+from ssl_xcit.train.health import warn_if_collapsed
+from ssl_xcit.train.loop import NonFiniteLossError, train
 from ssl_xcit.train.logger import RunLogger
 from tests.train_helpers import tiny_config
 
@@ -90,14 +91,14 @@ def test_collapse_warning_fires_for_both_collapse_modes_only(tmp_path):
     uniform = {"loss": ln_k + 0.01, "teacher_entropy": ln_k - 0.01, "teacher_kl_uniform": 0.001}
     one_hot = {"loss": 9.0, "teacher_entropy": 0.01, "teacher_kl_uniform": ln_k - 0.05}
     with pytest.warns(RuntimeWarning, match="uniform teacher"):
-        _warn_if_collapsed(uniform, 1024, 100, logger, True)
+        warn_if_collapsed(uniform, 1024, 100, logger, True)
     with pytest.warns(RuntimeWarning, match="one prototype"):
-        _warn_if_collapsed(one_hot, 1024, 100, logger, True)
+        warn_if_collapsed(one_hot, 1024, 100, logger, True)
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _warn_if_collapsed(healthy, 1024, 100, logger, True)
-        _warn_if_collapsed(uniform, 1024, 10, logger, True)   # too early to judge
+        warn_if_collapsed(healthy, 1024, 100, logger, True)
+        warn_if_collapsed(uniform, 1024, 10, logger, True)   # too early to judge
     assert [e["event"] for e in _events(tmp_path)] == ["collapse_warning", "collapse_warning"]
 
 

@@ -10,13 +10,12 @@ writes its report page (:mod:`ssl_xcit.evaluate.report`, ``report=false`` turns 
 What never gets through silently: a non-finite loss (caught before ``backward``, no update applied)
 or non-finite weights (never saved); a second run in the same folder (:mod:`ssl_xcit.train.lock`);
 a data set whose images do not load (an error, or a warning when most fail); a diverging or
-collapsed run (warnings in the log).
+collapsed run (warnings in the log). Those checks live in :mod:`ssl_xcit.train.health`.
 """
 from __future__ import annotations
 
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -44,6 +43,7 @@ from ssl_xcit.models import get_model
 from ssl_xcit.train.checkpoint import (CHECKPOINT_NAME, CheckpointError, capture_rng_state, load_checkpoint,
                                        restore_rng_state, save_checkpoint)
 from ssl_xcit.train.config import DinoConfig
+from ssl_xcit.train.health import unreadable_message, warn_if_collapsed, warn_if_diverging, warn_if_mostly_unreadable
 from ssl_xcit.train.lock import OutputDirLock
 from ssl_xcit.train.logger import RunLogger
 from ssl_xcit.train.monitor import KnnMonitor
@@ -62,10 +62,6 @@ class DataSetError(UserError, ValueError):
 
 # a run whose batches are all unreadable this many steps in a row stops (rather than at epoch end)
 MAX_EMPTY_STEPS_IN_A_ROW = 20
-# warn once when at least this fraction of the images tried failed to load
-UNREADABLE_WARN_FRACTION = 0.5
-# a loss above this many times ln(out_dim) is divergence, not learning (healthy: near or below 1x)
-DIVERGED_LOSS_FACTOR = 3.0
 
 
 @dataclass
@@ -503,8 +499,8 @@ def _count_and_skip_empty(run: _Run, batch: Batch) -> bool:
     c.empty_steps_in_a_row += 1
     if c.empty_steps_in_a_row >= MAX_EMPTY_STEPS_IN_A_ROW:
         loaded, skipped = _all_ranks_sum(run, c.run_loaded, c.run_skipped)
-        raise DataSetError(_unreadable_message(run, loaded, skipped, extra=f"{c.empty_steps_in_a_row} steps "
-                                               "in a row had a batch without one readable image"))
+        raise DataSetError(unreadable_message(run.dataset, loaded, skipped, extra=f"{c.empty_steps_in_a_row} "
+                                              "steps in a row had a batch without one readable image"))
     return True
 
 
@@ -520,11 +516,11 @@ def _log_step(run: _Run, hp: StepHParams, out, loss_value: float, epoch: int) ->
               "teacher_kl_uniform": out.teacher_kl_uniform.item(),
               "images_per_s": c.images_seen / max(now - c.t_last, 1e-9)}
     run.logger.scalars(run.global_step, values, epoch)
-    _warn_if_collapsed(values, cfg.model.out_dim, run.global_step, run.logger, run.is_main)
+    warn_if_collapsed(values, cfg.model.out_dim, run.global_step, run.logger, run.is_main)
     if not c.warned_diverging:
-        c.warned_diverging = _warn_if_diverging(values, cfg.model.out_dim, run.global_step, run.logger,
-                                                run.is_main, lr=cfg.optim.lr)
-    _warn_if_mostly_unreadable(run, c.run_loaded, c.run_skipped, min_tried=16)
+        c.warned_diverging = warn_if_diverging(values, cfg.model.out_dim, run.global_step, run.logger,
+                                               run.is_main, lr=cfg.optim.lr)
+    _warn_once_if_mostly_unreadable(run, c.run_loaded, c.run_skipped, min_tried=16)
     c.images_seen, c.t_last = 0, now
 
 
@@ -537,8 +533,8 @@ def _end_epoch(run: _Run) -> None:
     done_epoch = (run.global_step - 1) // spe
     loaded, skipped = _all_ranks_sum(run, c.epoch_loaded, c.epoch_skipped)
     if loaded == 0:
-        raise DataSetError(_unreadable_message(run, loaded, skipped))
-    _warn_if_mostly_unreadable(run, loaded, skipped, min_tried=1)
+        raise DataSetError(unreadable_message(run.dataset, loaded, skipped))
+    _warn_once_if_mostly_unreadable(run, loaded, skipped, min_tried=1)
     keep = (f"checkpoint{done_epoch:04d}.pth" if end_of_epoch and run.cfg.run.saveckp_freq
             and (done_epoch + 1) % run.cfg.run.saveckp_freq == 0 else None)
     _save(run, keep)
@@ -549,6 +545,13 @@ def _end_epoch(run: _Run) -> None:
                      skipped_images=skipped)
     c.epoch_loaded = c.epoch_skipped = 0
     run.logger.flush()
+
+
+def _warn_once_if_mostly_unreadable(run: _Run, loaded: int, skipped: int, min_tried: int) -> None:
+    c = run.counters
+    if not c.warned_unreadable:
+        c.warned_unreadable = warn_if_mostly_unreadable(run.dataset, loaded, skipped, min_tried, run.logger,
+                                                        run.is_main, run.global_step)
 
 
 def _all_ranks_sum(run: _Run, *counts: int) -> tuple[int, ...]:
@@ -605,56 +608,7 @@ def _checkpoint_holds(run: _Run) -> str:
             "climbing, resume from an earlier checkpoint or start again with another lr)")
 
 
-# ---- health checks: unreadable data, divergence, collapse
-
-def _unreadable_reasons(dataset: ImageFiles, limit: int = 200) -> tuple[int, str]:
-    """Load up to ``limit`` of the images (evenly spread; files or shard members) again and count why those that fail do:
-    (number checked, ``"20 x cannot identify image file, 3 x image file is truncated"``)."""
-    indices = np.linspace(0, len(dataset) - 1, min(limit, len(dataset))).round().astype(np.int64)
-    reasons: dict[str, int] = {}
-    for i in dict.fromkeys(indices.tolist()):
-        where = dataset.location(i)
-        try:
-            dataset.load(i)
-        except Exception as err:  # noqa: BLE001 - any failure is a reason to report
-            text = str(err).replace(repr(where), "").replace(where, "").strip(" :'\"") or type(err).__name__
-            reasons[text] = reasons.get(text, 0) + 1
-    ranked = sorted(reasons.items(), key=lambda kv: -kv[1])
-    summary = ", ".join(f"{n} x {text}" for text, n in ranked[:3])
-    if len(ranked) > 3:
-        summary += f", {sum(n for _, n in ranked[3:])} x other reasons"
-    return len(dict.fromkeys(indices.tolist())), summary
-
-
-def _unreadable_message(run: _Run, loaded: int, skipped: int, extra: str = "") -> str:
-    checked, reasons = _unreadable_reasons(run.dataset)
-    where = run.dataset.root
-    tried = loaded + skipped
-    if loaded == 0:
-        what = (f"all {tried} images of {where}" if tried == len(run.dataset)
-                else f"all {tried} images tried of the {len(run.dataset)} in {where}")
-    else:
-        what = f"{skipped} of {tried} images tried of {where}"
-    because = f"{reasons}" if checked >= len(run.dataset) else f"{checked} of them checked again: {reasons}"
-    extra = f"; {extra}" if extra else ""
-    return f"{what} failed to load ({because or 'no failure on a second look'}){extra}: nothing to train on"
-
-
-def _warn_if_mostly_unreadable(run: _Run, loaded: int, skipped: int, min_tried: int) -> None:
-    """Warn once when most images fail to load: the run trains on what is left, which may not be
-    what the user thinks (a missing codec, a folder of something else)."""
-    c, tried = run.counters, loaded + skipped
-    if c.warned_unreadable or not run.is_main or tried < min_tried or skipped < UNREADABLE_WARN_FRACTION * tried:
-        return
-    c.warned_unreadable = True
-    checked, reasons = _unreadable_reasons(run.dataset)
-    msg = (f"{skipped} of {tried} images tried failed to load ({checked} of {run.dataset.root} checked again: "
-           f"{reasons}); training on the rest. Fix or remove the unreadable files")
-    warnings.warn(msg, RuntimeWarning, stacklevel=2)
-    print(f"[ssl_xcit] warning: {msg}", flush=True)
-    run.logger.event("unreadable_images_warning", global_step=run.global_step, tried=tried, skipped=skipped,
-                     reasons=reasons)
-
+# ---- progress bar
 
 def _progress(is_main: bool, start: int, total: int, epoch: int, epochs: int):
     if not is_main:
@@ -665,37 +619,3 @@ def _progress(is_main: bool, start: int, total: int, epoch: int, epochs: int):
     interval = 0.1 if sys.stderr.isatty() else 30.0
     return tqdm(total=total, initial=start, desc=f"epoch {epoch + 1}/{epochs}", dynamic_ncols=True,
                 leave=False, mininterval=interval)
-
-
-def _warn_if_collapsed(values: dict, out_dim: int, step: int, logger: RunLogger, is_main: bool) -> None:
-    """DINO collapses two ways: a uniform teacher (entropy at ln K, loss near ln K) or one
-    dominant prototype (teacher KL from uniform near ln K). Either shows here before k-NN does."""
-    if not is_main or step < 50:
-        return
-    ln_k = math.log(out_dim)
-    uniform = values["teacher_entropy"] > 0.98 * ln_k and abs(values["loss"] - ln_k) < 0.02 * ln_k
-    one_hot = values["teacher_kl_uniform"] > 0.98 * ln_k
-    if uniform or one_hot:
-        kind = "uniform teacher output" if uniform else "one prototype dominates the teacher output"
-        msg = (f"run looks collapsed at global step {step}: {kind} (loss {values['loss']:.3f}, "
-               f"entropy {values['teacher_entropy']:.3f}, ln(out_dim) {ln_k:.3f})")
-        warnings.warn(msg, RuntimeWarning, stacklevel=2)
-        logger.event("collapse_warning", global_step=step, kind=kind)
-
-
-def _warn_if_diverging(values: dict, out_dim: int, step: int, logger: RunLogger, is_main: bool,
-                       lr: float) -> bool:
-    """DINO's loss is a cross-entropy over ``out_dim`` prototypes: it starts near ln(out_dim) and a
-    healthy run stays near or below it. Far above it, the student's logits are blowing up: the run
-    diverges (usually too high a learning rate). True when it warned (the caller warns once)."""
-    ln_k = math.log(out_dim)
-    if not is_main or values["loss"] <= DIVERGED_LOSS_FACTOR * ln_k:
-        return False
-    msg = (f"run is diverging at global step {step}: loss {values['loss']:.2e} is "
-           f"{values['loss'] / ln_k:.0f}x ln(out_dim) {ln_k:.2f} (a healthy DINO loss stays near or below it). "
-           f"Likely cause: the learning rate is too high for this batch (lr={lr:g} per 256 images): "
-           "lower lr, raise warmup_epochs, or set clip_grad (DINO: 3.0)")
-    warnings.warn(msg, RuntimeWarning, stacklevel=2)
-    print(f"[ssl_xcit] warning: {msg}", flush=True)
-    logger.event("divergence_warning", global_step=step, loss=values["loss"], ln_out_dim=ln_k)
-    return True
