@@ -216,46 +216,47 @@ class CellIndex:
     def search(self, queries: torch.Tensor | np.ndarray, k: int, batch_size: int = 1000
                ) -> tuple[np.ndarray, np.ndarray]:
         """As :meth:`FeatureIndex.search`. ``batch_size`` is ignored: queries go in blocks sized
-        to hold their candidates in ~256 MB, since grouping by cell needs many queries at once."""
+        to hold their similarities to the probed cells in ~256 MB (1 GiB on a GPU), since
+        grouping by cell needs many queries at once."""
         check_positive(k, "k")
         q = torch.as_tensor(queries).to(self.data.device, torch.float32)
-        nprobe = self.nprobe or self.calibrate(q, k)
-        nprobe = min(nprobe, self.nlist)
+        nprobe = min(self.nprobe or self.calibrate(q, k), self.nlist)
         self.last_nprobe = nprobe
-        block = max(256, (256 << 20) // (nprobe * k * 12))
+        width = max(int((self.offsets[1:] - self.offsets[:-1]).max()), -(-k // nprobe))  # widest cell
+        budget = (1 << 30) if self.data.is_cuda else (256 << 20)
+        block = max(64, budget // (nprobe * width * 4))
         sims = np.empty((len(q), k), dtype=np.float32)
         ids = np.empty((len(q), k), dtype=np.int64)
         for s in range(0, len(q), block):
-            d, i = self._search_block(q[s:s + block], k, nprobe)
+            d, i = self._search_block(q[s:s + block], k, nprobe, width)
             sims[s:s + block], ids[s:s + block] = d.cpu().numpy(), i.cpu().numpy()
         return sims, ids
 
-    def _search_block(self, q: torch.Tensor, k: int, nprobe: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _search_block(self, q: torch.Tensor, k: int, nprobe: int, width: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each (query, probed cell) pair gets a row of ``width`` similarities (-inf past the
+        cell's end); one top-k over each query's rows then picks its neighbours. (One top-k over
+        long rows: torch's CPU top-k costs ~15 us per row, so a top-k per cell was slower.)"""
         nq, dev = len(q), q.device
         to_centre, probe = (q @ self.centroids.T).topk(nprobe, dim=1)  # q . centroid of the probed cells
         to_centre, probe = to_centre.flatten(), probe.flatten()  # per (query, slot) pair
-        order = torch.argsort(probe, stable=True)  # (query, slot) pairs grouped by cell
+        order = torch.argsort(probe, stable=True)  # pairs grouped by cell
         per_cell = torch.bincount(probe, minlength=self.nlist).tolist()
-        cand_s = torch.full((nq * nprobe, k), -math.inf, device=dev)
-        cand_i = torch.full((nq * nprobe, k), -1, dtype=torch.long, device=dev)
         offsets = self.offsets.tolist()
+        sims = torch.full((nq * nprobe, width), -math.inf, device=dev)
         pos = 0
         for cell, m in enumerate(per_cell):
-            if m == 0:
-                continue
             pairs = order[pos:pos + m]
             pos += m
             lo, hi = offsets[cell], offsets[cell + 1]
-            if hi == lo:
+            if m == 0 or hi == lo:
                 continue
-            s = q[pairs // nprobe] @ self.data[lo:hi].float().T + to_centre[pairs, None]
-            kk = min(k, hi - lo)
-            v, j = s.topk(kk, dim=1)
-            cand_s[pairs, :kk], cand_i[pairs, :kk] = v, j + lo
-        cand_s, cand_i = cand_s.view(nq, nprobe * k), cand_i.view(nq, nprobe * k)
-        v, j = cand_s.topk(k, dim=1)
-        rows = cand_i.gather(1, j)
-        out = torch.where(rows >= 0, self.ids[rows.clamp(min=0)], torch.full_like(rows, -1))
+            sims[pairs, :hi - lo] = q[pairs // nprobe] @ self.data[lo:hi].float().T + to_centre[pairs, None]
+        v, where = sims.view(nq, nprobe * width).topk(k, dim=1)
+        cell = probe.view(nq, nprobe).gather(1, where // width)
+        rows = self.offsets[cell] + where % width  # rows of the sorted storage
+        found = v > -math.inf
+        out = torch.where(found, self.ids[rows.clamp(max=self.ntotal - 1)], torch.full_like(rows, -1))
         return v, out
 
     def calibrate(self, q: torch.Tensor, k: int, sample: int = 256) -> int:
@@ -269,10 +270,15 @@ class CellIndex:
         best_s = torch.full((len(qs), k_eff), -math.inf, device=q.device)
         best_j = torch.zeros((len(qs), k_eff), dtype=torch.long, device=q.device)
         to_centre = qs @ self.centroids.T  # (sample, nlist)
-        for s, sim in _matmul_chunks(self.data, qs, 65536):  # (chunk, sample) exact similarities
-            sim = sim + to_centre[:, self.cell_of[s:s + len(sim)]].T
-            v, j = torch.cat([best_s, sim.T], 1), torch.cat([best_j, torch.arange(s, s + len(sim), device=q.device)
-                                                              .expand(len(qs), -1)], 1)
+        offsets, cell_of = self.offsets.tolist(), self.cell_of
+        for lo in range(0, self.ntotal, 65536):  # exact similarities, a chunk of stored rows at a time
+            hi = min(lo + 65536, self.ntotal)
+            sim = qs @ self.data[lo:hi].float().T  # (sample, rows): q . residual
+            for cell in range(int(cell_of[lo]), int(cell_of[hi - 1]) + 1):  # + q . centroid, cell by cell
+                a, b = max(offsets[cell], lo), min(offsets[cell + 1], hi)
+                sim[:, a - lo:b - lo] += to_centre[:, cell:cell + 1]
+            v, j = sim.topk(min(k_eff, hi - lo), dim=1)
+            v, j = torch.cat([best_s, v], 1), torch.cat([best_j, j + lo], 1)
             best_s, top = v.topk(k_eff, dim=1)
             best_j = j.gather(1, top)
         # rank of every cell for each sampled query, then the rank of each true neighbour's cell
@@ -306,9 +312,11 @@ def _cell_index(train_features: torch.Tensor | np.ndarray, cfg: IndexConfig, see
     offsets[1:] = counts.cumsum(0)
     dtype = torch.float16 if cfg.fp16 or n * d * 4 > FLOAT32_BUDGET else torch.float32
     residual = torch.empty(n, d, dtype=dtype, device=device)
-    for s in range(0, n, 65536):
-        rows = order[s:s + 65536]
-        residual[s:s + len(rows)] = x[rows.to(x.device)].to(device, torch.float32) - cent[assign[rows]]
+    bounds = offsets.tolist()
+    for cell in range(nlist):  # residual = feature - its cell's centroid, one cell at a time
+        lo, hi = bounds[cell], bounds[cell + 1]
+        rows = torch.index_select(x, 0, order[lo:hi].to(x.device))
+        residual[lo:hi] = rows.to(device, torch.float32) - cent[cell]
     return CellIndex(cent, residual, order, offsets, cfg.nprobe, cfg.recall, seed)
 
 
