@@ -219,6 +219,22 @@ def test_knn_tool_gives_the_same_figures_on_shards_as_on_the_folder(cifar_small:
         assert (a[key] == b[key]).all(), key
 
 
+def test_training_on_shards_stopped_mid_epoch_and_resumed_ends_as_a_straight_run(cifar_small: Path,
+                                                                                 cifar_shards: Path, tmp_path):
+    """Straight on the folder == (4 steps on shards, stop, resume to the end on shards), bit for bit:
+    shards give the same images in the same index order, and the index sampler resumes exactly."""
+    from ssl_xcit.train.loop import train
+    from tests.train_helpers import assert_same_weights, load_weights, tiny_config
+
+    straight = train(tiny_config(cifar_small / "train", tmp_path / "straight"))
+    assert straight.status == "finished" and straight.global_step == 12
+    first = train(tiny_config(cifar_shards / "train", tmp_path / "pieces", max_steps=4))
+    assert first.global_step == 4
+    second = train(tiny_config(cifar_shards / "train", tmp_path / "pieces"))
+    assert second.status == "finished" and second.global_step == 12
+    assert_same_weights(load_weights(tmp_path / "straight"), load_weights(tmp_path / "pieces"), exact=True)
+
+
 def test_brace_pattern_passes_resolve_data_path_unchanged(cifar_shards: Path):
     from ssl_xcit.data.sources import resolve_data_path
     pattern = str(cifar_shards / "val" / "shard-{000000..000002}.tar")

@@ -30,7 +30,7 @@ from ssl_xcit.distributed import pick_device
 from ssl_xcit.data.folders import Batch, ImageFiles, collate_skip_corrupt
 from ssl_xcit.data.multicrop import DinoMultiCrop, MultiCropConfig
 from ssl_xcit.data.sampler import ResumableDistributedSampler
-from ssl_xcit.data.sources import resolve_data_path
+from ssl_xcit.data.sources import open_image_dataset, resolve_data_path
 from ssl_xcit.dino.ema import copy_student_to_teacher
 from ssl_xcit.dino.head import DINOHead
 from ssl_xcit.dino.loss import DINOLoss
@@ -95,7 +95,7 @@ def build_dataset(cfg: DinoConfig) -> ImageFiles:
         local_crops_number=d.local_crops_number, local_crops_size=d.local_crops_size,
         local_crops_scale=tuple(d.local_crops_scale), blur_probs=tuple(d.blur_probs),
         solarize_prob=d.solarize_prob))
-    dataset = ImageFiles(training_images_root(d.data_path), transform=transform)
+    dataset = open_image_dataset(training_images_root(d.data_path), transform=transform)  # folder or tar shards
     if d.max_images and d.max_images < len(dataset):
         # evenly spread over the sorted listing, so a class-folder tree keeps every class
         keep = np.linspace(0, len(dataset) - 1, d.max_images).round().astype(np.int64)
