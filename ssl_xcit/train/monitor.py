@@ -89,9 +89,9 @@ class KnnMonitor:
             raise ConfigError(f"eval_data_path {data_path} has no {' or '.join(s + '/' for s in missing)} "
                               "folder: the k-NN monitor needs labelled train/<class>/ and val/<class>/ images")
         transform = common.eval_transform(crop_size, resize)
-        from ssl_xcit.data.folders import ImageFiles
-        self.train_set = ImageFiles(root / "train", transform, progress=False)
-        self.val_set = ImageFiles(root / "val", transform, progress=False)
+        from ssl_xcit.data.sources import open_image_dataset   # a folder or tar shards
+        self.train_set = open_image_dataset(root / "train", transform, progress=False)
+        self.val_set = open_image_dataset(root / "val", transform, progress=False)
         if not self.train_set.classes:
             raise ConfigError(f"eval_data_path {data_path}: train/ has no class folders; the k-NN monitor "
                               "needs labelled images (train/<class>/<image>)")
