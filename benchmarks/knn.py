@@ -182,8 +182,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeat", type=int, default=1, help="time each method this often, keep the fastest")
     args = p.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but torch sees no GPU", file=sys.stderr)
+    problem = ("--device cuda but torch sees no GPU" if args.device == "cuda" and not torch.cuda.is_available()
+               else f"--scale must be positive, got {args.scale}" if args.scale is not None and args.scale <= 0
+               else f"--k must be positive, got {args.k}" if args.k <= 0
+               else f"--temperature must be positive, got {args.temperature}" if args.temperature <= 0 else None)
+    if problem:  # a known error: one line, exit 2
+        print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
     if args.threads:
         import faiss

@@ -201,3 +201,13 @@ def test_bad_cells_settings_are_one_line_errors():
         IndexConfig(kind="cells", nprobe=0)
     with pytest.raises(ValueError, match="--nlist 50 exceeds the 20"):
         build_index(torch.randn(20, 4), IndexConfig(kind="cells", nlist=50))
+
+
+def test_benchmark_reference_is_dinos_vote(clustered):
+    """benchmarks/knn.py times DINO's knn_classifier as written; its top-1 and neighbours equal
+    the float64 vote's on the clustered set (so the benchmark's "exact" column means exact)."""
+    xt, yt, xq, yq = clustered
+    top1, ids = _bench().dino_knn(xt, yt, xq, yq, 20, 0.07, num_classes=100)
+    want, exact_ids = float64_top1(xt, yt, xq, yq)
+    assert top1 == pytest.approx(100.0 * (want == yq).double().mean().item())
+    assert _recall(ids, exact_ids) > 0.999
