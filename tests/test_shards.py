@@ -330,3 +330,16 @@ def test_quickstart_knn_on_a_shard_folder_equals_the_folder(cifar_small: Path, c
                             device=torch.device("cpu"), num_workers=0, seed=1) for root in (cifar_small, cifar_shards)]
     (a, ya), (b, yb) = runs
     assert torch.equal(ya, yb) and torch.equal(a[5].top5, b[5].top5) and a[5].top1_acc == b[5].top1_acc
+
+
+def test_export_tool_on_shards_gives_the_folders_features_labels_and_paths(cifar_small: Path, cifar_shards: Path,
+                                                                          tmp_path: Path):
+    from ssl_xcit.evaluate import export
+
+    def run(data: Path, out: Path) -> dict:
+        export.main(["--checkpoint", "xcit_nano_12_p16", "--data-path", str(data), "--split", "val", "--out",
+                     str(out), "--crop-size", "32", "--num-workers", "0", "--device", "cpu", "--no-progress"])
+        return export.load_exported(out)
+    a, b = run(cifar_small, tmp_path / "folder"), run(cifar_shards, tmp_path / "shards")
+    assert (a["cls"] == b["cls"]).all() and (a["label"] == b["label"]).all()
+    assert list(b["path"]) == list(a["path"]) and b["path"][0] == "airplane/0000.jpg"

@@ -342,6 +342,21 @@ class ShardImages(Dataset):
     def shards(self) -> list[str]:
         return list(self._shards)
 
+    @property
+    def files(self) -> list[str]:
+        """Each image's member name in its shard (``KEY.jpg``; for shards made from a folder, the
+        image's path relative to that folder), in index order; reads one tar header per image."""
+        return [self.member_name(i) for i in range(len(self._rows))]
+
+    def member_name(self, index: int) -> str:
+        """The name of image ``index``'s tar member, from the header block before its data."""
+        shard = int(self._shard_of[index])
+        header = os.pread(self._fd(shard), tarfile.BLOCKSIZE, int(self._rows[index, OFFSET]) - tarfile.BLOCKSIZE)
+        try:
+            return tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape").name
+        except tarfile.HeaderError:
+            return self.location(index)
+
     def label(self, index: int) -> int:
         return int(self._rows[index, LABEL])
 
