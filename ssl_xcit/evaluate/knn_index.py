@@ -3,21 +3,26 @@
 Kinds (``IndexConfig.kind``):
 
 * ``flat`` -- exact inner-product search with faiss (``IndexFlatIP``, or faiss GPU).
-* ``cells`` -- an inverted file searched *cell by cell*: train features are split into ``nlist``
-  cells by spherical k-means (trained on a sample) and each query looks in its ``nprobe`` most
-  similar cells. A feature is stored as its cell's centroid plus a residual, in float32 -- or in
-  float16 (half the memory) when ``fp16`` is set or float32 would exceed :data:`FLOAT32_BUDGET`
-  (ImageNet's 1.28M x 384 features: 1.9 GiB in float32, 0.93 GiB so). Residuals are much shorter
-  than the unit features, so float16 rounding moves similarities far less than storing the
-  features in float16 would (features of a random network, all within cosine 0.998 of each other,
-  lost a third of their true neighbours that way; as residuals, 0.5%). Unlike faiss's IVF, which walks the
-  cells of one query after another (every query re-reads its cells from memory), the queries of a
-  block are grouped by cell and each cell is scored against all its queries with one matrix
-  product -- the same arithmetic as DINO's matmul, on a few percent of the train set. Similarities
-  of the features found are ``q . centroid + q . residual`` in float32; only neighbours in cells
-  not probed can be missed. ``nprobe`` is chosen per search (unless given): exact search of
-  a sample of the queries tells which cells their true k neighbours lie in, and the smallest
-  ``nprobe`` that finds ``recall`` of them is used. Pure torch, so it runs on the CPU or a GPU.
+* ``cells`` -- an inverted file searched *cell by cell*. Train features are split into ``nlist``
+  cells by spherical k-means (trained on a sample); each query looks in its ``nprobe`` most
+  similar cells.
+
+  - Speed: faiss's IVF walks the cells of one query after another (every query re-reads its
+    cells from memory); here the queries of a block are grouped by cell and each cell is scored
+    against all its queries with one matrix product -- DINO's arithmetic on a few percent of the
+    train set. How few depends on how well the features cluster.
+  - Accuracy: similarities of the features found are exact (float32); only neighbours in cells
+    not probed are missed. ``nprobe`` is chosen per search unless given: exact search of 256
+    sampled queries tells which cells their true k neighbours lie in, and the smallest ``nprobe``
+    whose cells hold ``recall`` of them is used.
+  - Memory: a feature is stored as its cell's centroid plus a residual, in float32, or in
+    float16 (half) when ``fp16`` is set or float32 would pass :data:`FLOAT32_BUDGET` (ImageNet's
+    1.28M x 384 features: 1.9 GiB in float32, 0.93 GiB so). Residuals are much shorter than the
+    unit features, so float16 rounding moves similarities far less than float16 features would
+    (a random network's features, all within cosine 0.998 of each other, lost a third of their
+    true neighbours as float16 features, 0.5% as float16 residuals).
+
+  Pure torch, so it runs on the CPU or a GPU.
 * ``ivf`` / ``hnsw`` -- faiss's approximate indexes (IVF-Flat, HNSW), kept for comparison.
 * ``auto`` -- ``flat`` below :data:`AUTO_MIN_TRAIN` train features, ``cells`` from there on
   (measurements in ``benchmarks/RESULTS.md``, "k-NN at scale").
