@@ -84,3 +84,25 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_before_the_update(cifar_
         assert "global step 1" in message and "no update applied" in message, (rank, message)
         assert updates == 1, (rank, updates)     # the second step's update ran on neither rank
     assert "on another rank" in got[0][1] and "(nan)" in got[1][1]   # each rank's message is true
+
+
+def _rank_monitor_main(rank: int, port: int, data, out, monitor: bool):
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    keys = dict(eval_every_steps=2, eval_data_path=str(data), eval_max_images=20, eval_knn_k=5,
+                eval_crop_size=32, eval_resize=32, eval_batch_size=10) if monitor else {}
+    run_training(tiny_config(data / "train", out, batch_size_per_gpu=2, max_steps=STEPS, **keys))
+
+
+@pytest.mark.heavy
+def test_the_knn_monitor_under_ddp_leaves_the_training_unchanged(cifar_small, tmp_path):
+    """Both ranks embed a shard at the same steps (a rank that skipped would hang the other); the run
+    ends bit for bit as the same 2-process run without the monitor, and rank 0 logged the curve."""
+    import json
+    for name, monitor in (("plain", False), ("watched", True)):
+        mp.spawn(_rank_monitor_main, args=(_free_port(), cifar_small, tmp_path / name, monitor), nprocs=2)
+    assert_same_weights(load_weights(tmp_path / "plain"), load_weights(tmp_path / "watched"))
+    records = [json.loads(line) for line in (tmp_path / "watched" / "log.jsonl").read_text().splitlines()]
+    assert [r["global_step"] for r in records if r["event"] == "knn"] == [0, 2, 3]
+    assert (tmp_path / "watched" / "knn.png").is_file()
