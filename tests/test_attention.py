@@ -246,20 +246,3 @@ def test_attention_maps_without_image_have_no_overlay():
     from ssl_xcit.evaluate.attention_plots import mask_overlay
     with pytest.raises(ValueError, match="no image"):
         mask_overlay(m, m.mean_mask)
-
-
-def test_help_answers_before_torch_loads():
-    import subprocess
-    import sys
-    from pathlib import Path
-    script = Path(__file__).resolve().parents[1] / "eval" / "visualize_attention.py"
-    probe = ("import runpy, sys\n"
-             f"sys.argv = ['{script.name}', '--help']\n"
-             "try:\n"
-             f"    runpy.run_path({str(script)!r}, run_name='__main__')\n"
-             "except SystemExit:\n"
-             "    pass\n"
-             "print('TORCH_LOADED', 'torch' in sys.modules)\n")
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
-    assert "--threshold" in done.stdout, done.stderr[-500:]
-    assert "TORCH_LOADED False" in done.stdout

@@ -202,18 +202,3 @@ def test_report_page_renders_in_headless_chromium(tmp_path, finished_report):
     # 6044 blue pixels; the same page with every image missing: 4.7%, 335 colours, 0 blue (its text,
     # boxes and broken-image icons are black, grey and red), so blue pixels mean loaded plots
     assert not_white > 0.02 and colours > 500 and blue > 2000, (not_white, colours, blue)
-
-
-def test_report_help_answers_before_torch_loads():
-    import sys
-    script = Path(__file__).resolve().parents[1] / "eval" / "report.py"
-    probe = ("import runpy, sys\n"
-             f"sys.argv = ['{script.name}', '--help']\n"
-             "try:\n"
-             f"    runpy.run_path({str(script)!r}, run_name='__main__')\n"
-             "except SystemExit:\n"
-             "    pass\n"
-             "print('TORCH_LOADED', 'torch' in sys.modules)\n")
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
-    assert "OUTPUT_DIR" in done.stdout, done.stderr[-500:]
-    assert "TORCH_LOADED False" in done.stdout

@@ -16,16 +16,10 @@ from typing import Sequence
 import numpy as np
 
 from ssl_xcit.evaluate.attention import AttentionMaps
+from ssl_xcit.evaluate.figures import pyplot, save_figure
 
 MIN_SIDE = 224
 CMAP = "inferno"
-
-
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    return plt
 
 
 def heatmap_rgb(maps: AttentionMaps, grid_map: np.ndarray) -> np.ndarray:
@@ -75,7 +69,7 @@ def grid_figure(maps: AttentionMaps, path: str | Path, title: str = "", ncols: i
 
     Titles give each map's peak (largest patch share x number of patches: 1.0 is a flat map) and
     the share of attention the CLS kept on itself."""
-    plt = _pyplot()
+    plt = pyplot()
     panels: list[tuple[str, np.ndarray]] = []
     if maps.image is not None:
         panels.append(("image", maps.image))
@@ -96,12 +90,7 @@ def grid_figure(maps: AttentionMaps, path: str | Path, title: str = "", ncols: i
     hp, wp = maps.grid
     fig.suptitle(f"{title}  class-attention layer {maps.layer}, {hp}x{wp} patches of {maps.patch_size} px"
                  .strip(), fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def write_image_maps(maps: AttentionMaps, out_dir: str | Path, title: str = "") -> dict[str, Path]:
@@ -124,7 +113,7 @@ def evolution_figure(rows: Sequence[tuple[str, Sequence[AttentionMaps]]], path: 
     """Checkpoints (rows, oldest first) x images (columns): the image, then each checkpoint's mean
     map blended over it, so the maps can be seen to sharpen as training goes; each cell names the
     map's peak (1.0x is flat), as the colours span each map's own range."""
-    plt = _pyplot()
+    plt = pyplot()
     if not rows or not rows[0][1]:
         raise ValueError("evolution_figure needs at least one checkpoint with one image")
     first = rows[0][1]
@@ -146,9 +135,5 @@ def evolution_figure(rows: Sequence[tuple[str, Sequence[AttentionMaps]]], path: 
         axes[i, 0].set_ylabel(label, fontsize=8)
     fig.suptitle("teacher's mean class-attention map per checkpoint (each map its own colour range; "
                  "corner: peak as a multiple of a flat map)", fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
+

@@ -14,6 +14,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ssl_xcit.evaluate.figures import pyplot, save_figure
+
 # (file stem, title, [(record key, label)]) -- one figure per entry, one panel per key
 FIGURES = [
     ("loss", "DINO loss", [("loss", "loss")]),
@@ -24,13 +26,6 @@ FIGURES = [
     ("speed", "Speed and gradients", [("images_per_s", "images / s"), ("grad_norm", "gradient norm")]),
 ]
 LN_K_KEYS = {"loss", "teacher_entropy", "teacher_kl_uniform"}
-
-
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    return plt
 
 
 def _series(records: Sequence[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -52,7 +47,7 @@ def _marks(ax, events: Sequence[dict]) -> None:
 def plot_curves(records: Sequence[dict], out_dir: str | Path, out_dim: int | None = None
                 ) -> list[tuple[str, Path]]:
     """The training figures of :data:`FIGURES` that have data: ``[(title, png path)]``."""
-    plt = _pyplot()
+    plt = pyplot()
     out_dir = Path(out_dir)
     train = [r for r in records if r.get("event") == "train"]
     events = [r for r in records if r.get("event") != "train"]
@@ -85,17 +80,13 @@ def plot_curves(records: Sequence[dict], out_dir: str | Path, out_dim: int | Non
             ax.tick_params(labelsize=8)
             ax.grid(alpha=0.3)
         fig.suptitle(title, fontsize=11)
-        fig.tight_layout()
-        path = out_dir / f"{stem}.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        written.append((title, path))
+        written.append((title, save_figure(fig, out_dir / f"{stem}.png", dpi=90)))
     return written
 
 
 def plot_knn(records: Sequence[dict], path: str | Path, k: int | None = None) -> Path:
     """k-NN top-1 (and top-5) of the teacher against the global step, from ``event: knn`` records."""
-    plt = _pyplot()
+    plt = pyplot()
     knn = [r for r in records if r.get("event", "knn") == "knn"]
     fig, ax = plt.subplots(figsize=(5.6, 3.4))
     for key, style in (("top1", "o-"), ("top5", "s--")):
@@ -108,12 +99,7 @@ def plot_knn(records: Sequence[dict], path: str | Path, k: int | None = None) ->
     ax.set_title(f"teacher weighted k-NN{f' (k={k}, T=0.07)' if k else ''}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90)
 
 
 def figure_html(path: Path, alt: str) -> str:
