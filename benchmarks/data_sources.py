@@ -48,11 +48,12 @@ def throughput(data: Path, n_images: int, shard_size: str, work: Path) -> dict:
     from ssl_xcit.data.folders import ImageFiles
     from ssl_xcit.data.make_shards import write_split
     from ssl_xcit.data.sampler import ResumableDistributedSampler
+    from ssl_xcit.data.subsets import evenly_spread
     from ssl_xcit.data.shards import ShardImages
 
     torch.set_num_threads(1)
     folder = ImageFiles(data, progress=False)
-    keep = np.linspace(0, len(folder) - 1, min(n_images, len(folder))).round().astype(np.int64)
+    keep = evenly_spread(len(folder), n_images)
     subset = work / "subset"
     for i in keep:  # a real folder (hard links) of the chosen images, so both sources hold the same
         src = folder.path(int(i))

@@ -120,15 +120,15 @@ def _knn_weighted(train_f, train_y, val_f, val_y, k: int = 20, temperature: floa
 
 
 def _features(checkpoint: str, key: str, root: Path, device, workers: int, sizes: tuple[int, int]):
-    import numpy as np
     from ssl_xcit.data.folders import ImageFiles
     from ssl_xcit.evaluate.common import eval_transform, load_frozen_backbone
+    from ssl_xcit.data.subsets import evenly_spread
     from ssl_xcit.evaluate.features import extract_features
     model = load_frozen_backbone(checkpoint, checkpoint_key=key, device=device)
     out = {}
     for split, n in zip(("train", "val"), sizes):
         ds = ImageFiles(root / split, transform=eval_transform(32, resize=32), progress=False)
-        ds.select(np.linspace(0, len(ds) - 1, n).round().astype(np.int64))
+        ds.select(evenly_spread(len(ds), n))
         f, y = extract_features(model, ds, batch_size=500, device=device, num_workers=workers, progress=False)
         out[split] = (f.float().cpu(), y.cpu())
     return out

@@ -21,8 +21,7 @@ from ssl_xcit.cli import ArgumentParser
 from ssl_xcit.evaluate.options import EvalInputError, MissingPathError, check_data_path, check_output_folder
 from ssl_xcit.train.config import load_config
 
-if TYPE_CHECKING:  # torch and numpy load only when the work starts: --help answers at once
-    import numpy as np
+if TYPE_CHECKING:  # torch loads only when the work starts: --help answers at once
     import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,13 +114,6 @@ def knn_curve(train_dir: Path) -> list[dict]:
     return [by_step[step] for step in sorted(by_step)]
 
 
-def _spread(n_total: int, n: int) -> np.ndarray:
-    import numpy as np
-    if n <= 0 or n >= n_total:
-        return np.arange(n_total)
-    return np.linspace(0, n_total - 1, n).round().astype(np.int64)
-
-
 def knn_predictions(checkpoint: str, root: Path, crop: int, n_train: int, n_val: int, ks: list[int],
                     device: torch.device, num_workers: int, seed: int = 0):
     """DINO's weighted k-NN (T=0.07) of a backbone on evenly spread train/val subsets.
@@ -136,12 +128,13 @@ def knn_predictions(checkpoint: str, root: Path, crop: int, n_train: int, n_val:
     from ssl_xcit.evaluate.features import extract_features
     from ssl_xcit.evaluate.knn import build_index, knn_predict, l2_normalize
 
+    from ssl_xcit.data.subsets import evenly_spread
     model = load_frozen_backbone(checkpoint, device=device, seed=seed)
     transform = eval_transform(crop, resize=crop)
     feats = {}
     for split, n in (("train", n_train), ("val", n_val)):
         ds = open_image_dataset(root / split, transform=transform, progress=False)
-        ds.select(_spread(len(ds), n))
+        ds.select(evenly_spread(len(ds), n))
         feats[split] = extract_features(model, ds, batch_size=256, device=device, num_workers=num_workers,
                                         desc=f"{Path(checkpoint).name}: {split} features")
     (train_f, train_y), (val_f, val_y) = feats["train"], feats["val"]

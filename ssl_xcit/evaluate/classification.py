@@ -21,6 +21,7 @@ from typing import Sequence
 
 import torch
 from torch.utils.data import DataLoader, Subset
+from ssl_xcit.data.subsets import evenly_spread
 from ssl_xcit.data.folders import Batch, ImageFiles, collate_skip_corrupt
 from ssl_xcit.evaluate import options
 from ssl_xcit.evaluate.options import SPECIAL_CHECKPOINTS, EvalInputError  # noqa: F401 (SPECIAL_CHECKPOINTS re-exported)
@@ -78,7 +79,7 @@ def spread_subset(n_total: int, limit: int | None) -> list[int] | None:
         return None
     if limit <= 0:
         raise EvalInputError(f"--limit must be positive, got {limit}")
-    return sorted({int(i * n_total / limit) for i in range(limit)})
+    return evenly_spread(n_total, limit).tolist()
 
 
 def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: Sequence[int] = (1, 5)

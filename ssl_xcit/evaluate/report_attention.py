@@ -12,8 +12,7 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-
+from ssl_xcit.data.subsets import evenly_spread
 from ssl_xcit.errors import UserError
 from ssl_xcit.evaluate.report_plots import figure_html
 
@@ -29,7 +28,7 @@ def find_checkpoints(output_dir: str | Path, limit: int = 8) -> list[Path]:
     if (output_dir / "checkpoint.pth").is_file():
         kept.append(output_dir / "checkpoint.pth")
     if len(kept) > limit:
-        kept = [kept[i] for i in np.unique(np.linspace(0, len(kept) - 1, limit).round().astype(int))]
+        kept = [kept[i] for i in evenly_spread(len(kept), limit)]
     return kept
 
 
@@ -53,7 +52,7 @@ def pick_images(config: dict, n: int) -> tuple[list[Path], str]:
             folder = Path(root) / sub
             files = load_listing(folder, progress=False).files if folder.is_dir() else []
             if files:
-                idx = np.unique(np.linspace(0, len(files) - 1, min(n, len(files))).round().astype(int))
+                idx = evenly_spread(len(files), n)
                 return [folder / files[i] for i in idx], ""
         why = f"no images found in {path}"
     return [], why

@@ -8,8 +8,7 @@ import math
 import warnings
 from typing import Protocol
 
-import numpy as np
-
+from ssl_xcit.data.subsets import evenly_spread
 from ssl_xcit.train.logger import RunLogger
 
 # warn once when at least this fraction of the images tried failed to load
@@ -31,7 +30,7 @@ class ImageDataset(Protocol):
 def unreadable_reasons(dataset: ImageDataset, limit: int = 200) -> tuple[int, str]:
     """Load up to ``limit`` of the images (evenly spread; files or shard members) again and count why those that fail do:
     (number checked, ``"20 x cannot identify image file, 3 x image file is truncated"``)."""
-    indices = np.linspace(0, len(dataset) - 1, min(limit, len(dataset))).round().astype(np.int64)
+    indices = evenly_spread(len(dataset), limit)
     reasons: dict[str, int] = {}
     for i in dict.fromkeys(indices.tolist()):
         where = dataset.location(i)

@@ -29,6 +29,7 @@ from ssl_xcit import distributed as dist_utils
 from ssl_xcit.distributed import pick_device
 from ssl_xcit.data.folders import Batch, ImageFiles, collate_skip_corrupt
 from ssl_xcit.data.multicrop import DinoMultiCrop, MultiCropConfig
+from ssl_xcit.data.subsets import evenly_spread
 from ssl_xcit.data.sampler import ResumableDistributedSampler
 from ssl_xcit.data.sources import open_image_dataset, resolve_data_path
 from ssl_xcit.dino.ema import copy_student_to_teacher
@@ -97,9 +98,7 @@ def build_dataset(cfg: DinoConfig) -> ImageFiles:
         solarize_prob=d.solarize_prob))
     dataset = open_image_dataset(training_images_root(d.data_path), transform=transform)  # folder or tar shards
     if d.max_images and d.max_images < len(dataset):
-        # evenly spread over the sorted listing, so a class-folder tree keeps every class
-        keep = np.linspace(0, len(dataset) - 1, d.max_images).round().astype(np.int64)
-        dataset.select(keep)
+        dataset.select(evenly_spread(len(dataset), d.max_images))   # every class kept, in proportion
     return dataset
 
 

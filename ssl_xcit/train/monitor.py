@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ssl_xcit import distributed as du
+from ssl_xcit.data.subsets import evenly_spread
 from ssl_xcit.train.config import ConfigError, DinoConfig
 from ssl_xcit.train.logger import RunLogger
 
@@ -59,14 +60,6 @@ def evaluation_without_side_effects(module: nn.Module) -> Iterator[nn.Module]:
                 b.copy_(saved)
         random.setstate(py_state)
         np.random.set_state(np_state)
-
-
-def evenly_spread(n_total: int, n: int) -> np.ndarray:
-    """``n`` indices spread evenly over ``range(n_total)`` (all of them when n is 0 or too large);
-    over a sorted class-folder listing this keeps every class in proportion."""
-    if n <= 0 or n >= n_total:
-        return np.arange(n_total)
-    return np.linspace(0, n_total - 1, n).round().astype(np.int64)
 
 
 class KnnMonitor:
