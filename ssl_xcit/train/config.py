@@ -78,6 +78,7 @@ class OptimConfig:
     clip_grad: float = 3.0                   # 0 disables
     freeze_last_layer: int = 1               # epochs with the head's last layer frozen
     optimizer: str = "adamw"                 # adamw | sgd
+    fused: bool | None = None                # fused optimizer kernels; null: on CUDA only (same update)
 
 
 @dataclass
