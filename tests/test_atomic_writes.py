@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from killed_writer import start_blocked_writer
 from ssl_xcit.cli import describe
 from ssl_xcit.utils import atomic
 
@@ -82,35 +83,14 @@ def test_other_write_errors_are_not_called_a_full_disk(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-# A writer that opens its temp file, writes a little, says so, then waits to be killed.
-_WRITER = textwrap.dedent("""
-    import sys, time
-    from ssl_xcit.utils.atomic import atomic_write
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            f.write(b"partial")
-            f.flush()
-            print("writing", flush=True)
-            time.sleep(120)
-    atomic_write(sys.argv[1], write)
-""")
-
-
-def _start_writer(target: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(target)], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert proc.stdout.readline().strip() == "writing"
-    return proc
-
-
 def test_temp_files_of_killed_writers_are_removed_by_the_next_write(tmp_path):
     target = tmp_path / "checkpoint.pth"
-    dead = _start_writer(target)
+    dead = start_blocked_writer(target)
     dead.send_signal(signal.SIGKILL)
     dead.wait(timeout=30)
     orphans = _leftovers(tmp_path, target.name)
     assert len(orphans) == 1 and orphans[0].endswith(".tmp")  # what kill -9 leaves today
-    live = _start_writer(target)
+    live = start_blocked_writer(target)
     try:
         live_tmp = set(_leftovers(tmp_path, target.name)) - set(orphans)
         assert len(live_tmp) == 1
@@ -124,7 +104,7 @@ def test_temp_files_of_killed_writers_are_removed_by_the_next_write(tmp_path):
 
 
 def test_other_targets_are_not_cleaned(tmp_path):
-    dead = _start_writer(tmp_path / "a.pth")
+    dead = start_blocked_writer(tmp_path / "a.pth")
     dead.kill()
     dead.wait(timeout=30)
     orphan = _leftovers(tmp_path, "none")

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import make_subset
+from killed_writer import start_blocked_writer
 from ssl_xcit.evaluate import common, export
 from ssl_xcit.evaluate.features import extract_outputs
 
@@ -74,19 +75,6 @@ def test_interrupted_export_resumes_to_identical_files(model, images, straight, 
     assert _files(tmp_path) == _files(ref_dir)
 
 
-_BLOCKED_WRITER = """
-import sys, time
-from ssl_xcit.utils.atomic import atomic_write
-def write(tmp):
-    with open(tmp, "wb") as f:
-        f.write(b"junk")
-        f.flush()
-        print("writing", flush=True)
-        time.sleep(120)
-atomic_write(sys.argv[1], write)
-"""
-
-
 def test_damaged_and_partial_shards_are_redone(model, images, straight, tmp_path):
     ref_dir, _ = straight
     work = tmp_path / "work"
@@ -99,9 +87,7 @@ def test_damaged_and_partial_shards_are_redone(model, images, straight, tmp_path
     # shard 3: interrupted before its record was written
     (work / "shard-00003.done.json").unlink()
     # and a temp file a killed process left behind (kill -9 during its write)
-    writer = subprocess.Popen([sys.executable, "-c", _BLOCKED_WRITER, str(work / "shard-00004.cls.npy")],
-                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert writer.stdout.readline().strip() == "writing"
+    writer = start_blocked_writer(work / "shard-00004.cls.npy")
     writer.kill()
     writer.wait(timeout=30)
     assert [p.name for p in work.glob(".shard-00004.cls.npy.*.tmp")]

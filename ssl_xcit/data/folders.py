@@ -305,6 +305,14 @@ def _parse_index(item: Any, length: int) -> tuple[int, int | None]:
     return index, seed
 
 
+def _selection(indices: Sequence[int] | np.ndarray, length: int) -> np.ndarray:
+    """``indices`` as a 1-d int64 array within ``[0, length)``, for ``select`` of any image dataset."""
+    idx = np.asarray(indices, dtype=np.int64)
+    if idx.ndim != 1 or (idx.size and (idx.min() < 0 or idx.max() >= length)):
+        raise IndexError(f"select: indices must be a 1-d list within [0, {length})")
+    return idx
+
+
 def run_seeded(fn: Callable[[Any], Any], arg: Any, seed: int) -> Any:
     """Call ``fn(arg)`` with torch, Python ``random`` and NumPy seeded from ``seed`` only.
 
@@ -388,9 +396,7 @@ class ImageFiles(Dataset):
 
     def select(self, indices: Sequence[int] | np.ndarray) -> "ImageFiles":
         """Keep only ``indices`` (in that order), in place; for quick runs on part of a folder."""
-        idx = np.asarray(indices, dtype=np.int64)
-        if idx.ndim != 1 or (idx.size and (idx.min() < 0 or idx.max() >= len(self._files))):
-            raise IndexError(f"select: indices must be a 1-d list within [0, {len(self._files)})")
+        idx = _selection(indices, len(self._files))
         self._files = self._files[idx]
         self._targets = self._targets[idx]
         return self

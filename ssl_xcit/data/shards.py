@@ -53,7 +53,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ssl_xcit.data.folders import _DECODE_ERRORS, IMAGE_EXTENSIONS, _parse_index, load_rgb, run_seeded
+from ssl_xcit.data.folders import _DECODE_ERRORS, IMAGE_EXTENSIONS, _parse_index, _selection, load_rgb, run_seeded
 from ssl_xcit.errors import UserError
 from ssl_xcit.utils.atomic import atomic_write
 
@@ -373,9 +373,7 @@ class ShardImages(Dataset):
 
     def select(self, indices: Sequence[int] | np.ndarray) -> "ShardImages":
         """Keep only ``indices`` (in that order), in place, like ``ImageFiles.select``."""
-        idx = np.asarray(indices, dtype=np.int64)
-        if idx.ndim != 1 or (idx.size and (idx.min() < 0 or idx.max() >= len(self._rows))):
-            raise IndexError(f"select: indices must be a 1-d list within [0, {len(self._rows)})")
+        idx = _selection(indices, len(self._rows))
         self._rows = self._rows[idx]
         self._shard_of = self._shard_of[idx]
         return self
