@@ -60,13 +60,15 @@ def _stem(path: Path) -> str:
     return path.name[:_NAME_STEM_MAX]
 
 
-def _temp_pattern(stem: str) -> re.Pattern[str]:
-    """``.<stem>.<host>.<pid>.<random>.tmp``; the host has no dots, so the name parses from the right."""
-    return re.compile(rf"\.{re.escape(stem)}\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[0-9a-f]+{TMP_SUFFIX}")
+def _temp_pattern(stem_re: str) -> re.Pattern[str]:
+    """``.<stem>.<host>.<pid>.<random>.tmp``; the host has no dots, so the name parses from the right.
+    ``stem_re``: the escaped stem of one target, or ``.+`` for any."""
+    return re.compile(rf"\.(?P<stem>{stem_re})\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[0-9a-f]+{TMP_SUFFIX}")
 
 
-def _legacy_pattern(stem: str) -> re.Pattern[str]:
-    return re.compile(rf"\.{re.escape(stem)}\.[a-z0-9_]{{8}}{TMP_SUFFIX}")
+def _legacy_pattern(stem_re: str) -> re.Pattern[str]:
+    """``tempfile.mkstemp``'s ``.<stem>.<8 chars>.tmp``, the scheme before writers were named."""
+    return re.compile(rf"\.(?P<stem>{stem_re})\.[a-z0-9_]{{8}}{TMP_SUFFIX}")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -84,7 +86,7 @@ def remove_orphans(path: str | os.PathLike) -> list[Path]:
     and former-scheme temp files untouched for an hour); returns what was removed."""
     path = Path(path)
     stem = _stem(path)
-    pattern, legacy = _temp_pattern(stem), _legacy_pattern(stem)
+    pattern, legacy = _temp_pattern(re.escape(stem)), _legacy_pattern(re.escape(stem))
     host, me = _host(), os.getpid()
     removed = []
     try:
@@ -115,12 +117,12 @@ def remove_orphans_in(folder: str | os.PathLike) -> list[Path]:
         names = os.listdir(folder)
     except OSError:
         return []
+    any_temp, any_legacy = _temp_pattern(".+"), _legacy_pattern(".+")
     targets = set()
     for name in names:
-        m = re.fullmatch(rf"\.(.+)\.[A-Za-z0-9-]+\.\d+\.[0-9a-f]+{TMP_SUFFIX}", name) or \
-            re.fullmatch(rf"\.(.+)\.[a-z0-9_]{{8}}{TMP_SUFFIX}", name)
+        m = any_temp.fullmatch(name) or any_legacy.fullmatch(name)
         if m:
-            targets.add(m.group(1))
+            targets.add(m.group("stem"))
     return [p for t in sorted(targets) for p in remove_orphans(folder / t)]
 
 
