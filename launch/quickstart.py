@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Quickstart: ``python launch/quickstart.py --data ../shared/data/cifar10.tar.gz``."""
+"""Quickstart: ``python launch/quickstart.py`` (CIFAR-10: ../shared/data/cifar10.tar.gz if present, else downloaded)."""
 import sys
 from pathlib import Path
 

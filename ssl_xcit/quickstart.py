@@ -6,6 +6,11 @@ same code paths a real run uses (config, loop, checkpoint, feature extraction, f
 trains, the k-NN monitor scores the teacher every ``--monitor-every-steps`` steps on a smaller fixed
 subset, so the output also shows the curve rising (``train/knn.png``, ``quickstart.json``), and the
 run's report page is written at its end (``train/report/index.html``).
+
+The images, without ``--data``: the CIFAR-10 archive next to the repository
+(``../shared/data/cifar10.tar.gz``) when it is there, else CIFAR-10 downloaded earlier into
+``--download-dir``, else CIFAR-10 downloaded now through torchvision (with a progress bar); with no
+network that ends in one line saying what to pass. ``--data`` never downloads anything.
 """
 from __future__ import annotations
 
@@ -27,6 +32,15 @@ if TYPE_CHECKING:  # torch loads only when the work starts: --help answers at on
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "quickstart.yaml"
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10.tar.gz"
+# the completeness marker of a CIFAR-10 download (ssl_xcit.data.sources.MARKER, which imports torch:
+# the choice of data is made before torch loads; tests/test_quickstart.py checks the two agree)
+DOWNLOAD_MARKER = ".ssl_xcit_complete"
+WHAT_TO_PASS = ("pass --data PATH (an ImageFolder root with train/ and val/ class folders, or a .tar.gz of "
+                "one), or put CIFAR-10's archive at {archive}")
+
+
+class DataDownloadError(EvalInputError):
+    """CIFAR-10 could not be downloaded (no network, a proxy, a full disk): what to pass instead."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,12 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="launch/quickstart.py",
         description="Pretrain a small XCiT with DINO on a small real dataset (CPU is fine), then "
                     "compare k-NN top-1 of the trained teacher with a random backbone.")
-    p.add_argument("--data", default=str(DEFAULT_DATA),
-                   help="ImageFolder root with train/ and val/, or a .tar.gz of one "
-                        f"(default: {DEFAULT_DATA})")
+    p.add_argument("--data", default=None,
+                   help="ImageFolder root with train/ and val/, or a .tar.gz of one; never downloads. "
+                        f"Default: {DEFAULT_DATA} if it exists, else CIFAR-10 downloaded earlier into "
+                        "--download-dir, else CIFAR-10 downloaded now through torchvision into --download-dir "
+                        "(about 170 MB; the only case that uses the network)")
     p.add_argument("--download", action="store_true",
-                   help="download CIFAR-10 through torchvision into --download-dir (needs network)")
-    p.add_argument("--download-dir", default="data", help="where --download puts CIFAR-10")
+                   help="use CIFAR-10 in --download-dir, downloading it through torchvision if it is not "
+                        "there yet (needs network), even when the archive above exists; not with --data")
+    p.add_argument("--download-dir", default="data",
+                   help="where CIFAR-10 is downloaded to and looked for (default: data)")
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="training recipe")
     p.add_argument("--output", default="runs/quickstart", help="output folder (resumes if it holds a run)")
     p.add_argument("--knn-train-images", type=int, default=10000,
@@ -80,13 +98,62 @@ def check_args(args: argparse.Namespace) -> None:
     if max(args.knn_k) > args.knn_train_images:
         raise EvalInputError(f"--knn-k {max(args.knn_k)} exceeds the {args.knn_train_images} k-NN train images "
                              "(--knn-train-images)")
-    if not args.download:
-        if not Path(args.data).exists():
-            raise MissingPathError(f"--data {args.data}: not found; give --data DIR_OR_TAR_GZ, or --download to "
-                                   "fetch CIFAR-10 (needs network)")
-        check_data_path(args.data, ("train", "val"), flag="--data")
+    args.source, args.source_path = choose_data(args)
     check_output_folder(args.output, "--output")
     load_config(args.config, args.overrides)  # the recipe and overrides, checked before torch loads
+
+
+def choose_data(args: argparse.Namespace) -> tuple[str, Path]:
+    """Where the images come from, decided before torch loads: ``("data", --data)``, ``("archive",
+    DEFAULT_DATA)`` when it exists, ``("downloaded", <download-dir>/cifar10)`` when an earlier download
+    is complete there, else ``("download", <download-dir>)``: only that one uses the network."""
+    if args.data is not None:
+        if args.download:
+            raise EvalInputError("give --data or --download, not both (--download fetches CIFAR-10 into "
+                                 "--download-dir; --data never downloads)")
+        if not Path(args.data).expanduser().exists():
+            raise MissingPathError(f"--data {args.data}: not found; give an ImageFolder root with train/ and "
+                                   "val/ or a .tar.gz of one, or leave --data out to use or download CIFAR-10")
+        check_data_path(args.data, ("train", "val"), flag="--data")
+        return "data", Path(args.data).expanduser()
+    if not args.download and DEFAULT_DATA.exists():
+        check_data_path(str(DEFAULT_DATA), ("train", "val"), flag="the default archive")
+        return "archive", DEFAULT_DATA
+    folder = Path(args.download_dir).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise EvalInputError(f"--download-dir {args.download_dir} is a file; give a folder")
+    if (folder / "cifar10" / DOWNLOAD_MARKER).is_file():
+        return "downloaded", folder / "cifar10"
+    return "download", folder
+
+
+def fetch_cifar10(folder: Path) -> Path:
+    """CIFAR-10 through torchvision into ``folder`` (progress bars: torchvision's for the download,
+    ours for the conversion); a failure (no network) is one line saying what to pass instead."""
+    from ssl_xcit.data.sources import download_cifar10
+    print(f"[quickstart] no --data and no {DEFAULT_DATA}: downloading CIFAR-10 through torchvision into "
+          f"{folder} (about 170 MB, once)", flush=True)
+    try:
+        return download_cifar10(folder)
+    except (OSError, RuntimeError) as err:   # URLError and socket errors are OSErrors; torchvision's
+        reason = str(err).strip() or type(err).__name__   # bad download is a RuntimeError
+        raise DataDownloadError(f"could not download CIFAR-10 into {folder} ({type(err).__name__}: {reason}); "
+                                + WHAT_TO_PASS.format(archive=DEFAULT_DATA)) from err
+
+
+def data_root(args: argparse.Namespace) -> Path:
+    """The ImageFolder root (train/, val/) of :func:`choose_data`'s choice: unpacked, found or downloaded."""
+    from ssl_xcit.data.sources import resolve_data_path
+    flag = "--data" if args.source == "data" else str(args.source_path)
+    if args.source == "download":
+        root = fetch_cifar10(args.source_path)
+    else:
+        root = resolve_data_path(args.source_path)
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise EvalInputError(f"{flag} {root} has no {split}/ folder; the quickstart needs an ImageFolder "
+                                 "root with train/ and val/")
+    return root
 
 
 def training_config(args: argparse.Namespace, root: Path, out: Path):
@@ -169,15 +236,10 @@ def paired_gain(hits_a: torch.Tensor, hits_b: torch.Tensor) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    from ssl_xcit.data.sources import download_cifar10, resolve_data_path
     from ssl_xcit.train.loop import pick_device, train
 
     t0 = time.perf_counter()
-    root = download_cifar10(args.download_dir) if args.download else resolve_data_path(args.data)
-    for split in ("train", "val"):
-        if not (root / split).is_dir():
-            raise EvalInputError(f"--data {root} has no {split}/ folder; the quickstart needs an ImageFolder "
-                                 "root with train/ and val/")
+    root = data_root(args)
     out = Path(args.output)
     cfg = training_config(args, root, out)
 

@@ -165,7 +165,7 @@ CASES = [
      "folder not found"),
     ("eval/eval_classification.py", ["--model", ARCH, "--checkpoint", "none", "--data-path", "DATA",
                                      "--device", "gpu"], "--device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
-    ("launch/quickstart.py", ["--data", "MISSING"], "or --download to fetch CIFAR-10"),
+    ("launch/quickstart.py", ["--data", "MISSING"], "or leave --data out to use or download CIFAR-10"),
     ("launch/quickstart.py", ["--data", "DATA", "--output", "CORRUPT"], "--output CORRUPT is a file"),
     ("eval/export_features.py", ["--checkpoint", ARCH, "--data-path", "DATA", "--split", "val", "--out",
                                  "CORRUPT"], "--out CORRUPT is a file"),
