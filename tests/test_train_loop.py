@@ -84,22 +84,42 @@ def test_too_few_images_for_a_batch(cifar_small, tmp_path):
         train(tiny_config(cifar_small, tmp_path / "run", max_images=3, batch_size_per_gpu=4))
 
 
-def test_collapse_warning_fires_for_both_collapse_modes_only(tmp_path):
-    logger = RunLogger(tmp_path, enabled=True, tensorboard=False)
+def test_collapse_warning_fires_for_both_collapse_modes_only(tmp_path, capsys):
+    from ssl_xcit.train.config import load_config
+    cfg = load_config(None, ["out_dim=1024", "batch_size_per_gpu=32"])
     ln_k = math.log(1024)
-    healthy = {"loss": 4.0, "teacher_entropy": 3.0, "teacher_kl_uniform": 1.5}
-    uniform = {"loss": ln_k + 0.01, "teacher_entropy": ln_k - 0.01, "teacher_kl_uniform": 0.001}
-    one_hot = {"loss": 9.0, "teacher_entropy": 0.01, "teacher_kl_uniform": ln_k - 0.05}
-    with pytest.warns(RuntimeWarning, match="uniform teacher"):
-        warn_if_collapsed(uniform, 1024, 100, logger, True)
-    with pytest.warns(RuntimeWarning, match="one prototype"):
-        warn_if_collapsed(one_hot, 1024, 100, logger, True)
+    healthy = {"loss": 0.98 * ln_k, "teacher_entropy": 0.89 * ln_k, "teacher_kl_uniform": 0.02 * ln_k}
+    uniform = {"loss": ln_k + 0.5, "teacher_entropy": 0.975 * ln_k, "teacher_kl_uniform": 0.001}
+    one_hot = {"loss": 0.1, "teacher_entropy": 0.01, "teacher_kl_uniform": 0.81 * ln_k}
+    for values, kind, knob in ((uniform, "uniform teacher output", "lower teacher_temp"),
+                               (one_hot, "one prototype dominates", "raise teacher_temp")):
+        folder = tmp_path / kind.split()[0]
+        folder.mkdir()
+        logger = RunLogger(folder, enabled=True, tensorboard=False)
+        with pytest.warns(RuntimeWarning, match=kind):
+            assert warn_if_collapsed(values, cfg, 100, logger, True)
+        line = capsys.readouterr().out.strip()
+        assert line.startswith("[ssl_xcit] warning: run looks collapsed at global step 100: " + kind), line
+        assert knob in line and len(line.splitlines()) == 1
+        [event] = _events(folder)
+        assert (event["event"], event["global_step"]) == ("collapse_warning", 100)
+        assert kind in event["kind"] and knob in event["knob"]
+        # a later start of the same run (same log.jsonl) is not told again, and says it need not be asked
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert warn_if_collapsed(values, cfg, 150, RunLogger(folder, enabled=True, tensorboard=False), True)
+        assert len(_events(folder)) == 1 and capsys.readouterr().out == ""
+    logger = RunLogger(tmp_path, enabled=True, tensorboard=False)
+    small_batch = load_config(None, ["out_dim=1024", "batch_size_per_gpu=4"])
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        warn_if_collapsed(healthy, 1024, 100, logger, True)
-        warn_if_collapsed(uniform, 1024, 10, logger, True)   # too early to judge
-    assert [e["event"] for e in _events(tmp_path)] == ["collapse_warning", "collapse_warning"]
+        assert not warn_if_collapsed(healthy, cfg, 100, logger, True)
+        assert not warn_if_collapsed(uniform, cfg, 19, logger, True)           # too early to judge
+        assert not warn_if_collapsed(uniform, cfg, 100, logger, False)         # not rank 0
+        assert not warn_if_collapsed(one_hot, small_batch, 100, logger, True)  # 4 images: KL not judged
+    assert not (tmp_path / "log.jsonl").exists() and capsys.readouterr().out == ""
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

@@ -164,6 +164,7 @@ class _Counters:
     empty_steps_in_a_row: int = 0
     warned_unreadable: bool = False
     warned_diverging: bool = False
+    warned_collapse: bool = False     # once per run: also true once log.jsonl holds an earlier warning
 
 
 @dataclass
@@ -521,7 +522,8 @@ def _log_step(run: _Run, hp: StepHParams, out, loss_value: float, epoch: int) ->
               "teacher_kl_uniform": out.teacher_kl_uniform.item(),
               "images_per_s": c.images_seen / max(now - c.t_last, 1e-9)}
     run.logger.scalars(run.global_step, values, epoch)
-    warn_if_collapsed(values, cfg.model.out_dim, run.global_step, run.logger, run.is_main)
+    if not c.warned_collapse:
+        c.warned_collapse = warn_if_collapsed(values, cfg, run.global_step, run.logger, run.is_main)
     if not c.warned_diverging:
         c.warned_diverging = warn_if_diverging(values, cfg.model.out_dim, run.global_step, run.logger,
                                                run.is_main, lr=cfg.optim.lr)
