@@ -427,13 +427,16 @@ class ImageFiles(Dataset):
 @dataclass
 class Batch:
     """A collated batch. Exactly one of ``crops`` (multi-crop: one stacked tensor per crop position)
-    and ``images`` is set, except in an empty batch (every item corrupt) where both are ``None``."""
+    and ``images`` is set, except in an empty batch (every item corrupt) where both are ``None``.
+    With ``data.augment=gpu`` (:mod:`ssl_xcit.data.gpu_multicrop`) ``images`` holds the decoded uint8
+    images (stacked, or a list when their sizes differ) and ``params`` their drawn crop parameters."""
 
     labels: torch.Tensor          # int64 (B,)
     indices: torch.Tensor         # int64 (B,), dataset indices of the kept items
     n_skipped: int                # corrupt items dropped from this batch
-    images: torch.Tensor | None = None
+    images: torch.Tensor | list[torch.Tensor] | None = None
     crops: list[torch.Tensor] | None = None
+    params: torch.Tensor | None = None   # float64 (B, n_crops, N_PARAMS), gpu augmentation only
 
     def __len__(self) -> int:
         return int(self.indices.numel())
@@ -443,9 +446,12 @@ class Batch:
         return len(self) == 0
 
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Batch":
-        return Batch(labels=fn(self.labels), indices=fn(self.indices), n_skipped=self.n_skipped,
-                     images=None if self.images is None else fn(self.images),
-                     crops=None if self.crops is None else [fn(c) for c in self.crops])
+        images = self.images
+        if images is not None:
+            images = fn(images) if isinstance(images, torch.Tensor) else [fn(t) for t in images]
+        return Batch(labels=fn(self.labels), indices=fn(self.indices), n_skipped=self.n_skipped, images=images,
+                     crops=None if self.crops is None else [fn(c) for c in self.crops],
+                     params=None if self.params is None else fn(self.params))
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
@@ -464,6 +470,12 @@ def collate_skip_corrupt(batch: Sequence[tuple[Any, int, int] | None]) -> Batch:
     if not kept:
         return Batch(labels=labels, indices=indices, n_skipped=n_skipped)
     first = kept[0][0]
+    if hasattr(first, "params") and hasattr(first, "image"):   # gpu_multicrop.ImageWithParams
+        images = [b[0].image for b in kept]
+        same = len({tuple(t.shape) for t in images}) == 1
+        return Batch(labels=labels, indices=indices, n_skipped=n_skipped,
+                     images=torch.stack(images) if same else images,
+                     params=torch.stack([b[0].params for b in kept]))
     if isinstance(first, torch.Tensor):
         return Batch(labels=labels, indices=indices, n_skipped=n_skipped,
                      images=torch.stack([b[0] for b in kept]))

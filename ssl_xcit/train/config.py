@@ -54,6 +54,7 @@ class DataConfig:
     solarize_prob: float = 0.2                                  # global 2 only
     num_workers: int = 8
     max_images: int = 0                      # >0: use only the first N images (quick runs, tests)
+    augment: str = "cpu"                     # cpu: PIL per image in the workers | gpu: batched on run.device
 
 
 @dataclass
@@ -339,6 +340,7 @@ def validate(cfg: DinoConfig) -> DinoConfig:
     need(d.global_crops_size > 0 and d.local_crops_size > 0, "crop sizes must be positive")
     need(d.num_workers >= 0, f"num_workers must be >= 0, got {d.num_workers}")
     need(d.max_images >= 0, f"max_images must be >= 0, got {d.max_images}")
+    need(d.augment in ("cpu", "gpu"), f"augment must be cpu or gpu, got {d.augment!r}")
     need(l.teacher_temp > 0 and l.warmup_teacher_temp > 0 and l.student_temp > 0,
          "temperatures must be positive")
     need(0.0 <= l.center_momentum < 1.0, f"center_momentum must be in [0, 1), got {l.center_momentum}")

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from ssl_xcit import distributed as dist_utils
 from ssl_xcit.distributed import pick_device
 from ssl_xcit.data.folders import Batch, ImageFiles, collate_skip_corrupt
+from ssl_xcit.data.gpu_multicrop import BatchedMultiCrop
 from ssl_xcit.data.multicrop import DinoMultiCrop, MultiCropConfig
 from ssl_xcit.data.subsets import evenly_spread
 from ssl_xcit.data.sampler import ResumableDistributedSampler
@@ -89,13 +90,23 @@ def training_images_root(data_path: str) -> Path:
     return root / "train" if (root / "train").is_dir() else root
 
 
-def build_dataset(cfg: DinoConfig) -> ImageFiles:
+def multicrop_config(cfg: DinoConfig) -> MultiCropConfig:
     d = cfg.data
-    transform = DinoMultiCrop(MultiCropConfig(
+    return MultiCropConfig(
         global_crops_size=d.global_crops_size, global_crops_scale=tuple(d.global_crops_scale),
         local_crops_number=d.local_crops_number, local_crops_size=d.local_crops_size,
         local_crops_scale=tuple(d.local_crops_scale), blur_probs=tuple(d.blur_probs),
-        solarize_prob=d.solarize_prob))
+        solarize_prob=d.solarize_prob)
+
+
+def build_dataset(cfg: DinoConfig) -> ImageFiles:
+    """The training images with the multi-crop transform (``augment=cpu``), or, with ``augment=gpu``,
+    decoding and the crops' parameter draws only: :class:`BatchedMultiCrop` crops on the device."""
+    d = cfg.data
+    if d.augment == "gpu":
+        transform = BatchedMultiCrop(multicrop_config(cfg)).loader_transform
+    else:
+        transform = DinoMultiCrop(multicrop_config(cfg))
     dataset = open_image_dataset(training_images_root(d.data_path), transform=transform)  # folder or tar shards
     if d.max_images and d.max_images < len(dataset):
         dataset.select(evenly_spread(len(dataset), d.max_images))   # every class kept, in proportion
@@ -194,6 +205,7 @@ class _Run:
     logger: RunLogger | None = None
     monitor: KnnMonitor | None = None     # k-NN of the teacher while training (None: eval keys off)
     counters: _Counters = field(default_factory=_Counters)
+    device_augment: BatchedMultiCrop | None = None   # augment=gpu: the batch's crops are made on the device
 
     @property
     def is_main(self) -> bool:
@@ -302,7 +314,8 @@ def _build(cfg: DinoConfig, rank: int, world_size: int, device: torch.device) ->
                 dino_loss=build_loss(cfg).to(device), optimizer=build_optimizer(cfg, student),
                 scaler=torch.amp.GradScaler(device.type) if cfg.run.precision == "fp16" else None,
                 schedules=build_schedules(cfg, steps_per_epoch, world_size),
-                clip_groups=gradient_clip_groups(student), steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+                clip_groups=gradient_clip_groups(student), steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                device_augment=BatchedMultiCrop(multicrop_config(cfg)) if cfg.data.augment == "gpu" else None)
 
 
 def _resume(run: _Run) -> dict | None:
@@ -443,7 +456,7 @@ def _train_one_epoch(run: _Run, stop_requested: Callable[[], bool] | None) -> bo
                              teacher_momentum=float(run.schedules.teacher_momentum[run.global_step]),
                              epoch=epoch, clip_grad=cfg.optim.clip_grad,
                              freeze_last_layer=cfg.optim.freeze_last_layer)
-            crops = [c.to(run.device, non_blocking=True) for c in batch.crops]
+            crops = _crops_on_device(run, batch)
             loss = forward_loss(crops, run.student_ddp, run.teacher, run.dino_loss, hp, cfg.run.precision)
             loss_value = loss.item()
             stop_here = stop_requested() if stop_requested is not None else False
@@ -459,7 +472,7 @@ def _train_one_epoch(run: _Run, stop_requested: Callable[[], bool] | None) -> bo
                                run.clip_groups)
             run.global_step += 1
             run.last_loss = loss_value
-            run.counters.images_seen += batch.crops[0].shape[0] * run.world_size
+            run.counters.images_seen += len(batch) * run.world_size
             _monitor_after_step(run)
             if progress is not None:
                 progress.update(1)
@@ -479,6 +492,13 @@ def _train_one_epoch(run: _Run, stop_requested: Callable[[], bool] | None) -> bo
         if progress is not None:
             progress.close()
     return False
+
+
+def _crops_on_device(run: _Run, batch: Batch) -> list[torch.Tensor]:
+    """The batch's crops on ``run.device``: made there from uint8 images (augment=gpu) or moved there."""
+    if run.device_augment is not None:
+        return run.device_augment(batch.images, batch.params, run.device)
+    return [c.to(run.device, non_blocking=True) for c in batch.crops]
 
 
 def _monitor_after_step(run: _Run) -> None:
