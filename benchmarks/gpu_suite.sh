@@ -26,6 +26,7 @@ run() {   # run LIMIT_SECONDS TITLE CMD...
 
 if [[ "${QUICK:-0}" == 1 ]]; then
     run 300 "step, quick (CPU)" $PY benchmarks/bench_train_step.py --quick --device cpu --variants eager,percrop
+    run 300 "data pipeline, quick (CPU)" $PY benchmarks/data_pipeline.py --quick
     echo "log: $LOG"; exit 0
 fi
 
@@ -35,7 +36,9 @@ run 60  "step, XCiT-nano/16 quick look"   $STEP --arch xcit_nano_12_p16 --batch 
 run 150 "step, XCiT-S12/16 paper crops"   $STEP --arch xcit_small_12_p16 --batch 64 --variants eager,compile
 run 150 "step, XCiT-S12/8 paper crops"    $STEP --arch xcit_small_12_p8 --batch 64 --variants eager,compile
 run 30  "step, XCiT-S12/16 per-crop footnote" $STEP --arch xcit_small_12_p16 --batch 64 --steps 3 --variants percrop
-# issue 11 (data pipeline, k-NN at scale): added here when those benchmarks exist
+# issue 11 (data pipeline, k-NN at scale): added here when those benchmarks exist. data_pipeline.py
+# --device cuda: per-core rates, the CPU quickstart's augmentation, and JPEG files -> loss (PIL + official
+# step vs augment=gpu + ssl_xcit step, XCiT-S12/16, paper crops, all CPU cores as workers): ~1 min
 for extra in benchmarks/data_pipeline.py benchmarks/knn.py; do
     if [[ -f "$extra" ]]; then run 90 "$extra" $PY "$extra" --device cuda; fi
 done
