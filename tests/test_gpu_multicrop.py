@@ -212,6 +212,9 @@ def test_collate_keeps_differing_sizes_as_a_list():
     assert batch.n_skipped == 1 and batch.params.shape == (2, 4, N_PARAMS) and len(batch) == 2
     crops = aug(batch.images, batch.params)
     assert [tuple(c.shape) for c in crops] == [(2, 3, 32, 32)] * 2 + [(2, 3, 16, 16)] * 2
+    moved = batch.to("cpu")          # what the loader's pin_memory and .to do: every image, and params
+    assert [torch.equal(a, b) for a, b in zip(moved.images, batch.images)] == [True, True]
+    assert torch.equal(moved.params, batch.params)
 
 
 def test_bad_params_and_augment_value_are_one_line_errors(cifar_small, tmp_path):
