@@ -133,6 +133,15 @@ def any_rank_flags(*flags: bool, device: torch.device | str = "cpu") -> tuple[bo
     return tuple(v > 0 for v in t.tolist())
 
 
+def broadcast_int(value: int, src: int = 0, device: torch.device | str = "cpu") -> int:
+    """Rank ``src``'s ``value`` on every rank (a plan that all ranks must follow)."""
+    if get_world_size() == 1:
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.long, device=device)
+    dist.broadcast(t, src=src)
+    return int(t.item())
+
+
 def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
     """True on every rank when ``flag`` is True on at least one (e.g. a stop request)."""
     return any_rank_flags(flag, device=device)[0]

@@ -17,6 +17,7 @@ def tiny_overrides(data_path: Path, output_dir: Path, **overrides) -> list[str]:
         "num_workers": 0, "precision": "fp32", "device": "cpu", "tensorboard": False, "report": False,
         "log_every_steps": 1, "drop_path_rate": 0.1, "data_path": str(data_path),
         "output_dir": str(output_dir), "seed": 3,
+        "recipe": "off",   # the values as written: tests of recipe=auto set it themselves
     }
     base.update(overrides)
     return [f"{k}={v}" for k, v in base.items()]

@@ -80,6 +80,7 @@ class OptimConfig:
     freeze_last_layer: int = 1               # epochs with the head's last layer frozen
     optimizer: str = "adamw"                 # adamw | sgd
     fused: bool | None = None                # fused optimizer kernels; null: on CUDA only (same update)
+    time_budget_minutes: float = 0.0         # >0: train this long; recipe=auto sizes the schedules to it
 
 
 @dataclass
@@ -97,6 +98,8 @@ class RunConfig:
     deterministic: bool = False              # torch.use_deterministic_algorithms, for exact resume on GPU
     tensorboard: bool = True
     report: bool = True                      # write output_dir/report/index.html when the run finishes
+    recipe: str = "auto"                     # auto: on < 200k images, values you leave unset fit the data
+                                             # (ssl_xcit/train/recipe.py); off: the values as written
 
 
 @dataclass
@@ -199,6 +202,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return int(value)
         raise ConfigError(f"{key} must be an integer, got {value!r}")
     if hint is str:
+        if key == "run.recipe" and isinstance(value, bool):   # YAML reads a bare off / on as a bool
+            return "auto" if value else "off"
         if isinstance(value, (str, Path)):
             return str(value)
         raise ConfigError(f"{key} must be a string, got {value!r}")
@@ -218,6 +223,13 @@ def _set(cfg: DinoConfig, key: str, value: Any) -> None:
     sub = getattr(cfg, section)
     hint = typing.get_type_hints(type(sub))[name]
     setattr(sub, name, _coerce(value, hint, f"{section}.{name}"))
+    user_set_keys(cfg).add(f"{section}.{name}")
+
+
+def user_set_keys(cfg: DinoConfig) -> set[str]:
+    """``section.name`` of every value set by a config file or an override (not a default). Kept
+    beside the dataclass fields, so ``to_dict`` and checkpoints stay as they were."""
+    return cfg.__dict__.setdefault("_user_set", set())
 
 
 def config_from_dict(data: dict[str, Any], cfg: DinoConfig | None = None) -> DinoConfig:
@@ -357,6 +369,8 @@ def validate(cfg: DinoConfig) -> DinoConfig:
     need(o.clip_grad >= 0, f"clip_grad must be >= 0, got {o.clip_grad}")
     need(o.freeze_last_layer >= 0, f"freeze_last_layer must be >= 0, got {o.freeze_last_layer}")
     need(o.optimizer in ("adamw", "sgd"), f"optimizer must be adamw or sgd, got {o.optimizer!r}")
+    need(r.recipe in ("auto", "off"), f"recipe must be auto or off, got {r.recipe!r}")
+    need(o.time_budget_minutes >= 0, f"time_budget_minutes must be >= 0, got {o.time_budget_minutes}")
     need(r.precision in ("bf16", "fp16", "fp32"), f"precision must be bf16, fp16 or fp32, got {r.precision!r}")
     need(r.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {r.device!r}")
     need(bool(r.output_dir), "output_dir must not be empty")

@@ -14,6 +14,7 @@ collapsed run (warnings in the log). Those checks live in :mod:`ssl_xcit.train.h
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -44,7 +45,9 @@ from ssl_xcit.evaluate.report import write_report_at_end_of_run
 from ssl_xcit.models import get_model
 from ssl_xcit.train.checkpoint import (CHECKPOINT_NAME, CheckpointError, capture_rng_state, load_checkpoint,
                                        restore_rng_state, save_checkpoint)
-from ssl_xcit.train.config import DinoConfig
+from ssl_xcit.train import recipe as recipe_rules
+from ssl_xcit.train.budget import TimeBudget
+from ssl_xcit.train.config import MAX_EPOCHS, ConfigError, DinoConfig, user_set_keys, validate
 from ssl_xcit.train.health import unreadable_message, warn_if_collapsed, warn_if_diverging, warn_if_mostly_unreadable
 from ssl_xcit.train.lock import OutputDirLock
 from ssl_xcit.train.logger import RunLogger
@@ -100,17 +103,27 @@ def multicrop_config(cfg: DinoConfig) -> MultiCropConfig:
 
 
 def build_dataset(cfg: DinoConfig) -> ImageFiles:
-    """The training images with the multi-crop transform (``augment=cpu``), or, with ``augment=gpu``,
-    decoding and the crops' parameter draws only: :class:`BatchedMultiCrop` crops on the device."""
+    """The training images with their transform (:func:`training_transform`)."""
+    dataset = open_training_images(cfg)
+    dataset.transform = training_transform(cfg)
+    return dataset
+
+
+def open_training_images(cfg: DinoConfig) -> ImageFiles:
+    """The training images (folder or tar shards; ``max_images`` evenly spread), no transform yet."""
     d = cfg.data
-    if d.augment == "gpu":
-        transform = BatchedMultiCrop(multicrop_config(cfg)).loader_transform
-    else:
-        transform = DinoMultiCrop(multicrop_config(cfg))
-    dataset = open_image_dataset(training_images_root(d.data_path), transform=transform)  # folder or tar shards
+    dataset = open_image_dataset(training_images_root(d.data_path))
     if d.max_images and d.max_images < len(dataset):
         dataset.select(evenly_spread(len(dataset), d.max_images))   # every class kept, in proportion
     return dataset
+
+
+def training_transform(cfg: DinoConfig):
+    """The multi-crop transform (``augment=cpu``), or, with ``augment=gpu``, decoding and the crops'
+    parameter draws only: :class:`BatchedMultiCrop` crops on the device."""
+    if cfg.data.augment == "gpu":
+        return BatchedMultiCrop(multicrop_config(cfg)).loader_transform
+    return DinoMultiCrop(multicrop_config(cfg))
 
 
 def build_models(cfg: DinoConfig) -> tuple[MultiCropForward, MultiCropForward]:
@@ -129,15 +142,36 @@ def build_models(cfg: DinoConfig) -> tuple[MultiCropForward, MultiCropForward]:
     return student, teacher
 
 
-def build_schedules(cfg: DinoConfig, steps_per_epoch: int, world_size: int) -> Schedules:
+def build_schedules(cfg: DinoConfig, steps_per_epoch: int, world_size: int,
+                    total_steps: int | None = None) -> Schedules:
+    """DINO's per-step schedules over ``epochs`` (or, for a time budget, over ``total_steps``)."""
     o = cfg.optim
     global_batch = o.batch_size_per_gpu * world_size
     base_lr = o.lr * global_batch / 256.0   # linear scaling rule
+    # a time budget plans a number of steps: each step is one "epoch" of one iteration
+    epochs, per_epoch, warmup = ((o.epochs, steps_per_epoch, o.warmup_epochs) if total_steps is None else
+                                 (total_steps, 1, min(o.warmup_epochs * steps_per_epoch, total_steps)))
     return Schedules(
-        lr=cosine_schedule(base_lr, o.min_lr, o.epochs, steps_per_epoch, warmup_epochs=o.warmup_epochs),
-        weight_decay=cosine_schedule(o.weight_decay, o.weight_decay_end, o.epochs, steps_per_epoch),
-        teacher_momentum=cosine_schedule(cfg.dino.momentum_teacher, 1.0, o.epochs, steps_per_epoch),
+        lr=cosine_schedule(base_lr, o.min_lr, epochs, per_epoch, warmup_epochs=warmup),
+        weight_decay=cosine_schedule(o.weight_decay, o.weight_decay_end, epochs, per_epoch),
+        teacher_momentum=cosine_schedule(cfg.dino.momentum_teacher, 1.0, epochs, per_epoch),
     )
+
+
+def _apply_recipe(cfg: DinoConfig, dataset: ImageFiles, world_size: int) -> str | None:
+    """``recipe: auto`` on fewer than ``AUTO_MAX_IMAGES`` images: every value the user left unset is
+    fit to the data (in place); returns the choices with their reasons (``None``: nothing chosen)."""
+    if cfg.run.recipe != "auto" or len(dataset) >= recipe_rules.AUTO_MAX_IMAGES:
+        return None
+    facts = recipe_rules.data_facts(dataset)
+    steps = recipe_rules.planned_steps(cfg, facts.images, world_size)
+    applied = recipe_rules.apply_auto(cfg, facts, steps, user_set_keys(cfg))
+    try:
+        validate(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"recipe=auto chose values that do not fit the rest of the config ({err}): set "
+                          "them yourself or use recipe=off") from None
+    return recipe_rules.describe(applied, facts, steps) if applied else None
 
 
 def build_optimizer(cfg: DinoConfig, student: nn.Module) -> torch.optim.Optimizer:
@@ -206,6 +240,8 @@ class _Run:
     monitor: KnnMonitor | None = None     # k-NN of the teacher while training (None: eval keys off)
     counters: _Counters = field(default_factory=_Counters)
     device_augment: BatchedMultiCrop | None = None   # augment=gpu: the batch's crops are made on the device
+    recipe: str | None = None             # recipe=auto: what it chose and why (config.yaml comments)
+    budget: TimeBudget | None = None      # time_budget_minutes > 0: the clock and the planned steps
 
     @property
     def is_main(self) -> bool:
@@ -230,6 +266,7 @@ def train(cfg: DinoConfig, stop_requested: Callable[[], bool] | None = None) -> 
     ``stop_requested`` is polled once a step (all ranks agree on it): when true, the run saves a
     checkpoint at that step boundary and returns with status ``"stopped"``.
     """
+    cfg = copy.deepcopy(cfg)   # recipe=auto and a time budget fill in values: the caller's config stays as given
     rank, world_size = dist_utils.get_rank(), dist_utils.get_world_size()
     device = pick_device(cfg.run.device)
     if cfg.run.deterministic:
@@ -273,7 +310,9 @@ def _lock_output_dir(output_dir: Path, rank: int, device: torch.device) -> Outpu
 def _build(cfg: DinoConfig, rank: int, world_size: int, device: torch.device) -> _Run:
     """Data, models, loss, optimizer, scaler and schedules, in the order that fixes the RNG streams."""
     # ---- data: multi-crop views of unlabelled images; each sample seeded by its global position
-    dataset = build_dataset(cfg)
+    dataset = open_training_images(cfg)
+    recipe = _apply_recipe(cfg, dataset, world_size)    # recipe=auto: values fit to these images
+    dataset.transform = training_transform(cfg)
     sampler = ResumableDistributedSampler(len(dataset), cfg.optim.batch_size_per_gpu, num_replicas=world_size,
                                           rank=rank, shuffle=True, seed=cfg.run.seed)
     steps_per_epoch = sampler.steps_per_epoch
@@ -309,13 +348,17 @@ def _build(cfg: DinoConfig, rank: int, world_size: int, device: torch.device) ->
     total_steps = cfg.optim.epochs * steps_per_epoch
     if cfg.run.max_steps:
         total_steps = min(total_steps, cfg.run.max_steps)
+    budget = TimeBudget(cfg.optim.time_budget_minutes) if cfg.optim.time_budget_minutes > 0 else None
+    if budget is not None and "optim.epochs" not in user_set_keys(cfg):
+        total_steps = MAX_EPOCHS * steps_per_epoch   # until planned (after a few steps): the budget decides
     return _Run(cfg=cfg, rank=rank, world_size=world_size, device=device, dataset=dataset, sampler=sampler,
                 loader=loader, student=student, teacher=teacher, student_ddp=student_ddp,
                 dino_loss=build_loss(cfg).to(device), optimizer=build_optimizer(cfg, student),
                 scaler=torch.amp.GradScaler(device.type) if cfg.run.precision == "fp16" else None,
                 schedules=build_schedules(cfg, steps_per_epoch, world_size),
                 clip_groups=gradient_clip_groups(student), steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-                device_augment=BatchedMultiCrop(multicrop_config(cfg)) if cfg.data.augment == "gpu" else None)
+                device_augment=BatchedMultiCrop(multicrop_config(cfg)) if cfg.data.augment == "gpu" else None,
+                recipe=recipe, budget=budget)
 
 
 def _resume(run: _Run) -> dict | None:
@@ -358,9 +401,26 @@ def _resume(run: _Run) -> dict | None:
         run.global_step = run.sampler.epoch * steps_per_epoch + run.sampler.start_step
     rng = state["rng"]
     restore_rng_state(rng[min(run.rank, len(rng) - 1)] if isinstance(rng, list) else rng)
+    if run.budget is not None:
+        _resume_budget(run, state)
     epoch, step_in_epoch = divmod(run.global_step, steps_per_epoch)
     return {"checkpoint": str(ckpt_path), "global_step": run.global_step, "epoch": epoch, "step": step_in_epoch,
             "converted_from_steps_per_epoch": converted_from}
+
+
+def _resume_budget(run: _Run, state: dict) -> None:
+    """A time-budgeted run goes on with the steps it planned (the same schedules: exact resume) and
+    the training time it already spent."""
+    saved = state.get("config", {})
+    planned = saved.get("run", {}).get("max_steps") or None
+    if planned and saved.get("optim", {}).get("time_budget_minutes"):
+        cfg = run.cfg
+        cfg.run.max_steps, cfg.optim.epochs = planned, saved["optim"]["epochs"]
+        cfg.dino.momentum_teacher = saved["dino"]["momentum_teacher"]
+        run.total_steps = planned
+        run.schedules = build_schedules(cfg, run.steps_per_epoch, run.world_size, total_steps=planned)
+    run.budget = TimeBudget(run.cfg.optim.time_budget_minutes, state.get("trained_seconds") or 0.0,
+                            planned_steps=planned)
 
 
 def _check_models_fit(run: _Run, state: dict) -> None:
@@ -401,7 +461,10 @@ def _open_logs(run: _Run, resumed: dict | None, lock: OutputDirLock | None) -> N
     run.counters.t_last = time.perf_counter()
     if not run.is_main:
         return
-    (run.output_dir / "config.yaml").write_text(cfg.to_yaml())
+    (run.output_dir / "config.yaml").write_text(_config_text(run))
+    if run.recipe and resumed is None:
+        print(f"[ssl_xcit] {run.recipe}", flush=True)
+        logger.event("recipe_auto", choices=run.recipe)
     if lock is not None and lock.took_over is not None:
         old = lock.took_over
         print(f"[ssl_xcit] took over the lock of a training that is gone ({old.describe()})", flush=True)
@@ -424,6 +487,8 @@ def _train_epochs(run: _Run, stop_requested: Callable[[], bool] | None) -> Train
     A finished run ends with the k-NN monitor's last point and knn.png, then the report page."""
     if run.monitor is not None:
         run.monitor.before_training(run.teacher.backbone, run.global_step)   # step 0 only: the random start
+    if run.budget is not None:
+        run.budget.start()
     while run.global_step < run.total_steps:
         if _train_one_epoch(run, stop_requested):
             return TrainResult("stopped", run.epoch, run.global_step, run.last_ckpt, run.last_loss)
@@ -474,6 +539,8 @@ def _train_one_epoch(run: _Run, stop_requested: Callable[[], bool] | None) -> bo
             run.last_loss = loss_value
             run.counters.images_seen += len(batch) * run.world_size
             _monitor_after_step(run)
+            if run.budget is not None:
+                _budget_after_step(run)
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{hp.lr:.2e}")
@@ -551,6 +618,43 @@ def _log_step(run: _Run, hp: StepHParams, out, loss_value: float, epoch: int) ->
     c.images_seen, c.t_last = 0, now
 
 
+def _budget_after_step(run: _Run) -> None:
+    """``time_budget_minutes``: plan the steps once the first ones are timed (rank 0's plan for
+    all ranks), then stop at the planned step, or earlier when the clock says the budget is spent."""
+    budget, cfg = run.budget, run.cfg
+    planned = budget.step_done(run.global_step)
+    if planned is not None:
+        planned = dist_utils.broadcast_int(planned, device=run.device)
+        if "optim.epochs" in user_set_keys(cfg):
+            planned = min(planned, cfg.optim.epochs * run.steps_per_epoch)
+        planned = max(planned, run.global_step + 1)
+        budget.planned_steps = run.total_steps = cfg.run.max_steps = planned
+        cfg.optim.epochs = max(cfg.optim.epochs, -(-planned // run.steps_per_epoch))
+        if run.recipe is not None and "dino.momentum_teacher" not in user_set_keys(cfg):
+            cfg.dino.momentum_teacher = recipe_rules.teacher_momentum(planned).value
+        run.schedules = build_schedules(cfg, run.steps_per_epoch, run.world_size, total_steps=planned)
+        if run.is_main:
+            msg = (f"time budget {cfg.optim.time_budget_minutes:g} min: {planned:,} steps planned "
+                   f"({budget.elapsed:.1f} s spent on the first {run.global_step}); schedules laid over them")
+            print(f"[ssl_xcit] {msg}", flush=True)
+            run.logger.event("time_budget_planned", global_step=run.global_step, planned_steps=planned,
+                             teacher_momentum=cfg.dino.momentum_teacher)
+            (run.output_dir / "config.yaml").write_text(_config_text(run))
+    if dist_utils.any_rank_flags(budget.spent, device=run.device)[0] and run.global_step < run.total_steps:
+        if run.is_main:
+            print(f"[ssl_xcit] time budget spent at step {run.global_step} of {run.total_steps}", flush=True)
+            run.logger.event("time_budget_spent", global_step=run.global_step, planned_steps=run.total_steps)
+        run.total_steps = run.global_step
+
+
+def _config_text(run: _Run) -> str:
+    """config.yaml: the values the run uses, with recipe=auto's choices and reasons as comments."""
+    text = run.cfg.to_yaml()
+    if run.recipe:
+        text += "".join(f"# {line}\n" for line in run.recipe.splitlines())
+    return text
+
+
 def _end_epoch(run: _Run) -> None:
     """At an epoch's end (or the run's): check that images loaded, save, log the epoch."""
     spe, c = run.steps_per_epoch, run.counters
@@ -600,6 +704,7 @@ def _checkpoint_state(run: _Run) -> dict:
             "scaler": run.scaler.state_dict() if run.scaler is not None else {},
             "epoch": gs // spe, "global_step": gs,
             "steps_per_epoch": spe, "rng": rng_states, "config": run.cfg.to_dict(),
+            "trained_seconds": run.budget.elapsed if run.budget is not None else None,
             # the data position in sampler terms, so a run with another global batch can resume
             "sampler": {**run.sampler.state_dict(), "epoch": gs // spe, "start_step": gs % spe}}
 

@@ -1,0 +1,145 @@
+"""``recipe: auto``: DINO's hyper-parameters chosen for the data set at hand.
+
+DINO's published values are tuned for ImageNet: 1.28M images of ~400 px, 100-800 epochs on 16+
+GPUs. On a few thousand or tens of thousands of small images, and a budget of minutes to hours,
+they learn slowly or collapse (dino#43, #61, #246, #273; dinov2#143, #407; this project's grid
+in ``benchmarks/RESULTS.md``). Below ``AUTO_MAX_IMAGES`` images every value the user left unset is
+chosen here from three facts: the number of images, their size, and the number of optimizer
+steps (from ``epochs``, or measured against ``time_budget_minutes``). A value set in the config
+file or on the command line always wins. Each choice comes with its reason, which the training
+loop prints, logs and writes into ``config.yaml``.
+
+    >>> facts = DataFacts(images=6400, image_side=32)
+    >>> chosen = choose(facts, steps=400, embed_dim=128, patch_size=8)
+    >>> chosen["model.out_dim"].value, chosen["data.global_crops_size"].value
+    (1024, 32)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+# From this many images on, DINO's own recipe is what works (ImageNet-1k has 1.28M).
+AUTO_MAX_IMAGES = 200_000
+# Prototypes per image: DINO uses 65,536 for 1.28M images, one per ~20; on small data as many
+# prototypes as images spread the teacher too thin (the grid: 256-4,096 on 6,400 images within 1 point).
+IMAGES_PER_PROTOTYPE = 16
+MIN_OUT_DIM, MAX_OUT_DIM = 1024, 65536
+# An EMA teacher averages the last ~1/(1-m) student states: keep that window a small part of the run.
+EMA_WINDOW_FRACTION = 0.25
+
+
+@dataclass(frozen=True)
+class DataFacts:
+    """What the rules read of the data: the number of images and the median shorter side (px)."""
+    images: int
+    image_side: int
+
+
+@dataclass(frozen=True)
+class Choice:
+    value: Any
+    reason: str
+
+
+def _pow2_between(x: float, lo: int, hi: int) -> int:
+    return int(min(hi, max(lo, 2 ** round(math.log2(max(x, 1))))))
+
+
+def teacher_momentum(steps: int) -> Choice:
+    """The EMA momentum whose window 1/(1-m) is at most a quarter of the run, in [0.99, 0.996]."""
+    momentum = 1.0 - 1.0 / max(EMA_WINDOW_FRACTION * steps, 100.0)
+    momentum = round(min(0.996, max(0.99, momentum)), 4)
+    return Choice(momentum, f"an EMA window 1/(1-m) of {1 / (1 - momentum):.0f} steps: about "
+                            f"{EMA_WINDOW_FRACTION:.0%} of the {steps:,} steps, kept in [0.99, 0.996] "
+                            "(DINO's 0.996 averages 250 steps: most of a short run)")
+
+
+def choose(facts: DataFacts, steps: int, embed_dim: int, patch_size: int) -> dict[str, Choice]:
+    """Every value ``recipe: auto`` would choose for ``facts`` and a run of ``steps`` optimizer
+    steps, keyed ``section.name``. Pure: the same facts give the same values."""
+    n, side = facts.images, facts.image_side
+    c: dict[str, Choice] = {}
+
+    # ---- the head: prototypes and width
+    out_dim = _pow2_between(n / IMAGES_PER_PROTOTYPE, MIN_OUT_DIM, MAX_OUT_DIM)
+    c["model.out_dim"] = Choice(out_dim, f"{n:,} images / {IMAGES_PER_PROTOTYPE} per prototype, as a power of 2 "
+                                         f"in [{MIN_OUT_DIM}, {MAX_OUT_DIM}] (DINO: 65,536 for 1.28M)")
+    c["model.use_bn_in_head"] = Choice(True, "BatchNorm in the head spreads the near-identical features of a fresh "
+                                             "network, so the centred teacher is not uniform from the start (without "
+                                             "it the quickstart collapses to a uniform teacher)")
+    c["model.norm_last_layer"] = Choice(False, "a short run: the prototypes learn from the first step "
+                                               "(DINO normalises them for stability over 100+ epochs)")
+    hidden = _pow2_between(4 * embed_dim, 512, 2048)
+    c["model.head_hidden_dim"] = Choice(hidden, f"4 x the backbone width {embed_dim}, in [512, 2048]")
+    c["model.drop_path_rate"] = Choice(0.0, "stochastic depth regularises long runs; a short one needs every update")
+    c["optim.freeze_last_layer"] = Choice(0, "the last layer trains from the first step (see norm_last_layer)")
+
+    # ---- the teacher
+    c["dino.momentum_teacher"] = teacher_momentum(steps)
+    c["dino.warmup_teacher_temp_epochs"] = Choice(0, "BatchNorm in the head keeps the teacher informative from the "
+                                                     "start: no temperature warm-up needed")
+
+    # ---- crops: the data's own resolution (at most DINO's 224), rounded to the patch
+    g = max(patch_size * 2, patch_size * round(min(side, 224) / patch_size))
+    c["data.global_crops_size"] = Choice(g, f"the images' median side {side} px (at most DINO's 224), a multiple "
+                                            f"of the patch {patch_size}: no upsampling, which costs compute, not information")
+    local = max(patch_size, patch_size * round(g * 96 / 224 / patch_size))
+    c["data.local_crops_size"] = Choice(local, f"DINO's 96/224 of the global crop, a multiple of the patch {patch_size}")
+
+    # ---- optimizer
+    warm = 0 if steps < 2000 else None
+    if warm is not None:
+        c["optim.warmup_epochs"] = Choice(0, f"{steps:,} steps: no warm-up epoch (one epoch would be a large "
+                                             "part of the run)")
+    return c
+
+
+# ---------------------------------------------------------------- applying the choices to a config
+SAMPLE_FOR_SIZE = 64   # images whose size is read (evenly spread) for DataFacts.image_side
+
+
+def data_facts(dataset) -> DataFacts:
+    """The number of images and the median shorter side of ``SAMPLE_FOR_SIZE`` of them (evenly
+    spread; ones that fail to load are left out)."""
+    from ssl_xcit.data.subsets import evenly_spread
+    sides = []
+    for i in dict.fromkeys(evenly_spread(len(dataset), SAMPLE_FOR_SIZE).tolist()):
+        try:
+            sides.append(min(dataset.load(i).size))
+        except Exception:  # noqa: BLE001 - an unreadable image says nothing about the others' size
+            continue
+    side = int(sorted(sides)[len(sides) // 2]) if sides else 224
+    return DataFacts(images=len(dataset), image_side=side)
+
+
+def planned_steps(cfg, images: int, world_size: int) -> int:
+    """Optimizer steps of the run as configured (``epochs`` x steps per epoch, capped by max_steps)."""
+    per_epoch = max(1, images // (cfg.optim.batch_size_per_gpu * world_size))
+    steps = cfg.optim.epochs * per_epoch
+    return min(steps, cfg.run.max_steps) if cfg.run.max_steps else steps
+
+
+def apply_auto(cfg, facts: DataFacts, steps: int, user_set: set[str]) -> dict[str, Choice]:
+    """Set every chosen value the user did not set, in place; returns what was set. Nothing below
+    ``recipe: auto``, at ``AUTO_MAX_IMAGES`` images or more, or for values set in a file or override."""
+    if cfg.run.recipe != "auto" or facts.images >= AUTO_MAX_IMAGES:
+        return {}
+    from ssl_xcit.models.zoo import resolve
+    spec = resolve(cfg.model.arch).arch
+    applied = {}
+    for key, choice in choose(facts, steps, spec.embed_dim, spec.patch_size).items():
+        if key in user_set:
+            continue
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, choice.value)
+        applied[key] = choice
+    return applied
+
+
+def describe(applied: dict[str, Choice], facts: DataFacts, steps: int) -> str:
+    """The choices as ``config.yaml`` comments and console lines: one ``key: value  # reason`` each."""
+    head = (f"recipe: auto chose these for {facts.images:,} images of median side {facts.image_side} px "
+            f"and {steps:,} steps (a value you set always wins; recipe=off keeps the values as written):")
+    return "\n".join([head] + [f"  {k}: {c.value}  # {c.reason}" for k, c in applied.items()])

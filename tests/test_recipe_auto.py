@@ -1,0 +1,154 @@
+"""recipe=auto: the rules (a data set and a budget give the documented values), user values win,
+large data sets are left alone, and the training loop applies, prints and records the choices;
+time_budget_minutes plans the steps once and a resumed run keeps the plan."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ssl_xcit.train import recipe
+from ssl_xcit.train.budget import TimeBudget
+from ssl_xcit.train.config import ConfigError, load_config, user_set_keys
+from ssl_xcit.train.recipe import AUTO_MAX_IMAGES, DataFacts, apply_auto, choose, teacher_momentum
+
+from train_helpers import load_weights, assert_same_weights, tiny_overrides
+
+
+# ---------------------------------------------------------------- the rules
+@pytest.mark.parametrize("images, out_dim", [(500, 1024), (6400, 1024), (50_000, 4096), (150_000, 8192)])
+def test_prototypes_follow_the_number_of_images(images, out_dim):
+    c = choose(DataFacts(images, 32), steps=1000, embed_dim=128, patch_size=8)
+    assert c["model.out_dim"].value == out_dim
+    # the documented rule, computed independently: images / 16 as a power of two in [1024, 65536]
+    assert out_dim == min(65536, max(1024, 2 ** round(math.log2(images / 16))))
+
+
+@pytest.mark.parametrize("side, patch, global_size, local_size", [
+    (32, 8, 32, 16), (36, 8, 32, 16), (96, 16, 96, 48), (64, 8, 64, 24), (500, 16, 224, 96), (224, 8, 224, 96)])
+def test_crops_follow_the_image_size_and_patch(side, patch, global_size, local_size):
+    c = choose(DataFacts(10_000, side), steps=1000, embed_dim=192, patch_size=patch)
+    assert c["data.global_crops_size"].value == global_size
+    assert c["data.local_crops_size"].value == local_size
+    assert global_size % patch == 0 and local_size % patch == 0
+
+
+@pytest.mark.parametrize("steps, momentum", [(100, 0.99), (400, 0.99), (1000, 0.996), (100_000, 0.996), (600, 0.9933)])
+def test_teacher_momentum_keeps_the_ema_window_a_quarter_of_the_run(steps, momentum):
+    assert teacher_momentum(steps).value == momentum
+    window = 1 / (1 - momentum)
+    assert window <= max(100, steps / 4) + 1
+
+
+def test_every_choice_says_why():
+    c = choose(DataFacts(6400, 32), steps=200, embed_dim=128, patch_size=8)
+    assert {"model.out_dim", "model.use_bn_in_head", "dino.momentum_teacher", "data.global_crops_size"} <= set(c)
+    assert all(len(choice.reason) > 20 for choice in c.values())
+
+
+# ---------------------------------------------------------------- applying: user values win
+def _cfg(*overrides):
+    return load_config(None, ["arch=xcit_nano_12_p8", "data_path=x", *overrides])
+
+
+def test_user_values_win_and_defaults_are_filled():
+    cfg = _cfg("out_dim=777", "momentum_teacher=0.9")
+    assert {"model.out_dim", "dino.momentum_teacher", "model.arch"} <= user_set_keys(cfg)
+    applied = apply_auto(cfg, DataFacts(6400, 32), 200, user_set_keys(cfg))
+    assert cfg.model.out_dim == 777 and cfg.dino.momentum_teacher == 0.9
+    assert "model.out_dim" not in applied and "dino.momentum_teacher" not in applied
+    assert cfg.model.use_bn_in_head is True and cfg.data.global_crops_size == 32   # DINO's defaults: False, 224
+
+
+def test_values_from_a_config_file_count_as_set(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model:\n  arch: xcit_nano_12_p8\n  out_dim: 2048\ndata:\n  global_crops_size: 64\n")
+    cfg = load_config(path, ["data_path=x"])
+    apply_auto(cfg, DataFacts(6400, 32), 200, user_set_keys(cfg))
+    assert cfg.model.out_dim == 2048 and cfg.data.global_crops_size == 64
+    assert cfg.model.use_bn_in_head is True
+
+
+def test_large_data_sets_and_recipe_off_are_left_as_written():
+    for cfg, facts in ((_cfg(), DataFacts(AUTO_MAX_IMAGES, 400)), (_cfg("recipe=off"), DataFacts(6400, 32))):
+        before = cfg.to_dict()
+        assert apply_auto(cfg, facts, 200, user_set_keys(cfg)) == {}
+        assert cfg.to_dict() == before
+
+
+def test_bad_recipe_and_budget_values_are_one_line_errors():
+    with pytest.raises(ConfigError, match="recipe must be auto or off"):
+        _cfg("recipe=fast")
+    with pytest.raises(ConfigError, match="time_budget_minutes must be >= 0"):
+        _cfg("time_budget_minutes=-1")
+
+
+# ---------------------------------------------------------------- in the training loop
+def _auto_overrides(data, out, **extra):
+    """The tiny test run, but leaving the values recipe=auto chooses unset."""
+    chosen = {"out_dim", "head_hidden_dim", "global_crops_size", "local_crops_size", "drop_path_rate", "recipe"}
+    keep = [o for o in tiny_overrides(data, out, **extra) if o.split("=")[0] not in chosen]
+    return keep + ["recipe=auto"]
+
+
+def test_the_loop_applies_prints_and_records_the_choices(cifar_small, tmp_path, capsys):
+    from ssl_xcit.train.loop import train
+    out = tmp_path / "auto"
+    cfg = load_config(None, _auto_overrides(cifar_small, out, max_steps=2, epochs=1))
+    result = train(cfg)
+    assert result.status == "finished"
+    assert cfg.model.out_dim == 65536        # the caller's config is left as given
+    printed = capsys.readouterr().out
+    assert "recipe: auto chose these" in printed and "model.out_dim: 1024" in printed
+    text = (out / "config.yaml").read_text()
+    written = yaml.safe_load(text)            # the choices are the values, their reasons comments
+    assert written["model"]["out_dim"] == 1024 and written["model"]["use_bn_in_head"] is True
+    assert written["data"]["global_crops_size"] == 32
+    assert "#   model.use_bn_in_head: True  # BatchNorm" in text
+    events = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert any(e.get("event") == "recipe_auto" for e in events)
+    # the checkpoint holds the model the choices built
+    assert load_weights(out)["student.head.last_layer.parametrizations.weight.original1"].shape[0] == 1024
+
+
+def test_time_budget_plans_once_and_a_resumed_run_keeps_the_plan(cifar_small, tmp_path):
+    from ssl_xcit.train.loop import train
+    common = dict(batch_size_per_gpu=4, max_images=64, log_every_steps=1)
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    ov = [o for o in _auto_overrides(cifar_small, straight, **common) if not o.startswith("epochs=")]
+    first = train(load_config(None, ov + ["time_budget_minutes=0.15"]))
+    assert first.status == "finished"
+    events = [json.loads(line) for line in (straight / "log.jsonl").read_text().splitlines()]
+    planned = [e for e in events if e.get("event") == "time_budget_planned"]
+    assert len(planned) == 1
+    steps = first.global_step
+    assert steps <= planned[0]["planned_steps"]
+    written = yaml.safe_load((straight / "config.yaml").read_text())
+    assert written["run"]["max_steps"] == planned[0]["planned_steps"]
+    # a stop part-way, then the same command again: the saved plan and schedules carry on (no new probe)
+    ov = [o for o in _auto_overrides(cifar_small, split, **common) if not o.startswith("epochs=")]
+    calls = iter([False] * 7 + [True])
+    stopped = train(load_config(None, ov + ["time_budget_minutes=0.15"]), stop_requested=lambda: next(calls, False))
+    assert stopped.status == "stopped" and stopped.global_step == 8
+    plan = yaml.safe_load((split / "config.yaml").read_text())["run"]["max_steps"]
+    resumed = train(load_config(None, ov + ["time_budget_minutes=0.15"]))
+    assert resumed.status == "finished"
+    events = [json.loads(line) for line in (split / "log.jsonl").read_text().splitlines()]
+    assert len([e for e in events if e.get("event") == "time_budget_planned"]) == 1
+    assert yaml.safe_load((split / "config.yaml").read_text())["run"]["max_steps"] == plan
+
+
+def test_time_budget_clock_counts_earlier_runs():
+    b = TimeBudget(1.0, trained_seconds=59.5)
+    b.start()
+    assert not b.spent or b.elapsed >= 60
+    assert TimeBudget(1.0, trained_seconds=61).spent
+    plan = None
+    b = TimeBudget(1.0)
+    b.start()
+    for step in range(1, 8):
+        plan = b.step_done(step) or plan
+    assert plan is not None and plan > 6 and b.step_done(8) is None   # planned once
