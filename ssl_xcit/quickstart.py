@@ -164,7 +164,8 @@ def training_config(args: argparse.Namespace, root: Path, out: Path):
     cfg = load_config(args.config, [*paths, *args.overrides])
     if not args.monitor_every_steps:
         return cfg
-    crop = cfg.data.global_crops_size
+    from ssl_xcit.train.loop import resolved_config
+    crop = resolved_config(cfg).data.global_crops_size    # the resolution recipe=auto trains at
     monitor = [f"eval_data_path={root}", f"eval_every_steps={args.monitor_every_steps}",
                f"eval_max_images={args.monitor_images}", f"eval_crop_size={crop}", f"eval_resize={crop}"]
     return load_config(args.config, [*paths, *monitor, *args.overrides])
@@ -236,7 +237,7 @@ def paired_gain(hits_a: torch.Tensor, hits_b: torch.Tensor) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    from ssl_xcit.train.loop import pick_device, train
+    from ssl_xcit.train.loop import pick_device, resolved_config, train
 
     t0 = time.perf_counter()
     root = data_root(args)
@@ -250,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
     curve = knn_curve(out / "train")
 
     device = pick_device(cfg.run.device)
-    crop = cfg.data.global_crops_size
+    crop = resolved_config(cfg).data.global_crops_size    # what the run trained at (recipe=auto)
     common = dict(root=root, crop=crop, n_train=args.knn_train_images, n_val=args.knn_val_images,
                   ks=args.knn_k, device=device, num_workers=cfg.data.num_workers)
     print("[quickstart] k-NN of the trained teacher and of the random backbone it started from", flush=True)

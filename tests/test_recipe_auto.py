@@ -130,9 +130,9 @@ def test_time_budget_plans_once_and_a_resumed_run_keeps_the_plan(cifar_small, tm
     assert written["run"]["max_steps"] == planned[0]["planned_steps"]
     # a stop part-way, then the same command again: the saved plan and schedules carry on (no new probe)
     ov = [o for o in _auto_overrides(cifar_small, split, **common) if not o.startswith("epochs=")]
-    calls = iter([False] * 7 + [True])
+    calls = iter([False] * 13 + [True])   # after the plan (step 11)
     stopped = train(load_config(None, ov + ["time_budget_minutes=0.15"]), stop_requested=lambda: next(calls, False))
-    assert stopped.status == "stopped" and stopped.global_step == 8
+    assert stopped.status == "stopped" and stopped.global_step == 14
     plan = yaml.safe_load((split / "config.yaml").read_text())["run"]["max_steps"]
     resumed = train(load_config(None, ov + ["time_budget_minutes=0.15"]))
     assert resumed.status == "finished"
@@ -149,6 +149,9 @@ def test_time_budget_clock_counts_earlier_runs():
     plan = None
     b = TimeBudget(1.0)
     b.start()
-    for step in range(1, 8):
-        plan = b.step_done(step) or plan
-    assert plan is not None and plan > 6 and b.step_done(8) is None   # planned once
+    from ssl_xcit.train.budget import PROBE_STEPS, SKIP_STEPS
+    for step in range(1, SKIP_STEPS + PROBE_STEPS):
+        assert b.step_done(step) is None
+    plan = b.step_done(SKIP_STEPS + PROBE_STEPS)
+    assert plan is not None and plan > SKIP_STEPS + PROBE_STEPS
+    assert b.step_done(plan) is None   # planned once

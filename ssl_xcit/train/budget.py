@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import time
 
-PROBE_STEPS = 5      # steps timed after the first (which pays for warm-up) before the plan
+SKIP_STEPS = 3       # the first steps pay for warm-up (workers starting, first allocations): not timed
+PROBE_STEPS = 8      # steps timed after those before the plan
 SAFETY = 0.95        # plan for this share of the time left: logging and checkpoints take some too
 
 
@@ -43,9 +44,9 @@ class TimeBudget:
         if self.planned_steps is not None:
             return None
         self._stamps.append(time.perf_counter())
-        if len(self._stamps) < PROBE_STEPS + 1:
+        if len(self._stamps) < SKIP_STEPS + PROBE_STEPS:
             return None
-        seconds_per_step = (self._stamps[-1] - self._stamps[0]) / PROBE_STEPS
+        seconds_per_step = (self._stamps[-1] - self._stamps[SKIP_STEPS - 1]) / PROBE_STEPS
         left = max(0.0, self.seconds - self.elapsed)
         self.planned_steps = global_step + int(SAFETY * left / max(seconds_per_step, 1e-9))
         return self.planned_steps

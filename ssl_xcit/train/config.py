@@ -363,7 +363,9 @@ def validate(cfg: DinoConfig) -> DinoConfig:
                                  f"schedules hold one value per step of every epoch), got {o.epochs}")
     need(o.batch_size_per_gpu > 0, f"batch_size_per_gpu must be positive, got {o.batch_size_per_gpu}")
     need(o.lr > 0 and o.min_lr >= 0, "lr must be positive and min_lr non-negative")
-    need(0 <= o.warmup_epochs <= o.epochs, f"warmup_epochs ({o.warmup_epochs}) must be in [0, epochs={o.epochs}]")
+    # DINO's default 10 warm-up epochs on a shorter run: recipe=auto chooses, or the warm-up is the run
+    need(0 <= o.warmup_epochs and (o.warmup_epochs <= o.epochs or "optim.warmup_epochs" not in user_set_keys(cfg)),
+         f"warmup_epochs ({o.warmup_epochs}) must be in [0, epochs={o.epochs}]")
     need(l.warmup_teacher_temp_epochs <= o.epochs or l.warmup_teacher_temp_epochs == 0,
          f"warmup_teacher_temp_epochs ({l.warmup_teacher_temp_epochs}) exceeds epochs ({o.epochs})")
     need(o.clip_grad >= 0, f"clip_grad must be >= 0, got {o.clip_grad}")

@@ -149,13 +149,22 @@ def build_schedules(cfg: DinoConfig, steps_per_epoch: int, world_size: int,
     global_batch = o.batch_size_per_gpu * world_size
     base_lr = o.lr * global_batch / 256.0   # linear scaling rule
     # a time budget plans a number of steps: each step is one "epoch" of one iteration
-    epochs, per_epoch, warmup = ((o.epochs, steps_per_epoch, o.warmup_epochs) if total_steps is None else
-                                 (total_steps, 1, min(o.warmup_epochs * steps_per_epoch, total_steps)))
+    warmup_epochs = min(o.warmup_epochs, o.epochs)   # a default longer than the run: all of it
+    epochs, per_epoch, warmup = ((o.epochs, steps_per_epoch, warmup_epochs) if total_steps is None else
+                                 (total_steps, 1, min(warmup_epochs * steps_per_epoch, total_steps)))
     return Schedules(
         lr=cosine_schedule(base_lr, o.min_lr, epochs, per_epoch, warmup_epochs=warmup),
         weight_decay=cosine_schedule(o.weight_decay, o.weight_decay_end, epochs, per_epoch),
         teacher_momentum=cosine_schedule(cfg.dino.momentum_teacher, 1.0, epochs, per_epoch),
     )
+
+
+def resolved_config(cfg: DinoConfig, world_size: int = 1) -> DinoConfig:
+    """The config a run of ``cfg`` will use: a copy with ``recipe: auto``'s choices filled in (it
+    reads the training images' number and sizes), e.g. to evaluate at the resolution it will train at."""
+    cfg = copy.deepcopy(cfg)
+    _apply_recipe(cfg, open_training_images(cfg), world_size)
+    return cfg
 
 
 def _apply_recipe(cfg: DinoConfig, dataset: ImageFiles, world_size: int) -> str | None:

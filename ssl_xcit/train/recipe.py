@@ -10,7 +10,7 @@ file or on the command line always wins. Each choice comes with its reason, whic
 loop prints, logs and writes into ``config.yaml``.
 
     >>> facts = DataFacts(images=6400, image_side=32)
-    >>> chosen = choose(facts, steps=400, embed_dim=128, patch_size=8)
+    >>> chosen = choose(facts, steps=400, embed_dim=128, patch_size=8, epochs=2)
     >>> chosen["model.out_dim"].value, chosen["data.global_crops_size"].value
     (1024, 32)
 """
@@ -56,9 +56,9 @@ def teacher_momentum(steps: int) -> Choice:
                             "(DINO's 0.996 averages 250 steps: most of a short run)")
 
 
-def choose(facts: DataFacts, steps: int, embed_dim: int, patch_size: int) -> dict[str, Choice]:
+def choose(facts: DataFacts, steps: int, embed_dim: int, patch_size: int, epochs: int = 1) -> dict[str, Choice]:
     """Every value ``recipe: auto`` would choose for ``facts`` and a run of ``steps`` optimizer
-    steps, keyed ``section.name``. Pure: the same facts give the same values."""
+    steps in ``epochs`` epochs, keyed ``section.name``. Pure: the same facts give the same values."""
     n, side = facts.images, facts.image_side
     c: dict[str, Choice] = {}
 
@@ -88,11 +88,10 @@ def choose(facts: DataFacts, steps: int, embed_dim: int, patch_size: int) -> dic
     local = max(patch_size, patch_size * round(g * 96 / 224 / patch_size))
     c["data.local_crops_size"] = Choice(local, f"DINO's 96/224 of the global crop, a multiple of the patch {patch_size}")
 
-    # ---- optimizer
-    warm = 0 if steps < 2000 else None
-    if warm is not None:
-        c["optim.warmup_epochs"] = Choice(0, f"{steps:,} steps: no warm-up epoch (one epoch would be a large "
-                                             "part of the run)")
+    # ---- optimizer: DINO warms the lr up for 10 of its 100 epochs
+    warm = epochs // 10
+    c["optim.warmup_epochs"] = Choice(warm, f"a tenth of the {epochs} epochs, as DINO's 10 of 100 (none in a run "
+                                            "under 10 epochs: BatchNorm in the head keeps the start stable)")
     return c
 
 
@@ -129,7 +128,7 @@ def apply_auto(cfg, facts: DataFacts, steps: int, user_set: set[str]) -> dict[st
     from ssl_xcit.models.zoo import resolve
     spec = resolve(cfg.model.arch).arch
     applied = {}
-    for key, choice in choose(facts, steps, spec.embed_dim, spec.patch_size).items():
+    for key, choice in choose(facts, steps, spec.embed_dim, spec.patch_size, cfg.optim.epochs).items():
         if key in user_set:
             continue
         section, name = key.split(".")
