@@ -237,7 +237,8 @@ def paired_gain(hits_a: torch.Tensor, hits_b: torch.Tensor) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    from ssl_xcit.train.loop import pick_device, resolved_config, train
+    import yaml
+    from ssl_xcit.train.loop import pick_device, train
 
     t0 = time.perf_counter()
     root = data_root(args)
@@ -251,7 +252,8 @@ def main(argv: list[str] | None = None) -> dict:
     curve = knn_curve(out / "train")
 
     device = pick_device(cfg.run.device)
-    crop = resolved_config(cfg).data.global_crops_size    # what the run trained at (recipe=auto)
+    used = yaml.safe_load((out / "train" / "config.yaml").read_text())    # what the run used (recipe=auto)
+    crop = used["data"]["global_crops_size"]
     common = dict(root=root, crop=crop, n_train=args.knn_train_images, n_val=args.knn_val_images,
                   ks=args.knn_k, device=device, num_workers=cfg.data.num_workers)
     print("[quickstart] k-NN of the trained teacher and of the random backbone it started from", flush=True)

@@ -102,13 +102,6 @@ def multicrop_config(cfg: DinoConfig) -> MultiCropConfig:
         solarize_prob=d.solarize_prob)
 
 
-def build_dataset(cfg: DinoConfig) -> ImageFiles:
-    """The training images with their transform (:func:`training_transform`)."""
-    dataset = open_training_images(cfg)
-    dataset.transform = training_transform(cfg)
-    return dataset
-
-
 def open_training_images(cfg: DinoConfig) -> ImageFiles:
     """The training images (folder or tar shards; ``max_images`` evenly spread), no transform yet."""
     d = cfg.data
@@ -116,14 +109,6 @@ def open_training_images(cfg: DinoConfig) -> ImageFiles:
     if d.max_images and d.max_images < len(dataset):
         dataset.select(evenly_spread(len(dataset), d.max_images))   # every class kept, in proportion
     return dataset
-
-
-def training_transform(cfg: DinoConfig):
-    """The multi-crop transform (``augment=cpu``), or, with ``augment=gpu``, decoding and the crops'
-    parameter draws only: :class:`BatchedMultiCrop` crops on the device."""
-    if cfg.data.augment == "gpu":
-        return BatchedMultiCrop(multicrop_config(cfg)).loader_transform
-    return DinoMultiCrop(multicrop_config(cfg))
 
 
 def build_models(cfg: DinoConfig) -> tuple[MultiCropForward, MultiCropForward]:
@@ -163,17 +148,26 @@ def resolved_config(cfg: DinoConfig, world_size: int = 1) -> DinoConfig:
     """The config a run of ``cfg`` will use: a copy with ``recipe: auto``'s choices filled in (it
     reads the training images' number and sizes), e.g. to evaluate at the resolution it will train at."""
     cfg = copy.deepcopy(cfg)
-    _apply_recipe(cfg, open_training_images(cfg), world_size)
+    dataset = open_training_images(cfg)
+    sampler = ResumableDistributedSampler(len(dataset), cfg.optim.batch_size_per_gpu, num_replicas=world_size,
+                                          rank=0, shuffle=True, seed=cfg.run.seed)
+    _apply_recipe(cfg, dataset, _configured_steps(cfg, sampler.steps_per_epoch))
     return cfg
 
 
-def _apply_recipe(cfg: DinoConfig, dataset: ImageFiles, world_size: int) -> str | None:
+def _configured_steps(cfg: DinoConfig, steps_per_epoch: int) -> int:
+    """Optimizer steps of the run as configured: ``epochs`` of the sampler's steps, capped by max_steps."""
+    total = cfg.optim.epochs * steps_per_epoch
+    return min(total, cfg.run.max_steps) if cfg.run.max_steps else total
+
+
+def _apply_recipe(cfg: DinoConfig, dataset: ImageFiles, steps: int) -> str | None:
     """``recipe: auto`` on fewer than ``AUTO_MAX_IMAGES`` images: every value the user left unset is
-    fit to the data (in place); returns the choices with their reasons (``None``: nothing chosen)."""
+    fit to the data and the run's ``steps`` (in place); returns the choices with their reasons
+    (``None``: nothing chosen). It never changes the batch, epochs or max_steps, which ``steps`` comes from."""
     if cfg.run.recipe != "auto" or len(dataset) >= recipe_rules.AUTO_MAX_IMAGES:
         return None
     facts = recipe_rules.data_facts(dataset)
-    steps = recipe_rules.planned_steps(cfg, facts.images, world_size)
     applied = recipe_rules.apply_auto(cfg, facts, steps, user_set_keys(cfg))
     try:
         validate(cfg)
@@ -320,14 +314,17 @@ def _build(cfg: DinoConfig, rank: int, world_size: int, device: torch.device) ->
     """Data, models, loss, optimizer, scaler and schedules, in the order that fixes the RNG streams."""
     # ---- data: multi-crop views of unlabelled images; each sample seeded by its global position
     dataset = open_training_images(cfg)
-    recipe = _apply_recipe(cfg, dataset, world_size)    # recipe=auto: values fit to these images
-    dataset.transform = training_transform(cfg)
     sampler = ResumableDistributedSampler(len(dataset), cfg.optim.batch_size_per_gpu, num_replicas=world_size,
                                           rank=rank, shuffle=True, seed=cfg.run.seed)
     steps_per_epoch = sampler.steps_per_epoch
     if steps_per_epoch == 0:
         raise DataSetError(f"{len(dataset)} images are fewer than one global batch of "
                            f"{cfg.optim.batch_size_per_gpu * world_size}: lower batch_size_per_gpu")
+    total_steps = _configured_steps(cfg, steps_per_epoch)
+    recipe = _apply_recipe(cfg, dataset, total_steps)    # recipe=auto: values fit to these images and steps
+    # augment=gpu: the loader decodes and draws each crop's parameters; the crops are made on the device
+    device_augment = BatchedMultiCrop(multicrop_config(cfg)) if cfg.data.augment == "gpu" else None
+    dataset.transform = device_augment.loader_transform if device_augment else DinoMultiCrop(multicrop_config(cfg))
     loader = DataLoader(dataset, batch_size=cfg.optim.batch_size_per_gpu, sampler=sampler,
                         num_workers=cfg.data.num_workers, collate_fn=collate_skip_corrupt,
                         pin_memory=device.type == "cuda", drop_last=False,
@@ -354,9 +351,6 @@ def _build(cfg: DinoConfig, rank: int, world_size: int, device: torch.device) ->
             student, device_ids=[device.index] if device.type == "cuda" else None)
     teacher.train()  # DINO's teacher normalises with its own batch statistics
 
-    total_steps = cfg.optim.epochs * steps_per_epoch
-    if cfg.run.max_steps:
-        total_steps = min(total_steps, cfg.run.max_steps)
     budget = TimeBudget(cfg.optim.time_budget_minutes) if cfg.optim.time_budget_minutes > 0 else None
     if budget is not None and "optim.epochs" not in user_set_keys(cfg):
         total_steps = MAX_EPOCHS * steps_per_epoch   # until planned (after a few steps): the budget decides
@@ -366,8 +360,7 @@ def _build(cfg: DinoConfig, rank: int, world_size: int, device: torch.device) ->
                 scaler=torch.amp.GradScaler(device.type) if cfg.run.precision == "fp16" else None,
                 schedules=build_schedules(cfg, steps_per_epoch, world_size),
                 clip_groups=gradient_clip_groups(student), steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-                device_augment=BatchedMultiCrop(multicrop_config(cfg)) if cfg.data.augment == "gpu" else None,
-                recipe=recipe, budget=budget)
+                device_augment=device_augment, recipe=recipe, budget=budget)
 
 
 def _resume(run: _Run) -> dict | None:

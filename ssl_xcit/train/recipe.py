@@ -113,13 +113,6 @@ def data_facts(dataset) -> DataFacts:
     return DataFacts(images=len(dataset), image_side=side)
 
 
-def planned_steps(cfg, images: int, world_size: int) -> int:
-    """Optimizer steps of the run as configured (``epochs`` x steps per epoch, capped by max_steps)."""
-    per_epoch = max(1, images // (cfg.optim.batch_size_per_gpu * world_size))
-    steps = cfg.optim.epochs * per_epoch
-    return min(steps, cfg.run.max_steps) if cfg.run.max_steps else steps
-
-
 def apply_auto(cfg, facts: DataFacts, steps: int, user_set: set[str]) -> dict[str, Choice]:
     """Set every chosen value the user did not set, in place; returns what was set. Nothing below
     ``recipe: auto``, at ``AUTO_MAX_IMAGES`` images or more, or for values set in a file or override."""
