@@ -155,3 +155,38 @@ def test_time_budget_clock_counts_earlier_runs():
     plan = b.step_done(SKIP_STEPS + PROBE_STEPS)
     assert plan is not None and plan > SKIP_STEPS + PROBE_STEPS
     assert b.step_done(plan) is None   # planned once
+
+
+def test_data_facts_read_sizes_from_headers_without_decoding(tmp_path, monkeypatch):
+    """The median shorter side comes from the image headers (folders and shards); no image is
+    decoded, and a dataset that can only ``load`` still works."""
+    from PIL import Image
+    from ssl_xcit.data import make_shards as ms
+    from ssl_xcit.data.folders import ImageFiles
+    from ssl_xcit.data.shards import ShardImages
+
+    sizes = [(40, 30), (64, 80), (50, 50), (120, 90), (33, 200)]          # shorter sides 30 80 50 90 33
+    for i, (w, h) in enumerate(sizes):
+        folder = tmp_path / "src" / "train" / f"c{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (w, h), (i * 40, 0, 0)).save(folder / f"{i}.{'png' if i % 2 else 'jpg'}")
+    ms.make_shards(tmp_path / "src", tmp_path / "shards", "1MB", progress=False)
+    expected = sorted(min(s) for s in sizes)[len(sizes) // 2]              # 50
+    folder_ds = ImageFiles(tmp_path / "src" / "train", progress=False)
+    shard_ds = ShardImages(tmp_path / "shards" / "train")
+
+    def no_decode(self, index):
+        raise AssertionError("data_facts decoded an image")
+    monkeypatch.setattr(ImageFiles, "load", no_decode)
+    monkeypatch.setattr(ShardImages, "load", no_decode)
+    for ds in (folder_ds, shard_ds):
+        assert recipe.data_facts(ds) == DataFacts(images=5, image_side=expected)
+        assert sorted(ds.image_size(i) for i in range(len(ds))) == sorted(sizes)
+
+    class LoadOnly:                                                         # no image_size: decoded
+        def __len__(self):
+            return len(sizes)
+
+        def load(self, i):
+            return Image.new("RGB", sizes[i])
+    assert recipe.data_facts(LoadOnly()) == DataFacts(images=5, image_side=expected)

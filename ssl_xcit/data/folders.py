@@ -280,6 +280,13 @@ def load_rgb(path: str | Any) -> Image.Image:
         return _to_8bit(img).convert("RGB")
 
 
+def read_size(path: str | Any) -> tuple[int, int]:
+    """``(width, height)`` of an image (a path or a binary file object) from its header alone:
+    nothing is decoded, so it costs a read of the first bytes, not a decode."""
+    with Image.open(path) as img:
+        return img.size
+
+
 def _parse_index(item: Any, length: int) -> tuple[int, int | None]:
     """``int`` or ``(index, sample_seed)`` -> (index, seed or None), with clear errors."""
     seed: int | None = None
@@ -390,6 +397,10 @@ class ImageFiles(Dataset):
     def load(self, index: int) -> Image.Image:
         """Image ``index`` decoded as RGB; raises what decoding raises (``__getitem__`` skips instead)."""
         return load_rgb(str(self.path(index)))
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        """``(width, height)`` of image ``index`` read from its header, without decoding it."""
+        return read_size(str(self.path(index)))
 
     def __len__(self) -> int:
         return len(self._files)

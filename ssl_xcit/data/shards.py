@@ -53,7 +53,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ssl_xcit.data.folders import _DECODE_ERRORS, IMAGE_EXTENSIONS, _parse_index, _selection, load_rgb, run_seeded
+from ssl_xcit.data.folders import (_DECODE_ERRORS, IMAGE_EXTENSIONS, _parse_index, _selection, load_rgb,
+                                  read_size, run_seeded)
 from ssl_xcit.errors import UserError
 from ssl_xcit.utils.atomic import atomic_write
 
@@ -367,6 +368,10 @@ class ShardImages(Dataset):
     def load(self, index: int) -> Image.Image:
         """Image ``index`` decoded as RGB; raises what decoding raises (``__getitem__`` skips instead)."""
         return load_rgb(io.BytesIO(self.read_bytes(index)))
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        """``(width, height)`` of image ``index`` read from its header, without decoding it."""
+        return read_size(io.BytesIO(self.read_bytes(index)))
 
     def __len__(self) -> int:
         return len(self._rows)

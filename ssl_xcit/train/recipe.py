@@ -101,12 +101,14 @@ SAMPLE_FOR_SIZE = 64   # images whose size is read (evenly spread) for DataFacts
 
 def data_facts(dataset) -> DataFacts:
     """The number of images and the median shorter side of ``SAMPLE_FOR_SIZE`` of them (evenly
-    spread; ones that fail to load are left out)."""
+    spread; ones that fail to load are left out). Sizes come from the image headers where the
+    dataset can read them (``image_size``), so nothing is decoded."""
     from ssl_xcit.data.subsets import evenly_spread
+    size_of = getattr(dataset, "image_size", None) or (lambda i: dataset.load(i).size)
     sides = []
     for i in dict.fromkeys(evenly_spread(len(dataset), SAMPLE_FOR_SIZE).tolist()):
         try:
-            sides.append(min(dataset.load(i).size))
+            sides.append(min(size_of(i)))
         except Exception:  # noqa: BLE001 - an unreadable image says nothing about the others' size
             continue
     side = int(sorted(sides)[len(sides) // 2]) if sides else 224
