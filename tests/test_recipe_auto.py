@@ -45,7 +45,9 @@ def test_teacher_momentum_keeps_the_ema_window_a_quarter_of_the_run(steps, momen
 
 def test_every_choice_says_why():
     c = choose(DataFacts(6400, 32), steps=200, embed_dim=128, patch_size=8)
-    assert {"model.out_dim", "model.use_bn_in_head", "dino.momentum_teacher", "data.global_crops_size"} <= set(c)
+    assert {"model.out_dim", "model.use_bn_in_head", "dino.momentum_teacher", "data.global_crops_size",
+            "dino.koleo_loss_weight"} <= set(c)
+    assert c["dino.koleo_loss_weight"].value > 0
     assert all(len(choice.reason) > 20 for choice in c.values())
 
 
@@ -61,6 +63,34 @@ def test_user_values_win_and_defaults_are_filled():
     assert cfg.model.out_dim == 777 and cfg.dino.momentum_teacher == 0.9
     assert "model.out_dim" not in applied and "dino.momentum_teacher" not in applied
     assert cfg.model.use_bn_in_head is True and cfg.data.global_crops_size == 32   # DINO's defaults: False, 224
+
+
+def test_the_teacher_momentum_stays_put_unless_the_user_says_otherwise():
+    from ssl_xcit.train.loop import build_schedules
+    cfg = _cfg("epochs=1")
+    apply_auto(cfg, DataFacts(6400, 32), 400, user_set_keys(cfg))
+    assert cfg.dino.final_momentum_teacher == cfg.dino.momentum_teacher == teacher_momentum(400).value
+    assert cfg.dino.koleo_loss_weight == recipe.KOLEO_WEIGHT
+    momentum = build_schedules(cfg, steps_per_epoch=400, world_size=1).teacher_momentum
+    assert len(momentum) == 400 and momentum.min() == momentum.max() == pytest.approx(0.99)
+
+    cfg = _cfg("momentum_teacher=0.996")                 # the user's start: the end follows it
+    apply_auto(cfg, DataFacts(6400, 32), 400, user_set_keys(cfg))
+    assert cfg.dino.final_momentum_teacher == 0.996
+    cfg = _cfg("epochs=1", "final_momentum_teacher=1.0", "koleo_loss_weight=0")       # DINO's way, asked for
+    apply_auto(cfg, DataFacts(6400, 32), 400, user_set_keys(cfg))
+    assert cfg.dino.final_momentum_teacher == 1.0 and cfg.dino.koleo_loss_weight == 0
+    momentum = build_schedules(cfg, steps_per_epoch=400, world_size=1).teacher_momentum
+    assert momentum[0] == pytest.approx(0.99) and momentum[-1] == pytest.approx(1.0, abs=1e-6)
+
+    cfg = _cfg()                                          # a time budget's plan moves both
+    recipe.replan_momentum(cfg, 4000, user_set_keys(cfg))
+    assert cfg.dino.momentum_teacher == cfg.dino.final_momentum_teacher == 0.996
+    cfg = _cfg("final_momentum_teacher=1.0")
+    recipe.replan_momentum(cfg, 4000, user_set_keys(cfg))
+    assert (cfg.dino.momentum_teacher, cfg.dino.final_momentum_teacher) == (0.996, 1.0)
+    with pytest.raises(ConfigError, match="final_momentum_teacher must be in"):
+        _cfg("final_momentum_teacher=1.5")
 
 
 def test_values_from_a_config_file_count_as_set(tmp_path):

@@ -40,7 +40,10 @@ class MultiCropForward(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, crops: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    def forward(self, crops: Sequence[torch.Tensor] | torch.Tensor,
+                return_features: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Head outputs, crop-major; with ``return_features`` also the backbone's features (same
+        rows), for terms on them such as KoLeo (an argument, so that a DDP wrapper passes it on)."""
         if isinstance(crops, torch.Tensor):
             crops = [crops]
         if len(crops) == 0:
@@ -59,4 +62,5 @@ class MultiCropForward(nn.Module):
                                  "expected (N, D) features (build it with num_classes=0)")
             feats.append(out)
         features = feats[0] if len(feats) == 1 else torch.cat(feats, dim=0)
-        return self.head(features)
+        out = self.head(features)
+        return (out, features) if return_features else out

@@ -64,7 +64,9 @@ class DinoLossConfig:
     warmup_teacher_temp_epochs: int = 0
     student_temp: float = 0.1
     center_momentum: float = 0.9
-    momentum_teacher: float = 0.996          # EMA momentum, cosine to 1 over training
+    momentum_teacher: float = 0.996          # EMA momentum at the start, cosine to final_momentum_teacher
+    final_momentum_teacher: float = 1.0      # DINOv2's name; DINO: 1 (the teacher freezes at the end)
+    koleo_loss_weight: float = 0.0           # DINOv2's KoLeo on the student's global crops (0: DINO as written)
 
 
 @dataclass
@@ -357,7 +359,13 @@ def validate(cfg: DinoConfig) -> DinoConfig:
          "temperatures must be positive")
     need(0.0 <= l.center_momentum < 1.0, f"center_momentum must be in [0, 1), got {l.center_momentum}")
     need(0.0 <= l.momentum_teacher <= 1.0, f"momentum_teacher must be in [0, 1], got {l.momentum_teacher}")
+    need(0.0 <= l.final_momentum_teacher <= 1.0,
+         f"final_momentum_teacher must be in [0, 1], got {l.final_momentum_teacher}")
     need(l.warmup_teacher_temp_epochs >= 0, "warmup_teacher_temp_epochs must be >= 0")
+    need(l.koleo_loss_weight >= 0, f"koleo_loss_weight must be >= 0, got {l.koleo_loss_weight}")
+    need(l.koleo_loss_weight == 0 or o.batch_size_per_gpu >= 2,
+         "koleo_loss_weight > 0 needs batch_size_per_gpu >= 2 (KoLeo compares each image with the others "
+         "of its batch)")
     need(o.epochs > 0, f"epochs must be positive, got {o.epochs}")
     need(o.epochs <= MAX_EPOCHS, f"epochs must be at most {MAX_EPOCHS:,} (the lr, weight-decay and momentum "
                                  f"schedules hold one value per step of every epoch), got {o.epochs}")

@@ -140,7 +140,8 @@ def build_schedules(cfg: DinoConfig, steps_per_epoch: int, world_size: int,
     return Schedules(
         lr=cosine_schedule(base_lr, o.min_lr, epochs, per_epoch, warmup_epochs=warmup),
         weight_decay=cosine_schedule(o.weight_decay, o.weight_decay_end, epochs, per_epoch),
-        teacher_momentum=cosine_schedule(cfg.dino.momentum_teacher, 1.0, epochs, per_epoch),
+        teacher_momentum=cosine_schedule(cfg.dino.momentum_teacher, cfg.dino.final_momentum_teacher, epochs,
+                                         per_epoch),
     )
 
 
@@ -419,6 +420,7 @@ def _resume_budget(run: _Run, state: dict) -> None:
         cfg = run.cfg
         cfg.run.max_steps, cfg.optim.epochs = planned, saved["optim"]["epochs"]
         cfg.dino.momentum_teacher = saved["dino"]["momentum_teacher"]
+        cfg.dino.final_momentum_teacher = saved["dino"].get("final_momentum_teacher", 1.0)
         run.total_steps = planned
         run.schedules = build_schedules(cfg, run.steps_per_epoch, run.world_size, total_steps=planned)
     run.budget = TimeBudget(run.cfg.optim.time_budget_minutes, state.get("trained_seconds") or 0.0,
@@ -522,7 +524,8 @@ def _train_one_epoch(run: _Run, stop_requested: Callable[[], bool] | None) -> bo
                              weight_decay=float(run.schedules.weight_decay[run.global_step]),
                              teacher_momentum=float(run.schedules.teacher_momentum[run.global_step]),
                              epoch=epoch, clip_grad=cfg.optim.clip_grad,
-                             freeze_last_layer=cfg.optim.freeze_last_layer)
+                             freeze_last_layer=cfg.optim.freeze_last_layer,
+                             koleo_loss_weight=cfg.dino.koleo_loss_weight)
             crops = _crops_on_device(run, batch)
             loss = forward_loss(crops, run.student_ddp, run.teacher, run.dino_loss, hp, cfg.run.precision)
             loss_value = loss.item()
@@ -610,6 +613,8 @@ def _log_step(run: _Run, hp: StepHParams, out, loss_value: float, epoch: int) ->
               "teacher_entropy": out.teacher_entropy.item(),
               "teacher_kl_uniform": out.teacher_kl_uniform.item(),
               "images_per_s": c.images_seen / max(now - c.t_last, 1e-9)}
+    if out.koleo is not None:
+        values["koleo"] = out.koleo.item()
     run.logger.scalars(run.global_step, values, epoch)
     if not c.warned_collapse:
         c.warned_collapse = warn_if_collapsed(values, cfg, run.global_step, run.logger, run.is_main)
@@ -632,8 +637,8 @@ def _budget_after_step(run: _Run) -> None:
         planned = max(planned, run.global_step + 1)
         budget.planned_steps = run.total_steps = cfg.run.max_steps = planned
         cfg.optim.epochs = max(cfg.optim.epochs, -(-planned // run.steps_per_epoch))
-        if run.recipe is not None and "dino.momentum_teacher" not in user_set_keys(cfg):
-            cfg.dino.momentum_teacher = recipe_rules.teacher_momentum(planned).value
+        if run.recipe is not None:
+            recipe_rules.replan_momentum(cfg, planned, user_set_keys(cfg))
         run.schedules = build_schedules(cfg, run.steps_per_epoch, run.world_size, total_steps=planned)
         if run.is_main:
             msg = (f"time budget {cfg.optim.time_budget_minutes:g} min: {planned:,} steps planned "

@@ -26,6 +26,9 @@ AUTO_MAX_IMAGES = 200_000
 # prototypes as images spread the teacher too thin (the grid: 256-4,096 on 6,400 images within 1 point).
 IMAGES_PER_PROTOTYPE = 16
 MIN_OUT_DIM, MAX_OUT_DIM = 1024, 65536
+# DINOv2's KoLeo weight (its loss: weight x the sum over the two global crops). DINOv2 uses 0.1;
+# on CIFAR-10 at 400 steps 0.05 measured best (benchmarks/RESULTS.md, "KoLeo").
+KOLEO_WEIGHT = 0.05
 # An EMA teacher averages the last ~1/(1-m) student states: keep that window a small part of the run.
 EMA_WINDOW_FRACTION = 0.25
 
@@ -56,6 +59,10 @@ def teacher_momentum(steps: int) -> Choice:
                             "(DINO's 0.996 averages 250 steps: most of a short run)")
 
 
+FINAL_MOMENTUM_REASON = ("the momentum stays at momentum_teacher (DINO's cosine to 1 freezes the teacher "
+                         "for the last part of a short run, and it then lags the student)")
+
+
 def choose(facts: DataFacts, steps: int, embed_dim: int, patch_size: int, epochs: int = 1) -> dict[str, Choice]:
     """Every value ``recipe: auto`` would choose for ``facts`` and a run of ``steps`` optimizer
     steps in ``epochs`` epochs, keyed ``section.name``. Pure: the same facts give the same values."""
@@ -78,6 +85,10 @@ def choose(facts: DataFacts, steps: int, embed_dim: int, patch_size: int, epochs
 
     # ---- the teacher
     c["dino.momentum_teacher"] = teacher_momentum(steps)
+    c["dino.final_momentum_teacher"] = Choice(c["dino.momentum_teacher"].value, FINAL_MOMENTUM_REASON)
+    c["dino.koleo_loss_weight"] = Choice(KOLEO_WEIGHT, "DINOv2's KoLeo spreads the class tokens of each batch: "
+                                                      "a fresh network's are nearly parallel, and with DINO alone "
+                                                      "a short run stalls near 35% CIFAR-10 k-NN (RESULTS.md)")
     c["dino.warmup_teacher_temp_epochs"] = Choice(0, "BatchNorm in the head keeps the teacher informative from the "
                                                      "start: no temperature warm-up needed")
 
@@ -126,10 +137,20 @@ def apply_auto(cfg, facts: DataFacts, steps: int, user_set: set[str]) -> dict[st
     for key, choice in choose(facts, steps, spec.embed_dim, spec.patch_size, cfg.optim.epochs).items():
         if key in user_set:
             continue
+        if key == "dino.final_momentum_teacher":        # follows momentum_teacher, the user's if set
+            choice = Choice(cfg.dino.momentum_teacher, choice.reason)
         section, name = key.split(".")
         setattr(getattr(cfg, section), name, choice.value)
         applied[key] = choice
     return applied
+
+
+def replan_momentum(cfg, steps: int, user_set: set[str]) -> None:
+    """A time budget that planned ``steps``: the momentum for that run length, unless the user set it."""
+    if "dino.momentum_teacher" not in user_set:
+        cfg.dino.momentum_teacher = teacher_momentum(steps).value
+    if "dino.final_momentum_teacher" not in user_set:
+        cfg.dino.final_momentum_teacher = cfg.dino.momentum_teacher
 
 
 def describe(applied: dict[str, Choice], facts: DataFacts, steps: int) -> str:

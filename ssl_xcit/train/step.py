@@ -17,6 +17,7 @@ from torch import nn
 
 from ssl_xcit.dino.ema import unwrap, update_teacher
 from ssl_xcit.dino.head import cancel_last_layer_gradients
+from ssl_xcit.dino.koleo import koleo_over_crops
 from ssl_xcit.dino.optim import gradient_clip_groups
 
 
@@ -29,6 +30,7 @@ class StepHParams:
     epoch: int
     clip_grad: float
     freeze_last_layer: int
+    koleo_loss_weight: float = 0.0   # > 0: DINOv2's KoLeo on the student's global-crop features
 
 
 @dataclass
@@ -37,6 +39,7 @@ class StepOutput:
     grad_norm: torch.Tensor     # global L2 norm of the gradients before clipping
     teacher_entropy: torch.Tensor
     teacher_kl_uniform: torch.Tensor
+    koleo: torch.Tensor | None = None   # the KoLeo term (unweighted) when the step has one
 
 
 def autocast_context(device: torch.device, precision: str):
@@ -81,12 +84,20 @@ def clip_gradients(groups: list[list[nn.Parameter]], max_norm: float) -> torch.T
 
 def forward_loss(crops: list[torch.Tensor], student: nn.Module, teacher: nn.Module, dino_loss: nn.Module,
                  hp: StepHParams, precision: str = "fp32") -> torch.Tensor:
-    """Teacher (2 global crops) and student (all crops) forward, DINO loss (updates its centre)."""
+    """Teacher (2 global crops) and student (all crops) forward, DINO loss (updates its centre),
+    plus ``hp.koleo_loss_weight`` x KoLeo of the student's global-crop features when that is > 0
+    (its unweighted value goes to ``dino_loss.last_stats["koleo"]``)."""
     with autocast_context(crops[0].device, precision):
         with torch.no_grad():
             teacher_output = teacher(crops[:2])
-        student_output = student(crops)
-        return dino_loss(student_output, teacher_output, hp.epoch)
+        if hp.koleo_loss_weight <= 0:
+            return dino_loss(student(crops), teacher_output, hp.epoch)
+        student_output, features = student(crops, return_features=True)
+        loss = dino_loss(student_output, teacher_output, hp.epoch)
+    n_global = dino_loss.n_global_crops
+    koleo = koleo_over_crops(features[:n_global * crops[0].shape[0]], n_global)
+    dino_loss.last_stats["koleo"] = koleo.detach()
+    return loss + hp.koleo_loss_weight * koleo
 
 
 def apply_update(loss: torch.Tensor, student: nn.Module, teacher: nn.Module, dino_loss: nn.Module,
@@ -113,7 +124,8 @@ def apply_update(loss: torch.Tensor, student: nn.Module, teacher: nn.Module, din
 
     update_teacher(unwrap(student), teacher, hp.teacher_momentum)
     stats = dino_loss.last_stats
-    return StepOutput(loss.detach(), grad_norm.detach(), stats["teacher_entropy"], stats["teacher_kl_uniform"])
+    return StepOutput(loss.detach(), grad_norm.detach(), stats["teacher_entropy"], stats["teacher_kl_uniform"],
+                      stats.get("koleo"))
 
 
 def train_step(crops: list[torch.Tensor], student: nn.Module, teacher: nn.Module, dino_loss: nn.Module,
