@@ -59,13 +59,22 @@ def teacher_momentum(steps: int) -> Choice:
                             "(DINO's 0.996 averages 250 steps: most of a short run)")
 
 
-FINAL_MOMENTUM_REASON = ("the momentum stays at momentum_teacher (DINO's cosine to 1 freezes the teacher "
-                         "for the last part of a short run, and it then lags the student)")
+def teacher_momenta(steps: int, user_momentum: float | None = None) -> dict[str, Choice]:
+    """The EMA momentum for a run of ``steps`` and where its cosine ends: at its start (the user's
+    ``momentum_teacher`` when set), not at DINO's 1."""
+    start = teacher_momentum(steps)
+    end = start.value if user_momentum is None else user_momentum
+    return {"dino.momentum_teacher": start,
+            "dino.final_momentum_teacher": Choice(end, "the momentum stays at momentum_teacher (DINO's cosine to 1 "
+                                                       "freezes the teacher for the last part of a short run, and "
+                                                       "it then lags the student)")}
 
 
-def choose(facts: DataFacts, steps: int, embed_dim: int, patch_size: int, epochs: int = 1) -> dict[str, Choice]:
+def choose(facts: DataFacts, steps: int, embed_dim: int, patch_size: int, epochs: int = 1,
+           user_momentum: float | None = None) -> dict[str, Choice]:
     """Every value ``recipe: auto`` would choose for ``facts`` and a run of ``steps`` optimizer
-    steps in ``epochs`` epochs, keyed ``section.name``. Pure: the same facts give the same values."""
+    steps in ``epochs`` epochs, keyed ``section.name`` (``user_momentum``: the user's
+    ``momentum_teacher``, which the momentum's end follows). Pure: the same facts give the same values."""
     n, side = facts.images, facts.image_side
     c: dict[str, Choice] = {}
 
@@ -84,8 +93,7 @@ def choose(facts: DataFacts, steps: int, embed_dim: int, patch_size: int, epochs
     c["optim.freeze_last_layer"] = Choice(0, "the last layer trains from the first step (see norm_last_layer)")
 
     # ---- the teacher
-    c["dino.momentum_teacher"] = teacher_momentum(steps)
-    c["dino.final_momentum_teacher"] = Choice(c["dino.momentum_teacher"].value, FINAL_MOMENTUM_REASON)
+    c.update(teacher_momenta(steps, user_momentum))
     c["dino.koleo_loss_weight"] = Choice(KOLEO_WEIGHT, "DINOv2's KoLeo spreads the class tokens of each batch: "
                                                       "a fresh network's are nearly parallel, and with DINO alone "
                                                       "a short run stalls near 35% CIFAR-10 k-NN (RESULTS.md)")
@@ -133,24 +141,28 @@ def apply_auto(cfg, facts: DataFacts, steps: int, user_set: set[str]) -> dict[st
         return {}
     from ssl_xcit.models.zoo import resolve
     spec = resolve(cfg.model.arch).arch
-    applied = {}
-    for key, choice in choose(facts, steps, spec.embed_dim, spec.patch_size, cfg.optim.epochs).items():
-        if key in user_set:
-            continue
-        if key == "dino.final_momentum_teacher":        # follows momentum_teacher, the user's if set
-            choice = Choice(cfg.dino.momentum_teacher, choice.reason)
-        section, name = key.split(".")
-        setattr(getattr(cfg, section), name, choice.value)
-        applied[key] = choice
-    return applied
+    chosen = choose(facts, steps, spec.embed_dim, spec.patch_size, cfg.optim.epochs, _user_momentum(cfg, user_set))
+    return _set_unset(cfg, chosen, user_set)
 
 
 def replan_momentum(cfg, steps: int, user_set: set[str]) -> None:
     """A time budget that planned ``steps``: the momentum for that run length, unless the user set it."""
-    if "dino.momentum_teacher" not in user_set:
-        cfg.dino.momentum_teacher = teacher_momentum(steps).value
-    if "dino.final_momentum_teacher" not in user_set:
-        cfg.dino.final_momentum_teacher = cfg.dino.momentum_teacher
+    _set_unset(cfg, teacher_momenta(steps, _user_momentum(cfg, user_set)), user_set)
+
+
+def _user_momentum(cfg, user_set: set[str]) -> float | None:
+    return cfg.dino.momentum_teacher if "dino.momentum_teacher" in user_set else None
+
+
+def _set_unset(cfg, chosen: dict[str, Choice], user_set: set[str]) -> dict[str, Choice]:
+    """Set each chosen value the user did not set, in place; returns what was set."""
+    applied = {}
+    for key, choice in chosen.items():
+        if key not in user_set:
+            section, name = key.split(".")
+            setattr(getattr(cfg, section), name, choice.value)
+            applied[key] = choice
+    return applied
 
 
 def describe(applied: dict[str, Choice], facts: DataFacts, steps: int) -> str:
