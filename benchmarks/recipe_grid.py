@@ -121,7 +121,8 @@ def _knn_weighted(train_f, train_y, val_f, val_y, k: int = 20, temperature: floa
 
 def _features(checkpoint: str, key: str, root: Path, device, workers: int, sizes: tuple[int, int]):
     from ssl_xcit.data.folders import ImageFiles
-    from ssl_xcit.evaluate.common import eval_transform, load_frozen_backbone
+    from ssl_xcit.evaluate.backbone import load_frozen_backbone
+    from ssl_xcit.evaluate.datasets import eval_transform
     from ssl_xcit.data.subsets import evenly_spread
     from ssl_xcit.evaluate.features import extract_features
     model = load_frozen_backbone(checkpoint, checkpoint_key=key, device=device)

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     from ssl_xcit.distributed import pick_device
     from ssl_xcit.evaluate.attention import ImageReadError, attention_maps, load_image, resolve_layer
     from ssl_xcit.evaluate.attention_plots import write_image_maps
-    from ssl_xcit.evaluate.common import load_frozen_backbone
+    from ssl_xcit.evaluate.backbone import load_frozen_backbone
 
     try:
         device = pick_device(args.device)

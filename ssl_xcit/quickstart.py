@@ -192,7 +192,8 @@ def knn_predictions(checkpoint: str, root: Path, crop: int, n_train: int, n_val:
     network the training run started from.
     """
     from ssl_xcit.data.sources import open_image_dataset
-    from ssl_xcit.evaluate.common import eval_transform, load_frozen_backbone
+    from ssl_xcit.evaluate.backbone import load_frozen_backbone
+    from ssl_xcit.evaluate.datasets import eval_transform
     from ssl_xcit.evaluate.features import extract_features
     from ssl_xcit.evaluate.knn import build_index, knn_predict, l2_normalize
 

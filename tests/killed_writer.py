@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 # opens its temp file, writes a little, says so, then waits to be killed
 _WRITER = """
 import sys, time
-from ssl_xcit.utils.atomic import atomic_write
+from ssl_xcit.atomic import atomic_write
 def write(tmp):
     with open(tmp, "wb") as f:
         f.write(b"partial")

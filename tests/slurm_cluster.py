@@ -167,7 +167,7 @@ class FakeTraining:
         import torch
 
         from ssl_xcit import distributed as du
-        from ssl_xcit.utils.atomic import atomic_torch_save, atomic_write_text
+        from ssl_xcit.atomic import atomic_torch_save, atomic_write_text
 
         info = du.init_distributed("cpu")
         out = Path(cfg.run.output_dir)

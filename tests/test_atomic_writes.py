@@ -22,7 +22,7 @@ import torch
 
 from killed_writer import start_blocked_writer
 from ssl_xcit.cli import describe
-from ssl_xcit.utils import atomic
+from ssl_xcit import atomic
 
 REPO = Path(__file__).resolve().parents[1]
 DEV_FULL = Path("/dev/full")
@@ -142,7 +142,7 @@ def test_former_scheme_temp_files_are_removed_once_stale(tmp_path):
 
 _ON_TINY_DISK = textwrap.dedent("""
     import errno, os, sys, torch
-    from ssl_xcit.utils.atomic import atomic_torch_save
+    from ssl_xcit.atomic import atomic_torch_save
     folder = sys.argv[1]
     target = os.path.join(folder, "checkpoint.pth")
     with open(target, "wb") as f:

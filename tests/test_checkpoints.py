@@ -277,7 +277,7 @@ def test_random_bytes_and_refused_globals_get_different_messages(tmp_path):
 
 
 def test_a_folder_is_not_a_checkpoint_file(tmp_path):
-    from ssl_xcit.evaluate.common import load_frozen_backbone
+    from ssl_xcit.evaluate.backbone import load_frozen_backbone
     empty_dir, run_dir = tmp_path / "empty", tmp_path / "run"
     empty_dir.mkdir()
     run_dir.mkdir()

@@ -15,7 +15,7 @@ import torch
 
 from conftest import make_subset
 from killed_writer import start_blocked_writer
-from ssl_xcit.evaluate import common, export
+from ssl_xcit.evaluate import backbone, datasets, export
 from ssl_xcit.evaluate.features import extract_outputs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,12 +27,12 @@ ARCH = "xcit_nano_12_p16"
 def images(cifar_root, tmp_path_factory):
     """30 real images in 10 classes (ImageFolder layout)."""
     root = make_subset(cifar_root, tmp_path_factory.mktemp("exp"), 3, 1)
-    return common.open_images(root / "train", common.eval_transform(32))
+    return datasets.open_images(root / "train", datasets.eval_transform(32))
 
 
 @pytest.fixture(scope="module")
 def model():
-    return common.load_frozen_backbone(ARCH)
+    return backbone.load_frozen_backbone(ARCH)
 
 
 KW = dict(outputs=("cls", "patch"), n_last_blocks=2, shard_size=7, formats=("npy", "safetensors"),
@@ -130,7 +130,7 @@ def test_corrupt_images_are_skipped_in_a_flat_folder(model, images, tmp_path):
         os.symlink(images.root / f, flat / f"img{i}.jpg")
     (flat / "img2.jpg").unlink()
     (flat / "img2.jpg").write_bytes(b"not a jpeg")
-    ds = common.open_images(flat, common.eval_transform(32))
+    ds = datasets.open_images(flat, datasets.eval_transform(32))
     out = tmp_path / "out"
     manifest = export.export_features(model, ds, out, shard_size=3, num_workers=0, progress=False)
     loaded = export.load_exported(out)
@@ -232,7 +232,7 @@ def test_resume_with_another_checkpoint_is_refused(cifar_small, tmp_path, monkey
     from ssl_xcit import get_model
     model_b = get_model(ARCH, num_classes=0).eval()
     loaded = export.load_exported(out, verify=True)
-    ds = common.open_images(cifar_small / "val", common.eval_transform(32))
+    ds = datasets.open_images(cifar_small / "val", datasets.eval_transform(32))
     with torch.no_grad():
         first = torch.stack([ds[i][0] for i in range(4)])
         np.testing.assert_allclose(loaded["cls"][:4], model_b(first).numpy(), rtol=1e-5, atol=1e-6)
@@ -249,7 +249,7 @@ def test_api_resume_with_other_weights_is_refused(model, images, tmp_path):
 
     with pytest.raises(Stop):
         export.export_features(model, images, tmp_path, on_shard_done=stop, **KW)
-    other = common.load_frozen_backbone(ARCH, seed=5)
+    other = backbone.load_frozen_backbone(ARCH, seed=5)
     with pytest.raises(export.ExportError, match="other weights"):
         export.export_features(other, images, tmp_path, **KW)
     manifest = export.export_features(model, images, tmp_path, on_shard_done=done.append, **KW)
@@ -293,7 +293,7 @@ def test_script_help_runs_without_install(tmp_path):
 def _gather_worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    from ssl_xcit.evaluate.common import gather_rows
+    from ssl_xcit.evaluate.runtime import gather_rows
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         # rank 0 holds 5 rows (indices 0, 2, 4, 6, 8), rank 1 holds 2 (7, 1), out of order

@@ -226,16 +226,16 @@ def test_two_process_extraction_equals_one_process(one_process_run, cifar_small,
 
 def test_training_checkpoint_teacher_or_student_and_default_output_dir(cifar_root, tmp_path):
     from conftest import make_subset
-    from ssl_xcit.evaluate import common
+    from ssl_xcit.evaluate import backbone, datasets
     from ssl_xcit.evaluate.features import extract_features
     data = make_subset(cifar_root, tmp_path / "data", 3, 1)
-    nets = {key: common.load_frozen_backbone(ARCH, seed=seed) for key, seed in (("teacher", 1), ("student", 2))}
+    nets = {key: backbone.load_frozen_backbone(ARCH, seed=seed) for key, seed in (("teacher", 1), ("student", 2))}
     run = tmp_path / "run"
     run.mkdir()
     ckpt = run / "checkpoint.pth"
     torch.save({"format": "ssl_xcit", "config": {"model": {"arch": ARCH}},
                 **{key: {f"backbone.{k}": v for k, v in m.state_dict().items()} for key, m in nets.items()}}, ckpt)
-    val = common.open_images(data / "val", common.eval_transform(32))
+    val = datasets.open_images(data / "val", datasets.eval_transform(32))
     for key, net in nets.items():
         dump = tmp_path / f"dump_{key}"
         knn.main(["--checkpoint", str(ckpt), "--checkpoint-key", key, "--data-path", str(data),

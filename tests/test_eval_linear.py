@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssl_xcit.evaluate import common, linear
+from ssl_xcit.evaluate import backbone, linear, runtime
 from conftest import make_subset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,14 +109,14 @@ def test_bad_arguments_raise():
 
 
 def test_probe_input_uses_last_cls_tokens():
-    model = common.load_frozen_backbone(ARCH)
+    model = backbone.load_frozen_backbone(ARCH)
     x = torch.randn(2, 3, 32, 32)
     assert linear.default_n_last_blocks(model) == 1  # XCiT: DINO probes the final CLS feature
     one = linear.probe_input(model, x, 1, False)
     torch.testing.assert_close(one, model(x))
     two = linear.probe_input(model, x, 2, True)
-    assert two.shape == (2, 3 * common.embed_dim(model))
-    torch.testing.assert_close(two[:, common.embed_dim(model):2 * common.embed_dim(model)], model(x))
+    assert two.shape == (2, 3 * backbone.embed_dim(model))
+    torch.testing.assert_close(two[:, backbone.embed_dim(model):2 * backbone.embed_dim(model)], model(x))
     with pytest.raises(ValueError, match="n_last_blocks=3"):
         linear.probe_input(model, x, 3, False)
 
@@ -135,8 +135,8 @@ def _full_args(data, out, epochs=1, extra=()):
 
 
 def test_full_mode_never_changes_the_backbone(tiny_folder, tmp_path):
-    env = common.setup_env("cpu", 0)
-    model = common.load_frozen_backbone(ARCH)
+    env = runtime.setup_env("cpu", 0)
+    model = backbone.load_frozen_backbone(ARCH)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     args = _full_args(tiny_folder, tmp_path, extra=["--n-last-blocks", "2", "--avgpool-patchtokens"])
     linear._check_args(args)
@@ -155,7 +155,7 @@ def test_full_mode_never_changes_the_backbone(tiny_folder, tmp_path):
 
 
 def test_full_mode_resumes_exactly_after_an_interruption(tiny_folder, tmp_path, monkeypatch):
-    env = common.setup_env("cpu", 0)
+    env = runtime.setup_env("cpu", 0)
     straight = linear.full_linear_eval(_full_args(tiny_folder, tmp_path / "a", epochs=2), env, tmp_path / "a")
     real_epoch = linear._train_epoch
     calls = {"n": 0}
@@ -217,13 +217,13 @@ def test_script_help_runs_without_install(tmp_path):
 def test_backbone_outputs_same_for_project_xcit_and_plain_timm_xcit():
     """Two routes to the same numbers: ssl_xcit's forward_features_all and hooks on timm's blocks."""
     import timm
-    ours = common.load_frozen_backbone(ARCH)
+    ours = backbone.load_frozen_backbone(ARCH)
     plain = timm.create_model("xcit_nano_12_p16_224", num_classes=0).eval()
     plain.load_state_dict(ours.state_dict())
     x = torch.randn(3, 3, 48, 32)
     names = ("cls", "last_blocks", "avgpool", "patch")
-    a = common.backbone_outputs(ours, x, names, n_last_blocks=2)
-    b = common.backbone_outputs(plain, x, names, n_last_blocks=2)
+    a = backbone.backbone_outputs(ours, x, names, n_last_blocks=2)
+    b = backbone.backbone_outputs(plain, x, names, n_last_blocks=2)
     for n in names:
         torch.testing.assert_close(a[n], b[n], rtol=1e-5, atol=1e-6)
     assert a["patch"].shape == (3, 6, 128) and a["last_blocks"].shape == (3, 256)

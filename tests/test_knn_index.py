@@ -139,14 +139,14 @@ def test_cells_agrees_with_float64_vote_on_features_of_a_trained_model():
 def cifar_features(cifar_root, tmp_path_factory):
     """Real data: 2,000 CIFAR-10 images (1,600 train / 400 val) through a random XCiT-nano/16 at 32 px."""
     from conftest import make_subset
-    from ssl_xcit.evaluate import common
+    from ssl_xcit.evaluate import backbone, datasets
     from ssl_xcit.evaluate.features import extract_features
     data = make_subset(cifar_root, tmp_path_factory.mktemp("cifar"), 160, 40)
-    model = common.load_frozen_backbone("xcit_nano_12_p16", seed=0)
-    tf = common.eval_transform(32)
+    model = backbone.load_frozen_backbone("xcit_nano_12_p16", seed=0)
+    tf = datasets.eval_transform(32)
     out = []
     for split in ("train", "val"):
-        f, lab = extract_features(model, common.open_images(data / split, tf), 200, "cpu", 0, progress=False)
+        f, lab = extract_features(model, datasets.open_images(data / split, tf), 200, "cpu", 0, progress=False)
         out += [knn.l2_normalize(f), lab]
     return out
 

@@ -138,7 +138,7 @@ class StopRendezvous:
         self.poll_s = poll_s
 
     def report(self, reasons: list[str]) -> None:
-        from ssl_xcit.utils.atomic import atomic_write_text  # imports torch: only inside jobs
+        from ssl_xcit.atomic import atomic_write_text  # imports torch: only inside jobs
         atomic_write_text(self.folder / f"rank{self.rank}.json", json.dumps({"reasons": reasons}))
 
     def gather(self, timeout_s: float) -> tuple[set[str], list[int]]:
@@ -157,7 +157,7 @@ class StopRendezvous:
         return reasons, missing
 
     def publish(self, decision: Decision) -> None:
-        from ssl_xcit.utils.atomic import atomic_write_text
+        from ssl_xcit.atomic import atomic_write_text
         atomic_write_text(self.folder / "decision.json",
                           json.dumps({"requeue": decision.requeue, "message": decision.message}))
 

@@ -90,7 +90,7 @@ class TrainTask:
 
     def _requeue(self, job_env: submitit.JobEnvironment) -> None:
         """Rewrite the job's pickle with one more requeue counted, then requeue the job once."""
-        from ssl_xcit.utils.atomic import atomic_write  # imports torch: only inside jobs
+        from ssl_xcit.atomic import atomic_write  # imports torch: only inside jobs
         pickle_path = job_env.paths.submitted_pickle
         delayed = DelayedSubmission.load(pickle_path)
         delayed.function = dataclasses.replace(self, requeues_done=self.requeues_done + 1)

@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ssl_xcit.utils.atomic import atomic_write_text
+from ssl_xcit.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ from PIL import Image
 from ssl_xcit.data.folders import _DECODE_ERRORS, load_rgb, scan_images
 from ssl_xcit.data.shards import FORMAT, FORMAT_VERSION, INDEX_SUFFIX, MANIFEST
 from ssl_xcit.errors import UserError
-from ssl_xcit.utils.atomic import atomic_write, atomic_write_text
+from ssl_xcit.atomic import atomic_write, atomic_write_text
 
 STATE = ".make_shards.json"
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

@@ -56,7 +56,7 @@ from torch.utils.data import Dataset
 from ssl_xcit.data.folders import (_DECODE_ERRORS, IMAGE_EXTENSIONS, _parse_index, _selection, load_rgb,
                                   read_size, run_seeded)
 from ssl_xcit.errors import UserError
-from ssl_xcit.utils.atomic import atomic_write
+from ssl_xcit.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ssl_xcit.errors import UserError
-from ssl_xcit.utils.atomic import atomic_write_text
+from ssl_xcit.atomic import atomic_write_text
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 MARKER = ".ssl_xcit_complete"

@@ -43,8 +43,8 @@ from torch.utils.data import Dataset
 
 from ssl_xcit import distributed as du
 from ssl_xcit.errors import UserError
-from ssl_xcit.evaluate import common
-from ssl_xcit.utils.atomic import atomic_write, atomic_write_text, remove_orphans_in
+from ssl_xcit.evaluate import backbone, datasets, options, runtime
+from ssl_xcit.atomic import atomic_write, atomic_write_text, remove_orphans_in
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class ExportConfig:
         if ("last_blocks" in self.outputs) != (self.n_last_blocks > 0):
             raise ExportError("'last_blocks' is exported exactly when n_last_blocks > 0 "
                              f"(outputs={self.outputs}, n_last_blocks={self.n_last_blocks})")
-        common.check_positive(self.shard_size, "--shard-size")
+        options.check_positive(self.shard_size, "--shard-size")
         if not self.formats or any(f not in FORMATS for f in self.formats):
             raise ExportError(f"--format must be npy, safetensors or both; got {self.formats}")
         if self.dtype not in DTYPES:
@@ -394,22 +394,22 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if args.batch_size is None:
         args.batch_size = 128
-    common.check_positive(args.batch_size, "--batch-size")
+    options.check_positive(args.batch_size, "--batch-size")
     if args.n_last_blocks < 0:
         raise ExportError(f"--n-last-blocks must be >= 0, got {args.n_last_blocks}")
-    root = common.resolve_root(args.data_path)
+    root = datasets.resolve_root(args.data_path)
     folder = root / args.split if args.split else root
     if not folder.is_dir():
         raise ExportError(f"--data-path {root} has no {args.split}/ folder")
     if not args.split and (root / "train").is_dir() and (root / "val").is_dir():
         raise ExportError(f"--data-path {root} holds train/ and val/: pass --split train or --split val "
                           "(otherwise they would be exported as two classes)")
-    env = common.setup_env(args.device, args.seed)
+    env = runtime.setup_env(args.device, args.seed)
     try:
-        dataset = common.open_images(folder, common.eval_transform(args.crop_size, args.resize))
+        dataset = datasets.open_images(folder, datasets.eval_transform(args.crop_size, args.resize))
         version = _file_version(args.checkpoint)  # the file hashed must be the file loaded
         sha = file_sha256(Path(args.checkpoint).expanduser()) if version is not None else None
-        model = common.load_frozen_backbone(args.checkpoint, args.arch, args.checkpoint_key, env.device,
+        model = backbone.load_frozen_backbone(args.checkpoint, args.arch, args.checkpoint_key, env.device,
                                             seed=args.seed)
         if _file_version(args.checkpoint) != version:
             raise ExportError(f"{args.checkpoint} changed while it was read (a training still writing it?); "
@@ -417,7 +417,7 @@ def main(argv: list[str] | None = None) -> dict:
         formats = FORMATS if args.format == "both" else (args.format,)
         source = {"checkpoint": str(args.checkpoint), "checkpoint_sha256": sha, "arch": args.arch,
                   "checkpoint_key": args.checkpoint_key, "crop_size": args.crop_size,
-                  "resize": common.resize_for(args.crop_size, args.resize), "seed": args.seed}
+                  "resize": datasets.resize_for(args.crop_size, args.resize), "seed": args.seed}
         outputs = ("cls", "patch") if args.patch_tokens else ("cls",)
         manifest = export_features(model, dataset, args.out, outputs=outputs, n_last_blocks=args.n_last_blocks,
                                    shard_size=args.shard_size, formats=formats, dtype=args.dtype,
@@ -428,4 +428,4 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"exported {manifest['rows']} images in {manifest['num_shards']} shard(s) to {args.out}")
         return manifest if env.is_main else {}
     finally:
-        common.teardown_env(env)
+        runtime.teardown_env(env)

@@ -15,7 +15,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ssl_xcit import distributed as du
-from ssl_xcit.evaluate.common import OUTPUT_NAMES, backbone_outputs, comm_device, gather_rows, shard_sampler
+from ssl_xcit.evaluate.backbone import OUTPUT_NAMES, backbone_outputs
+from ssl_xcit.evaluate.runtime import comm_device, gather_rows, shard_sampler
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ def extract_features(model: nn.Module, dataset: Dataset, batch_size: int = 128, 
     """``(features (N, D), labels (N,))`` [+ ``indices (N,)``] of a frozen backbone over ``dataset``.
 
     ``which``: one of ``cls``, ``last_blocks``, ``avgpool``, ``patch`` (see
-    :mod:`ssl_xcit.evaluate.common`) or a sequence of 2-D outputs concatenated per image (e.g.
+    :mod:`ssl_xcit.evaluate.backbone`) or a sequence of 2-D outputs concatenated per image (e.g.
     ``("last_blocks", "avgpool")``, DINO's linear-probe input). Rows are sorted by dataset index;
     corrupt images are skipped. Under torchrun the result is on rank 0 and ``None``s elsewhere.
     """

@@ -23,11 +23,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ssl_xcit.evaluate import common, options
+from ssl_xcit.evaluate import backbone, datasets, options, runtime
 from ssl_xcit.evaluate.knn_index import (AUTO_MIN_TRAIN, CellIndex, FeatureIndex,  # noqa: F401 (re-exported)
                                          IndexConfig, build_index, faiss_gpu_available)
 from ssl_xcit.evaluate.options import DEFAULT_KS, DEFAULT_TEMPERATURE, EvalInputError
-from ssl_xcit.utils.atomic import atomic_torch_save, atomic_write_text
+from ssl_xcit.atomic import atomic_torch_save, atomic_write_text
 
 logger = logging.getLogger(__name__)
 # DINO's --dump_features file names, so dumps from either tool load in the other
@@ -40,7 +40,7 @@ DUMP_META = "features.json"
 def weighted_votes(sims: np.ndarray | torch.Tensor, neighbor_labels: np.ndarray | torch.Tensor, num_classes: int,
                    temperature: float, valid: np.ndarray | torch.Tensor | None = None) -> torch.Tensor:
     """Class scores (Q, C) in float64: each neighbour adds ``exp(sim / T)`` to its class."""
-    common.check_positive(temperature, "temperature")
+    options.check_positive(temperature, "temperature")
     s = torch.as_tensor(sims, dtype=torch.float64)
     lab = torch.as_tensor(neighbor_labels, dtype=torch.long)
     w = torch.exp(s / temperature)
@@ -175,11 +175,11 @@ def check_k_fits(ks: Sequence[int], n_train: int, what: str = "images") -> None:
                              f"give --nb-knn values of at most {n_train}")
 
 
-def _extract(args: argparse.Namespace, env: common.EvalEnv) -> tuple[dict[str, torch.Tensor] | None, dict]:
+def _extract(args: argparse.Namespace, env: runtime.EvalEnv) -> tuple[dict[str, torch.Tensor] | None, dict]:
     from ssl_xcit.evaluate.features import extract_features
-    model = common.load_frozen_backbone(args.checkpoint, args.arch, args.checkpoint_key, env.device,
+    model = backbone.load_frozen_backbone(args.checkpoint, args.arch, args.checkpoint_key, env.device,
                                         seed=args.seed, crop_size=args.crop_size)
-    train_ds, val_ds, classes = common.open_splits(args)
+    train_ds, val_ds, classes = datasets.open_splits(args)
     check_k_fits(args.nb_knn, len(train_ds))  # before minutes of extraction
     dtype = torch.float16 if args.fp16_features else torch.float32
     feats = {}
@@ -190,7 +190,7 @@ def _extract(args: argparse.Namespace, env: common.EvalEnv) -> tuple[dict[str, t
             feats[f"{split}_features"] = l2_normalize(f.float()).to(dtype)
             feats[f"{split}_labels"] = lab
     meta = {"checkpoint": str(args.checkpoint), "arch": args.arch, "checkpoint_key": args.checkpoint_key,
-            "crop_size": args.crop_size, "resize": common.resize_for(args.crop_size, args.resize),
+            "crop_size": args.crop_size, "resize": datasets.resize_for(args.crop_size, args.resize),
             "classes": classes, "dtype": str(dtype).replace("torch.", ""), "normalized": True}
     return (feats if env.is_main else None), meta
 
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.batch_size = 128
     index_cfg = IndexConfig(kind=args.index, fp16=args.fp16_features, nlist=args.nlist, nprobe=args.nprobe,
                             hnsw_m=args.hnsw_m, ef_search=args.ef_search)
-    env = common.setup_env(args.device, args.seed)
+    env = runtime.setup_env(args.device, args.seed)
     try:
         if args.load_features:
             if not env.is_main:
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
                                  args.query_batch, normalize=not meta.get("normalized", False))
         used_index = index_cfg.resolved(len(feats["train_labels"])).kind  # auto -> flat or cells
         out_dir = Path(args.output_dir) if args.output_dir else (
-            common.default_output_dir(args.checkpoint) if args.checkpoint else Path(args.load_features))
+            runtime.default_output_dir(args.checkpoint) if args.checkpoint else Path(args.load_features))
         report = {
             "tool": "knn",
             "protocol": "DINO weighted k-NN: L2-normalised CLS features, cosine neighbours, votes exp(sim/T)",
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
         report["output"] = str(out_file)
         return report
     finally:
-        common.teardown_env(env)
+        runtime.teardown_env(env)
 
 
 def format_table(results: dict[int, dict[str, float]], temperature: float, index: str) -> str:

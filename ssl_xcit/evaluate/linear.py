@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssl_xcit import distributed as du
-from ssl_xcit.evaluate import common, options
+from ssl_xcit.evaluate import backbone, datasets, options, runtime
 from ssl_xcit.evaluate.options import DEFAULT_LR_GRID, DEFAULT_WD_GRID, EvalInputError
-from ssl_xcit.utils.atomic import atomic_torch_save, atomic_write_text
+from ssl_xcit.atomic import atomic_torch_save, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +53,9 @@ PROTOCOLS = {
 
 # --------------------------------------------------------------------------------------------- shared
 def default_n_last_blocks(model: nn.Module) -> int:
-    core = common._token_core(model, required=False)
+    core = backbone._token_core(model, required=False)
     is_xcit = core is not None and getattr(core, "cls_attn_blocks", None) is not None
-    return 1 if is_xcit or core is None else min(4, common.max_last_blocks(model))
+    return 1 if is_xcit or core is None else min(4, backbone.max_last_blocks(model))
 
 
 def probe_outputs(n_last_blocks: int, avgpool: bool) -> tuple[str, ...]:
@@ -67,7 +67,7 @@ def probe_outputs(n_last_blocks: int, avgpool: bool) -> tuple[str, ...]:
 
 def probe_input(model: nn.Module, images: torch.Tensor, n_last_blocks: int, avgpool: bool) -> torch.Tensor:
     names = probe_outputs(n_last_blocks, avgpool)
-    out = common.backbone_outputs(model, images, names, n_last_blocks)
+    out = backbone.backbone_outputs(model, images, names, n_last_blocks)
     return torch.cat([out[n] for n in names], dim=1)
 
 
@@ -115,8 +115,8 @@ def train_linear_heads(x: torch.Tensor, y: torch.Tensor, num_classes: int, lrs: 
         raise ValueError(f"features must be (N, D) with one label each, got {tuple(x.shape)} and {tuple(y.shape)}")
     if y.numel() and (y.min() < 0 or y.max() >= num_classes):
         raise ValueError(f"labels must lie in [0, {num_classes}); got [{int(y.min())}, {int(y.max())}]")
-    common.check_positive(epochs, "epochs")
-    common.check_positive(batch_size, "batch size")
+    options.check_positive(epochs, "epochs")
+    options.check_positive(batch_size, "batch size")
     from tqdm import tqdm
     dev, dtype = x.device, torch.float64 if x.dtype == torch.float64 else torch.float32
     n, d = x.shape
@@ -227,7 +227,7 @@ def _train_epoch(model, probe, loader, optimizer, env, n_last_blocks, avgpool, p
         optimizer.step()
         total += float(loss.detach()) * len(targets)
         count += len(targets)
-    stats = du.all_reduce_sum(torch.tensor([total, count], dtype=torch.float64, device=common.comm_device()))
+    stats = du.all_reduce_sum(torch.tensor([total, count], dtype=torch.float64, device=runtime.comm_device()))
     return float(stats[0] / max(stats[1], 1))
 
 
@@ -245,30 +245,30 @@ def _validate(model, probe, loader, env, n_last_blocks, avgpool, progress) -> di
             logits = probe(probe_input(model, images, n_last_blocks, avgpool))
             t1, t5 = topk_hits(logits, targets)
             hits += torch.tensor([t1, t5, len(targets)], dtype=torch.float64)
-    hits = du.all_reduce_sum(hits.to(common.comm_device())).cpu()
+    hits = du.all_reduce_sum(hits.to(runtime.comm_device())).cpu()
     n = max(float(hits[2]), 1.0)
     return {"top1": 100.0 * float(hits[0]) / n, "top5": 100.0 * float(hits[1]) / n}
 
 
-def full_linear_eval(args: argparse.Namespace, env: common.EvalEnv, out_dir: Path,
+def full_linear_eval(args: argparse.Namespace, env: runtime.EvalEnv, out_dir: Path,
                      model: nn.Module | None = None) -> dict:
     """DINO's protocol; ``model`` (frozen) overrides ``--checkpoint`` (tests, notebooks)."""
     from torch.utils.data import DataLoader, DistributedSampler
 
     from ssl_xcit.data.folders import collate_skip_corrupt
     from ssl_xcit.evaluate.features import WithIndex
-    root = common.resolve_root(args.data_path)
-    train_ds = common.open_split(root, "train", common.train_transform(args.crop_size))
-    val_ds = common.open_split(root, "val", common.eval_transform(args.crop_size, args.resize))
-    classes = common.check_same_classes(train_ds, val_ds, root)
+    root = datasets.resolve_root(args.data_path)
+    train_ds = datasets.open_split(root, "train", datasets.train_transform(args.crop_size))
+    val_ds = datasets.open_split(root, "val", datasets.eval_transform(args.crop_size, args.resize))
+    classes = datasets.check_same_classes(train_ds, val_ds, root)
     if model is None:
-        model = common.load_frozen_backbone(args.checkpoint, args.arch, args.checkpoint_key, env.device,
+        model = backbone.load_frozen_backbone(args.checkpoint, args.arch, args.checkpoint_key, env.device,
                                              seed=args.seed, crop_size=args.crop_size)
     elif model.training or any(p.requires_grad for p in model.parameters()):
         raise ValueError("the backbone must be frozen: model.eval() and requires_grad_(False)")
     model.to(env.device)
     n_last = args.n_last_blocks or default_n_last_blocks(model)
-    dim = common.embed_dim(model) * (n_last + int(args.avgpool_patchtokens))
+    dim = backbone.embed_dim(model) * (n_last + int(args.avgpool_patchtokens))
     with torch.random.fork_rng(devices=[]):  # the initial probe depends on --seed only
         torch.manual_seed(args.seed)
         probe = LinearProbe(dim, len(classes)).to(env.device)
@@ -286,7 +286,7 @@ def full_linear_eval(args: argparse.Namespace, env: common.EvalEnv, out_dir: Pat
                               num_workers=args.num_workers, collate_fn=collate_skip_corrupt, pin_memory=pin,
                               drop_last=False)
     val_loader = DataLoader(WithIndex(val_ds), batch_size=args.batch_size,
-                            sampler=common.shard_sampler(len(val_ds)),
+                            sampler=runtime.shard_sampler(len(val_ds)),
                             num_workers=args.num_workers, collate_fn=collate_skip_corrupt, pin_memory=pin)
     fingerprint = {"checkpoint": str(args.checkpoint), "checkpoint_key": args.checkpoint_key, "arch": args.arch,
                    "n_last_blocks": n_last, "avgpool_patchtokens": bool(args.avgpool_patchtokens),
@@ -358,9 +358,9 @@ def _check_args(args: argparse.Namespace) -> None:
         args.batch_size = 128 if args.mode == "full" else 1024
 
 
-def _cached_from_args(args: argparse.Namespace, env: common.EvalEnv) -> dict | None:
+def _cached_from_args(args: argparse.Namespace, env: runtime.EvalEnv) -> dict | None:
     from ssl_xcit.evaluate.features import extract_features
-    train_ds, val_ds, classes, model = common.open_splits_and_backbone(args, env)
+    train_ds, val_ds, classes, model = datasets.open_splits_and_backbone(args, env)
     n_last = args.n_last_blocks or default_n_last_blocks(model)
     which = probe_outputs(n_last, args.avgpool_patchtokens)
     feats = {}
@@ -382,9 +382,9 @@ def _cached_from_args(args: argparse.Namespace, env: common.EvalEnv) -> dict | N
 def main(argv: list[str] | None = None) -> dict:
     args = options.parse("eval_linear", argv, check=False)
     _check_args(args)
-    env = common.setup_env(args.device, args.seed)
+    env = runtime.setup_env(args.device, args.seed)
     try:
-        out_dir = Path(args.output_dir) if args.output_dir else common.default_output_dir(args.checkpoint)
+        out_dir = Path(args.output_dir) if args.output_dir else runtime.default_output_dir(args.checkpoint)
         if args.mode == "full":
             res = full_linear_eval(args, env, out_dir)
         else:
@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> dict:
             return {}
         report = {"tool": "linear", "checkpoint": str(args.checkpoint), "arch": args.arch,
                   "checkpoint_key": args.checkpoint_key, "crop_size": args.crop_size,
-                  "resize": common.resize_for(args.crop_size, args.resize),
+                  "resize": datasets.resize_for(args.crop_size, args.resize),
                   **{k: v for k, v in res.items() if k not in ("weight", "bias")}}
         out_file = atomic_write_text(out_dir / RESULT_NAME, json.dumps(report, indent=2))
         print(f"linear probe ({report['mode']} mode: {report['protocol']})")
@@ -402,4 +402,4 @@ def main(argv: list[str] | None = None) -> dict:
         report["output"] = str(out_file)
         return report
     finally:
-        common.teardown_env(env)
+        runtime.teardown_env(env)

@@ -64,13 +64,13 @@ def attention_evolution(checkpoints: Sequence[Path], images: Sequence[Path], ima
     """The teacher's mean map of ``images`` for each checkpoint, one row per distinct global step.
 
     ``start=(arch, seed)`` adds a first row for the random network the run started from (the
-    training seed draws it again exactly, see :func:`ssl_xcit.evaluate.common.load_frozen_backbone`).
+    training seed draws it again exactly, see :func:`ssl_xcit.evaluate.backbone.load_frozen_backbone`).
     Returns ``(figure or None, row labels, unreadable checkpoints with the reason)``.
     """
     import torch
     from ssl_xcit.evaluate.attention import attention_maps, load_image
     from ssl_xcit.evaluate.attention_plots import evolution_figure
-    from ssl_xcit.evaluate.common import load_frozen_backbone
+    from ssl_xcit.evaluate.backbone import load_frozen_backbone
     from ssl_xcit.models import load_backbone
     from ssl_xcit.models.checkpoints import read_checkpoint
     skipped: list[str] = []

@@ -15,7 +15,7 @@ import torch
 
 from ssl_xcit.errors import UserError
 from ssl_xcit.models.checkpoints import require_checkpoint_file
-from ssl_xcit.utils.atomic import atomic_torch_save
+from ssl_xcit.atomic import atomic_torch_save
 
 CHECKPOINT_NAME = "checkpoint.pth"
 FORMAT = "ssl_xcit"

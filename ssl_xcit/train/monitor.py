@@ -69,19 +69,19 @@ class KnnMonitor:
                  max_images: int = 0, k: int = 20, crop_size: int = 224, resize: int | None = None,
                  batch_size: int = 128, num_workers: int = 0, device: torch.device | str = "cpu",
                  logger: RunLogger | None = None, output_dir: str | Path | None = None) -> None:
-        from ssl_xcit.evaluate import common
+        from ssl_xcit.evaluate import datasets
         if every_epochs and steps_per_epoch <= 0:
             raise ValueError("every_epochs needs steps_per_epoch")
         self.every_epochs, self.every_steps, self.steps_per_epoch = every_epochs, every_steps, steps_per_epoch
         self.k, self.batch_size, self.num_workers = k, batch_size, num_workers
         self.device, self.logger = torch.device(device), logger
         self.output_dir = Path(output_dir) if output_dir is not None else None
-        root = common.resolve_root(data_path)
+        root = datasets.resolve_root(data_path)
         missing = [split for split in ("train", "val") if not (root / split).is_dir()]
         if missing:
             raise ConfigError(f"eval_data_path {data_path} has no {' or '.join(s + '/' for s in missing)} "
                               "folder: the k-NN monitor needs labelled train/<class>/ and val/<class>/ images")
-        transform = common.eval_transform(crop_size, resize)
+        transform = datasets.eval_transform(crop_size, resize)
         from ssl_xcit.data.sources import open_image_dataset   # a folder or tar shards
         self.train_set = open_image_dataset(root / "train", transform, progress=False)
         self.val_set = open_image_dataset(root / "val", transform, progress=False)
@@ -89,7 +89,7 @@ class KnnMonitor:
             raise ConfigError(f"eval_data_path {data_path}: train/ has no class folders; the k-NN monitor "
                               "needs labelled images (train/<class>/<image>)")
         try:
-            self.classes = common.check_same_classes(self.train_set, self.val_set, root)
+            self.classes = datasets.check_same_classes(self.train_set, self.val_set, root)
         except ValueError as err:
             raise ConfigError(f"eval_data_path: {err}") from None
         for ds in (self.train_set, self.val_set):
