@@ -154,10 +154,12 @@ def test_time_budget_plans_once_and_a_resumed_run_keeps_the_plan(cifar_small, tm
     events = [json.loads(line) for line in (straight / "log.jsonl").read_text().splitlines()]
     planned = [e for e in events if e.get("event") == "time_budget_planned"]
     assert len(planned) == 1
+    plans = planned + [e for e in events if e.get("event") == "time_budget_replanned"]   # at most 2 re-plans
+    assert len(plans) <= 3 and all(a["global_step"] < b["global_step"] for a, b in zip(plans, plans[1:]))
     steps = first.global_step
-    assert steps <= planned[0]["planned_steps"]
+    assert steps <= plans[-1]["planned_steps"]
     written = yaml.safe_load((straight / "config.yaml").read_text())
-    assert written["run"]["max_steps"] == planned[0]["planned_steps"]
+    assert written["run"]["max_steps"] == plans[-1]["planned_steps"]
     # a stop part-way, then the same command again: the saved plan and schedules carry on (no new probe)
     ov = [o for o in _auto_overrides(cifar_small, split, **common) if not o.startswith("epochs=")]
     calls = iter([False] * 13 + [True])   # after the plan (step 11)
@@ -184,7 +186,56 @@ def test_time_budget_clock_counts_earlier_runs():
         assert b.step_done(step) is None
     plan = b.step_done(SKIP_STEPS + PROBE_STEPS)
     assert plan is not None and plan > SKIP_STEPS + PROBE_STEPS
-    assert b.step_done(plan) is None   # planned once
+
+
+class _Clock:
+    """A fake ``time.perf_counter`` for the budget: each step takes ``pace`` seconds."""
+    def __init__(self):
+        self.now, self.pace = 1000.0, 1.0
+
+    def __call__(self):
+        return self.now
+
+
+def _run_under_budget(monkeypatch, minutes, probe_pace, later_pace, planned_steps=None):
+    """Simulate the loop: a step, then ``step_done``; stop at the plan or when the clock is spent.
+    Returns (steps run, seconds used, plans returned as (step, plan))."""
+    from ssl_xcit.train import budget as budget_mod
+    clock = _Clock()
+    monkeypatch.setattr(budget_mod.time, "perf_counter", clock)
+    b = TimeBudget(minutes, planned_steps=planned_steps)
+    b.start()
+    plans, step, total = [], 0, planned_steps or 10**9
+    while step < total and not b.spent:
+        step += 1
+        clock.now += probe_pace if step <= budget_mod.SKIP_STEPS + budget_mod.PROBE_STEPS else later_pace
+        plan = b.step_done(step)
+        if plan is not None:
+            plans.append((step, plan))
+            b.planned_steps = total = max(plan, step + 1)
+    return step, b.elapsed, plans
+
+
+@pytest.mark.parametrize("later_pace", [0.5, 1.0, 1.6])
+def test_time_budget_replans_from_the_pace_after_the_probe(monkeypatch, later_pace):
+    """A probe at 1 s/step and a run at another pace afterwards: the re-plans at a third and two
+    thirds of the plan end the run by its plan, at 93-100% of the budget. The probe's plan alone
+    (114 steps) would end at 55% of the budget at 0.5 s/step, and at 1.6 s/step the clock would
+    cut the run at step 78 of 114, mid-schedule."""
+    from ssl_xcit.train.budget import REPLAN_AT
+    steps, used, plans = _run_under_budget(monkeypatch, minutes=2, probe_pace=1.0, later_pace=later_pace)
+    assert len(plans) == 1 + len(REPLAN_AT)
+    first_step, first_plan = plans[0]
+    assert first_plan == first_step + int(0.95 * (120 - first_step * 1.0) / 1.0)   # the probe's plan
+    for (step, _), share, (_, plan_before) in zip(plans[1:], REPLAN_AT, plans):
+        assert step == math.ceil(share * plan_before)                              # re-planned where said
+    assert steps == plans[-1][1], "the run ended by its plan, not by the clock"
+    assert 0.93 * 120 <= used <= 120
+
+
+def test_a_resumed_budget_keeps_its_plan(monkeypatch):
+    steps, _, plans = _run_under_budget(monkeypatch, minutes=2, probe_pace=1.0, later_pace=0.5, planned_steps=60)
+    assert plans == [] and steps == 60
 
 
 def test_data_facts_read_sizes_from_headers_without_decoding(tmp_path, monkeypatch):

@@ -3,8 +3,12 @@
 DINO's schedules (lr, weight decay, teacher momentum) are cosines over the whole run, so a run that
 is simply killed at its deadline ends with a high learning rate and a fast teacher, mid-schedule.
 Here the run times its first steps, plans how many steps fit in the budget, and lays the cosines
-over exactly those steps; the clock still stops it at the budget if the machine slows down. The
-planned number is saved in the checkpoint's config (``max_steps``), so a resumed run keeps the
+over exactly those steps. A few steps say little about the pace of a whole run (the k-NN monitor,
+logging and checkpoints come later; a machine's speed drifts): on the 2-core dev CPU, plans made from
+steps 4-11 alone ended runs at 153-160 s of a 180 s budget. So at a third and at two thirds of the
+plan, the pace since the plan re-plans the steps left and the cosines are laid again over the new
+total (the values step by the few percent the plan moves). The clock still stops the run at the
+budget if the machine slows down after the last re-plan. The planned number is saved in the checkpoint's config (``max_steps``), so a resumed run keeps the
 same schedules instead of planning anew (exact resume), and the training time spent before the
 stop counts against the budget.
 """
@@ -15,6 +19,7 @@ import time
 SKIP_STEPS = 3       # the first steps pay for warm-up (workers starting, first allocations): not timed
 PROBE_STEPS = 8      # steps timed after those before the plan
 SAFETY = 0.95        # plan for this share of the time left: logging and checkpoints take some too
+REPLAN_AT = (1 / 3, 2 / 3)   # shares of the plan at which the pace since the plan re-plans the rest
 
 
 class TimeBudget:
@@ -26,6 +31,8 @@ class TimeBudget:
         self.planned_steps = planned_steps
         self._start: float | None = None
         self._stamps: list[float] = []
+        self._planned_at: tuple[float, int] | None = None   # (clock, step) of the first plan made here
+        self.replans = 0                                    # re-plans made so far
 
     def start(self) -> None:
         self._start = time.perf_counter()
@@ -40,13 +47,28 @@ class TimeBudget:
         return self.elapsed >= self.seconds
 
     def step_done(self, global_step: int) -> int | None:
-        """Record a step; returns the planned total number of steps once, when the probe is in."""
-        if self.planned_steps is not None:
-            return None
-        self._stamps.append(time.perf_counter())
-        if len(self._stamps) < SKIP_STEPS + PROBE_STEPS:
-            return None
-        seconds_per_step = (self._stamps[-1] - self._stamps[SKIP_STEPS - 1]) / PROBE_STEPS
+        """Record a step; returns the planned total number of steps when it is planned (once the
+        probe is in) or re-planned (at ``REPLAN_AT`` of the plan; on every rank at the same steps),
+        else ``None``. A run resumed with a saved plan keeps it: it was never planned here."""
+        now = time.perf_counter()
+        if self._planned_at is None:
+            if self.planned_steps is not None:
+                return None
+            self._stamps.append(now)
+            if len(self._stamps) < SKIP_STEPS + PROBE_STEPS:
+                return None
+            seconds_per_step = (self._stamps[-1] - self._stamps[SKIP_STEPS - 1]) / PROBE_STEPS
+            self._planned_at = (now, global_step)
+            self.planned_steps = self._steps_that_fit(global_step, seconds_per_step)
+            return self.planned_steps
+        if self.replans < len(REPLAN_AT) and global_step >= REPLAN_AT[self.replans] * self.planned_steps:
+            # returned even when unchanged: under DDP every rank reaches this step and joins rank 0's broadcast
+            self.replans += 1
+            at, step = self._planned_at
+            self.planned_steps = self._steps_that_fit(global_step, (now - at) / max(global_step - step, 1))
+            return self.planned_steps
+        return None
+
+    def _steps_that_fit(self, global_step: int, seconds_per_step: float) -> int:
         left = max(0.0, self.seconds - self.elapsed)
-        self.planned_steps = global_step + int(SAFETY * left / max(seconds_per_step, 1e-9))
-        return self.planned_steps
+        return global_step + int(SAFETY * left / max(seconds_per_step, 1e-9))

@@ -626,25 +626,31 @@ def _log_step(run: _Run, hp: StepHParams, out, loss_value: float, epoch: int) ->
 
 
 def _budget_after_step(run: _Run) -> None:
-    """``time_budget_minutes``: plan the steps once the first ones are timed (rank 0's plan for
-    all ranks), then stop at the planned step, or earlier when the clock says the budget is spent."""
+    """``time_budget_minutes``: plan the steps once the first ones are timed and re-plan them at a
+    third and two thirds of the plan (rank 0's plan for all ranks), then stop at the planned step,
+    or earlier when the clock says the budget is spent."""
     budget, cfg = run.budget, run.cfg
+    before = run.total_steps
     planned = budget.step_done(run.global_step)
     if planned is not None:
         planned = dist_utils.broadcast_int(planned, device=run.device)
         if "optim.epochs" in user_set_keys(cfg):
             planned = min(planned, cfg.optim.epochs * run.steps_per_epoch)
         planned = max(planned, run.global_step + 1)
-        budget.planned_steps = run.total_steps = cfg.run.max_steps = planned
+        budget.planned_steps = planned           # rank 0's plan on every rank: the re-plan steps agree
+    if planned is not None and (not budget.replans or planned != before):
+        run.total_steps = cfg.run.max_steps = planned
         cfg.optim.epochs = max(cfg.optim.epochs, -(-planned // run.steps_per_epoch))
         if run.recipe is not None:
             recipe_rules.replan_momentum(cfg, planned, user_set_keys(cfg))
         run.schedules = build_schedules(cfg, run.steps_per_epoch, run.world_size, total_steps=planned)
         if run.is_main:
-            msg = (f"time budget {cfg.optim.time_budget_minutes:g} min: {planned:,} steps planned "
+            what = "planned" if not budget.replans else f"re-planned from the pace so far (were {before:,})"
+            msg = (f"time budget {cfg.optim.time_budget_minutes:g} min: {planned:,} steps {what} "
                    f"({budget.elapsed:.1f} s spent on the first {run.global_step}); schedules laid over them")
             print(f"[ssl_xcit] {msg}", flush=True)
-            run.logger.event("time_budget_planned", global_step=run.global_step, planned_steps=planned,
+            run.logger.event("time_budget_replanned" if budget.replans else "time_budget_planned",
+                             global_step=run.global_step, planned_steps=planned,
                              teacher_momentum=cfg.dino.momentum_teacher)
             (run.output_dir / "config.yaml").write_text(_config_text(run))
     if dist_utils.any_rank_flags(budget.spent, device=run.device)[0] and run.global_step < run.total_steps:
