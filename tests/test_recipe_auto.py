@@ -84,11 +84,32 @@ def test_the_teacher_momentum_stays_put_unless_the_user_says_otherwise():
     assert momentum[0] == pytest.approx(0.99) and momentum[-1] == pytest.approx(1.0, abs=1e-6)
 
     cfg = _cfg()                                          # a time budget's plan moves both
-    recipe.replan_momentum(cfg, 4000, user_set_keys(cfg))
+    recipe.replan(cfg, 4000, 400, user_set_keys(cfg))
     assert cfg.dino.momentum_teacher == cfg.dino.final_momentum_teacher == 0.996
     cfg = _cfg("final_momentum_teacher=1.0")
-    recipe.replan_momentum(cfg, 4000, user_set_keys(cfg))
+    recipe.replan(cfg, 4000, 400, user_set_keys(cfg))
     assert (cfg.dino.momentum_teacher, cfg.dino.final_momentum_teacher) == (0.996, 1.0)
+
+
+def test_a_time_budget_plan_sets_the_lr_warmup_from_the_planned_steps():
+    """epochs=100 caps a time-budgeted run; the plan (here 1,000 steps of 195 per epoch: 6 epochs)
+    decides the warm-up, a tenth of the planned epochs, not 10 of the configured 100 (which would
+    warm the lr up over all of a run shorter than 1,950 steps); a warm-up the user set stays."""
+    from ssl_xcit.train.loop import build_schedules
+    cfg = _cfg("epochs=100")
+    apply_auto(cfg, DataFacts(50_000, 32), 100 * 195, user_set_keys(cfg))
+    assert cfg.optim.warmup_epochs == 10
+    recipe.replan(cfg, 1000, 195, user_set_keys(cfg))
+    assert cfg.optim.warmup_epochs == 0
+    lr = build_schedules(cfg, steps_per_epoch=195, world_size=1, total_steps=1000).lr
+    assert lr[0] == lr.max() and lr[-1] < 0.01 * lr[0]     # no warm-up; the cosine reaches min_lr
+    recipe.replan(cfg, 6000, 195, user_set_keys(cfg))       # 31 epochs: 3 of warm-up
+    assert cfg.optim.warmup_epochs == 3
+    lr = build_schedules(cfg, steps_per_epoch=195, world_size=1, total_steps=6000).lr
+    assert int(lr.argmax()) == 3 * 195 - 1 or int(lr.argmax()) == 3 * 195
+    cfg = _cfg("epochs=100", "warmup_epochs=20")
+    recipe.replan(cfg, 1000, 195, user_set_keys(cfg))
+    assert cfg.optim.warmup_epochs == 20
     with pytest.raises(ConfigError, match="final_momentum_teacher must be in"):
         _cfg("final_momentum_teacher=1.5")
 

@@ -421,6 +421,7 @@ def _resume_budget(run: _Run, state: dict) -> None:
         cfg.run.max_steps, cfg.optim.epochs = planned, saved["optim"]["epochs"]
         cfg.dino.momentum_teacher = saved["dino"]["momentum_teacher"]
         cfg.dino.final_momentum_teacher = saved["dino"].get("final_momentum_teacher", 1.0)
+        cfg.optim.warmup_epochs = saved["optim"].get("warmup_epochs", cfg.optim.warmup_epochs)
         run.total_steps = planned
         run.schedules = build_schedules(cfg, run.steps_per_epoch, run.world_size, total_steps=planned)
     run.budget = TimeBudget(run.cfg.optim.time_budget_minutes, state.get("trained_seconds") or 0.0,
@@ -642,16 +643,17 @@ def _budget_after_step(run: _Run) -> None:
         run.total_steps = cfg.run.max_steps = planned
         cfg.optim.epochs = max(cfg.optim.epochs, -(-planned // run.steps_per_epoch))
         if run.recipe is not None:
-            recipe_rules.replan_momentum(cfg, planned, user_set_keys(cfg))
+            recipe_rules.replan(cfg, planned, run.steps_per_epoch, user_set_keys(cfg))
         run.schedules = build_schedules(cfg, run.steps_per_epoch, run.world_size, total_steps=planned)
         if run.is_main:
             what = "planned" if not budget.replans else f"re-planned from the pace so far (were {before:,})"
             msg = (f"time budget {cfg.optim.time_budget_minutes:g} min: {planned:,} steps {what} "
-                   f"({budget.elapsed:.1f} s spent on the first {run.global_step}); schedules laid over them")
+                   f"({budget.elapsed:.1f} s spent on the first {run.global_step}); schedules laid over them "
+                   f"(lr warm-up {cfg.optim.warmup_epochs} epoch(s), teacher momentum {cfg.dino.momentum_teacher})")
             print(f"[ssl_xcit] {msg}", flush=True)
             run.logger.event("time_budget_replanned" if budget.replans else "time_budget_planned",
                              global_step=run.global_step, planned_steps=planned,
-                             teacher_momentum=cfg.dino.momentum_teacher)
+                             teacher_momentum=cfg.dino.momentum_teacher, warmup_epochs=cfg.optim.warmup_epochs)
             (run.output_dir / "config.yaml").write_text(_config_text(run))
     if dist_utils.any_rank_flags(budget.spent, device=run.device)[0] and run.global_step < run.total_steps:
         if run.is_main:

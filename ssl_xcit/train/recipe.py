@@ -108,10 +108,14 @@ def choose(facts: DataFacts, steps: int, embed_dim: int, patch_size: int, epochs
     c["data.local_crops_size"] = Choice(local, f"DINO's 96/224 of the global crop, a multiple of the patch {patch_size}")
 
     # ---- optimizer: DINO warms the lr up for 10 of its 100 epochs
-    warm = epochs // 10
-    c["optim.warmup_epochs"] = Choice(warm, f"a tenth of the {epochs} epochs, as DINO's 10 of 100 (none in a run "
-                                            "under 10 epochs: BatchNorm in the head keeps the start stable)")
+    c["optim.warmup_epochs"] = lr_warmup(epochs)
     return c
+
+
+def lr_warmup(epochs: int) -> Choice:
+    """The lr warm-up of a run of ``epochs`` epochs: a tenth of them, as DINO's 10 of 100."""
+    return Choice(epochs // 10, f"a tenth of the {epochs} epochs, as DINO's 10 of 100 (none in a run under 10 "
+                                "epochs: BatchNorm in the head keeps the start stable)")
 
 
 # ---------------------------------------------------------------- applying the choices to a config
@@ -145,9 +149,12 @@ def apply_auto(cfg, facts: DataFacts, steps: int, user_set: set[str]) -> dict[st
     return _set_unset(cfg, chosen, user_set)
 
 
-def replan_momentum(cfg, steps: int, user_set: set[str]) -> None:
-    """A time budget that planned ``steps``: the momentum for that run length, unless the user set it."""
-    _set_unset(cfg, teacher_momenta(steps, _user_momentum(cfg, user_set)), user_set)
+def replan(cfg, steps: int, steps_per_epoch: int, user_set: set[str]) -> dict[str, Choice]:
+    """A time budget that planned ``steps``: the teacher momentum and the lr warm-up for that run
+    length instead of the configured epochs', unless the user set them; returns what was set."""
+    chosen = teacher_momenta(steps, _user_momentum(cfg, user_set))
+    chosen["optim.warmup_epochs"] = lr_warmup(-(-steps // steps_per_epoch))
+    return _set_unset(cfg, chosen, user_set)
 
 
 def _user_momentum(cfg, user_set: set[str]) -> float | None:
