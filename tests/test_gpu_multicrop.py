@@ -16,9 +16,9 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from ssl_xcit.data.folders import ImageFiles, collate_skip_corrupt
-from ssl_xcit.data.gpu_multicrop import (BLUR, BRIGHT, CONTRAST, FLIP, GRAY, HEIGHT, HUE, JITTER, LEFT, N_PARAMS,
-                                         O0, SATUR, SIGMA, SOLAR, TOP, WIDTH, BatchedMultiCrop, _crop_box, _Rng,
-                                         augment_crops)
+from ssl_xcit.data.crop_ops import (BLUR, BRIGHT, CONTRAST, FLIP, GRAY, HEIGHT, HUE, JITTER, LEFT, N_PARAMS, O0,
+                                     SATUR, SIGMA, SOLAR, TOP, WIDTH, augment_crops)
+from ssl_xcit.data.gpu_multicrop import BatchedMultiCrop, _crop_box, _Rng
 from ssl_xcit.data.multicrop import IMAGENET_MEAN, IMAGENET_STD, DinoMultiCrop, MultiCropConfig, blur_kernel_size
 from ssl_xcit.data.sampler import ResumableDistributedSampler
 from ssl_xcit.train.config import ConfigError
