@@ -1,6 +1,7 @@
 """2 gloo processes with batch 2 each == 1 process with batch 4 (same global batch, same crops)."""
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -106,3 +107,46 @@ def test_the_knn_monitor_under_ddp_leaves_the_training_unchanged(cifar_small, tm
     records = [json.loads(line) for line in (tmp_path / "watched" / "log.jsonl").read_text().splitlines()]
     assert [r["global_step"] for r in records if r["event"] == "knn"] == [0, 2, 3]
     assert (tmp_path / "watched" / "knn.png").is_file()
+
+
+def _rank_budget_main(rank: int, port: int, data, out, results):
+    """A time-budgeted run whose rank 1 reads a clock 15% fast: each rank's own plan differs, so
+    only rank 0's broadcast plan, at the same steps on both, keeps the ranks in step."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import time
+    from ssl_xcit.train import budget
+    if rank == 1:
+        real, start = time.perf_counter, time.perf_counter()
+        budget.time = type("FastClock", (), {"perf_counter": staticmethod(lambda: start + (real() - start) * 1.15)})
+    plans, step_done = [], budget.TimeBudget.step_done
+
+    def recording(self, global_step):
+        plan = step_done(self, global_step)
+        if plan is not None:
+            plans.append(global_step)
+        return plan
+    budget.TimeBudget.step_done = recording
+    result = run_training(tiny_config(data, out, batch_size_per_gpu=2, epochs=50, drop_path_rate=0.0,
+                                      local_crops_number=0, time_budget_minutes=0.3))
+    results.put((rank, result.status, result.global_step, plans))
+
+
+def test_a_time_budget_plans_and_replans_at_the_same_steps_on_every_rank(cifar_small, tmp_path):
+    ctx = mp.get_context("spawn")
+    results, port = ctx.SimpleQueue(), _free_port()
+    procs = [ctx.Process(target=_rank_budget_main, args=(r, port, cifar_small, tmp_path / "ddp", results))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + 180
+    for p in procs:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+    assert not hung and all(p.exitcode == 0 for p in procs), "a rank hung or failed"
+    (_, status0, steps0, plans0), (_, status1, steps1, plans1) = sorted(results.get() for _ in range(2))
+    assert status0 == status1 == "finished" and steps0 == steps1
+    assert plans0 == plans1 and len(plans0) >= 2, (plans0, plans1)   # the plan and at least one re-plan
