@@ -243,7 +243,6 @@ def export_features(model: nn.Module, dataset: Dataset, out_dir: str | os.PathLi
     """
     from tqdm import tqdm
 
-    from ssl_xcit.evaluate.features import feature_loader, iter_outputs
     outs = tuple(dict.fromkeys([*outputs, *(["last_blocks"] if n_last_blocks > 0 else [])]))
     cfg = ExportConfig(outputs=outs, n_last_blocks=n_last_blocks, shard_size=shard_size, formats=tuple(formats),
                        dtype=dtype, source=dict(source or {}))
@@ -264,72 +263,92 @@ def export_features(model: nn.Module, dataset: Dataset, out_dir: str | os.PathLi
         if not (out_dir / MANIFEST).is_file():
             atomic_write_text(out_dir / MANIFEST, json.dumps(base, indent=2))
     du.barrier()
-    torch_dtype, np_dtype = DTYPES[dtype]
     model.to(device)
     n_shards = base["num_shards"]
     mine = [i for i in range(n_shards) if i % world == rank]
     todo = [i for i in mine if shard_is_done(out_dir, i, check_sha) is None]
     if rank == 0 and len(todo) < len(mine):
         print(f"export {out_dir}: {len(mine) - len(todo)} finished shard(s) kept, {len(todo)} to do")
-    names = list(outs)
     n_todo = sum(min((i + 1) * shard_size, len(dataset)) - i * shard_size for i in todo)
     bar = tqdm(total=n_todo, desc="export", unit="img", disable=not (progress and rank == 0), dynamic_ncols=True)
     for i in todo:
-        start, stop = i * shard_size, min((i + 1) * shard_size, len(dataset))
         bar.set_postfix_str(f"shard {i + 1}/{n_shards}", refresh=False)
-        loader = feature_loader(dataset, range(start, stop), batch_size, num_workers, device)
-        parts: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-        labels, indices, skipped = [], [], 0
-        for out, lab, idx, n_skip in iter_outputs(model, loader, names, device, max(n_last_blocks, 1), torch_dtype,
-                                                  progress=False):
-            bar.update(len(idx) + n_skip)
-            skipped += n_skip
-            if out:
-                for n in names:
-                    parts[n].append(out[n])
-                labels.append(lab)
-                indices.append(idx)
-        if not indices:
-            raise ExportError(f"shard {i}: every image in [{start}, {stop}) of {base['root']} is unreadable")
-        arrays = {n: torch.cat(parts[n]).numpy().astype(np_dtype, copy=False) for n in names}
-        index = torch.cat(indices).numpy().astype(np.int64)
-        arrays["index"] = index
-        if base["has_labels"]:
-            arrays["label"] = torch.cat(labels).numpy().astype(np.int64)
-        files: list[str] = []
-        stem = shard_name(i)
-        if "npy" in cfg.formats:
-            for key, arr in arrays.items():
-                _write_npy(out_dir / f"{stem}.{key}.npy", arr)
-                files.append(f"{stem}.{key}.npy")
-        if "safetensors" in cfg.formats:
-            _write_safetensors(out_dir / f"{stem}.safetensors", arrays)
-            files.append(f"{stem}.safetensors")
-        paths = _relative_paths(dataset, index)
-        if paths is not None:
-            atomic_write_text(out_dir / f"{stem}.paths.json", json.dumps(paths))
-            files.append(f"{stem}.paths.json")
-        record = {"shard": i, "start": start, "stop": stop, "rows": int(len(index)), "skipped": skipped,
-                  "row_shapes": {n: list(arrays[n].shape[1:]) for n in names},
-                  "files": {f: _file_record(out_dir / f) for f in sorted(files)}}
-        atomic_write_text(out_dir / f"{stem}.done.json", json.dumps(record, indent=2))
+        arrays, skipped = _shard_features(model, dataset, i, cfg, base, batch_size, num_workers, device, bar)
+        _write_shard(out_dir, i, arrays, skipped, cfg, dataset)
         if on_shard_done is not None:
             on_shard_done(i)
     bar.close()
     du.barrier()
-    manifest = dict(base)
-    if rank == 0:
-        records = []
-        for i in range(n_shards):
-            rec = shard_is_done(out_dir, i, check_sha=False)
-            if rec is None:
-                raise RuntimeError(f"{out_dir}: shard {i} has no valid record after the export")
-            records.append(rec)
-        manifest.update(complete=True, shards=records, rows=sum(r["rows"] for r in records),
-                        skipped=sum(r["skipped"] for r in records),
-                        arrays={n: {"dtype": dtype, "row_shape": records[0]["row_shapes"][n]} for n in names})
-        atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2))
+    manifest = _complete_manifest(out_dir, base, cfg) if rank == 0 else dict(base)
     du.barrier()
+    return manifest
+
+
+def _shard_features(model: nn.Module, dataset: Dataset, i: int, cfg: ExportConfig, base: dict, batch_size: int,
+                    num_workers: int, device, bar) -> tuple[dict[str, np.ndarray], int]:
+    """Shard ``i``'s arrays (each output, ``index``, ``label`` when the data has labels) and its skipped count."""
+    from ssl_xcit.evaluate.features import feature_loader, iter_outputs
+    start, stop = i * cfg.shard_size, min((i + 1) * cfg.shard_size, len(dataset))
+    names = list(cfg.outputs)
+    torch_dtype, np_dtype = DTYPES[cfg.dtype]
+    loader = feature_loader(dataset, range(start, stop), batch_size, num_workers, device)
+    parts: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    labels, indices, skipped = [], [], 0
+    for out, lab, idx, n_skip in iter_outputs(model, loader, names, device, max(cfg.n_last_blocks, 1), torch_dtype,
+                                              progress=False):
+        bar.update(len(idx) + n_skip)
+        skipped += n_skip
+        if out:
+            for n in names:
+                parts[n].append(out[n])
+            labels.append(lab)
+            indices.append(idx)
+    if not indices:
+        raise ExportError(f"shard {i}: every image in [{start}, {stop}) of {base['root']} is unreadable")
+    arrays = {n: torch.cat(parts[n]).numpy().astype(np_dtype, copy=False) for n in names}
+    arrays["index"] = torch.cat(indices).numpy().astype(np.int64)
+    if base["has_labels"]:
+        arrays["label"] = torch.cat(labels).numpy().astype(np.int64)
+    return arrays, skipped
+
+
+def _write_shard(out_dir: Path, i: int, arrays: dict[str, np.ndarray], skipped: int, cfg: ExportConfig,
+                 dataset: Dataset) -> None:
+    """Write shard ``i``'s files atomically, then its ``.done.json`` record (last: it marks the shard done)."""
+    files: list[str] = []
+    stem = shard_name(i)
+    if "npy" in cfg.formats:
+        for key, arr in arrays.items():
+            _write_npy(out_dir / f"{stem}.{key}.npy", arr)
+            files.append(f"{stem}.{key}.npy")
+    if "safetensors" in cfg.formats:
+        _write_safetensors(out_dir / f"{stem}.safetensors", arrays)
+        files.append(f"{stem}.safetensors")
+    index = arrays["index"]
+    paths = _relative_paths(dataset, index)
+    if paths is not None:
+        atomic_write_text(out_dir / f"{stem}.paths.json", json.dumps(paths))
+        files.append(f"{stem}.paths.json")
+    start = i * cfg.shard_size
+    record = {"shard": i, "start": start, "stop": min(start + cfg.shard_size, len(dataset)), "rows": int(len(index)),
+              "skipped": skipped, "row_shapes": {n: list(arrays[n].shape[1:]) for n in cfg.outputs},
+              "files": {f: _file_record(out_dir / f) for f in sorted(files)}}
+    atomic_write_text(out_dir / f"{stem}.done.json", json.dumps(record, indent=2))
+
+
+def _complete_manifest(out_dir: Path, base: dict, cfg: ExportConfig) -> dict:
+    """Rank 0, after every shard: the manifest with each shard's record, marked complete."""
+    records = []
+    for i in range(base["num_shards"]):
+        rec = shard_is_done(out_dir, i, check_sha=False)
+        if rec is None:
+            raise RuntimeError(f"{out_dir}: shard {i} has no valid record after the export")
+        records.append(rec)
+    manifest = dict(base)
+    manifest.update(complete=True, shards=records, rows=sum(r["rows"] for r in records),
+                    skipped=sum(r["skipped"] for r in records),
+                    arrays={n: {"dtype": cfg.dtype, "row_shape": records[0]["row_shapes"][n]} for n in cfg.outputs})
+    atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2))
     return manifest
 
 
