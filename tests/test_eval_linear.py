@@ -182,6 +182,17 @@ def test_full_mode_resumes_exactly_after_an_interruption(tiny_folder, tmp_path, 
         linear.full_linear_eval(_full_args(tiny_folder, tmp_path / "b", epochs=3), env, tmp_path / "b")
 
 
+def test_an_unreadable_probe_checkpoint_is_one_line_naming_the_file(tiny_folder, tmp_path):
+    """A torn or foreign file where the probe resumes from stops the run before any training, naming it."""
+    env = runtime.setup_env("cpu", 0)
+    (tmp_path / linear.CHECKPOINT_NAME).write_bytes(b"not a torch file")
+    with pytest.raises(ValueError) as err:
+        linear.full_linear_eval(_full_args(tiny_folder, tmp_path, epochs=1), env, tmp_path)
+    message = str(err.value)
+    assert str(tmp_path / linear.CHECKPOINT_NAME) in message and "unreadable" in message
+    assert "\n" not in message and "delete it" in message
+
+
 # ------------------------------------------------------------------------------------------- CLI
 def test_cli_cached_mode_on_real_images(cifar_small, tmp_path):
     report = linear.main(["--checkpoint", ARCH, "--data-path", str(cifar_small), "--crop-size", "32",

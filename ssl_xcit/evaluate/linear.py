@@ -250,23 +250,66 @@ def _validate(model, probe, loader, env, n_last_blocks, avgpool, progress) -> di
     return {"top1": 100.0 * float(hits[0]) / n, "top5": 100.0 * float(hits[1]) / n}
 
 
-def full_linear_eval(args: argparse.Namespace, env: runtime.EvalEnv, out_dir: Path,
-                     model: nn.Module | None = None) -> dict:
-    """DINO's protocol; ``model`` (frozen) overrides ``--checkpoint`` (tests, notebooks)."""
-    from torch.utils.data import DataLoader, DistributedSampler
-
-    from ssl_xcit.data.folders import collate_skip_corrupt
-    from ssl_xcit.evaluate.features import WithIndex
-    root = datasets.resolve_root(args.data_path)
-    train_ds = datasets.open_split(root, "train", datasets.train_transform(args.crop_size))
-    val_ds = datasets.open_split(root, "val", datasets.eval_transform(args.crop_size, args.resize))
-    classes = datasets.check_same_classes(train_ds, val_ds, root)
+def _frozen_model(args: argparse.Namespace, env: runtime.EvalEnv, model: nn.Module | None) -> nn.Module:
+    """The backbone of ``--checkpoint``, or the caller's ``model``, which must already be frozen."""
     if model is None:
         model = backbone.load_frozen_backbone(args.checkpoint, args.arch, args.checkpoint_key, env.device,
                                              seed=args.seed, crop_size=args.crop_size)
     elif model.training or any(p.requires_grad for p in model.parameters()):
         raise ValueError("the backbone must be frozen: model.eval() and requires_grad_(False)")
-    model.to(env.device)
+    return model.to(env.device)
+
+
+def _loaders(train_ds, val_ds, args: argparse.Namespace, env: runtime.EvalEnv):
+    """(train sampler, train loader, val loader): the train split shuffled per epoch across ranks, the
+    val split sharded in order."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from ssl_xcit.data.folders import collate_skip_corrupt
+    from ssl_xcit.evaluate.features import WithIndex
+    sampler = DistributedSampler(WithIndex(train_ds), num_replicas=env.world_size, rank=env.rank, shuffle=True,
+                                 seed=args.seed, drop_last=False)
+    pin = env.device.type == "cuda"
+    train_loader = DataLoader(WithIndex(train_ds), batch_size=args.batch_size, sampler=sampler,
+                              num_workers=args.num_workers, collate_fn=collate_skip_corrupt, pin_memory=pin,
+                              drop_last=False)
+    val_loader = DataLoader(WithIndex(val_ds), batch_size=args.batch_size,
+                            sampler=runtime.shard_sampler(len(val_ds)),
+                            num_workers=args.num_workers, collate_fn=collate_skip_corrupt, pin_memory=pin)
+    return sampler, train_loader, val_loader
+
+
+def _resume(ckpt_path: Path, fingerprint: dict, probe: nn.Module, optimizer, scheduler, env: runtime.EvalEnv):
+    """(start epoch, best, last, history): from ``ckpt_path`` when it holds this same probe, else a fresh start.
+    A file that cannot be read or belongs to another probe is a one-line :class:`EvalInputError`."""
+    if not ckpt_path.is_file():
+        return 0, None, None, []
+    try:
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise EvalInputError(f"{ckpt_path} is unreadable ({type(err).__name__}); delete it to start "
+                             "the probe over, or use another --output-dir") from err
+    if state.get("fingerprint") != fingerprint:
+        diff = {k: (state.get("fingerprint", {}).get(k), v) for k, v in fingerprint.items()
+                if state.get("fingerprint", {}).get(k) != v}
+        raise EvalInputError(f"{ckpt_path} belongs to a different linear probe (saved vs now: {diff}); "
+                             "use another --output-dir or delete it")
+    probe.load_state_dict(state["probe"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if env.is_main:
+        print(f"resuming the linear probe from {ckpt_path} at epoch {state['epoch']}")
+    return state["epoch"], state["best"], state["last"], state["history"]
+
+
+def full_linear_eval(args: argparse.Namespace, env: runtime.EvalEnv, out_dir: Path,
+                     model: nn.Module | None = None) -> dict:
+    """DINO's protocol; ``model`` (frozen) overrides ``--checkpoint`` (tests, notebooks)."""
+    root = datasets.resolve_root(args.data_path)
+    train_ds = datasets.open_split(root, "train", datasets.train_transform(args.crop_size))
+    val_ds = datasets.open_split(root, "val", datasets.eval_transform(args.crop_size, args.resize))
+    classes = datasets.check_same_classes(train_ds, val_ds, root)
+    model = _frozen_model(args, env, model)
     n_last = args.n_last_blocks or default_n_last_blocks(model)
     dim = backbone.embed_dim(model) * (n_last + int(args.avgpool_patchtokens))
     with torch.random.fork_rng(devices=[]):  # the initial probe depends on --seed only
@@ -279,39 +322,14 @@ def full_linear_eval(args: argparse.Namespace, env: runtime.EvalEnv, out_dir: Pa
     lr = args.lr * args.batch_size * env.world_size / 256.0
     optimizer = torch.optim.SGD(probe.parameters(), lr=lr, momentum=0.9, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs, eta_min=0)
-    sampler = DistributedSampler(WithIndex(train_ds), num_replicas=env.world_size, rank=env.rank, shuffle=True,
-                                 seed=args.seed, drop_last=False)
-    pin = env.device.type == "cuda"
-    train_loader = DataLoader(WithIndex(train_ds), batch_size=args.batch_size, sampler=sampler,
-                              num_workers=args.num_workers, collate_fn=collate_skip_corrupt, pin_memory=pin,
-                              drop_last=False)
-    val_loader = DataLoader(WithIndex(val_ds), batch_size=args.batch_size,
-                            sampler=runtime.shard_sampler(len(val_ds)),
-                            num_workers=args.num_workers, collate_fn=collate_skip_corrupt, pin_memory=pin)
+    sampler, train_loader, val_loader = _loaders(train_ds, val_ds, args, env)
     fingerprint = {"checkpoint": str(args.checkpoint), "checkpoint_key": args.checkpoint_key, "arch": args.arch,
                    "n_last_blocks": n_last, "avgpool_patchtokens": bool(args.avgpool_patchtokens),
                    "in_dim": dim, "num_classes": len(classes), "epochs": args.epochs, "lr": args.lr,
                    "global_batch": args.batch_size * env.world_size, "weight_decay": args.weight_decay,
                    "crop_size": args.crop_size}
-    start_epoch, best, last, history = 0, None, None, []
     ckpt_path = out_dir / CHECKPOINT_NAME
-    if ckpt_path.is_file():
-        try:
-            state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
-            raise EvalInputError(f"{ckpt_path} is unreadable ({type(err).__name__}); delete it to start "
-                                 "the probe over, or use another --output-dir") from err
-        if state.get("fingerprint") != fingerprint:
-            diff = {k: (state.get("fingerprint", {}).get(k), v) for k, v in fingerprint.items()
-                    if state.get("fingerprint", {}).get(k) != v}
-            raise EvalInputError(f"{ckpt_path} belongs to a different linear probe (saved vs now: {diff}); "
-                             "use another --output-dir or delete it")
-        probe.load_state_dict(state["probe"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, best, last, history = state["epoch"], state["best"], state["last"], state["history"]
-        if env.is_main:
-            print(f"resuming the linear probe from {ckpt_path} at epoch {start_epoch}")
+    start_epoch, best, last, history = _resume(ckpt_path, fingerprint, probe, optimizer, scheduler, env)
     progress = not args.no_progress
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
