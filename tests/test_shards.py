@@ -188,6 +188,30 @@ def test_make_shards_resize_and_flat_folder(tmp_path: Path):
     assert ds.read_bytes(0)[:2] == b"\xff\xd8"                           # stored as JPEG
 
 
+def test_make_shards_counts_trailing_unreadable_images_and_refuses_a_folder_of_them(tmp_path: Path):
+    """Unreadable images after the last full shard go to the last shard's record and the manifest (no
+    empty shard); a folder with no readable image is one line, and no shard is written."""
+    src = tmp_path / "flat"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png"):   # noise: each PNG is larger than the shard size, one per shard
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(src / name)
+    for name in ("y.jpg", "z.jpg"):
+        (src / name).write_bytes(b"\xff\xd8 broken")
+    manifest = ms.make_shards(src, tmp_path / "out", "6KB", progress=False)["."]
+    assert manifest["images"] == 2 and len(manifest["shards"]) == 2
+    assert manifest["skipped_files"] == ["y.jpg", "z.jpg"]
+    records = [json.loads((tmp_path / "out" / (ms.shard_name(k) + ".json")).read_text()) for k in (0, 1)]
+    assert [r["skipped"] for r in records] == [[], ["y.jpg", "z.jpg"]] and records[1]["end"] == 4
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.tar")) == ["shard-000000.tar", "shard-000001.tar"]
+    assert not list((tmp_path / "out").glob(".*.tmp"))
+    for name in ("a.png", "b.png"):
+        (src / name).unlink()
+    with pytest.raises(ms.MakeShardsError, match="none of the 2 images could be read; no shard written"):
+        ms.make_shards(src, tmp_path / "out2", "6KB", progress=False)
+    assert not list((tmp_path / "out2").glob("*.tar")) and not list((tmp_path / "out2").glob(".*.tmp"))
+
+
 def test_make_shards_command_line_errors_are_one_line(tmp_path: Path, capsys):
     from ssl_xcit import cli
     for argv, needle in ([str(tmp_path / "nope"), str(tmp_path / "o")], "does not exist"), \

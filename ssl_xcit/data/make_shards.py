@@ -129,88 +129,83 @@ def _size_after(offset: int, image_bytes: int, labelled: bool) -> int:
     return -(-end // record) * record
 
 
-def write_split(src: Path, dest: Path, shard_size: int, resize: int | None = None, quality: int = 90,
-                progress: bool = True) -> dict[str, Any]:
-    """Shard one image folder into ``dest``; returns the manifest (also written as manifest.json)."""
-    listing = scan_images(src, progress=progress)
-    files, labels, classes = listing.files, listing.labels, listing.classes
-    options = {"source": str(src), "images": len(files), "classes": classes, "shard_size": shard_size,
-               "resize": resize, "quality": quality if resize else None,
-               "listing_sha1": hashlib.sha1("\n".join(files).encode()).hexdigest()}
+def _claim(dest: Path, options: dict[str, Any]) -> None:
+    """Record ``options`` in ``dest``, or check they are the ones an earlier, interrupted call recorded."""
     dest.mkdir(parents=True, exist_ok=True)
     state = dest / STATE
-    if state.exists():
-        before = json.loads(state.read_text())
-        if before != options:
-            changed = sorted(k for k in options if before.get(k) != options[k])
-            raise MakeShardsError(f"{dest} holds shards made from other input or options (differs in "
-                                  f"{', '.join(changed)}); give another DEST or delete it")
-    else:
+    if not state.exists():
         atomic_write_text(state, json.dumps(options))
-    if (dest / MANIFEST).exists():
-        return json.loads((dest / MANIFEST).read_text())
+        return
+    before = json.loads(state.read_text())
+    if before != options:
+        changed = sorted(k for k in options if before.get(k) != options[k])
+        raise MakeShardsError(f"{dest} holds shards made from other input or options (differs in "
+                              f"{', '.join(changed)}); give another DEST or delete it")
 
+
+def _finished_shards(dest: Path) -> list[dict[str, Any]]:
+    """The records of the shards an earlier call finished (in order); a half-written shard is removed."""
     done: list[dict[str, Any]] = []
     while (dest / (shard_name(len(done)) + ".json")).exists():
         done.append(json.loads((dest / (shard_name(len(done)) + ".json")).read_text()))
     for stale in dest.glob(".shard-*.tmp"):
         stale.unlink()
-    start = done[-1]["end"] if done else 0
+    return done
 
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(files), initial=start, desc=f"sharding {src}", unit="img")
-    i = start
-    while i < len(files):
-        k = len(done)
-        tmp = dest / f".{shard_name(k)}.tmp"
-        out = _HashingFile(tmp)
-        rows: list[list[int]] = []
-        skipped: list[str] = []
-        first, previous = i, ""
-        with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            while i < len(files):
-                try:
-                    data, ext = _encode(src / files[i], resize, quality)
-                except _DECODE_ERRORS:
-                    skipped.append(files[i])
-                    i += 1
-                    if bar is not None:
-                        bar.update(1)
-                    continue
-                if rows and _size_after(tar.offset, len(data), bool(classes)) > shard_size:
-                    break  # the shard is full; this image opens the next one
-                key = _key(files[i], previous)
-                previous = key
-                offset = _add(tar, f"{key}.{ext}", data)
-                if classes:
-                    _add(tar, f"{key}.cls", str(labels[i]).encode())
-                rows.append([i, offset, len(data), labels[i]])
+
+def _write_shard(src: Path, dest: Path, k: int, listing, i: int, shard_size: int, resize: int | None,
+                 quality: int, bar) -> tuple[dict[str, Any] | None, int, list[str]]:
+    """Shard ``k`` from image ``i`` on, until it is full: (its record, or None when only unreadable images
+    were left; the next image; the images skipped as unreadable). The tar, its index and then its record
+    are written atomically, so a crash leaves whole shards only."""
+    files, labels, classes = listing.files, listing.labels, listing.classes
+    tmp = dest / f".{shard_name(k)}.tmp"
+    out = _HashingFile(tmp)
+    rows: list[list[int]] = []
+    skipped: list[str] = []
+    first, previous = i, ""
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        while i < len(files):
+            try:
+                data, ext = _encode(src / files[i], resize, quality)
+            except _DECODE_ERRORS:
+                skipped.append(files[i])
                 i += 1
                 if bar is not None:
                     bar.update(1)
-        out.close()
-        if not rows:  # only unreadable images were left
-            tmp.unlink()
-            if done:
-                done[-1]["skipped"] += skipped
-                done[-1]["end"] = i
-            break
-        final = dest / shard_name(k)
-        os.replace(tmp, final)
-        atomic_write(dest / (shard_name(k) + INDEX_SUFFIX),
-                     lambda path: np.save(open(path, "wb"), np.asarray(rows, dtype=np.int64)))
-        meta = {"name": shard_name(k), "samples": len(rows), "bytes": final.stat().st_size,
-                "sha256": out.sha256.hexdigest(), "start": first, "end": i, "skipped": skipped}
-        atomic_write_text(dest / (shard_name(k) + ".json"), json.dumps(meta))
-        done.append(meta)
-    if bar is not None:
-        bar.close()
+                continue
+            if rows and _size_after(tar.offset, len(data), bool(classes)) > shard_size:
+                break  # the shard is full; this image opens the next one
+            key = _key(files[i], previous)
+            previous = key
+            offset = _add(tar, f"{key}.{ext}", data)
+            if classes:
+                _add(tar, f"{key}.cls", str(labels[i]).encode())
+            rows.append([i, offset, len(data), labels[i]])
+            i += 1
+            if bar is not None:
+                bar.update(1)
+    out.close()
+    if not rows:
+        tmp.unlink()
+        return None, i, skipped
+    final = dest / shard_name(k)
+    os.replace(tmp, final)
+    atomic_write(dest / (shard_name(k) + INDEX_SUFFIX),
+                 lambda path: np.save(open(path, "wb"), np.asarray(rows, dtype=np.int64)))
+    meta = {"name": shard_name(k), "samples": len(rows), "bytes": final.stat().st_size,
+            "sha256": out.sha256.hexdigest(), "start": first, "end": i, "skipped": skipped}
+    atomic_write_text(dest / (shard_name(k) + ".json"), json.dumps(meta))
+    return meta, i, skipped
 
+
+def _write_manifest(src: Path, dest: Path, n_files: int, classes: list[str], done: list[dict[str, Any]],
+                    options: dict[str, Any]) -> dict[str, Any]:
+    """The split's manifest.json, from the shards' records and indexes; written last, so its presence
+    means the split is complete."""
     kept = np.concatenate([np.load(dest / (m["name"] + INDEX_SUFFIX)) for m in done]) if done else np.zeros((0, 4))
     if not len(kept):
-        raise MakeShardsError(f"{src}: none of the {len(files)} images could be read; no shard written")
+        raise MakeShardsError(f"{src}: none of the {n_files} images could be read; no shard written")
     skipped_files = [f for m in done for f in m["skipped"]]
     manifest = {"format": FORMAT, "version": FORMAT_VERSION, "source": str(src), "images": int(len(kept)),
                 "skipped": len(skipped_files), "skipped_files": skipped_files, "classes": classes,
@@ -220,6 +215,37 @@ def write_split(src: Path, dest: Path, shard_size: int, resize: int | None = Non
                 "options": {k: options[k] for k in ("shard_size", "resize", "quality")}}
     atomic_write_text(dest / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
+
+
+def write_split(src: Path, dest: Path, shard_size: int, resize: int | None = None, quality: int = 90,
+                progress: bool = True) -> dict[str, Any]:
+    """Shard one image folder into ``dest``; returns the manifest (also written as manifest.json).
+    An interrupted call, run again with the same input and options, goes on after its last whole shard."""
+    listing = scan_images(src, progress=progress)
+    files = listing.files
+    options = {"source": str(src), "images": len(files), "classes": listing.classes, "shard_size": shard_size,
+               "resize": resize, "quality": quality if resize else None,
+               "listing_sha1": hashlib.sha1("\n".join(files).encode()).hexdigest()}
+    _claim(dest, options)
+    if (dest / MANIFEST).exists():
+        return json.loads((dest / MANIFEST).read_text())
+    done = _finished_shards(dest)
+    i = done[-1]["end"] if done else 0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(files), initial=i, desc=f"sharding {src}", unit="img")
+    while i < len(files):
+        meta, i, skipped = _write_shard(src, dest, len(done), listing, i, shard_size, resize, quality, bar)
+        if meta is None:  # only unreadable images were left: the last shard's record takes them
+            if done:
+                done[-1]["skipped"] += skipped
+                done[-1]["end"] = i
+            break
+        done.append(meta)
+    if bar is not None:
+        bar.close()
+    return _write_manifest(src, dest, len(files), listing.classes, done, options)
 
 
 def splits_of(root: Path) -> list[str]:
