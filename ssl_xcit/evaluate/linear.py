@@ -289,9 +289,9 @@ def _resume(ckpt_path: Path, fingerprint: dict, probe: nn.Module, optimizer, sch
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
         raise EvalInputError(f"{ckpt_path} is unreadable ({type(err).__name__}); delete it to start "
                              "the probe over, or use another --output-dir") from err
-    if state.get("fingerprint") != fingerprint:
-        diff = {k: (state.get("fingerprint", {}).get(k), v) for k, v in fingerprint.items()
-                if state.get("fingerprint", {}).get(k) != v}
+    saved = state.get("fingerprint") or {}
+    if saved != fingerprint:
+        diff = {k: (saved.get(k), v) for k, v in fingerprint.items() if saved.get(k) != v}
         raise EvalInputError(f"{ckpt_path} belongs to a different linear probe (saved vs now: {diff}); "
                              "use another --output-dir or delete it")
     probe.load_state_dict(state["probe"])
