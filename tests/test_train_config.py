@@ -39,6 +39,8 @@ def test_unknown_key_names_close_matches():
 @pytest.mark.parametrize("override, message", [
     ("epochs=abc", "must be an integer"),
     ("lr=-1", "lr must be positive"),
+    ("weight_decay=-1", "weight_decay and weight_decay_end must be >= 0"),
+    ("weight_decay_end=-0.1", "weight_decay and weight_decay_end must be >= 0"),
     ("precision=fp8", "precision must be"),
     ("global_crops_scale=[0.5]", "list of 2"),
     ("local_crops_scale=[0.6, 0.2]", "0 < min <= max"),

@@ -129,7 +129,7 @@ class Prepared:
 
 
 def prepare_training(args: argparse.Namespace, train_fn: Callable[..., Any] | None = None) -> Prepared:
-    from ssl_xcit.train.config import ConfigError, load_config
+    from ssl_xcit.train.config import ConfigError, load_config, user_values
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -137,17 +137,24 @@ def prepare_training(args: argparse.Namespace, train_fn: Callable[..., Any] | No
         raise SubmitError(f"config error: {err}") from None
     if not cfg.data.data_path:
         raise SubmitError("config error: data_path is not set (set it in the YAML or add data_path=...)")
-    data_path = Path(cfg.data.data_path).expanduser()
-    if not data_path.exists():
+    if not _data_path_exists(cfg.data.data_path):
         raise SubmitError(f"config error: data_path {cfg.data.data_path} does not exist on this machine")
-    # jobs may start in another folder: pin paths down now
-    cfg.data.data_path = str(data_path.resolve())
-    output_dir = Path(cfg.run.output_dir).expanduser().resolve()
-    cfg.run.output_dir = str(output_dir)
+    output_dir = Path(cfg.run.output_dir)   # load_config made the paths absolute: the job may start elsewhere
     job_dir = Path(args.job_dir).expanduser().resolve() if args.job_dir else output_dir / "slurm"
     spec = job_spec(args, default_name=f"dino_{output_dir.name}")
-    task = TrainTask(config=cfg.to_dict(), max_requeues=spec.max_requeues, train_fn=train_fn)
+    # what the user set, not the resolved values: the job rebuilds the config as launch/train.py
+    # does, so recipe=auto chooses there exactly what it would choose here
+    task = TrainTask(config=user_values(cfg), max_requeues=spec.max_requeues, train_fn=train_fn)
     return Prepared(task, spec, job_dir, f"training {cfg.model.arch} into {output_dir}")
+
+
+def _data_path_exists(text: str) -> bool:
+    """A folder or archive that exists, every shard of a comma list, or a brace pattern's folder."""
+    if Path(text).exists():
+        return True
+    if "," in text:
+        return all(Path(part).exists() for part in text.split(","))
+    return "{" in text and Path(text).parent.is_dir()
 
 
 def option_value(argv: list[str], name: str) -> str | None:

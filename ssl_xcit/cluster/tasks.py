@@ -35,8 +35,9 @@ def _default_train(cfg: Any, stop_requested: Callable[[], bool]) -> Any:
 class TrainTask:
     """One training job: every task exports the torchrun variables and runs the training entry point.
 
-    ``config`` is ``DinoConfig.to_dict()`` (plain data, so the pickle does not depend on the class
-    layout). ``requeues_done`` travels in the job's pickle, which rank 0 rewrites before requeueing.
+    ``config`` is :func:`~ssl_xcit.train.config.user_values`: the values the user set, as plain
+    data (so the pickle does not depend on the class layout); the job rebuilds the rest from the
+    defaults and ``recipe: auto``, exactly as ``launch/train.py`` does with the same command. ``requeues_done`` travels in the job's pickle, which rank 0 rewrites before requeueing.
     ``train_fn`` replaces ``run_training`` (tests); it must accept ``(cfg, stop_requested=...)`` and
     return an object with ``status`` and ``checkpoint``.
     """
@@ -47,12 +48,15 @@ class TrainTask:
     gather_timeout_s: float = 60.0    # rank 0 waits this long for the other ranks to report
     train_fn: Callable[..., Any] | None = field(default=None, repr=False)
 
-    def __call__(self) -> Any:
+    def job_config(self) -> Any:
+        """The run's config, rebuilt in the job from what the user set (defaults fill in the rest)."""
         from ssl_xcit.train.config import config_from_dict, validate
+        return validate(config_from_dict(self.config))
 
+    def __call__(self) -> Any:
         task = export_torch_env()
         signals = StopSignals(log=_log if task.rank == 0 else (lambda _msg: None)).install()
-        cfg = validate(config_from_dict(self.config))
+        cfg = self.job_config()
         if task.rank == 0:
             _log(f"[cluster] job {task.job_id} run {task.restart}: {task.world_size} task(s) on "
                  f"{task.num_nodes} node(s), rank 0 at {task.master_addr}:{task.master_port}; "

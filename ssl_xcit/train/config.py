@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -234,6 +235,21 @@ def user_set_keys(cfg: DinoConfig) -> set[str]:
     return cfg.__dict__.setdefault("_user_set", set())
 
 
+def user_values(cfg: DinoConfig) -> dict[str, dict[str, Any]]:
+    """The values a config file or an override set, as a nested mapping (tuples as lists):
+    ``config_from_dict(user_values(cfg))`` rebuilds ``cfg`` with the same values *and* the same
+    user-set keys. Why not ``to_dict``: rebuilt from every value, a config marks every key as the
+    user's, so ``recipe: auto`` (which fills in only what the user left unset) would choose nothing
+    and a SLURM job would train DINO's ImageNet values where the same command run locally trains
+    the small-data recipe."""
+    out: dict[str, dict[str, Any]] = {}
+    for key in sorted(user_set_keys(cfg)):
+        section, name = key.split(".", 1)
+        value = getattr(getattr(cfg, section), name)
+        out.setdefault(section, {})[name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
 def config_from_dict(data: dict[str, Any], cfg: DinoConfig | None = None) -> DinoConfig:
     """Apply a nested (``{optim: {lr: ..}}``) or flat (``{lr: ..}``) mapping onto a config."""
     cfg = cfg if cfg is not None else DinoConfig()
@@ -293,7 +309,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for text in overrides:
         key, value = parse_override(text)
         _set(cfg, key, _yaml_float_fix(value))
+    pin_paths(cfg)
     validate(cfg)
+    return cfg
+
+
+# the keys that name files or folders: made absolute where the command is typed
+PATH_KEYS = ("data.data_path", "run.output_dir", "eval.eval_data_path")
+
+
+def pin_paths(cfg: DinoConfig) -> DinoConfig:
+    """Make the path keys absolute (``~`` expanded), against the folder the command runs
+    in. Every launcher loads its config through :func:`load_config`, so ``launch/train.py``, torchrun
+    and a SLURM job (which may start in another folder) all record and use the same paths; a comma
+    list of shards is pinned part by part, and a brace pattern is kept as a pattern."""
+    for key in PATH_KEYS:
+        section, name = key.split(".", 1)
+        text = getattr(getattr(cfg, section), name)
+        if not text:
+            continue
+        parts = text.split(",") if "," in text and not os.path.exists(text) else [text]
+        _set(cfg, key, ",".join(os.path.abspath(os.path.expanduser(p.strip())) for p in parts))
     return cfg
 
 
@@ -371,6 +407,8 @@ def validate(cfg: DinoConfig) -> DinoConfig:
                                  f"schedules hold one value per step of every epoch), got {o.epochs}")
     need(o.batch_size_per_gpu > 0, f"batch_size_per_gpu must be positive, got {o.batch_size_per_gpu}")
     need(o.lr > 0 and o.min_lr >= 0, "lr must be positive and min_lr non-negative")
+    need(o.weight_decay >= 0 and o.weight_decay_end >= 0,
+         f"weight_decay and weight_decay_end must be >= 0, got {o.weight_decay} and {o.weight_decay_end}")
     # DINO's default 10 warm-up epochs on a shorter run: recipe=auto chooses, or the warm-up is the run
     need(0 <= o.warmup_epochs and (o.warmup_epochs <= o.epochs or "optim.warmup_epochs" not in user_set_keys(cfg)),
          f"warmup_epochs ({o.warmup_epochs}) must be in [0, epochs={o.epochs}]")
