@@ -245,3 +245,82 @@ def test_a_run_with_a_huge_lr_is_flagged_as_diverging(cifar_small, tmp_path):
     with pytest.warns(RuntimeWarning, match="diverging"):
         train(tiny_config(cifar_small, out, lr=1e3, norm_last_layer=False, max_steps=8))   # loss ~60 at step 8
     assert len([e for e in _events(out) if e["event"] == "divergence_warning"]) == 1
+
+
+# ---- issue 26: a diverging run keeps the last checkpoint saved before the divergence began
+
+def _rms(state: dict) -> float:
+    tensors = [t.double() for t in state["student"].values() if t.is_floating_point()]
+    return math.sqrt(sum(float(t.pow(2).sum()) for t in tensors) / sum(t.numel() for t in tensors))
+
+
+def test_an_exploding_step_never_overwrites_the_healthy_checkpoint(cifar_small, tmp_path, capsys):
+    """lr=1e8 without clipping: the loss of the step that explodes the weights is still finite (it is
+    computed before the update), so only the weights tell. The step is not saved over the healthy
+    checkpoint, and the error that follows says which step it holds and that resuming is safe."""
+    out = tmp_path / "run"
+    train(tiny_config(cifar_small, out, max_steps=2, save_every_steps=1))
+    healthy = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert healthy["global_step"] == 2
+    with pytest.raises(NonFiniteLossError) as info:
+        train(tiny_config(cifar_small, out, max_steps=6, save_every_steps=1, lr=1e8, clip_grad=0.0))
+    message = str(info.value)
+    assert "holds global step 2" in message and "diverge" in message and "weights grew" in message
+    assert "fp32" not in message, "the run is already fp32"
+    kept = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert kept["global_step"] == 2 and _rms(kept) == _rms(healthy)
+    assert [e["checkpoint_step"] for e in _events(out) if e["event"] == "checkpoint_kept"] == [2]
+    assert "not saving over" in capsys.readouterr().out
+    result = train(tiny_config(cifar_small, out, max_steps=4, save_every_steps=1))   # resumes from step 2
+    assert result.global_step == 4 and math.isfinite(result.last_loss)
+
+
+def test_after_the_divergence_warning_checkpoints_are_kept(cifar_small, tmp_path):
+    out = tmp_path / "run"
+    with pytest.warns(RuntimeWarning, match="diverging"):
+        train(tiny_config(cifar_small, out, lr=1e3, norm_last_layer=False, max_steps=8, save_every_steps=2))
+    warned_at = [e["global_step"] for e in _events(out) if e["event"] == "divergence_warning"][0]
+    saved = torch.load(out / "checkpoint.pth", weights_only=True)["global_step"]
+    assert saved < warned_at, "a checkpoint written after the warning replaced the healthy one"
+    kept = [e for e in _events(out) if e["event"] == "checkpoint_kept"]
+    assert kept and kept[0]["checkpoint_step"] == saved
+
+
+def test_the_non_finite_message_advises_fp32_only_to_mixed_precision_runs(cifar_small, tmp_path, monkeypatch):
+    original = DINOLoss.forward
+    monkeypatch.setattr(DINOLoss, "forward", lambda self, *a, **k: original(self, *a, **k) * float("nan"))
+    for precision, advised in (("fp32", False), ("bf16", True)):
+        with pytest.raises(NonFiniteLossError) as info:
+            train(tiny_config(cifar_small, tmp_path / precision, precision=precision, max_steps=2))
+        assert ("precision=fp32" in str(info.value)) == advised, str(info.value)
+
+
+# ---- issue 26: starts that fail
+
+def test_a_start_that_fails_on_its_data_leaves_no_output_folder(cifar_small, tmp_path):
+    out = tmp_path / "new" / "run"
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        train(tiny_config(cifar_small, out, max_images=3, batch_size_per_gpu=4))
+    assert not out.exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        train(tiny_config(cifar_small, existing, max_images=3, batch_size_per_gpu=4))
+    assert (existing / "notes.txt").read_text() == "mine"   # a folder it did not create is left alone
+
+
+def test_too_few_images_under_recipe_auto_names_a_key(cifar_small, tmp_path):
+    with pytest.raises(ValueError) as info:
+        train(tiny_config(cifar_small, tmp_path / "run", max_images=3, batch_size_per_gpu=4, recipe="auto"))
+    assert "batch_size_per_gpu" in str(info.value) and "drop_last" not in str(info.value)
+
+
+@pytest.mark.parametrize("output_dir", ["/sys/ssl_xcit_run", "/sys/kernel"])
+def test_an_output_folder_that_cannot_be_written_is_one_line(cifar_small, output_dir):
+    proc = subprocess.run([sys.executable, "launch/train.py", f"data_path={cifar_small}",
+                           f"output_dir={output_dir}", "arch=xcit_nano_12_p16", "device=cpu"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and output_dir in lines[0] and "cannot" in lines[0], proc.stderr

@@ -160,3 +160,67 @@ def test_a_missing_data_folder_is_one_line(tmp_path, capsys):
     assert info.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "nothing_here" in lines[0]
+
+
+# ---- issue 26: a signal to the whole process group (GNU timeout, scancel, a closing terminal)
+
+def _run_and_signal_the_group(argv: list[str], out: Path, sig: int, after_steps: int = 2,
+                              timeout: float = 300) -> subprocess.CompletedProcess:
+    """Start ``argv`` in a process group of its own, send ``sig`` to the whole group (the main
+    process and its DataLoader workers at once) once log.jsonl shows ``after_steps`` steps."""
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while _train_steps(out) < after_steps and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.killpg(proc.pid, sig)
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    return subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
+
+
+GROUP_CASES = [(signal.SIGTERM, "cpu"), (signal.SIGHUP, "gpu")]
+HEAVY_GROUP_CASES = [(s, a) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2, signal.SIGHUP)
+                     for a in ("cpu", "gpu") if (s, a) not in GROUP_CASES]
+
+
+@pytest.mark.parametrize("sig, augment", GROUP_CASES + [pytest.param(*c, marks=pytest.mark.heavy)
+                                                         for c in HEAVY_GROUP_CASES])
+def test_a_signal_to_the_process_group_saves_releases_the_lock_and_resumes(cifar_small, tmp_path, sig, augment):
+    out = tmp_path / "run"
+    argv = [sys.executable, "launch/train.py",
+            *tiny_overrides(cifar_small, out, num_workers=2, augment=augment, epochs=1, warmup_epochs=0)]
+    proc = _run_and_signal_the_group(argv, out, sig)
+    assert proc.returncode == 128 + sig, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "killed by signal" not in proc.stderr, proc.stderr[-3000:]
+    step = torch.load(out / "checkpoint.pth", weights_only=True)["global_step"]
+    assert 2 <= step < 6
+    assert (out / "train.lock").read_text() == "", "the lock record must be cleared on the way out"
+    again = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {out / 'checkpoint.pth'} at global step {step}" in again.stdout
+
+
+@pytest.mark.heavy
+def test_a_signal_to_the_process_group_of_a_submitted_local_job_saves(cifar_small, tmp_path):
+    """``timeout 60 launch/submit.py --cluster local --wait ...``: SIGTERM reaches submit.py, the job
+    and its workers; the job saves its step and ends unrequeued."""
+    out = tmp_path / "run"
+    argv = [sys.executable, "launch/submit.py", "--cluster", "local", "--wait",
+            *tiny_overrides(cifar_small, out, num_workers=2, epochs=1, warmup_epochs=0)]
+    _run_and_signal_the_group(argv, out, signal.SIGTERM)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint.pth").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    while (out / "train.lock").read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    events = [json.loads(line)["event"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert "stopped" in events and "finished" not in events
+    step = torch.load(out / "checkpoint.pth", weights_only=True)["global_step"]
+    assert 2 <= step < 6
+    logs = "".join(p.read_text() for p in (out / "slurm").glob("*_log.out"))
+    assert "stopped on SIGTERM, not requeued" in logs, logs

@@ -21,6 +21,7 @@ import submitit
 REQUEUE = "requeue"   # SLURM's warning signal (USR2 by default): time limit or preemption is near
 TERMINATE = "term"    # SIGTERM: scancel, or a preemption SLURM itself handles; save, do not requeue
 INTERRUPT = "interrupt"   # SIGINT (Ctrl-C) on a plain run: save and stop; a second one quits at once
+HANGUP = "hangup"     # SIGHUP: the terminal of the run closed; save, do not requeue
 
 
 def requeue_signal() -> signal.Signals:
@@ -39,9 +40,12 @@ class StopSignals:
     reentrant-write error when the main thread is printing too. ``stop_requested`` logs the first
     signal instead, from the loop's thread.
 
-    SLURM jobs install the requeue signal and SIGTERM. A plain run (``launch/train.py``, torchrun)
-    passes ``plain=True`` and ``install(interrupt=True)``: SIGINT (Ctrl-C) stops at the next step
-    boundary too, and a second SIGINT raises ``KeyboardInterrupt`` at once (nothing saved).
+    Every run installs the requeue signal, SIGTERM and SIGHUP (a closed terminal); with
+    ``install(interrupt=True)`` (plain runs: ``launch/train.py``, torchrun, with ``plain=True``; and
+    jobs) SIGINT (Ctrl-C) stops at the next step boundary too, and a second SIGINT raises
+    ``KeyboardInterrupt`` at once (nothing saved). Data-loading workers ignore all of them
+    (:func:`ssl_xcit.train.run.worker_ignores_stop_signals`): a signal sent to the whole process
+    group is the main process's to act on.
     ``restore()`` puts back the handlers that were there before ``install``.
     """
 
@@ -54,7 +58,8 @@ class StopSignals:
         self._previous: dict[int, object] = {}
 
     def install(self, interrupt: bool = False) -> "StopSignals":
-        handlers = {requeue_signal(): self._on_requeue, signal.SIGTERM: self._on_term}
+        handlers = {requeue_signal(): self._on_requeue, signal.SIGTERM: self._on_term,
+                    signal.SIGHUP: self._on_hangup}
         if interrupt:
             handlers[signal.SIGINT] = self._on_interrupt
         for sig, handler in handlers.items():
@@ -76,6 +81,9 @@ class StopSignals:
     def _on_term(self, signum: int, frame: object) -> None:
         self._record(TERMINATE, signum)
 
+    def _on_hangup(self, signum: int, frame: object) -> None:
+        self._record(HANGUP, signum)
+
     def _on_interrupt(self, signum: int, frame: object) -> None:
         if INTERRUPT in self.reasons:
             signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -91,12 +99,12 @@ class StopSignals:
             self._announced = True
             usr = f"SIG{submitit.JobEnvironment.USR_SIG}"
             if self._plain:
-                names = {REQUEUE: usr, TERMINATE: "SIGTERM",
+                names = {REQUEUE: usr, TERMINATE: "SIGTERM", HANGUP: "SIGHUP",
                          INTERRUPT: "SIGINT (Ctrl-C again quits at once, without saving)"}
                 prefix = "[ssl_xcit]"
             else:
                 names = {REQUEUE: f"{usr} (time limit or preemption)", TERMINATE: "SIGTERM (cancelled or preempted)",
-                         INTERRUPT: "SIGINT"}
+                         HANGUP: "SIGHUP", INTERRUPT: "SIGINT"}
                 prefix = "[cluster]"
             self._log(f"{prefix} caught {', '.join(names[r] for r in self.reasons)}: "
                       "stopping at this step boundary to save a checkpoint")
@@ -114,7 +122,9 @@ def decide(reasons: set[str], requeues_done: int, max_requeues: int,
     """Requeue only for the warning signal, with a checkpoint on disk, while requeues are left."""
     where = f"checkpoint: {checkpoint}" if checkpoint else "no checkpoint was written"
     if REQUEUE not in reasons:
-        return Decision(False, f"stopped on SIGTERM, not requeued ({where})")
+        names = {TERMINATE: "SIGTERM", HANGUP: "SIGHUP", INTERRUPT: "SIGINT"}
+        got = ", ".join(names.get(r, r) for r in sorted(reasons)) or "SIGTERM"
+        return Decision(False, f"stopped on {got}, not requeued ({where})")
     if checkpoint is None or not Path(checkpoint).is_file():
         return Decision(False, f"stopped but not requeued: {where}, a new run would start from scratch")
     if requeues_done >= max_requeues:

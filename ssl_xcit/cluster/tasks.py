@@ -55,7 +55,7 @@ class TrainTask:
 
     def __call__(self) -> Any:
         task = export_torch_env()
-        signals = StopSignals(log=_log if task.rank == 0 else (lambda _msg: None)).install()
+        signals = StopSignals(log=_log if task.rank == 0 else (lambda _msg: None)).install(interrupt=True)
         cfg = self.job_config()
         if task.rank == 0:
             _log(f"[cluster] job {task.job_id} run {task.restart}: {task.world_size} task(s) on "
