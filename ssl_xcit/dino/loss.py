@@ -177,6 +177,16 @@ class DINOLoss(nn.Module):
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1.0 - self.center_momentum)
 
     @torch.no_grad()
+    def init_center(self, teacher_output: torch.Tensor) -> None:
+        """Set the centre to the teacher's mean output over this batch (all ranks), instead of DINO's
+        zero: a pretrained teacher's outputs are far from zero-mean, and a zero centre would let the
+        first hundreds of steps sharpen the same few prototypes for every image."""
+        packed, work = self._start_center_reduction(teacher_output)
+        if work is not None:
+            work.wait()
+        self.center.copy_((packed[:-1] / packed[-1]).unsqueeze(0))
+
+    @torch.no_grad()
     def update_center(self, teacher_output: torch.Tensor) -> None:
         """EMA of the (all-ranks) teacher batch mean; ``forward`` already calls this."""
         if teacher_output.ndim != 2 or teacher_output.shape[1] != self.out_dim:

@@ -32,6 +32,7 @@ from ssl_xcit.models import get_model
 from ssl_xcit.train import recipe as recipe_rules
 from ssl_xcit.train.checkpoint import CheckpointError
 from ssl_xcit.train.config import ConfigError, DinoConfig, user_set_keys, validate
+from ssl_xcit.train.pretrained import PretrainedFile, check_arch, load_into_dino, read_pretrained
 from ssl_xcit.train.run import DataSetError, Run, worker_ignores_stop_signals
 from ssl_xcit.train.sync_bn import convert_sync_batchnorm
 
@@ -120,7 +121,9 @@ def resolved_config(cfg: DinoConfig, world_size: int = 1) -> DinoConfig:
     cfg = copy.deepcopy(cfg)
     dataset = open_training_images(cfg)
     sampler = training_sampler(dataset, cfg.optim.batch_size_per_gpu, world_size, 0, cfg.run.seed)
-    apply_recipe(cfg, dataset, configured_steps(cfg, sampler.steps_per_epoch))
+    facts = read_pretrained(cfg.model.pretrained_weights, cfg.model.pretrained_checkpoint_key).facts() \
+        if cfg.model.pretrained_weights else None
+    apply_recipe(cfg, dataset, configured_steps(cfg, sampler.steps_per_epoch), facts)
     return cfg
 
 
@@ -130,14 +133,21 @@ def configured_steps(cfg: DinoConfig, steps_per_epoch: int) -> int:
     return min(total, cfg.run.max_steps) if cfg.run.max_steps else total
 
 
-def apply_recipe(cfg: DinoConfig, dataset: ImageFiles, steps: int) -> str | None:
+def apply_recipe(cfg: DinoConfig, dataset: ImageFiles, steps: int, pretrained: dict | None = None) -> str | None:
     """``recipe: auto`` on fewer than ``AUTO_MAX_IMAGES`` images: every value the user left unset is
-    fit to the data and the run's ``steps`` (in place); returns the choices with their reasons
-    (``None``: nothing chosen). It never changes the batch, epochs or max_steps, which ``steps`` comes from."""
+    fit to the data and the run's ``steps`` (in place), and to the ``pretrained`` file it continues
+    from (:meth:`~ssl_xcit.train.pretrained.PretrainedFile.facts`); returns the choices with their
+    reasons (``None``: nothing chosen). It never changes the batch, epochs or max_steps, which
+    ``steps`` comes from. The file's arch is taken, under any recipe, when the user set none."""
+    if pretrained is not None:
+        if "model.arch" not in user_set_keys(cfg):
+            cfg.model.arch = pretrained["arch"]
+        check_arch(pretrained, cfg.model.arch)
+        validate(cfg)
     if cfg.run.recipe != "auto" or len(dataset) >= recipe_rules.AUTO_MAX_IMAGES:
         return None
     facts = recipe_rules.data_facts(dataset)
-    applied = recipe_rules.apply_auto(cfg, facts, steps, user_set_keys(cfg))
+    applied = recipe_rules.apply_auto(cfg, facts, steps, user_set_keys(cfg), pretrained)
     try:
         validate(cfg)
     except ConfigError as err:
@@ -148,6 +158,8 @@ def apply_recipe(cfg: DinoConfig, dataset: ImageFiles, steps: int) -> str | None
 
 def build_optimizer(cfg: DinoConfig, student: nn.Module) -> torch.optim.Optimizer:
     groups = param_groups_for_weight_decay(student)
+    if cfg.optim.backbone_lr_scale != 1.0:   # a pretrained backbone learns slower than its head
+        groups = _scaled_backbone_groups(groups, student, cfg.optim.backbone_lr_scale)
     for group in groups:  # groups built with weight_decay 0 keep it: the wd schedule skips them
         group["apply_weight_decay"] = group.get("weight_decay", None) != 0.0
     # fused: one kernel for the whole update (the same AdamW/SGD math); by default on CUDA, where
@@ -159,6 +171,18 @@ def build_optimizer(cfg: DinoConfig, student: nn.Module) -> torch.optim.Optimize
     if cfg.optim.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=0.0, **kernels)
     return torch.optim.SGD(groups, lr=0.0, momentum=0.9, **kernels)
+
+
+def _scaled_backbone_groups(groups: list[dict], student: nn.Module, scale: float) -> list[dict]:
+    """Each group split in the student's backbone (``lr_scale`` = ``scale``) and the rest."""
+    backbone = {id(p) for p in student.backbone.parameters()}
+    out = []
+    for group in groups:
+        for in_backbone, lr_scale in ((True, scale), (False, 1.0)):
+            params = [p for p in group["params"] if (id(p) in backbone) == in_backbone]
+            if params:
+                out.append({**group, "params": params, "lr_scale": lr_scale})
+    return out
 
 
 def build_loss(cfg: DinoConfig) -> DINOLoss:
@@ -188,6 +212,7 @@ class Dino:
     device_augment: BatchedMultiCrop | None = None   # augment=gpu: the batch's crops are made on the device
     recipe: str | None = None             # recipe=auto: what it chose and why (config.yaml comments)
     warned: set[str] = field(default_factory=set)   # DINO's health warnings given in this run
+    pretrained: dict | None = None        # pretrained_weights: the file's facts and what was taken from it
 
     def crops_on_device(self, batch: Batch, device: torch.device) -> list[torch.Tensor]:
         """The batch's crops on ``device``: made there from uint8 images (augment=gpu) or moved there."""
@@ -198,15 +223,26 @@ class Dino:
     def config_text(self) -> str:
         """config.yaml: the values the run uses, with recipe=auto's choices and reasons as comments."""
         text = self.cfg.to_yaml()
+        if self.pretrained:
+            p = self.pretrained
+            text += (f"# pretrained_weights: {p['path']} (sha256 {p['sha256']}, format {p['format']}, "
+                     f"{p['arch']})\n" + "".join(f"#   {note}\n" for note in p.get("loaded", [])))
         if self.recipe:
             text += "".join(f"# {line}\n" for line in self.recipe.splitlines())
         return text
+
+    def init_center_from_teacher(self, crops: list[torch.Tensor], precision: str) -> None:
+        """``center_init: teacher``: the centre starts at the teacher's mean output on these crops."""
+        from ssl_xcit.train.step import autocast_context
+        with torch.no_grad(), autocast_context(crops[0].device, precision):
+            self.loss.init_center(self.teacher(crops[:2]))
 
     # ---- the Trainable protocol
     def state_dict(self) -> dict[str, Any]:
         return {"student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "dino_loss": self.loss.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler is not None else {}}
+                "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+                "pretrained": self.pretrained}
 
     def check_fits(self, state: dict[str, Any], path: Path) -> None:
         """One line when the checkpoint's student/teacher do not fit this run's models (other arch, head)."""
@@ -259,7 +295,9 @@ def build_dino(cfg: DinoConfig, run: Run) -> Dino:
     dataset = open_training_images(cfg)
     sampler = training_sampler(dataset, cfg.optim.batch_size_per_gpu, run.world_size, run.rank, cfg.run.seed)
     total_steps = configured_steps(cfg, sampler.steps_per_epoch)
-    recipe = apply_recipe(cfg, dataset, total_steps)    # recipe=auto: values fit to these images and steps
+    pretrained = _pretrained_start(cfg, run)
+    facts = pretrained.facts() if isinstance(pretrained, PretrainedFile) else pretrained
+    recipe = apply_recipe(cfg, dataset, total_steps, facts)   # recipe=auto: values fit to these images and steps
     # augment=gpu: the loader decodes and draws each crop's parameters; the crops are made on the device
     device_augment = BatchedMultiCrop(multicrop_config(cfg)) if cfg.data.augment == "gpu" else None
     dataset.transform = device_augment.loader_transform if device_augment else DinoMultiCrop(multicrop_config(cfg))
@@ -267,15 +305,34 @@ def build_dino(cfg: DinoConfig, run: Run) -> Dino:
                              cfg.run.seed)
     # ---- models: student and teacher; synchronised BatchNorm and DDP when distributed
     student, teacher = build_models(cfg)
+    loss = build_loss(cfg)
+    if isinstance(pretrained, PretrainedFile):    # a new run from a file (a resume takes its own checkpoint)
+        facts = {**facts, "loaded": load_into_dino(pretrained, student, teacher, loss)}
+        if run.is_main:
+            print(f"[ssl_xcit] pretrained_weights: {'; '.join(facts['loaded'])}", flush=True)
     torch.manual_seed(cfg.run.seed + run.rank)   # from here per rank: stochastic depth masks differ across ranks
     np.random.seed(cfg.run.seed + run.rank)
     student, teacher, student_ddp = place_models(student, teacher, cfg.run, run)
     return Dino(cfg=cfg, dataset=dataset, sampler=sampler, loader=loader, student=student, teacher=teacher,
-                student_ddp=student_ddp, loss=build_loss(cfg).to(run.device), optimizer=build_optimizer(cfg, student),
+                student_ddp=student_ddp, loss=loss.to(run.device), optimizer=build_optimizer(cfg, student),
                 scaler=torch.amp.GradScaler(run.device.type) if cfg.run.precision == "fp16" else None,
                 schedules=build_schedules(cfg, sampler.steps_per_epoch, run.world_size),
                 clip_groups=gradient_clip_groups(student), total_steps=total_steps,
-                device_augment=device_augment, recipe=recipe)
+                device_augment=device_augment, recipe=recipe, pretrained=facts)
+
+
+def _pretrained_start(cfg: DinoConfig, run: Run) -> PretrainedFile | dict | None:
+    """The file a new run starts from (read now), or, when the run resumes, the facts its
+    checkpoint recorded (so the recipe is the same without reading the file again)."""
+    if not cfg.model.pretrained_weights:
+        return None
+    saved = run.saved_state()
+    if saved is None:
+        return read_pretrained(cfg.model.pretrained_weights, cfg.model.pretrained_checkpoint_key)
+    if run.is_main:
+        print(f"[ssl_xcit] {run.ckpt_path} exists: resuming it; pretrained_weights={cfg.model.pretrained_weights} "
+              "is not used again", flush=True)
+    return saved.get("pretrained")
 
 
 def training_loader(dataset: Any, sampler: ResumableDistributedSampler, batch_size: int, num_workers: int,

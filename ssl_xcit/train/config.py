@@ -41,6 +41,9 @@ class ModelConfig:
     head_hidden_dim: int = 2048
     head_bottleneck_dim: int = 256
     head_nlayers: int = 3
+    pretrained_weights: str = ""             # start a new run from this file (any format load_backbone reads)
+    pretrained_checkpoint_key: str = "auto"  # a DINO file's network: auto (student->student, teacher->
+                                             # teacher), teacher or student (that one into both)
 
 
 @dataclass
@@ -68,6 +71,7 @@ class DinoLossConfig:
     momentum_teacher: float = 0.996          # EMA momentum at the start, cosine to final_momentum_teacher
     final_momentum_teacher: float = 1.0      # DINOv2's name; DINO: 1 (the teacher freezes at the end)
     koleo_loss_weight: float = 0.0           # DINOv2's KoLeo on the student's global crops (0: DINO as written)
+    center_init: str = "zero"                # zero (DINO) | teacher: the teacher's mean output on the first batch
 
 
 @dataclass
@@ -84,6 +88,8 @@ class OptimConfig:
     optimizer: str = "adamw"                 # adamw | sgd
     fused: bool | None = None                # fused optimizer kernels; null: on CUDA only (same update)
     time_budget_minutes: float = 0.0         # >0: train this long; recipe=auto sizes the schedules to it
+    freeze_backbone_steps: int = 0           # steps in which only the student's head learns (a fresh head's warm-up)
+    backbone_lr_scale: float = 1.0           # the student backbone's lr as a fraction of the head's
 
 
 @dataclass
@@ -315,7 +321,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 # the keys that name files or folders: made absolute where the command is typed
-PATH_KEYS = ("data.data_path", "run.output_dir", "eval.eval_data_path")
+PATH_KEYS = ("data.data_path", "run.output_dir", "eval.eval_data_path", "model.pretrained_weights")
 
 
 def pin_paths(cfg: DinoConfig) -> DinoConfig:
@@ -415,6 +421,11 @@ def validate(cfg: DinoConfig) -> DinoConfig:
     need(l.warmup_teacher_temp_epochs <= o.epochs or l.warmup_teacher_temp_epochs == 0,
          f"warmup_teacher_temp_epochs ({l.warmup_teacher_temp_epochs}) exceeds epochs ({o.epochs})")
     need(o.clip_grad >= 0, f"clip_grad must be >= 0, got {o.clip_grad}")
+    need(o.freeze_backbone_steps >= 0, f"freeze_backbone_steps must be >= 0, got {o.freeze_backbone_steps}")
+    need(0 < o.backbone_lr_scale <= 1, f"backbone_lr_scale must be in (0, 1], got {o.backbone_lr_scale}")
+    need(l.center_init in ("zero", "teacher"), f"center_init must be zero or teacher, got {l.center_init!r}")
+    need(m.pretrained_checkpoint_key in ("auto", "teacher", "student"),
+         f"pretrained_checkpoint_key must be auto, teacher or student, got {m.pretrained_checkpoint_key!r}")
     need(o.freeze_last_layer >= 0, f"freeze_last_layer must be >= 0, got {o.freeze_last_layer}")
     need(o.optimizer in ("adamw", "sgd"), f"optimizer must be adamw or sgd, got {o.optimizer!r}")
     need(r.recipe in ("auto", "off"), f"recipe must be auto or off, got {r.recipe!r}")

@@ -69,8 +69,11 @@ def train_one_epoch(run: Run, dino: Dino, monitor: KnnMonitor | None, budget: Ti
         hp = StepHParams(lr=float(dino.schedules.lr[step]), weight_decay=float(dino.schedules.weight_decay[step]),
                          teacher_momentum=float(dino.schedules.teacher_momentum[step]), epoch=epoch,
                          clip_grad=cfg.optim.clip_grad, freeze_last_layer=cfg.optim.freeze_last_layer,
-                         koleo_loss_weight=cfg.dino.koleo_loss_weight)
+                         koleo_loss_weight=cfg.dino.koleo_loss_weight,
+                         freeze_backbone=step < cfg.optim.freeze_backbone_steps)
         crops = dino.crops_on_device(batch, run.device)
+        if step == 0 and cfg.dino.center_init == "teacher":
+            dino.init_center_from_teacher(crops, cfg.run.precision)
         loss = forward_loss(crops, dino.student_ddp, dino.teacher, dino.loss, hp, cfg.run.precision)
         loss_value = loss.item()
         stop_here = run.check_loss(loss_value, stop_requested)   # before backward: no update from a bad loss

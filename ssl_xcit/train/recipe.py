@@ -142,15 +142,53 @@ def data_facts(dataset) -> DataFacts:
     return DataFacts(images=len(dataset), image_side=side)
 
 
-def apply_auto(cfg, facts: DataFacts, steps: int, user_set: set[str]) -> dict[str, Choice]:
+def apply_auto(cfg, facts: DataFacts, steps: int, user_set: set[str],
+               pretrained: dict | None = None) -> dict[str, Choice]:
     """Set every chosen value the user did not set, in place; returns what was set. Nothing below
-    ``recipe: auto``, at ``AUTO_MAX_IMAGES`` images or more, or for values set in a file or override."""
+    ``recipe: auto``, at ``AUTO_MAX_IMAGES`` images or more, or for values set in a file or override.
+    ``pretrained``: the facts of the file the run continues from (its choices replace the data's)."""
     if cfg.run.recipe != "auto" or facts.images >= AUTO_MAX_IMAGES:
         return {}
     from ssl_xcit.models.zoo import resolve
     spec = resolve(cfg.model.arch).arch
     chosen = choose(facts, steps, spec.embed_dim, spec.patch_size, cfg.optim.epochs, _user_momentum(cfg, user_set))
+    if pretrained is not None:
+        chosen.update(continuing(pretrained, steps, _user_momentum(cfg, user_set)))
     return _set_unset(cfg, chosen, user_set)
+
+
+# ---------------------------------------------------------------- continuing from pretrained weights
+# measured in benchmarks/continue_pretraining.py (benchmarks/RESULTS.md, "Continuing from weights")
+CONTINUE_MOMENTUM = 0.996          # the teacher moves slowly away from the pretrained one
+CONTINUE_BACKBONE_LR_SCALE = 0.1   # the pretrained backbone learns at a tenth of the head's lr
+HEAD_WARMUP_FRACTION = 0.1         # a fresh head learns alone for this part of the run
+
+
+def continuing(pretrained: dict, steps: int, user_momentum: float | None = None) -> dict[str, Choice]:
+    """The values for a run that starts from ``pretrained`` (a file's facts), keyed ``section.name``."""
+    c: dict[str, Choice] = {}
+    name = pretrained.get("path", "the file")
+    head = pretrained.get("head")
+    if head:
+        for key, value in head.items():
+            c[key] = Choice(value, f"the DINO head of {name}: its prototypes load and go on, instead of a fresh "
+                                   "head pushing random gradients into the trained backbone")
+    else:
+        warm = max(1, round(HEAD_WARMUP_FRACTION * steps))
+        c["optim.freeze_backbone_steps"] = Choice(warm, f"the file has no DINO head: a fresh one learns alone on the "
+                                                        f"pretrained features for {HEAD_WARMUP_FRACTION:.0%} of the run "
+                                                        "before its gradients reach the backbone")
+    if not pretrained.get("center"):
+        c["dino.center_init"] = Choice("teacher", "the file has no loss centre: it starts at the pretrained teacher's "
+                                                  "mean output, not at zero")
+    momentum = CONTINUE_MOMENTUM if user_momentum is None else user_momentum
+    c["dino.momentum_teacher"] = Choice(momentum, "the teacher starts trained: it follows the student slowly, "
+                                                  "so what the weights knew is kept while the student adapts")
+    c["dino.final_momentum_teacher"] = Choice(momentum, "kept at momentum_teacher for the whole run")
+    c["optim.backbone_lr_scale"] = Choice(CONTINUE_BACKBONE_LR_SCALE, "the pretrained backbone learns at "
+                                          f"{CONTINUE_BACKBONE_LR_SCALE:g} x the head's lr (as fine-tuning does), "
+                                          "so the first steps do not undo it")
+    return c
 
 
 def replan(cfg, steps: int, steps_per_epoch: int, user_set: set[str]) -> dict[str, Choice]:

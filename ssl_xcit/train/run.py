@@ -131,6 +131,7 @@ class Run:
         self.diverged: str | None = None      # why the run counts as diverging (checkpoints then kept)
         self._weights_rms: float | None = None
         self._progress: Any = None
+        self._saved: dict | None = None
 
     @property
     def is_main(self) -> bool:
@@ -225,6 +226,13 @@ class Run:
             (self.output_dir / "config.yaml").write_text(text)
 
     # ------------------------------------------------------------------ resume
+    def saved_state(self) -> dict | None:
+        """checkpoint.pth of the folder, read once (``None`` when there is none): builders read what
+        the run recorded (e.g. where its weights came from) before :meth:`resume` loads it."""
+        if self._saved is None and self.ckpt_path.exists():
+            self._saved = load_checkpoint(self.ckpt_path, map_location="cpu")
+        return self._saved
+
     def resume(self) -> tuple[dict | None, dict | None]:
         """Load checkpoint.pth if there is one: everything that shapes the next step comes back.
 
@@ -232,10 +240,11 @@ class Run:
         resume leaves the folder as it was. Returns (what to log about it, the loaded state), both
         ``None`` on a fresh start.
         """
-        if not self.ckpt_path.exists():
+        state = self.saved_state()
+        self._saved = None   # loaded below: not held twice
+        if state is None:
             self._weights_rms = _rms(self.trainable.weights())
             return None, None
-        state = load_checkpoint(self.ckpt_path, map_location="cpu")
         saved_kind = state.get("kind", "dino")
         if saved_kind != self.kind:
             raise CheckpointError(f"{self.ckpt_path} is a checkpoint of a {_KINDS.get(saved_kind, saved_kind)} run, "

@@ -31,6 +31,7 @@ class StepHParams:
     clip_grad: float
     freeze_last_layer: int
     koleo_loss_weight: float = 0.0   # > 0: DINOv2's KoLeo on the student's global-crop features
+    freeze_backbone: bool = False    # only the student's head learns in this step (a fresh head's warm-up)
 
 
 @dataclass
@@ -50,9 +51,10 @@ def autocast_context(device: torch.device, precision: str):
 
 
 def apply_schedules(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
-    """Every group gets the lr; groups that decay (``weight_decay`` > 0 at build time) get the wd."""
+    """Every group gets the lr (times its ``lr_scale``, e.g. a pretrained backbone's); groups that
+    decay (``weight_decay`` > 0 at build time) get the wd."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
         if group.get("apply_weight_decay", True):
             group["weight_decay"] = weight_decay
 
@@ -113,19 +115,28 @@ def apply_update(loss: torch.Tensor, student: nn.Module, teacher: nn.Module, din
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         grad_norm = clip_gradients(clip_groups, hp.clip_grad)
-        cancel_last_layer_gradients(unwrap(student).head, hp.epoch, hp.freeze_last_layer)
+        _cancel_frozen_gradients(unwrap(student), hp)
         scaler.step(optimizer)
         scaler.update()
     else:
         loss.backward()
         grad_norm = clip_gradients(clip_groups, hp.clip_grad)
-        cancel_last_layer_gradients(unwrap(student).head, hp.epoch, hp.freeze_last_layer)
+        _cancel_frozen_gradients(unwrap(student), hp)
         optimizer.step()
 
     update_teacher(unwrap(student), teacher, hp.teacher_momentum)
     stats = dino_loss.last_stats
     return StepOutput(loss.detach(), grad_norm.detach(), stats["teacher_entropy"], stats["teacher_kl_uniform"],
                       stats.get("koleo"))
+
+
+def _cancel_frozen_gradients(student: nn.Module, hp: StepHParams) -> None:
+    """DINO's frozen last layer in the first epochs, and the whole backbone while a fresh head warms
+    up on pretrained features. Gradients become ``None``, so AdamW neither steps nor decays them."""
+    cancel_last_layer_gradients(student.head, hp.epoch, hp.freeze_last_layer)
+    if hp.freeze_backbone:
+        for p in student.backbone.parameters():
+            p.grad = None
 
 
 def train_step(crops: list[torch.Tensor], student: nn.Module, teacher: nn.Module, dino_loss: nn.Module,
