@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ssl_xcit.data.folders import _DECODE_ERRORS, load_rgb, scan_images
+from ssl_xcit.data.common import DECODE_ERRORS, load_rgb
+from ssl_xcit.data.folders import scan_images
 from ssl_xcit.data.shards import FORMAT, FORMAT_VERSION, INDEX_SUFFIX, MANIFEST
 from ssl_xcit.errors import UserError
 from ssl_xcit.atomic import atomic_write, atomic_write_text
@@ -168,7 +169,7 @@ def _write_shard(src: Path, dest: Path, k: int, listing, i: int, shard_size: int
         while i < len(files):
             try:
                 data, ext = _encode(src / files[i], resize, quality)
-            except _DECODE_ERRORS:
+            except DECODE_ERRORS:
                 skipped.append(files[i])
                 i += 1
                 if bar is not None:

@@ -53,10 +53,11 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ssl_xcit.data.folders import (_DECODE_ERRORS, IMAGE_EXTENSIONS, _parse_index, _selection, load_rgb,
-                                  read_size, run_seeded)
-from ssl_xcit.errors import UserError
 from ssl_xcit.atomic import atomic_write
+from ssl_xcit.data.common import (DECODE_ERRORS, IMAGE_EXTENSIONS, is_rank0, load_rgb, parse_index, read_size,
+                                  run_seeded, selection)
+from ssl_xcit.errors import UserError
+from ssl_xcit.locks import file_lock
 
 logger = logging.getLogger(__name__)
 
@@ -246,8 +247,6 @@ def _scan_cache_file(paths: list[Path], cache_dir: Path) -> Path:
 
 def _scan_all(paths: list[Path], cache_dir: Path | None, progress: bool) -> ShardIndex:
     """Index foreign shards by scanning them, once: cached under a lock the other ranks wait on."""
-    from ssl_xcit.data.sources import file_lock
-
     def build() -> dict[str, np.ndarray]:
         parts, owner = [], []
         items: Any = enumerate(paths)
@@ -290,7 +289,7 @@ def load_shard_index(source: str | os.PathLike | Sequence[str], cache_dir: str |
     if not isinstance(source, (list, tuple)) and (Path(os.fspath(source)) / MANIFEST).is_file():
         index = _from_manifest(Path(os.fspath(source)).absolute())
     else:
-        show = os.environ.get("RANK", "0") in ("", "0") if progress is None else progress
+        show = is_rank0() if progress is None else progress
         index = _scan_all(shard_paths(source), None if cache_dir is None else Path(cache_dir), show)
     for shard, expected in zip(index.shards, index.shard_bytes):
         actual = shard.stat().st_size
@@ -378,7 +377,7 @@ class ShardImages(Dataset):
 
     def select(self, indices: Sequence[int] | np.ndarray) -> "ShardImages":
         """Keep only ``indices`` (in that order), in place, like ``ImageFiles.select``."""
-        idx = _selection(indices, len(self._rows))
+        idx = selection(indices, len(self._rows))
         self._rows = self._rows[idx]
         self._shard_of = self._shard_of[idx]
         return self
@@ -405,11 +404,11 @@ class ShardImages(Dataset):
         return data
 
     def __getitem__(self, item: Any) -> tuple[Any, int, int] | None:
-        index, seed = _parse_index(item, len(self._rows))
+        index, seed = parse_index(item, len(self._rows))
         data = self.read_bytes(index)  # outside the try: a missing or truncated shard is an error
         try:
             image = load_rgb(io.BytesIO(data))
-        except _DECODE_ERRORS as err:
+        except DECODE_ERRORS as err:
             if index not in self._warned:
                 self._warned.add(index)
                 shard = self._shards[int(self._shard_of[index])]
