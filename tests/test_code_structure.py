@@ -1,5 +1,7 @@
 """The shape of the code itself, read from its source with ``ast`` (nothing is imported or run):
-no import cycle among the data modules and no private name borrowed from another module."""
+no import cycle among the data modules, no private name borrowed from another module, and one
+definition of each shared helper (the brief: one eval_transform, one ImageNet mean/std, one
+_is_rank0, one CheckpointError)."""
 from __future__ import annotations
 
 import ast
@@ -55,3 +57,28 @@ def test_no_module_imports_another_ones_private_names():
     borrowed = [f"{m}: from {imp.module} import {a.name}" for m, tree in _modules().items() for imp in _imports(tree)
                 for a in imp.names if a.name.startswith("_") and imp.module != m]
     assert borrowed == []
+
+
+def _definitions(match) -> list[str]:
+    """``module:name`` of every top-level function, class or assignment for which ``match(kind, name)``."""
+    found = []
+    for m, tree in _modules().items():
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                items = [(type(node).__name__, node.name)]
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                items = [("Assign", t.id) for t in targets if isinstance(t, ast.Name)]
+            else:
+                continue
+            found += [f"{m}:{name}" for kind, name in items if match(kind, name)]
+    return found
+
+
+def test_one_definition_of_each_shared_helper():
+    assert _definitions(lambda kind, name: kind == "FunctionDef" and name == "eval_transform") == [
+        "ssl_xcit.evaluate.datasets:eval_transform"]
+    for const in ("IMAGENET_MEAN", "IMAGENET_STD"):
+        assert _definitions(lambda kind, name: kind == "Assign" and name == const) == [f"ssl_xcit.data.common:{const}"]
+    assert _definitions(lambda kind, name: kind == "FunctionDef" and name.lstrip("_") == "is_rank0") == [
+        "ssl_xcit.data.common:is_rank0"]
