@@ -82,3 +82,5 @@ def test_one_definition_of_each_shared_helper():
         assert _definitions(lambda kind, name: kind == "Assign" and name == const) == [f"ssl_xcit.data.common:{const}"]
     assert _definitions(lambda kind, name: kind == "FunctionDef" and name.lstrip("_") == "is_rank0") == [
         "ssl_xcit.data.common:is_rank0"]
+    assert _definitions(lambda kind, name: kind == "ClassDef" and name == "CheckpointError") == [
+        "ssl_xcit.models.checkpoints:CheckpointError"]

@@ -50,8 +50,13 @@ FORMATS = ("official", "dino_backbone", "dino", "ssl_xcit", "timm", "mmpretrain"
 HEAD_KEYS = ("head.weight", "head.bias")
 
 
-class CheckpointError(UserError, ValueError):
-    """A checkpoint that cannot be read or does not fit the model; the message names the file."""
+class CheckpointError(UserError, ValueError, RuntimeError):
+    """A checkpoint that cannot be read or does not fit the model or run; the message names the file.
+
+    The one class for every checkpoint error of the project (model loading here, a training's resume in
+    :mod:`ssl_xcit.train.checkpoint`, which re-exports it): a ``ValueError`` and a ``RuntimeError``,
+    the two its callers caught before there was one.
+    """
 
 
 # ---------------------------------------------------------------------------------- reading
@@ -95,8 +100,12 @@ def _refused_global(err: BaseException) -> str | None:
     return m.group(1) if m else None
 
 
-def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Any:
-    """Load a checkpoint file on CPU without executing pickled code (unless ``allow_pickle``)."""
+def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False,
+                    map_location: str | torch.device = "cpu") -> Any:
+    """Load a checkpoint file (on CPU by default) without executing pickled code (unless ``allow_pickle``).
+
+    The one checked reader of checkpoint files: model loading and a training's resume read through it,
+    so a file that is not a checkpoint gets the same one-line message wherever it is met."""
     p = require_checkpoint_file(path)
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -107,7 +116,7 @@ def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Any:
             raise CheckpointError(f"{p} is not a readable safetensors file ({err})") from err
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(p, map_location="cpu", weights_only=True)
+            return torch.load(p, map_location=map_location, weights_only=True)
     except Exception as err:
         refused = _refused_global(err)
         if allow_pickle and isinstance(err, pickle.UnpicklingError):
@@ -122,7 +131,7 @@ def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Any:
     warnings.warn(f"{p}: loading with weights_only=False (allow_pickle=True): this runs "
                   "pickled code from the file", stacklevel=2)
     try:
-        return torch.load(p, map_location="cpu", weights_only=False)
+        return torch.load(p, map_location=map_location, weights_only=False)
     except Exception as err2:
         raise CheckpointError(f"{p} is not a PyTorch checkpoint ({_short_reason(err2, p)})") from err2
 
