@@ -21,6 +21,8 @@ from ssl_xcit import cli  # noqa: E402  (torch-free)
 from ssl_xcit.errors import UserError  # noqa: E402
 
 PROG = "visualize_attention.py"
+# this command's words for a setting a library error names by its role (ssl_xcit.cli.reword)
+HINTS = {"arch": "pass --arch NAME (a zoo architecture, e.g. xcit_small_12_p16)"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,11 +97,14 @@ def main(argv: list[str] | None = None) -> list[Path]:
         raise UserError(f"--device: {err}") from None
     try:
         model = load_frozen_backbone(args.checkpoint, args.arch, args.checkpoint_key, device, seed=args.seed)
-        layer = resolve_layer(model, args.layer)
     except (ValueError, TypeError) as err:
         if isinstance(err, UserError):
-            raise
+            raise cli.own_words(err, HINTS)
         raise UserError(f"--checkpoint {args.checkpoint}: {err}") from None
+    try:
+        layer = resolve_layer(model, args.layer)
+    except (ValueError, TypeError) as err:   # a layer the model does not have, or a model without any
+        raise UserError(f"--layer {args.layer}: {err}") from None
     cfg = model.data_config
     size = None if args.image_size is None else (
         args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size))
@@ -123,4 +128,4 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    cli.run(main, prog=PROG)
+    cli.run(main, prog=PROG, hints=HINTS)

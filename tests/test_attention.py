@@ -221,8 +221,8 @@ def test_cli_errors_are_one_line(tmp_path, capsys, cifar_root):
     assert "junk.pth" in _one_line_error(["--checkpoint", str(junk), "--images", str(good), *base], capsys)
     assert "--threshold" in _one_line_error(
         ["--checkpoint", "xcit_nano_12_p8", "--images", str(good), "--threshold", "1.5", *base], capsys)
-    assert "layer" in _one_line_error(
-        ["--checkpoint", "xcit_nano_12_p8", "--images", str(good), "--layer", "5", *base], capsys)
+    line = _one_line_error(["--checkpoint", "xcit_nano_12_p8", "--images", str(good), "--layer", "5", *base], capsys)
+    assert "--layer 5: this XCiT has 2 class-attention layers" in line and "--checkpoint" not in line, line
     assert "missing_dir" in _one_line_error(
         ["--checkpoint", "xcit_nano_12_p8", "--images", str(tmp_path / "missing_dir"), *base], capsys)
 

@@ -104,8 +104,8 @@ def resolve_layer(model: nn.Module, layer: int = -1) -> int:
     """``layer`` (negative counts from the end) as a block index, with an error naming the range."""
     n = len(_class_attention_blocks(model))
     if isinstance(layer, bool) or not isinstance(layer, int) or not -n <= layer < n:
-        raise ValueError(f"layer={layer!r}: this XCiT has {n} class-attention layers, so layer must be "
-                         f"in [{-n}, {n - 1}] (-1 is the last)")
+        raise ValueError(f"this XCiT has {n} class-attention layers: the layer must be in [{-n}, {n - 1}] "
+                         f"(-1 is the last), got {layer!r}")
     return layer % n
 
 

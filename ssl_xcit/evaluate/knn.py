@@ -73,10 +73,10 @@ def knn_predict(index: FeatureIndex, train_labels: torch.Tensor, val_features: t
                 query_batch: int = 1000) -> dict[int, KnnPrediction]:
     """One search with the largest k; each smaller k uses the first k (sorted) neighbours."""
     ks = sorted({int(k) for k in ks})
-    if not ks or ks[0] <= 0:
-        raise EvalInputError(f"--nb-knn values must be positive, got {ks}")
+    if not ks or ks[0] <= 0:   # the tools check their own k options first, in their words
+        raise EvalInputError(f"k (neighbours) must be positive, got {ks}")
     if ks[-1] > index.ntotal:
-        raise EvalInputError(f"--nb-knn {ks[-1]} exceeds the {index.ntotal} train features")
+        raise EvalInputError(f"k={ks[-1]} neighbours exceeds the {index.ntotal} train features")
     train_labels = torch.as_tensor(train_labels, dtype=torch.long).cpu()
     val_labels = torch.as_tensor(val_labels, dtype=torch.long).cpu()
     if len(val_features) != len(val_labels):

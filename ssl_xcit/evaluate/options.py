@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from ssl_xcit.cli import ArgumentParser
+from ssl_xcit.cli import ArgumentParser, own_words
 from ssl_xcit.errors import UserError
 
 DEFAULT_KS = (10, 20, 100, 200)              # DINO's k-NN
@@ -352,6 +352,22 @@ TOOLS: dict[str, tuple[str, Callable[[], argparse.ArgumentParser], Callable[[arg
 }
 
 
+# A library error that a setting gets past names the setting by its role (ssl_xcit.errors.hinted);
+# each tool's words for the roles it has an option for. A role a tool has no option for is left out
+# of its message: a hint names only what can be typed into that command.
+_ARCH = "pass --arch NAME (a zoo architecture, e.g. xcit_small_12_p16)"
+TOOL_HINTS: dict[str, dict[str, str]] = {
+    "eval_knn": {"arch": _ARCH},
+    "eval_linear": {"arch": _ARCH},
+    "export_features": {"arch": _ARCH},
+    "eval_classification": {
+        "allow_pickle": "if you trust the file, pass --allow-pickle",
+        "format": "pass --format, one of official, dino_backbone, dino, ssl_xcit, timm, mmpretrain",
+        "download": "or pass --download to fetch them (uses the network)",
+    },
+}
+
+
 def parse(tool: str, argv: list[str] | None, check: bool = True) -> argparse.Namespace:
     """``tool``'s arguments parsed (and, with ``check``, checked) without importing torch."""
     _, parser, checks = TOOLS[tool]
@@ -365,4 +381,7 @@ def run_tool(tool: str, argv: list[str]) -> Any:
     """The command line of ``eval/<tool>.py``: answer ``--help`` and bad input first, then import
     the tool (and torch) and run its ``main``."""
     parse(tool, argv)
-    return importlib.import_module(TOOLS[tool][0]).main(argv)
+    try:
+        return importlib.import_module(TOOLS[tool][0]).main(argv)
+    except UserError as err:   # a library hint in this tool's words (or left out)
+        raise own_words(err, TOOL_HINTS.get(tool))

@@ -80,7 +80,7 @@ def attention_evolution(checkpoints: Sequence[Path], images: Sequence[Path], ima
         try:
             state = read_checkpoint(ckpt)
         except (UserError, OSError) as err:
-            skipped.append(f"{ckpt.name}: {err}")
+            skipped.append(f"{ckpt.name}: {getattr(err, 'problem', None) or err}")   # no Python-argument hint
             continue
         step = state.get("global_step") if isinstance(state, dict) else None
         label = f"step {step}\n({ckpt.stem})" if step is not None else ckpt.stem
@@ -113,7 +113,7 @@ def attention_section(output_dir: Path, out: Path, config: dict, images: Sequenc
     if not images:
         images, why = pick_images(config, n_images)
     if not images:
-        return f"<p class=note>no images to show: {html.escape(why)} (pass --images)</p>"
+        return f"<p class=note>no images to show: {html.escape(why)} (eval/report.py --images chooses them)</p>"
     size = (config.get("data") or {}).get("global_crops_size")
     arch, seed = (config.get("model") or {}).get("arch"), (config.get("run") or {}).get("seed")
     start = (arch, int(seed)) if arch and isinstance(seed, int) else None
