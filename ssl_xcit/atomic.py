@@ -16,6 +16,8 @@ What is guaranteed, for every file written here (checkpoints, manifests, results
 from __future__ import annotations
 
 import errno
+import json
+import math
 import os
 import re
 import secrets
@@ -208,3 +210,35 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
         with open(tmp, "w") as f:
             f.write(text)
     return atomic_write(path, _write)
+
+
+class NotJSONError(ValueError):
+    """A value JSON cannot hold (NaN, an infinity): Python's ``json`` would write ``NaN``/``Infinity``,
+    which no JSON reader accepts. Reaching it is a bug: a tool checks its numbers before it writes."""
+
+
+def _first_non_finite(obj: Any, where: str = "") -> tuple[str, float] | None:
+    """``(path, value)`` of the first NaN or infinity in ``obj`` (``history[3].train_loss``), or ``None``."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return where or "the value", obj
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for key, value in items:
+        found = _first_non_finite(value, f"{where}[{key}]" if isinstance(key, int) else
+                                  f"{where}.{key}" if where else str(key))
+        if found:
+            return found
+    return None
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = None) -> Path:
+    """``obj`` as JSON through :func:`atomic_write_text`: the project's one JSON writer.
+
+    Strict JSON only (``allow_nan=False``): a NaN or an infinity raises :class:`NotJSONError` naming
+    the file and the key, and nothing is written, rather than a file no JSON reader can parse.
+    """
+    try:
+        text = json.dumps(obj, indent=indent, allow_nan=False)
+    except ValueError as err:
+        key, value = _first_non_finite(obj) or ("a value", float("nan"))
+        raise NotJSONError(f"not writing {path}: {key} is {value}, which JSON cannot hold") from err
+    return atomic_write_text(path, text)

@@ -15,13 +15,13 @@ network that ends in one line saying what to pass. ``--data`` never downloads an
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ssl_xcit.atomic import atomic_write_json
 from ssl_xcit.cli import ArgumentParser
 from ssl_xcit.evaluate.options import EvalInputError, MissingPathError, check_data_path, check_output_folder
 from ssl_xcit.train.config import load_config
@@ -283,11 +283,11 @@ def main(argv: list[str] | None = None) -> dict:
                  f"of it), total {elapsed / 60:.1f} min; report page {out / 'train' / 'report' / 'index.html'}")
     print("\n".join(lines), flush=True)
     report = {"arch": cfg.model.arch, "data": str(root), "steps": result.global_step,
-              "final_loss": result.last_loss, "train_minutes": t_train / 60, "total_minutes": elapsed / 60,
+              "final_loss": result.last_loss if math.isfinite(result.last_loss) else None,   # null: diverged "train_minutes": t_train / 60, "total_minutes": elapsed / 60,
               "knn_train_images": args.knn_train_images, "knn_val_images": args.knn_val_images,
               "trained": {str(k): v for k, v in trained.items()},
               "random": {str(k): v for k, v in random_init.items()},
               "paired": {str(k): v for k, v in paired.items()},
               "knn_curve": curve, "knn_curve_images": cfg.eval.eval_max_images if curve else 0}
-    (out / "quickstart.json").write_text(json.dumps(report, indent=2))
+    atomic_write_json(out / "quickstart.json", report, indent=2)
     return report

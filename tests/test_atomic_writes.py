@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -171,3 +172,22 @@ def test_a_real_full_disk(tmp_path):
     if proc.returncode == 77 or (proc.returncode == 1 and "unshare" in proc.stderr):
         pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()[:200]}")
     assert proc.returncode == 0 and "ok: no space left on the device writing" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_the_json_writer_refuses_nan_and_infinity(tmp_path):
+    """json.dumps writes NaN and Infinity by default, which no JSON reader parses: the project's
+    writer refuses them, names the key, and writes nothing (an older file stays as it was)."""
+    import json
+
+    from ssl_xcit.atomic import NotJSONError, atomic_write_json
+    target = tmp_path / "linear.json"
+    atomic_write_json(target, {"top1": 10.0, "history": [{"train_loss": 2.3}]}, indent=2)
+    before = target.read_text()
+    assert json.loads(before)["history"][0]["train_loss"] == 2.3
+    for bad, where in (({"history": [{"train_loss": 2.3}, {"train_loss": float("nan")}]}, "history[1].train_loss"),
+                       ({"selected": {"weight_decay": float("inf")}}, "selected.weight_decay"),
+                       ([1.0, float("-inf")], "[1]")):
+        with pytest.raises(NotJSONError, match=rf"not writing .*linear\.json: {re.escape(where)} is "):
+            atomic_write_json(target, bad)
+        assert target.read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["linear.json"]     # no temp file left

@@ -141,6 +141,11 @@ CASES = [
      "--temperature must be a finite number, got inf"),
     ("eval/eval_knn.py", ["--checkpoint", ARCH, "--data-path", "BAD_TAR", *KNN], "BAD_TAR is not a readable tar"),
     ("eval/eval_linear.py", ["--checkpoint", ARCH, "--data-path", "DATA", "--holdout", "1.5"], "--holdout"),
+    # non-finite numbers are refused as training refuses them (inf weight decay: NaN loss, chance accuracy)
+    *[("eval/eval_linear.py", ["--checkpoint", ARCH, "--data-path", "DATA", *KNN, "--epochs", "1", flag, *values],
+       f"{flag}{' values' if 'grid' in flag else ''} must be a finite number, got {values[-1]}")
+      for flag, values in (("--weight-decay", ["inf"]), ("--weight-decay", ["nan"]), ("--wd-grid", ["0", "inf"]),
+                           ("--lr-grid", ["1e-3", "inf"]), ("--lr", ["nan"]))],
     ("eval/eval_linear.py", ["--checkpoint", "RUN_DIR", "--data-path", "DATA"], "is a folder"),
     ("eval/eval_linear.py", ["--checkpoint", "CORRUPT", "--data-path", "DATA", *KNN], CORRUPT_MESSAGE),
     ("eval/eval_linear.py", ["--checkpoint", ARCH, "--data-path", "DATA", "--resize", "16", "--crop-size", "32"],

@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ssl_xcit.atomic import atomic_write_text
+from ssl_xcit.atomic import atomic_write_json
 # IMAGE_EXTENSIONS, load_rgb, read_size and run_seeded are this module's names too (callers import them here)
 from ssl_xcit.data.common import (DECODE_ERRORS, IMAGE_EXTENSIONS, is_rank0, load_rgb, parse_index,  # noqa: F401
                                   read_size, run_seeded, selection)
@@ -239,7 +239,7 @@ def _cached_or_scanned(cache_file: Path, root_str: str, exts: tuple[str, ...], p
                "files": listing.files,
                "labels": listing.labels, "classes": listing.classes, "dir_mtimes": listing.dir_mtimes}
     try:
-        atomic_write_text(cache_file, json.dumps(payload))
+        atomic_write_json(cache_file, payload)
     except OSError as err:  # a read-only cache location must not stop training
         logger.warning("could not write listing cache %s: %s", cache_file, err)
     return listing

@@ -38,7 +38,7 @@ from ssl_xcit.data.common import DECODE_ERRORS, load_rgb
 from ssl_xcit.data.folders import scan_images
 from ssl_xcit.data.shards import FORMAT, FORMAT_VERSION, INDEX_SUFFIX, MANIFEST
 from ssl_xcit.errors import UserError
-from ssl_xcit.atomic import atomic_write, atomic_write_text
+from ssl_xcit.atomic import atomic_write, atomic_write_json
 
 STATE = ".make_shards.json"
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -135,7 +135,7 @@ def _claim(dest: Path, options: dict[str, Any]) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     state = dest / STATE
     if not state.exists():
-        atomic_write_text(state, json.dumps(options))
+        atomic_write_json(state, options)
         return
     before = json.loads(state.read_text())
     if before != options:
@@ -196,7 +196,7 @@ def _write_shard(src: Path, dest: Path, k: int, listing, i: int, shard_size: int
                  lambda path: np.save(open(path, "wb"), np.asarray(rows, dtype=np.int64)))
     meta = {"name": shard_name(k), "samples": len(rows), "bytes": final.stat().st_size,
             "sha256": out.sha256.hexdigest(), "start": first, "end": i, "skipped": skipped}
-    atomic_write_text(dest / (shard_name(k) + ".json"), json.dumps(meta))
+    atomic_write_json(dest / (shard_name(k) + ".json"), meta)
     return meta, i, skipped
 
 
@@ -214,7 +214,7 @@ def _write_manifest(src: Path, dest: Path, n_files: int, classes: list[str], don
                 if classes else [],
                 "shards": [{k: m[k] for k in ("name", "samples", "bytes", "sha256")} for m in done],
                 "options": {k: options[k] for k in ("shard_size", "resize", "quality")}}
-    atomic_write_text(dest / MANIFEST, json.dumps(manifest, indent=1))
+    atomic_write_json(dest / MANIFEST, manifest, indent=1)
     return manifest
 
 

@@ -22,7 +22,7 @@ import zlib
 from pathlib import Path
 from typing import Iterator
 
-from ssl_xcit.atomic import atomic_write_text
+from ssl_xcit.atomic import atomic_write_json
 from ssl_xcit.data.common import is_rank0
 from ssl_xcit.errors import UserError
 from ssl_xcit.locks import file_lock
@@ -132,9 +132,8 @@ def extract_archive(archive: str | os.PathLike, cache_dir: str | os.PathLike | N
         try:
             _extract(archive, tmp, show)
             root = _find_root(tmp, archive)
-            atomic_write_text(tmp / MARKER, json.dumps({"archive": str(archive), "size": st.st_size,
-                                                        "mtime_ns": st.st_mtime_ns,
-                                                        "root": os.path.relpath(root, tmp)}))
+            atomic_write_json(tmp / MARKER, {"archive": str(archive), "size": st.st_size,
+                                             "mtime_ns": st.st_mtime_ns, "root": os.path.relpath(root, tmp)})
             os.rename(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -198,7 +197,7 @@ def download_cifar10(dest: str | os.PathLike, progress: bool | None = None) -> P
                 items = tqdm(items, desc=f"writing CIFAR-10 {split}", unit="img")
             for i in items:
                 Image.fromarray(ds.data[i]).save(tmp / split / classes[int(ds.targets[i])] / f"{i:05d}.png")
-        atomic_write_text(tmp / MARKER, json.dumps({"source": "torchvision.datasets.CIFAR10"}))
+        atomic_write_json(tmp / MARKER, {"source": "torchvision.datasets.CIFAR10"})
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -27,7 +27,7 @@ from ssl_xcit.evaluate import backbone, datasets, options, runtime
 from ssl_xcit.evaluate.knn_index import (AUTO_MIN_TRAIN, CellIndex, FeatureIndex,  # noqa: F401 (re-exported)
                                          IndexConfig, build_index, faiss_gpu_available)
 from ssl_xcit.evaluate.options import DEFAULT_KS, DEFAULT_TEMPERATURE, EvalInputError
-from ssl_xcit.atomic import atomic_torch_save, atomic_write_text
+from ssl_xcit.atomic import atomic_torch_save, atomic_write_json
 
 logger = logging.getLogger(__name__)
 # DINO's --dump_features file names, so dumps from either tool load in the other
@@ -132,7 +132,7 @@ def dump_features(folder: str | Path, train_features, train_labels, val_features
                "val_features": val_features, "val_labels": val_labels}
     for key, fname in DUMP_FILES.items():
         atomic_torch_save(tensors[key].contiguous(), folder / fname)
-    atomic_write_text(folder / DUMP_META, json.dumps(meta, indent=2))
+    atomic_write_json(folder / DUMP_META, meta, indent=2)
     logger.info("features dumped to %s", folder)
 
 
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                                 feats["val_labels"].max())) + 1,
             "results": {str(k): v for k, v in results.items()},
         }
-        out_file = atomic_write_text(out_dir / "knn.json", json.dumps(report, indent=2))
+        out_file = atomic_write_json(out_dir / "knn.json", report, indent=2)
         print(format_table(results, args.temperature, used_index))
         print(f"written {out_file}")
         report["output"] = str(out_file)

@@ -182,6 +182,16 @@ def check_positive(value: int | float | None, name: str) -> None:
         raise EvalInputError(f"{name} must be positive, got {value}")
 
 
+def check_non_negative(value: int | float | None, name: str) -> None:
+    """``value`` is ``None`` (not given) or a finite number >= 0 (nan and inf are refused)."""
+    if value is None:
+        return
+    if not math.isfinite(value):
+        raise EvalInputError(f"{name} must be a finite number, got {value}")
+    if value < 0:
+        raise EvalInputError(f"{name} must be >= 0, got {value}")
+
+
 def check_divisible(size: int, model: str, flag: str) -> None:
     """``size`` divides by the patch size of ``model`` (a zoo or arch name)."""
     from ssl_xcit.models.zoo import resolve  # the name table: no torch
@@ -302,10 +312,11 @@ def check_linear_args(args: argparse.Namespace) -> None:
     _check_numbers(args)
     for name in ("epochs", "lr", "val_freq", "extract_batch_size", "n_last_blocks"):
         check_positive(getattr(args, name), "--" + name.replace("_", "-"))
-    if args.weight_decay < 0 or any(w < 0 for w in args.wd_grid):
-        raise EvalInputError("--weight-decay and --wd-grid values must be >= 0")
-    if any(not lr > 0 for lr in args.lr_grid):
-        raise EvalInputError(f"--lr-grid values must be positive, got {' '.join(map(str, args.lr_grid))}")
+    check_non_negative(args.weight_decay, "--weight-decay")
+    for wd in args.wd_grid:
+        check_non_negative(wd, "--wd-grid values")
+    for lr in args.lr_grid:
+        check_positive(lr, "--lr-grid values")
     if not 0.0 < args.holdout < 1.0:
         raise EvalInputError(f"--holdout must be in (0, 1), got {args.holdout}")
     _check_sources(args, ("train", "val"))
