@@ -222,6 +222,36 @@ def test_make_shards_command_line_errors_are_one_line(tmp_path: Path, capsys):
         assert exc.value.code == 2 and err.count("\n") == 1 and needle in err, err
 
 
+def test_a_second_make_shards_into_the_same_dest_is_refused_naming_the_first(cifar_small: Path, tmp_path: Path,
+                                                                              capsys):
+    """Two make_shards into one DEST removed each other's temp files or both did the whole job: the
+    second is refused in one line naming the first (host, pid, since), before writing anything."""
+    import fcntl
+    import socket
+    import time
+
+    from ssl_xcit import cli
+    src, dest = cifar_small / "val", tmp_path / "dest"
+    dest.mkdir()
+    # the first make_shards, as its lock file shows it: flock held, its host, pid and start in the record
+    first = open(dest / ".make_shards.lock", "w")
+    fcntl.flock(first.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    first.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}))
+    first.flush()
+    try:
+        with pytest.raises(SystemExit) as exc:
+            cli.run(ms.main, [str(src), str(dest), "--shard-size", "100KB", "--no-progress"], prog="make_shards")
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and err.count("\n") == 1, err
+        assert f"{dest} is in use by another make_shards (host {socket.gethostname()}, pid {os.getpid()}, since" \
+            in err and "give another DEST" in err, err
+        assert sorted(p.name for p in dest.iterdir()) == [".make_shards.lock"]   # nothing written
+    finally:
+        first.close()
+    manifest = ms.make_shards(src, dest, "100KB", progress=False)["."]   # free again: it runs
+    assert manifest["images"] == 100
+
+
 def test_parse_size():
     assert ms.parse_size("1GB") == 10**9 and ms.parse_size("512MiB") == 2**29 and ms.parse_size("1.5MB") == 1_500_000
 

@@ -16,7 +16,9 @@ count, bytes, SHA-256, source range, skipped files) and, when all are written, `
 (counts, classes, per-class counts, the shards with their hashes, the options).
 
 Resumable: a shard counts as done once its ``.json`` is written (last, atomically); an
-interrupted run starts again after the last done shard. Unreadable source images are skipped,
+interrupted run starts again after the last done shard. One make_shards per DEST: it holds
+``DEST/.make_shards.lock`` (:class:`~ssl_xcit.locks.OutputDirLock`), and a second one is refused
+with the first one's host, pid and start time. Unreadable source images are skipped,
 counted and listed in the manifest. ``--resize N`` scales the shorter side down to N px (never
 up) and stores JPEG at ``--quality``.
 """
@@ -38,9 +40,11 @@ from ssl_xcit.data.common import DECODE_ERRORS, load_rgb
 from ssl_xcit.data.folders import scan_images
 from ssl_xcit.data.shards import FORMAT, FORMAT_VERSION, INDEX_SUFFIX, MANIFEST
 from ssl_xcit.errors import UserError
+from ssl_xcit.locks import OutputDirLock
 from ssl_xcit.atomic import atomic_write, atomic_write_json
 
 STATE = ".make_shards.json"
+LOCK_NAME = ".make_shards.lock"   # in DEST, held by the make_shards writing there (ssl_xcit.locks.OutputDirLock)
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -269,8 +273,11 @@ def make_shards(src: str | os.PathLike, dest: str | os.PathLike, shard_size: int
     dest = Path(dest).expanduser().absolute()
     if dest == root or root in dest.parents:
         raise MakeShardsError(f"DEST {dest} lies inside SRC {root}; write the shards elsewhere")
-    return {split or ".": write_split(root / split if split else root, dest / split if split else dest, size,
-                                      resize, quality, progress) for split in splits_of(root)}
+    dest.mkdir(parents=True, exist_ok=True)
+    # one writer per DEST: two at once removed each other's temp files or both did the whole job
+    with OutputDirLock(dest, LOCK_NAME, "make_shards", "give another DEST"):
+        return {split or ".": write_split(root / split if split else root, dest / split if split else dest, size,
+                                          resize, quality, progress) for split in splits_of(root)}
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:
