@@ -38,7 +38,7 @@ from PIL import Image
 
 from ssl_xcit.data.common import DECODE_ERRORS, load_rgb
 from ssl_xcit.data.folders import scan_images
-from ssl_xcit.data.shards import FORMAT, FORMAT_VERSION, INDEX_SUFFIX, MANIFEST
+from ssl_xcit.data.shards import FORMAT, FORMAT_VERSION, INDEX_SUFFIX, MANIFEST, ShardError, load_index_file
 from ssl_xcit.errors import UserError
 from ssl_xcit.locks import OutputDirLock
 from ssl_xcit.atomic import atomic_write, atomic_write_json
@@ -148,11 +148,29 @@ def _claim(dest: Path, options: dict[str, Any]) -> None:
                               f"{', '.join(changed)}); give another DEST or delete it")
 
 
+def _intact(dest: Path, meta: dict[str, Any]) -> bool:
+    """Whether a finished shard is still whole: its tar has the size recorded and its index reads."""
+    shard = dest / meta["name"]
+    try:
+        load_index_file(dest / (meta["name"] + INDEX_SUFFIX), meta["samples"])
+        return shard.is_file() and shard.stat().st_size == meta["bytes"]
+    except ShardError:
+        return False
+
+
 def _finished_shards(dest: Path) -> list[dict[str, Any]]:
-    """The records of the shards an earlier call finished (in order); a half-written shard is removed."""
+    """The records of the shards an earlier call finished (in order), up to the first damaged one (a
+    truncated tar, an unreadable index), whose record and later ones are removed so that they are made
+    again; a half-written shard is removed."""
     done: list[dict[str, Any]] = []
     while (dest / (shard_name(len(done)) + ".json")).exists():
-        done.append(json.loads((dest / (shard_name(len(done)) + ".json")).read_text()))
+        meta = json.loads((dest / (shard_name(len(done)) + ".json")).read_text())
+        if not _intact(dest, meta):
+            for record in dest.glob("shard-*.tar.json"):
+                if int(record.name[len("shard-"):-len(".tar.json")]) >= len(done):
+                    record.unlink()
+            break
+        done.append(meta)
     for stale in dest.glob(".shard-*.tmp"):
         stale.unlink()
     return done
@@ -232,9 +250,12 @@ def write_split(src: Path, dest: Path, shard_size: int, resize: int | None = Non
                "resize": resize, "quality": quality if resize else None,
                "listing_sha1": hashlib.sha1("\n".join(files).encode()).hexdigest()}
     _claim(dest, options)
-    if (dest / MANIFEST).exists():
-        return json.loads((dest / MANIFEST).read_text())
     done = _finished_shards(dest)
+    if (dest / MANIFEST).exists():
+        manifest = json.loads((dest / MANIFEST).read_text())
+        if len(done) == len(manifest["shards"]):
+            return manifest
+        (dest / MANIFEST).unlink()   # a damaged shard: made again from there, then a new manifest
     i = done[-1]["end"] if done else 0
     bar = None
     if progress:

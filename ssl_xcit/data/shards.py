@@ -218,6 +218,22 @@ class ShardIndex:
     classes: list[str]
 
 
+def load_index_file(idx_file: Path, samples: int) -> np.ndarray:
+    """A shard's ``<shard>.idx.npy`` as its (samples, 4) int64 rows; a missing, damaged or foreign file is
+    a :class:`ShardError` naming the shard (numpy's own error is a page of traceback naming neither)."""
+    shard = idx_file.with_name(idx_file.name[:-len(INDEX_SUFFIX)])
+    try:
+        rows = np.load(idx_file, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:150]
+        raise ShardError(f"shard {shard}: its index {idx_file.name} is unreadable ({type(err).__name__}: "
+                         f"{reason})") from None
+    if rows.ndim != 2 or rows.shape != (samples, 4) or rows.dtype.kind not in "iu":
+        raise ShardError(f"shard {shard}: its index {idx_file.name} holds a {rows.dtype} array of shape "
+                         f"{rows.shape}, the manifest says {samples} rows of 4 integers")
+    return rows
+
+
 def _from_manifest(folder: Path) -> ShardIndex:
     manifest = json.loads((folder / MANIFEST).read_text())
     if manifest.get("version") != FORMAT_VERSION:
@@ -229,9 +245,13 @@ def _from_manifest(folder: Path) -> ShardIndex:
         idx_file = folder / (entry["name"] + INDEX_SUFFIX)
         if not shard.is_file():
             raise ShardError(f"shard {shard} listed in {folder / MANIFEST} is missing")
-        rows = np.load(idx_file, allow_pickle=False)
-        if rows.shape != (entry["samples"], 4):
-            raise ShardError(f"index {idx_file} has {rows.shape[0]} rows, the manifest says {entry['samples']}")
+        try:
+            rows = load_index_file(idx_file, entry["samples"])
+        except ShardError as err:  # make_shards rewrites a split from its first damaged shard on
+            source = manifest.get("source") or "SRC"
+            raise ShardError(f"{err}; rebuild it with: python -m ssl_xcit.data.make_shards {source} {folder} "
+                             "(the same command that made it, with the same options; it rewrites the shards "
+                             "from the first damaged one)") from None
         shards.append(shard)
         sizes.append(int(entry["bytes"]))
         parts.append(rows)
