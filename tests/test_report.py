@@ -128,6 +128,31 @@ def test_attention_images_from_an_archive_and_a_bad_checkpoint(tmp_path, cifar_s
     assert "unreadable checkpoint skipped: checkpoint.pth" in page
 
 
+def test_unreadable_images_are_skipped_for_the_attention_maps(tmp_path, cifar_small, capsys):
+    """Training skips an unreadable image; the page's fixed images did not, and the finished run's page
+    was "not written" (and so was the page of the eval/report.py command it suggested)."""
+    import warnings
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "0000_broken.jpg").write_bytes(b"\xff\xd8 not a JPEG at all")      # picked: evenly spread, first
+    for img in sorted((cifar_small / "train" / "cat").iterdir())[:2]:
+        shutil.copy(img.resolve(), data / img.name)
+    run = make_run(tmp_path / "run", data, checkpoints=False)
+    _checkpoint(run / "checkpoint0000.pth", 10, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)    # "report page not written" would be an error here
+        index = write_report_at_end_of_run(run)
+    page = index.read_text()
+    assert "attention.png" in _img_sources(page)
+    assert f"1 unreadable image(s) skipped: {data / '0000_broken.jpg'}" in page
+    good = next(p for p in sorted(data.iterdir()) if p.name != "0000_broken.jpg")
+    out = cli.run("ssl_xcit.evaluate.report:main", [str(run), "--images", str(good), str(data / "0000_broken.jpg"),
+                                                    "--out", str(tmp_path / "page")], prog="report.py")
+    page = out.read_text()
+    assert "attention.png" in _img_sources(page) and "1 unreadable image(s) skipped" in page
+    assert "report written to" in capsys.readouterr().out
+
+
 def test_end_of_run_report_never_raises(tmp_path):
     (tmp_path / "run").mkdir()
     assert write_report_at_end_of_run(tmp_path / "run") == tmp_path / "run" / "report" / "index.html"
