@@ -68,7 +68,7 @@ def describe(err: BaseException, hints: dict[str, str] | None = None) -> str | N
         if err.errno == errno.ENOSPC:
             return f"no space left on the device writing {where}" if where else "no space left on the device"
         if isinstance(err, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
-                            FileExistsError)):
+                            FileExistsError)) or err.errno == errno.EROFS:
             reason = err.strerror or type(err).__name__
             return f"{where}: {reason}" if where else str(err)
     return None

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ssl_xcit.atomic import atomic_write_json
+from ssl_xcit.atomic import atomic_write_json, check_writable
 from ssl_xcit.cli import ArgumentParser
 from ssl_xcit.evaluate.options import EvalInputError, MissingPathError, check_data_path, check_output_folder
 from ssl_xcit.train.config import load_config
@@ -238,6 +238,7 @@ def paired_gain(hits_a: torch.Tensor, hits_b: torch.Tensor) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    check_writable(args.output)   # a read-only --output: one line before any download or training
     import yaml
     from ssl_xcit.train.loop import pick_device, train
 

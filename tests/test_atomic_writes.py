@@ -191,3 +191,24 @@ def test_the_json_writer_refuses_nan_and_infinity(tmp_path):
             atomic_write_json(target, bad)
         assert target.read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["linear.json"]     # no temp file left
+
+
+@pytest.mark.parametrize("err_no, words", [(errno.EROFS, "read-only file system"), (errno.EACCES, "permission denied")])
+def test_a_folder_that_cannot_be_written_is_named_in_one_line(tmp_path, monkeypatch, err_no, words):
+    """A read-only file system was a traceback (OSError EROFS is no PermissionError) and no permission
+    named a temp file (.x.json.<host>.<pid>.<random>.tmp): both now name the folder, in one line."""
+    from conftest import make_read_only
+    out = tmp_path / "out"
+    out.mkdir()
+    make_read_only(monkeypatch, out, err_no)
+    for target, folder in ((out / "x.json", out), (out / "new" / "x.json", out / "new")):
+        with pytest.raises(atomic.NotWritableError) as info:
+            atomic.atomic_write_text(target, "{}")
+        assert describe(info.value) == (f"cannot write in {folder}: {words}; give another folder or make this one "
+                                        "writable")
+        assert isinstance(info.value, OSError) and info.value.errno == err_no
+    with pytest.raises(atomic.NotWritableError, match=f"cannot write in {out / 'a' / 'b'}: {words}"):
+        atomic.check_writable(out / "a" / "b")       # checked where it would be made; nothing is made
+    atomic.check_writable(tmp_path / "elsewhere")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and list(out.iterdir()) == []
+    assert describe(OSError(errno.EROFS, "Read-only file system", str(out))) == f"{out}: Read-only file system"

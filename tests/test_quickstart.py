@@ -192,6 +192,25 @@ def test_data_never_downloads(cifar_small, tmp_path, monkeypatch, no_network, ca
     assert no_network == [] and not (tmp_path / "dl").exists()
 
 
+def test_a_read_only_output_is_one_line_before_any_training(cifar_small, tmp_path, monkeypatch, capsys):
+    """--output on a read-only file system failed inside the training with a traceback; now one line
+    naming the folder, before anything is trained (the recipe here would train for a second if it ran)."""
+    from conftest import make_read_only
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    make_read_only(monkeypatch, read_only)
+    argv = ["--data", str(cifar_small), "--output", str(read_only / "qs"), "--monitor-every-steps", "0",
+            "--knn-train-images", "20", "--knn-val-images", "10", "--knn-k", "5", "max_images=16",
+            "batch_size_per_gpu=8", "max_steps=1", "report=false", "tensorboard=false", "num_workers=0"]
+    with pytest.raises(SystemExit) as stop:
+        cli.run(quickstart, argv, prog="launch/quickstart.py")
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"launch/quickstart.py: error: cannot write in {read_only / 'qs'}: read-only file "
+                          "system"), err
+    assert list(read_only.iterdir()) == []
+
+
 @pytest.fixture
 def both_cores():
     """The quickstart is one process; let it use both cores of a CI machine (the suite default is 1)."""

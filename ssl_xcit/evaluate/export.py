@@ -44,7 +44,7 @@ from torch.utils.data import Dataset
 from ssl_xcit import distributed as du
 from ssl_xcit.errors import UserError
 from ssl_xcit.evaluate import backbone, datasets, options, runtime
-from ssl_xcit.atomic import atomic_write, atomic_write_json, remove_orphans_in
+from ssl_xcit.atomic import atomic_write, atomic_write_json, check_writable, remove_orphans_in
 
 logger = logging.getLogger(__name__)
 
@@ -423,6 +423,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.split and (root / "train").is_dir() and (root / "val").is_dir():
         raise ExportError(f"--data-path {root} holds train/ and val/: pass --split train or --split val "
                           "(otherwise they would be exported as two classes)")
+    check_writable(args.out)   # a read-only --out: one line now, not after the model and the images are read
     env = runtime.setup_env(args.device, args.seed)
     try:
         dataset = datasets.open_images(folder, datasets.eval_transform(args.crop_size, args.resize))
