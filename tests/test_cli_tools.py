@@ -146,6 +146,13 @@ CASES = [
        f"{flag}{' values' if 'grid' in flag else ''} must be a finite number, got {values[-1]}")
       for flag, values in (("--weight-decay", ["inf"]), ("--weight-decay", ["nan"]), ("--wd-grid", ["0", "inf"]),
                            ("--lr-grid", ["1e-3", "inf"]), ("--lr", ["nan"]))],
+    # more last blocks than the backbone has (XCiT: 2 class-attention blocks carry the CLS token)
+    ("eval/eval_linear.py", ["--checkpoint", ARCH, "--data-path", "DATA", *KNN, "--epochs", "1", "--n-last-blocks",
+                             "3"], f"--n-last-blocks 3: this backbone ({ARCH}) has 2 block(s) carrying a CLS token"),
+    ("eval/eval_linear.py", ["--checkpoint", ARCH, "--data-path", "DATA", *KNN, "--epochs", "1", "--mode", "full",
+                             "--n-last-blocks", "4"], "--n-last-blocks 4: this backbone"),
+    ("eval/export_features.py", ["--checkpoint", ARCH, "--data-path", "DATA", "--split", "val", "--out", "MISSING",
+                                 *KNN, "--n-last-blocks", "5"], "--n-last-blocks 5: this backbone"),
     ("eval/eval_linear.py", ["--checkpoint", "RUN_DIR", "--data-path", "DATA"], "is a folder"),
     ("eval/eval_linear.py", ["--checkpoint", "CORRUPT", "--data-path", "DATA", *KNN], CORRUPT_MESSAGE),
     ("eval/eval_linear.py", ["--checkpoint", ARCH, "--data-path", "DATA", "--resize", "16", "--crop-size", "32"],

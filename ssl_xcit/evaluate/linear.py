@@ -317,6 +317,8 @@ def full_linear_eval(args: argparse.Namespace, env: runtime.EvalEnv, out_dir: Pa
     classes = datasets.check_same_classes(train_ds, val_ds, root)
     model = _frozen_model(args, env, model)
     n_last = args.n_last_blocks or default_n_last_blocks(model)
+    if n_last > 1:
+        backbone.check_n_last_blocks(model, n_last)
     dim = backbone.embed_dim(model) * (n_last + int(args.avgpool_patchtokens))
     with torch.random.fork_rng(devices=[]):  # the initial probe depends on --seed only
         torch.manual_seed(args.seed)
@@ -389,6 +391,8 @@ def _cached_from_args(args: argparse.Namespace, env: runtime.EvalEnv) -> dict | 
     from ssl_xcit.evaluate.features import extract_features
     train_ds, val_ds, classes, model = datasets.open_splits_and_backbone(args, env)
     n_last = args.n_last_blocks or default_n_last_blocks(model)
+    if n_last > 1:
+        backbone.check_n_last_blocks(model, n_last)
     which = probe_outputs(n_last, args.avgpool_patchtokens)
     feats = {}
     for split, ds in (("train", train_ds), ("val", val_ds)):
