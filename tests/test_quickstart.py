@@ -211,6 +211,25 @@ def test_a_read_only_output_is_one_line_before_any_training(cifar_small, tmp_pat
     assert list(read_only.iterdir()) == []
 
 
+def test_the_output_says_how_many_images_were_used(cifar_small, tmp_path, capsys):
+    """On a 200-image folder the first line said "12800 images" (the recipe's max_images) and the k-NN
+    table "10000 train images as memory" (--knn-train-images): both now say what was used."""
+    argv = ["--data", str(cifar_small), "--output", str(tmp_path / "qs"), "--monitor-every-steps", "0",
+            "--knn-k", "5", "max_steps=2", "batch_size_per_gpu=8", "report=false", "tensorboard=false",
+            "num_workers=0", "log_every_steps=1"]
+    report = cli.run(quickstart, argv, prog="launch/quickstart.py")
+    out = capsys.readouterr().out
+    assert "(200 images, 1 epochs)" in out, out
+    assert "200 train images as memory, 100 val images as queries" in out, out
+    assert (report["knn_train_images"], report["knn_val_images"]) == (200, 100)
+    saved = json.loads((tmp_path / "qs" / "quickstart.json").read_text())
+    assert saved["knn_train_images"] == 200 and saved["steps"] == 2
+    with pytest.raises(SystemExit):     # more neighbours than the folder's train images: before training
+        cli.run(quickstart, [*argv[:-6], "--knn-k", "300", "--output", str(tmp_path / "qs2")], prog="qs")
+    assert "--knn-k 300 exceeds the 200 train images" in capsys.readouterr().err
+    assert not (tmp_path / "qs2").exists()
+
+
 @pytest.fixture
 def both_cores():
     """The quickstart is one process; let it use both cores of a CI machine (the suite default is 1)."""

@@ -65,6 +65,7 @@ class KnnPrediction:
     top5: torch.Tensor  # (Q, min(5, k)) predicted classes, best first
     top1_acc: float  # percent
     top5_acc: float  # percent
+    n_train: int = 0  # train features in the memory the neighbours came from (what a report should say)
 
 
 def knn_predict(index: FeatureIndex, train_labels: torch.Tensor, val_features: torch.Tensor,
@@ -99,7 +100,7 @@ def knn_predict(index: FeatureIndex, train_labels: torch.Tensor, val_features: t
         hit = top == val_labels[:, None]
         n = max(len(val_labels), 1)
         out[k] = KnnPrediction(k=k, top5=top, top1_acc=100.0 * hit[:, 0].sum().item() / n,
-                               top5_acc=100.0 * hit.any(dim=1).sum().item() / n)
+                               top5_acc=100.0 * hit.any(dim=1).sum().item() / n, n_train=index.ntotal)
     return out
 
 
