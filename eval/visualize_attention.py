@@ -21,6 +21,11 @@ from ssl_xcit import cli  # noqa: E402  (torch-free)
 from ssl_xcit.errors import UserError  # noqa: E402
 
 PROG = "visualize_attention.py"
+# Without --image-size an image keeps its size up to this many pixels on its longer side: a photo of
+# 10000 x 10000 px is 1.56M patch tokens at patch 8, which ran until memory ran out.
+DEFAULT_MAX_SIDE = 1024
+# this command's words for a setting a library error names by its role (ssl_xcit.cli.reword)
+HINTS = {"arch": "pass --arch NAME (a zoo architecture, e.g. xcit_small_12_p16)"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.6,
                    help="mask: the smallest set of patches holding this share of the attention")
     p.add_argument("--image-size", type=int, nargs="+", default=None, metavar="N",
-                   help="N: shorter side resized to N; H W: resized to H x W; default: the file's size. "
-                        "Then centre-cropped to multiples of the patch size")
+                   help="N: shorter side resized to N; H W: resized to H x W; default: the file's size, "
+                        f"scaled down to at most {DEFAULT_MAX_SIDE} px on its longer side. Then centre-cropped "
+                        "to multiples of the patch size")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0, help="seed of a random-init backbone (model name)")
     p.add_argument("--skip-unreadable", action="store_true",
@@ -70,6 +76,24 @@ def list_images(where: str | Path) -> list[Path]:
     return files
 
 
+def default_size(path: Path) -> tuple[int, int] | None:
+    """Without --image-size: ``None`` (the file's size) up to :data:`DEFAULT_MAX_SIDE` px a side, else
+    the (H, W) that brings its longer side to that, with a warning naming --image-size. The size is read
+    from the header; an unreadable file is left to the reader, which names it."""
+    from ssl_xcit.data.common import DECODE_ERRORS, read_size
+    try:
+        w, h = read_size(path)
+    except DECODE_ERRORS:
+        return None
+    if max(w, h) <= DEFAULT_MAX_SIDE:
+        return None
+    scale = DEFAULT_MAX_SIDE / max(w, h)
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    print(f"{PROG}: warning: {path.name} is {w}x{h} px; resized to {size[1]}x{size[0]} (by default at most "
+          f"{DEFAULT_MAX_SIDE} px a side; --image-size N or --image-size H W sets the size)", file=sys.stderr)
+    return size
+
+
 def output_name(image: Path, base: Path) -> str:
     """``cat.jpg`` -> ``cat``; below a folder, ``dogs/a.jpg`` -> ``dogs__a`` (names stay unique)."""
     rel = image.relative_to(base) if base.is_dir() else Path(image.name)
@@ -95,18 +119,22 @@ def main(argv: list[str] | None = None) -> list[Path]:
         raise UserError(f"--device: {err}") from None
     try:
         model = load_frozen_backbone(args.checkpoint, args.arch, args.checkpoint_key, device, seed=args.seed)
-        layer = resolve_layer(model, args.layer)
     except (ValueError, TypeError) as err:
         if isinstance(err, UserError):
-            raise
+            raise cli.own_words(err, HINTS)
         raise UserError(f"--checkpoint {args.checkpoint}: {err}") from None
+    try:
+        layer = resolve_layer(model, args.layer)
+    except (ValueError, TypeError) as err:   # a layer the model does not have, or a model without any
+        raise UserError(f"--layer {args.layer}: {err}") from None
     cfg = model.data_config
     size = None if args.image_size is None else (
         args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size))
     out, base, written = Path(args.out), Path(args.images), []
     for path in tqdm(images, desc="attention maps", unit="image", disable=args.no_progress or len(images) < 2):
         try:
-            tensor, picture = load_image(path, size, model.patch_size, cfg["mean"], cfg["std"])
+            tensor, picture = load_image(path, size if size is not None else default_size(path), model.patch_size,
+                                         cfg["mean"], cfg["std"])
         except ImageReadError as err:
             if not args.skip_unreadable or len(images) == 1:
                 raise
@@ -123,4 +151,4 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    cli.run(main, prog=PROG)
+    cli.run(main, prog=PROG, hints=HINTS)

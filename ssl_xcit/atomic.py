@@ -11,11 +11,15 @@ What is guaranteed, for every file written here (checkpoints, manifests, results
   ``.<name>.<host>.<pid>.<random>.tmp``; the next write to the same target removes the temp files of
   writers on this host (and PID namespace) whose process is gone (never a live writer's; a file from
   another host or container is left, its process cannot be checked from here);
-* a new file gets the mode a plain ``open()`` would give it under the umask (0644 under umask 022).
+* a new file gets the mode a plain ``open()`` would give it under the umask (0644 under umask 022);
+* a folder that cannot be written (no permission, a read-only file system) raises
+  :class:`NotWritableError` naming the folder (one line on the command line), not a temp file's name.
 """
 from __future__ import annotations
 
 import errno
+import json
+import math
 import os
 import re
 import secrets
@@ -43,6 +47,38 @@ class DiskFullError(UserError, OSError):
     def __str__(self) -> str:
         what = "no space left on the device" if self.errno == errno.ENOSPC else self.strerror.lower()
         return f"{what} writing {self.filename} (the previous file, if any, is unchanged)"
+
+
+# a folder files cannot be created in: no permission, or a read-only file system
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+class NotWritableError(UserError, OSError):
+    """Files cannot be created in ``filename``, a folder (no permission, a read-only file system). A
+    :class:`UserError`: one line naming the folder, whichever file was about to be written in it."""
+
+    def __init__(self, folder: str | os.PathLike, err_no: int = errno.EACCES) -> None:
+        super().__init__(err_no, os.strerror(err_no), str(folder))
+
+    def __str__(self) -> str:
+        return (f"cannot write in {self.filename}: {self.strerror.lower()}; give another folder or make "
+                "this one writable")
+
+
+def check_writable(folder: str | os.PathLike) -> None:
+    """Raise :class:`NotWritableError` unless files can be created in ``folder`` or, when it does not
+    exist yet, in the nearest folder above it (where it would be made); creates nothing that stays.
+    For command lines, to find a read-only output folder before the work rather than after it."""
+    folder = Path(folder).expanduser().absolute()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        os.remove(_create_temp(existing / ".ssl_xcit-write-check"))
+    except OSError as err:
+        if err.errno in _NOT_WRITABLE:
+            raise NotWritableError(folder, err.errno) from err
+        raise
 
 
 def _host() -> str:
@@ -174,12 +210,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     The rename is atomic on POSIX file systems, so readers see the old file or the new one,
     never half of one. The temp file lives in the same folder so the rename never crosses devices.
     Temp files of dead writers of the same target are removed first; a full disk raises
-    :class:`DiskFullError` (an ``OSError`` naming ``path``) after removing the temp file.
+    :class:`DiskFullError` (an ``OSError`` naming ``path``) after removing the temp file, and a folder
+    that cannot be written (no permission, a read-only file system) :class:`NotWritableError` naming it.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_orphans(path)
-    tmp = _create_temp(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_orphans(path)
+        tmp = _create_temp(path)
+    except OSError as err:   # a read-only folder or file system: name the folder, not a temp file
+        if err.errno in _NOT_WRITABLE:
+            raise NotWritableError(path.parent, err.errno) from err
+        raise
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
@@ -208,3 +250,35 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
         with open(tmp, "w") as f:
             f.write(text)
     return atomic_write(path, _write)
+
+
+class NotJSONError(ValueError):
+    """A value JSON cannot hold (NaN, an infinity): Python's ``json`` would write ``NaN``/``Infinity``,
+    which no JSON reader accepts. Reaching it is a bug: a tool checks its numbers before it writes."""
+
+
+def _first_non_finite(obj: Any, where: str = "") -> tuple[str, float] | None:
+    """``(path, value)`` of the first NaN or infinity in ``obj`` (``history[3].train_loss``), or ``None``."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return where or "the value", obj
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for key, value in items:
+        found = _first_non_finite(value, f"{where}[{key}]" if isinstance(key, int) else
+                                  f"{where}.{key}" if where else str(key))
+        if found:
+            return found
+    return None
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = None) -> Path:
+    """``obj`` as JSON through :func:`atomic_write_text`: the project's one JSON writer.
+
+    Strict JSON only (``allow_nan=False``): a NaN or an infinity raises :class:`NotJSONError` naming
+    the file and the key, and nothing is written, rather than a file no JSON reader can parse.
+    """
+    try:
+        text = json.dumps(obj, indent=indent, allow_nan=False)
+    except ValueError as err:
+        key, value = _first_non_finite(obj) or ("a value", float("nan"))
+        raise NotJSONError(f"not writing {path}: {key} is {value}, which JSON cannot hold") from err
+    return atomic_write_text(path, text)

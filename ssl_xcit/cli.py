@@ -38,23 +38,48 @@ def _debug_requested(argv: list[str]) -> tuple[bool, list[str]]:
     return debug, argv
 
 
-def describe(err: BaseException) -> str | None:
-    """The one-line message for a known error, or ``None`` when ``err`` is a bug to show in full."""
+def reword(err: BaseException, hints: dict[str, str] | None = None) -> str:
+    """``err``'s message as a command line says it: an error made by :func:`ssl_xcit.errors.hinted`
+    loses the library's hint (a Python argument) and gets ``hints[err.needs]``, this command's own words
+    for that setting, when it has one; any other error keeps its message."""
+    needs = getattr(err, "needs", None)
+    if needs is None or getattr(err, "problem", None) is None:
+        return str(err)
+    own = (hints or {}).get(needs)
+    return f"{err.problem}; {own}" if own else err.problem
+
+
+def own_words(err: BaseException, hints: dict[str, str] | None) -> BaseException:
+    """``err`` itself, its message now in this command's words (:func:`reword`); for a command layer
+    that re-raises a library error (``ssl_xcit.evaluate.options.run_tool``)."""
+    if getattr(err, "needs", None) is not None and getattr(err, "problem", None) is not None:
+        err.args = (reword(err, hints),)
+        err.problem = err.needs = None
+    return err
+
+
+def describe(err: BaseException, hints: dict[str, str] | None = None) -> str | None:
+    """The one-line message for a known error, or ``None`` when ``err`` is a bug to show in full.
+    ``hints``: the command's words for the settings a library error may need (:func:`reword`)."""
     if isinstance(err, UserError):  # one line even when the message quotes a multi-line library error
-        return "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        return "; ".join(line.strip() for line in reword(err, hints).splitlines() if line.strip())
     if isinstance(err, OSError):
         where = err.filename if err.filename is not None else None
         if err.errno == errno.ENOSPC:
             return f"no space left on the device writing {where}" if where else "no space left on the device"
         if isinstance(err, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
-                            FileExistsError)):
+                            FileExistsError)) or err.errno == errno.EROFS:
             reason = err.strerror or type(err).__name__
             return f"{where}: {reason}" if where else str(err)
     return None
 
 
-def run(main: Callable[[list[str]], Any] | str, argv: Sequence[str] | None = None, prog: str | None = None) -> Any:
+def run(main: Callable[[list[str]], Any] | str, argv: Sequence[str] | None = None, prog: str | None = None,
+        hints: dict[str, str] | None = None) -> Any:
     """Call ``main(argv)``; turn a known error into one line on stderr and ``SystemExit(2)``.
+
+    ``hints``: this command's own words for a setting a library error needs (role -> text, e.g.
+    ``{"allow_pickle": "pass --allow-pickle"}``); a library hint the command has no words for is left out.
 
     ``main`` may be ``"package.module:function"``, imported here, so that heavy imports happen
     after the command line has been checked by a light parser if the module is written that way.
@@ -74,7 +99,7 @@ def run(main: Callable[[list[str]], Any] | str, argv: Sequence[str] | None = Non
         print(f"{prog}: interrupted", file=sys.stderr)
         raise SystemExit(INTERRUPTED_EXIT) from None
     except Exception as err:  # noqa: BLE001 - sorted into known errors (one line) and bugs (re-raised)
-        message = describe(err)
+        message = describe(err, hints)
         if message is None or debug:
             raise
         print(f"{prog}: error: {message}", file=sys.stderr)

@@ -10,3 +10,16 @@ from __future__ import annotations
 class UserError(Exception):
     """An error whose message alone tells the user what to change. Subclass it (alongside a
     builtin such as ``ValueError`` where callers already catch that) for each kind of error."""
+
+
+def hinted(error_type: type, problem: str, hint: str, needs: str) -> UserError:
+    """``error_type(f"{problem}; {hint}")`` that keeps its parts, for an error a setting gets past.
+
+    Library code says what a Python caller would pass (``hint``: "pass allow_pickle=True") and the
+    role of that setting (``needs``: "allow_pickle"); a command line prints ``problem`` with its own
+    option for that role, or with none when it has no such option (:func:`ssl_xcit.cli.describe`), so
+    a hint never names a setting the user cannot type into the command that shows it.
+    """
+    err = error_type(f"{problem}; {hint}")
+    err.problem, err.hint, err.needs = problem, hint, needs
+    return err

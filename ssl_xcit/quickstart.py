@@ -15,13 +15,13 @@ network that ends in one line saying what to pass. ``--data`` never downloads an
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ssl_xcit.atomic import atomic_write_json, check_writable
 from ssl_xcit.cli import ArgumentParser
 from ssl_xcit.evaluate.options import EvalInputError, MissingPathError, check_data_path, check_output_folder
 from ssl_xcit.train.config import load_config
@@ -171,6 +171,16 @@ def training_config(args: argparse.Namespace, root: Path, out: Path):
     return load_config(args.config, [*paths, *monitor, *args.overrides])
 
 
+def check_knn_k(args: argparse.Namespace, root: Path) -> None:
+    """--knn-k against the train images the k-NN will really have (--knn-train-images, or fewer when the
+    folder has fewer), before minutes of training rather than after."""
+    from ssl_xcit.data.sources import open_image_dataset
+    n_train = min(args.knn_train_images, len(open_image_dataset(root / "train", progress=False)))
+    if max(args.knn_k) > n_train:
+        raise EvalInputError(f"--knn-k {max(args.knn_k)} exceeds the {n_train} train images the k-NN has "
+                             f"({root / 'train'}); give --knn-k values of at most {n_train}")
+
+
 def knn_curve(train_dir: Path) -> list[dict]:
     """The k-NN monitor's points in ``train_dir/log.jsonl``, by step (a resumed run's earlier ones
     too; a step scored twice, e.g. a finished run started again, keeps its last point)."""
@@ -238,16 +248,19 @@ def paired_gain(hits_a: torch.Tensor, hits_b: torch.Tensor) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    check_writable(args.output)   # a read-only --output: one line before any download or training
     import yaml
-    from ssl_xcit.train.loop import pick_device, train
+    from ssl_xcit.train.loop import open_training_images, pick_device, train
 
     t0 = time.perf_counter()
     root = data_root(args)
+    check_knn_k(args, root)
     out = Path(args.output)
     cfg = training_config(args, root, out)
 
+    n_images = len(open_training_images(cfg))    # what the run trains on: max_images of the folder, or all
     print(f"[quickstart] DINO pretraining of {cfg.model.arch} on {root / 'train'} "
-          f"({cfg.data.max_images or 'all'} images, {cfg.optim.epochs} epochs) -> {out / 'train'}", flush=True)
+          f"({n_images:,} images, {cfg.optim.epochs} epochs) -> {out / 'train'}", flush=True)
     result = train(cfg)     # with the k-NN monitor's points and, at the end, the report page
     t_train = time.perf_counter() - t0
     curve = knn_curve(out / "train")
@@ -266,8 +279,9 @@ def main(argv: list[str] | None = None) -> dict:
     paired = {k: paired_gain(trained_preds[k].top5[:, 0] == val_y, random_preds[k].top5[:, 0] == val_y)
               for k in trained_preds}
 
-    lines = [f"k-NN (DINO weighted vote, T=0.07) on {root.name}: {args.knn_train_images} train images as "
-             f"memory, {args.knn_val_images} val images as queries, {crop}px",
+    n_train, n_val = next(iter(trained_preds.values())).n_train, len(val_y)    # used: at most the data's
+    lines = [f"k-NN (DINO weighted vote, T=0.07) on {root.name}: {n_train:,} train images as "
+             f"memory, {n_val:,} val images as queries, {crop}px",
              f"{'k':>5} {'trained teacher top-1':>22} {'random backbone top-1':>22} {'gain':>7} "
              f"{'McNemar p (one-sided)':>22}"]
     for k in sorted(trained):
@@ -283,11 +297,11 @@ def main(argv: list[str] | None = None) -> dict:
                  f"of it), total {elapsed / 60:.1f} min; report page {out / 'train' / 'report' / 'index.html'}")
     print("\n".join(lines), flush=True)
     report = {"arch": cfg.model.arch, "data": str(root), "steps": result.global_step,
-              "final_loss": result.last_loss, "train_minutes": t_train / 60, "total_minutes": elapsed / 60,
-              "knn_train_images": args.knn_train_images, "knn_val_images": args.knn_val_images,
+              "final_loss": result.last_loss if math.isfinite(result.last_loss) else None,   # null: diverged "train_minutes": t_train / 60, "total_minutes": elapsed / 60,
+              "knn_train_images": n_train, "knn_val_images": n_val,
               "trained": {str(k): v for k, v in trained.items()},
               "random": {str(k): v for k, v in random_init.items()},
               "paired": {str(k): v for k, v in paired.items()},
               "knn_curve": curve, "knn_curve_images": cfg.eval.eval_max_images if curve else 0}
-    (out / "quickstart.json").write_text(json.dumps(report, indent=2))
+    atomic_write_json(out / "quickstart.json", report, indent=2)
     return report

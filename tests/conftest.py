@@ -1,6 +1,9 @@
 """Shared fixtures: real CIFAR-10 images from ../shared/data, unpacked once per machine."""
 from __future__ import annotations
 
+import builtins
+import errno
+import io
 import os
 import sys
 import tarfile
@@ -63,3 +66,39 @@ def make_subset(root: Path, out: Path, per_class_train: int, per_class_val: int)
 def cifar_small(cifar_root: Path, tmp_path_factory) -> Path:
     """CIFAR-10 with 20 train and 10 val images per class (200 / 100 images)."""
     return make_subset(cifar_root, tmp_path_factory.mktemp("cifar_small"), 20, 10)
+
+
+def make_read_only(monkeypatch, folder: Path, err_no: int = errno.EROFS) -> None:
+    """Make ``folder`` (and everything below it) behave as on a read-only file system for this test:
+    creating a file or folder in it, or opening one there for writing, fails with ``err_no``. (The
+    suite may run as root, for whom permission bits do not stop a write, so chmod cannot be used.)"""
+    folder = Path(folder).absolute()
+
+    def inside(path) -> bool:
+        try:
+            return Path(os.fsdecode(path)).absolute().is_relative_to(folder)
+        except TypeError:    # a file descriptor
+            return False
+
+    def refuse(path):
+        raise OSError(err_no, os.strerror(err_no), os.fsdecode(path))
+    real_open, real_os_open, real_mkdir = builtins.open, os.open, os.mkdir
+
+    def fake_open(file, mode="r", *args, **kwargs):
+        if inside(file) and any(c in mode for c in "wax+"):
+            refuse(file)
+        return real_open(file, mode, *args, **kwargs)
+
+    def fake_os_open(path, flags, *args, **kwargs):
+        if inside(path) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            refuse(path)
+        return real_os_open(path, flags, *args, **kwargs)
+
+    def fake_mkdir(path, *args, **kwargs):
+        if inside(path) and not os.path.isdir(path):
+            refuse(path)
+        return real_mkdir(path, *args, **kwargs)
+    monkeypatch.setattr(builtins, "open", fake_open)
+    monkeypatch.setattr(io, "open", fake_open)       # Path.open / write_text
+    monkeypatch.setattr(os, "open", fake_os_open)
+    monkeypatch.setattr(os, "mkdir", fake_mkdir)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -171,3 +172,43 @@ def test_a_real_full_disk(tmp_path):
     if proc.returncode == 77 or (proc.returncode == 1 and "unshare" in proc.stderr):
         pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()[:200]}")
     assert proc.returncode == 0 and "ok: no space left on the device writing" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_the_json_writer_refuses_nan_and_infinity(tmp_path):
+    """json.dumps writes NaN and Infinity by default, which no JSON reader parses: the project's
+    writer refuses them, names the key, and writes nothing (an older file stays as it was)."""
+    import json
+
+    from ssl_xcit.atomic import NotJSONError, atomic_write_json
+    target = tmp_path / "linear.json"
+    atomic_write_json(target, {"top1": 10.0, "history": [{"train_loss": 2.3}]}, indent=2)
+    before = target.read_text()
+    assert json.loads(before)["history"][0]["train_loss"] == 2.3
+    for bad, where in (({"history": [{"train_loss": 2.3}, {"train_loss": float("nan")}]}, "history[1].train_loss"),
+                       ({"selected": {"weight_decay": float("inf")}}, "selected.weight_decay"),
+                       ([1.0, float("-inf")], "[1]")):
+        with pytest.raises(NotJSONError, match=rf"not writing .*linear\.json: {re.escape(where)} is "):
+            atomic_write_json(target, bad)
+        assert target.read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["linear.json"]     # no temp file left
+
+
+@pytest.mark.parametrize("err_no, words", [(errno.EROFS, "read-only file system"), (errno.EACCES, "permission denied")])
+def test_a_folder_that_cannot_be_written_is_named_in_one_line(tmp_path, monkeypatch, err_no, words):
+    """A read-only file system was a traceback (OSError EROFS is no PermissionError) and no permission
+    named a temp file (.x.json.<host>.<pid>.<random>.tmp): both now name the folder, in one line."""
+    from conftest import make_read_only
+    out = tmp_path / "out"
+    out.mkdir()
+    make_read_only(monkeypatch, out, err_no)
+    for target, folder in ((out / "x.json", out), (out / "new" / "x.json", out / "new")):
+        with pytest.raises(atomic.NotWritableError) as info:
+            atomic.atomic_write_text(target, "{}")
+        assert describe(info.value) == (f"cannot write in {folder}: {words}; give another folder or make this one "
+                                        "writable")
+        assert isinstance(info.value, OSError) and info.value.errno == err_no
+    with pytest.raises(atomic.NotWritableError, match=f"cannot write in {out / 'a' / 'b'}: {words}"):
+        atomic.check_writable(out / "a" / "b")       # checked where it would be made; nothing is made
+    atomic.check_writable(tmp_path / "elsewhere")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and list(out.iterdir()) == []
+    assert describe(OSError(errno.EROFS, "Read-only file system", str(out))) == f"{out}: Read-only file system"

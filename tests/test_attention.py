@@ -221,8 +221,8 @@ def test_cli_errors_are_one_line(tmp_path, capsys, cifar_root):
     assert "junk.pth" in _one_line_error(["--checkpoint", str(junk), "--images", str(good), *base], capsys)
     assert "--threshold" in _one_line_error(
         ["--checkpoint", "xcit_nano_12_p8", "--images", str(good), "--threshold", "1.5", *base], capsys)
-    assert "layer" in _one_line_error(
-        ["--checkpoint", "xcit_nano_12_p8", "--images", str(good), "--layer", "5", *base], capsys)
+    line = _one_line_error(["--checkpoint", "xcit_nano_12_p8", "--images", str(good), "--layer", "5", *base], capsys)
+    assert "--layer 5: this XCiT has 2 class-attention layers" in line and "--checkpoint" not in line, line
     assert "missing_dir" in _one_line_error(
         ["--checkpoint", "xcit_nano_12_p8", "--images", str(tmp_path / "missing_dir"), *base], capsys)
 
@@ -238,6 +238,24 @@ def test_cli_skips_unreadable_images_in_a_folder_when_asked(tmp_path, capsys, ci
     written = cli.run(visualize.main, [*argv, "--skip-unreadable"], prog="visualize_attention.py")
     assert [p.name for p in written] == ["dog"]
     assert "skipped" in capsys.readouterr().err
+
+
+def test_a_huge_image_is_bounded_by_default_and_the_warning_names_image_size(tmp_path, capsys):
+    """A 10000 x 10000 photo ran the model on 1.56M tokens until memory ran out. Without --image-size the
+    longer side is now at most 1024 px (here a 1600 x 1200 image, which runs either way)."""
+    from PIL import Image
+    big = tmp_path / "big.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (1200, 1600, 3), dtype=np.uint8)).save(big)
+    argv = ["--checkpoint", "xcit_nano_12_p16", "--images", str(big), "--out", str(tmp_path / "o"), "--no-progress"]
+    cli.run(visualize.main, argv, prog="visualize_attention.py")
+    with np.load(tmp_path / "o" / "big" / "attention.npz") as saved:
+        assert saved["image"].shape[:2] == (768, 1024)     # aspect kept, multiples of the patch
+    err = capsys.readouterr().err
+    assert "big.png is 1600x1200 px; resized to 1024x768" in err and "--image-size" in err, err
+    cli.run(visualize.main, [*argv, "--image-size", "64"], prog="visualize_attention.py")   # asked for: as asked
+    with np.load(tmp_path / "o" / "big" / "attention.npz") as saved:
+        assert saved["image"].shape[:2] == (64, 80)       # shorter side 64: 85 x 64, cropped to 80
+    assert "resized" not in capsys.readouterr().err
 
 
 def test_attention_maps_without_image_have_no_overlay():

@@ -141,6 +141,18 @@ CASES = [
      "--temperature must be a finite number, got inf"),
     ("eval/eval_knn.py", ["--checkpoint", ARCH, "--data-path", "BAD_TAR", *KNN], "BAD_TAR is not a readable tar"),
     ("eval/eval_linear.py", ["--checkpoint", ARCH, "--data-path", "DATA", "--holdout", "1.5"], "--holdout"),
+    # non-finite numbers are refused as training refuses them (inf weight decay: NaN loss, chance accuracy)
+    *[("eval/eval_linear.py", ["--checkpoint", ARCH, "--data-path", "DATA", *KNN, "--epochs", "1", flag, *values],
+       f"{flag}{' values' if 'grid' in flag else ''} must be a finite number, got {values[-1]}")
+      for flag, values in (("--weight-decay", ["inf"]), ("--weight-decay", ["nan"]), ("--wd-grid", ["0", "inf"]),
+                           ("--lr-grid", ["1e-3", "inf"]), ("--lr", ["nan"]))],
+    # more last blocks than the backbone has (XCiT: 2 class-attention blocks carry the CLS token)
+    ("eval/eval_linear.py", ["--checkpoint", ARCH, "--data-path", "DATA", *KNN, "--epochs", "1", "--n-last-blocks",
+                             "3"], f"--n-last-blocks 3: this backbone ({ARCH}) has 2 block(s) carrying a CLS token"),
+    ("eval/eval_linear.py", ["--checkpoint", ARCH, "--data-path", "DATA", *KNN, "--epochs", "1", "--mode", "full",
+                             "--n-last-blocks", "4"], "--n-last-blocks 4: this backbone"),
+    ("eval/export_features.py", ["--checkpoint", ARCH, "--data-path", "DATA", "--split", "val", "--out", "MISSING",
+                                 *KNN, "--n-last-blocks", "5"], "--n-last-blocks 5: this backbone"),
     ("eval/eval_linear.py", ["--checkpoint", "RUN_DIR", "--data-path", "DATA"], "is a folder"),
     ("eval/eval_linear.py", ["--checkpoint", "CORRUPT", "--data-path", "DATA", *KNN], CORRUPT_MESSAGE),
     ("eval/eval_linear.py", ["--checkpoint", ARCH, "--data-path", "DATA", "--resize", "16", "--crop-size", "32"],
@@ -241,3 +253,91 @@ def test_debug_shows_the_traceback(tmp_path):
                            "nowhere/c.pth", "--data-path", "."], cwd=tmp_path, env=_env(), capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "MissingPathError" in proc.stderr
+
+
+# ------------------------------------------------------------------------------ hints name the command's own options
+class _RunsShell:
+    """Unpickling this calls os.system: weights-only loading refuses it (nothing runs)."""
+
+    def __reduce__(self):
+        return os.system, ("true",)
+
+
+@pytest.fixture(scope="module")
+def hint_files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("hints")
+    files = {name: root / f"{name}.pth" for name in ("pickled", "probe", "unknown", "no_arch")}
+    torch.save({"model": {"w": torch.ones(2)}, "x": _RunsShell()}, files["pickled"])
+    # what eval_linear --mode full saves as linear_checkpoint.pth
+    torch.save({"epoch": 3, "probe": {"linear.weight": torch.zeros(10, 8), "linear.bias": torch.zeros(10)},
+                "optimizer": {}, "scheduler": {}, "best": None, "last": None, "history": [],
+                "fingerprint": {"checkpoint": "runs/s12/checkpoint.pth", "arch": None}}, files["probe"])
+    torch.save({"weights": [1, 2, 3]}, files["unknown"])
+    torch.save({"blocks.0.norm1.weight": torch.ones(8)}, files["no_arch"])   # timm naming, no cls_token
+    return files
+
+
+def _knn(checkpoint: Path, data: Path) -> list[str]:
+    return ["--checkpoint", str(checkpoint), "--data-path", str(data), *KNN]
+
+
+def test_hints_name_only_options_the_command_has(hint_files, cifar_small, capsys):
+    """A library error that an option gets past is worded by each command for its own options: eval_knn
+    has no --allow-pickle or --format (eval_classification has both) but has --arch; a linear-probe
+    checkpoint is called one instead of "pass format=", which no command has."""
+    knn, cls = _tool_main("eval/eval_knn.py"), _tool_main("eval/eval_classification.py")
+
+    def knn_line(name: str) -> str:
+        return _one_line_error(capsys, lambda: cli.run(knn, _knn(hint_files[name], cifar_small), prog="eval_knn"),
+                               "eval_knn")
+
+    def cls_line(name: str) -> str:
+        argv = ["--model", ARCH, "--checkpoint", str(hint_files[name]), "--data-path", str(cifar_small / "val"),
+                "--device", "cpu", "--num-workers", "0"]
+        return _one_line_error(capsys, lambda: cli.run(cls, argv, prog="eval_classification"),
+                               "eval_classification")
+
+    line = knn_line("pickled")
+    assert "contains GLOBAL posix.system" in line and "would run code" in line, line
+    assert "pickle=" not in line and "--allow-pickle" not in line, line
+    line = cls_line("pickled")
+    assert "if you trust the file, pass --allow-pickle" in line and "allow_pickle=" not in line, line
+    line = knn_line("probe")
+    assert "is a linear-probe checkpoint" in line and "not a backbone" in line, line
+    assert "runs/s12/checkpoint.pth" in line and "format" not in line, line
+    line = knn_line("unknown")
+    assert "unknown checkpoint format" in line and "format=" not in line and "--format" not in line, line
+    assert "pass --format, one of" in cls_line("unknown")
+    line = knn_line("no_arch")
+    assert "cannot infer the XCiT architecture" in line and "pass --arch NAME" in line and "arch=" not in line, line
+
+
+def test_pretrained_weights_missing_names_download_as_the_command_spells_it(cifar_small, tmp_path, capsys,
+                                                                              monkeypatch):
+    monkeypatch.setenv("SSL_XCIT_HOME", str(tmp_path / "empty_cache"))
+    argv = ["--model", ARCH, "--checkpoint", "pretrained", "--data-path", str(cifar_small / "val"),
+            "--device", "cpu", "--num-workers", "0"]
+    line = _one_line_error(capsys, lambda: cli.run(_tool_main("eval/eval_classification.py"), argv,
+                                                   prog="eval_classification"), "eval_classification")
+    assert "pretrained weights for" in line and "or pass --download" in line and "download=True" not in line, line
+    from ssl_xcit.models.factory import pretrained_file
+    with pytest.raises(FileNotFoundError, match="download=True"):   # the Python API keeps its own words
+        pretrained_file(ARCH)
+
+
+def test_library_hints_never_reach_a_command_without_that_option():
+    """launch/train.py and any command that passes no words for a role: the problem alone, in one line."""
+    from ssl_xcit.data.sampler import ResumableDistributedSampler
+    from ssl_xcit.errors import UserError, hinted
+    err = hinted(UserError, "x.pth contains GLOBAL posix.system", "pass allow_pickle=True", "allow_pickle")
+    assert str(err).endswith("pass allow_pickle=True")
+    assert cli.describe(err) == "x.pth contains GLOBAL posix.system"
+    assert cli.describe(err, {"allow_pickle": "pass --allow-pickle"}) == "x.pth contains GLOBAL posix.system; " \
+                                                                         "pass --allow-pickle"
+    with pytest.raises(UserError) as info:    # the training's "fewer images than one batch"
+        ResumableDistributedSampler(3, 8)
+    assert "drop_last" not in str(info.value) and cli.describe(info.value).endswith("lower the batch size")
+    sampler = ResumableDistributedSampler(24, 4)
+    with pytest.raises(ValueError) as info:    # the training wraps it in its own resume advice
+        sampler.load_state_dict({**sampler.state_dict(3), "batch_size_per_rank": 5})
+    assert "strict" not in str(info.value)

@@ -173,6 +173,27 @@ def _tiny_checkpoint(path: Path, seed: int) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.parametrize("exists", [True, False])
+def test_a_read_only_out_folder_is_one_line_naming_it(cifar_small, tmp_path, monkeypatch, capsys, exists):
+    """--out on a read-only file system was OSError(EROFS)'s traceback, after the model and the images
+    were read; now one line naming the folder, before."""
+    from conftest import make_read_only
+    from eval import export_features
+    from ssl_xcit import cli
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    out = read_only / "features" if not exists else read_only
+    make_read_only(monkeypatch, read_only)
+    argv = ["--checkpoint", ARCH, "--data-path", str(cifar_small), "--split", "val", "--out", str(out),
+            "--crop-size", "32", "--num-workers", "0", "--device", "cpu", "--no-progress"]
+    with pytest.raises(SystemExit) as stop:
+        cli.run(export_features.main, argv, prog="export_features.py")
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1, err
+    assert err == f"export_features.py: error: cannot write in {out}: read-only file system; give another " \
+                  "folder or make this one writable\n", err
+
+
 def test_resume_with_another_checkpoint_is_refused(cifar_small, tmp_path, monkeypatch):
     """Interrupted after one of three shards, the checkpoint file replaced by another: the rerun must not
     mix two models' features; the original file resumes; --overwrite starts over."""

@@ -193,6 +193,19 @@ def test_an_unreadable_probe_checkpoint_is_one_line_naming_the_file(tiny_folder,
     assert "\n" not in message and "delete it" in message
 
 
+def test_full_mode_says_its_weight_decay_and_stops_when_the_probe_diverges(tiny_folder, tmp_path):
+    """The protocol line said "no weight decay" whatever --weight-decay was; a probe whose loss is no
+    longer finite is stopped with one line, not trained on for the remaining epochs and reported."""
+    env = runtime.setup_env("cpu", 0)
+    res = linear.full_linear_eval(_full_args(tiny_folder, tmp_path / "wd", extra=["--weight-decay", "0.001"]),
+                                  env, tmp_path / "wd")
+    assert "weight decay 0.001" in res["protocol"] and "no weight decay" not in res["protocol"]
+    assert "no weight decay" in linear.full_protocol(0.0)
+    with pytest.raises(linear.EvalInputError, match=r"diverged in epoch \d \(train loss (nan|inf)\): lower --lr"):
+        linear.full_linear_eval(_full_args(tiny_folder, tmp_path / "lr", epochs=3, extra=["--lr", "1e38"]),
+                                env, tmp_path / "lr")
+
+
 # ------------------------------------------------------------------------------------------- CLI
 def test_cli_cached_mode_on_real_images(cifar_small, tmp_path):
     report = linear.main(["--checkpoint", ARCH, "--data-path", str(cifar_small), "--crop-size", "32",

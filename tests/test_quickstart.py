@@ -192,6 +192,44 @@ def test_data_never_downloads(cifar_small, tmp_path, monkeypatch, no_network, ca
     assert no_network == [] and not (tmp_path / "dl").exists()
 
 
+def test_a_read_only_output_is_one_line_before_any_training(cifar_small, tmp_path, monkeypatch, capsys):
+    """--output on a read-only file system failed inside the training with a traceback; now one line
+    naming the folder, before anything is trained (the recipe here would train for a second if it ran)."""
+    from conftest import make_read_only
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    make_read_only(monkeypatch, read_only)
+    argv = ["--data", str(cifar_small), "--output", str(read_only / "qs"), "--monitor-every-steps", "0",
+            "--knn-train-images", "20", "--knn-val-images", "10", "--knn-k", "5", "max_images=16",
+            "batch_size_per_gpu=8", "max_steps=1", "report=false", "tensorboard=false", "num_workers=0"]
+    with pytest.raises(SystemExit) as stop:
+        cli.run(quickstart, argv, prog="launch/quickstart.py")
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"launch/quickstart.py: error: cannot write in {read_only / 'qs'}: read-only file "
+                          "system"), err
+    assert list(read_only.iterdir()) == []
+
+
+def test_the_output_says_how_many_images_were_used(cifar_small, tmp_path, capsys):
+    """On a 200-image folder the first line said "12800 images" (the recipe's max_images) and the k-NN
+    table "10000 train images as memory" (--knn-train-images): both now say what was used."""
+    argv = ["--data", str(cifar_small), "--output", str(tmp_path / "qs"), "--monitor-every-steps", "0",
+            "--knn-k", "5", "max_steps=2", "batch_size_per_gpu=8", "report=false", "tensorboard=false",
+            "num_workers=0", "log_every_steps=1"]
+    report = cli.run(quickstart, argv, prog="launch/quickstart.py")
+    out = capsys.readouterr().out
+    assert "(200 images, 1 epochs)" in out, out
+    assert "200 train images as memory, 100 val images as queries" in out, out
+    assert (report["knn_train_images"], report["knn_val_images"]) == (200, 100)
+    saved = json.loads((tmp_path / "qs" / "quickstart.json").read_text())
+    assert saved["knn_train_images"] == 200 and saved["steps"] == 2
+    with pytest.raises(SystemExit):     # more neighbours than the folder's train images: before training
+        cli.run(quickstart, [*argv[:-6], "--knn-k", "300", "--output", str(tmp_path / "qs2")], prog="qs")
+    assert "--knn-k 300 exceeds the 200 train images" in capsys.readouterr().err
+    assert not (tmp_path / "qs2").exists()
+
+
 @pytest.fixture
 def both_cores():
     """The quickstart is one process; let it use both cores of a CI machine (the suite default is 1)."""

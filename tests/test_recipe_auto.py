@@ -66,6 +66,19 @@ def test_user_values_win_and_defaults_are_filled():
     assert cfg.model.use_bn_in_head is True and cfg.data.global_crops_size == 32   # DINO's defaults: False, 224
 
 
+def test_a_clamped_momentum_says_it_was_clamped_and_to_what():
+    """A 4-step run's reason said "about 10% of the 4 steps" for a 40-step window (0.975, the floor)."""
+    short = teacher_momentum(4)
+    assert short.value == 0.975 and "about 10%" not in short.reason
+    assert short.reason.startswith("clamped to the lowest momentum 0.975 (an EMA window of 40 steps): 10% of the "
+                                   "4 steps would be a window of 0.4 steps"), short.reason
+    long = teacher_momentum(100_000)
+    assert long.value == 0.996 and long.reason.startswith("clamped to DINO's momentum 0.996 (an EMA window of 250 "
+                                                          "steps): 10% of the 100,000 steps would be a window of "
+                                                          "10,000 steps"), long.reason
+    assert teacher_momentum(1000).reason.startswith("an EMA window 1/(1-m) of 100 steps: about 10% of the 1,000")
+
+
 def test_the_teacher_momentum_stays_put_unless_the_user_says_otherwise():
     from ssl_xcit.train.loop import build_schedules
     cfg = _cfg("epochs=1")

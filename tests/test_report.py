@@ -92,21 +92,42 @@ def test_report_shows_every_part_of_a_finished_run(finished_report):
 
 
 def test_report_of_a_run_that_has_just_started(tmp_path, capsys):
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    page = write_report(empty).read_text()
-    for note in ("no log.jsonl yet", "no checkpoint saved yet", "no config.yaml", "no progress logged yet",
-                 "no k-NN records"):
+    started = tmp_path / "started"
+    started.mkdir()
+    (started / "log.jsonl").write_text("")
+    page = write_report(started).read_text()
+    for note in ("no training records in log.jsonl yet", "no checkpoint saved yet", "no config.yaml",
+                 "no progress logged yet", "no k-NN records"):
         assert note in page
     assert _img_sources(page) == []
-    (empty / "log.jsonl").write_text("")
-    assert "no training records in log.jsonl yet" in write_report(empty).read_text()
+    configured = tmp_path / "configured"
+    configured.mkdir()
+    (configured / "config.yaml").write_text("model:\n  arch: xcit_nano_12_p8\n")
+    assert "no log.jsonl yet" in write_report(configured).read_text()
     # a line being written when the page is made is skipped and counted
-    (empty / "log.jsonl").write_text('{"event": "start", "time": 1.0}\n'
-                                     '{"event": "train", "global_step": 2, "loss": 4.0}\n{"event": "tr')
-    page = write_report(empty).read_text()
+    (started / "log.jsonl").write_text('{"event": "start", "time": 1.0}\n'
+                                       '{"event": "train", "global_step": 2, "loss": 4.0}\n{"event": "tr')
+    page = write_report(started).read_text()
     assert "1 unreadable line(s)" in page and "loss.png" in _img_sources(page)
     assert "running or interrupted (last logged global step 2)" in page
+
+
+def test_a_folder_that_is_not_a_run_is_refused_in_one_line(tmp_path, capsys):
+    """eval/report.py on a folder without config.yaml, log.jsonl or a checkpoint wrote report/index.html
+    into it and said "report written"."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "holiday.jpg").write_bytes(b"x")
+    with pytest.raises(SystemExit) as stop:
+        cli.run("ssl_xcit.evaluate.report:main", [str(photos)], prog="report.py")
+    captured = capsys.readouterr()
+    assert stop.value.code == 2 and captured.err.count("\n") == 1, captured.err
+    assert f"{photos} is not a training run's output_dir (no config.yaml, log.jsonl or checkpoint*.pth" in captured.err
+    assert "report written" not in captured.out and sorted(p.name for p in photos.iterdir()) == ["holiday.jpg"]
+    from ssl_xcit.evaluate.report import NotARunError
+    with pytest.raises(NotARunError):
+        write_report(photos, out_dir=tmp_path / "elsewhere")
+    assert not (tmp_path / "elsewhere").exists()
 
 
 def test_attention_images_from_an_archive_and_a_bad_checkpoint(tmp_path, cifar_small, monkeypatch):
@@ -128,8 +149,34 @@ def test_attention_images_from_an_archive_and_a_bad_checkpoint(tmp_path, cifar_s
     assert "unreadable checkpoint skipped: checkpoint.pth" in page
 
 
+def test_unreadable_images_are_skipped_for_the_attention_maps(tmp_path, cifar_small, capsys):
+    """Training skips an unreadable image; the page's fixed images did not, and the finished run's page
+    was "not written" (and so was the page of the eval/report.py command it suggested)."""
+    import warnings
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "0000_broken.jpg").write_bytes(b"\xff\xd8 not a JPEG at all")      # picked: evenly spread, first
+    for img in sorted((cifar_small / "train" / "cat").iterdir())[:2]:
+        shutil.copy(img.resolve(), data / img.name)
+    run = make_run(tmp_path / "run", data, checkpoints=False)
+    _checkpoint(run / "checkpoint0000.pth", 10, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)    # "report page not written" would be an error here
+        index = write_report_at_end_of_run(run)
+    page = index.read_text()
+    assert "attention.png" in _img_sources(page)
+    assert f"1 unreadable image(s) skipped: {data / '0000_broken.jpg'}" in page
+    good = next(p for p in sorted(data.iterdir()) if p.name != "0000_broken.jpg")
+    out = cli.run("ssl_xcit.evaluate.report:main", [str(run), "--images", str(good), str(data / "0000_broken.jpg"),
+                                                    "--out", str(tmp_path / "page")], prog="report.py")
+    page = out.read_text()
+    assert "attention.png" in _img_sources(page) and "1 unreadable image(s) skipped" in page
+    assert "report written to" in capsys.readouterr().out
+
+
 def test_end_of_run_report_never_raises(tmp_path):
     (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "log.jsonl").write_text("")
     assert write_report_at_end_of_run(tmp_path / "run") == tmp_path / "run" / "report" / "index.html"
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("x")
@@ -160,6 +207,7 @@ def test_report_command_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "nowhere" in err
     run = tmp_path / "r"
     run.mkdir()
+    (run / "config.yaml").write_text("model:\n  arch: xcit_nano_12_p8\n")
     out = cli.run(report.main, [str(run), "--out", str(tmp_path / "page")], prog="report.py")
     assert out == tmp_path / "page" / "index.html" and out.is_file()
 

@@ -222,6 +222,67 @@ def test_make_shards_command_line_errors_are_one_line(tmp_path: Path, capsys):
         assert exc.value.code == 2 and err.count("\n") == 1 and needle in err, err
 
 
+def test_a_second_make_shards_into_the_same_dest_is_refused_naming_the_first(cifar_small: Path, tmp_path: Path,
+                                                                              capsys):
+    """Two make_shards into one DEST removed each other's temp files or both did the whole job: the
+    second is refused in one line naming the first (host, pid, since), before writing anything."""
+    import fcntl
+    import socket
+    import time
+
+    from ssl_xcit import cli
+    src, dest = cifar_small / "val", tmp_path / "dest"
+    dest.mkdir()
+    # the first make_shards, as its lock file shows it: flock held, its host, pid and start in the record
+    first = open(dest / ".make_shards.lock", "w")
+    fcntl.flock(first.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    first.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}))
+    first.flush()
+    try:
+        with pytest.raises(SystemExit) as exc:
+            cli.run(ms.main, [str(src), str(dest), "--shard-size", "100KB", "--no-progress"], prog="make_shards")
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and err.count("\n") == 1, err
+        assert f"{dest} is in use by another make_shards (host {socket.gethostname()}, pid {os.getpid()}, since" \
+            in err and "give another DEST" in err, err
+        assert sorted(p.name for p in dest.iterdir()) == [".make_shards.lock"]   # nothing written
+    finally:
+        first.close()
+    manifest = ms.make_shards(src, dest, "100KB", progress=False)["."]   # free again: it runs
+    assert manifest["images"] == 100
+
+
+def test_a_damaged_index_names_its_shard_and_make_shards_rebuilds_it(cifar_small: Path, tmp_path: Path, capsys):
+    """A corrupted .idx.npy was numpy's 37-line traceback naming neither shard nor cure: now one line
+    naming the shard and the command that rebuilds it, and that command does."""
+    import shlex
+
+    from ssl_xcit import cli
+    src, dest = cifar_small / "val", tmp_path / "shards"
+    ms.make_shards(src, dest, "100KB", progress=False)
+    idx = dest / ("shard-000001.tar" + ms.INDEX_SUFFIX)
+    good = idx.read_bytes()
+    first = ShardImages(dest)[0]
+    for damage in (b"\x93NUMPY garbage" * 8, good[: len(good) // 2], b""):
+        idx.write_bytes(damage)
+        with pytest.raises(ShardError) as info:
+            ShardImages(dest)
+        message = str(info.value)
+        assert message.startswith(f"shard {dest / 'shard-000001.tar'}: its index shard-000001.tar.idx.npy is "
+                                  "unreadable (") and "\n" not in message, message
+        with pytest.raises(SystemExit):                  # a command line reading it: the same one line
+            cli.run(lambda argv: ShardImages(dest), [], prog="tool")
+        assert capsys.readouterr().err.count("\n") == 1
+    command = message.split("rebuild it with: ", 1)[1].split(" (", 1)[0]
+    assert command == f"python -m ssl_xcit.data.make_shards {src} {dest}"
+    before = {p.name: p.stat().st_mtime_ns for p in dest.glob("shard-*.tar")}
+    cli.run(ms.main, [*shlex.split(command)[3:], "--shard-size", "100KB", "--no-progress"], prog="make_shards")
+    assert idx.read_bytes() == good                      # the same index again
+    assert (dest / "shard-000000.tar").stat().st_mtime_ns == before["shard-000000.tar"]   # the whole one kept
+    rebuilt = ShardImages(dest)
+    assert len(rebuilt) == 100 and _pixels_sha(rebuilt[0][0]) == _pixels_sha(first[0])
+
+
 def test_parse_size():
     assert ms.parse_size("1GB") == 10**9 and ms.parse_size("512MiB") == 2**29 and ms.parse_size("1.5MB") == 1_500_000
 

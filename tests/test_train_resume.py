@@ -51,6 +51,26 @@ def test_weights_actually_change_and_teacher_trails_student(cifar_small, tmp_pat
     assert not torch.equal(w[f"teacher.{key}"], w[f"student.{key}"])
 
 
+def test_random_bytes_as_checkpoint_get_the_one_readers_message(tmp_path):
+    """Resume reads checkpoint.pth through the same checked reader as evaluation: random bytes are
+    "not a PyTorch checkpoint" in one line, not torch's advice to re-run with weights_only=False."""
+    import random
+
+    from ssl_xcit.models.checkpoints import CheckpointError as ModelsCheckpointError, read_checkpoint
+    from ssl_xcit.train.checkpoint import CheckpointError, load_checkpoint
+    assert CheckpointError is ModelsCheckpointError       # one class, re-exported by train.checkpoint
+    noise = tmp_path / "checkpoint.pth"
+    noise.write_bytes(random.Random(0).randbytes(4096))
+    with pytest.raises(CheckpointError) as resumed:
+        load_checkpoint(noise)
+    with pytest.raises(CheckpointError) as evaluated:
+        read_checkpoint(noise)
+    assert str(resumed.value) == str(evaluated.value)
+    assert str(resumed.value).startswith(f"{noise} is not a PyTorch checkpoint (")
+    assert "\n" not in str(resumed.value) and "Re-running" not in str(resumed.value)
+    assert "file an issue" not in str(resumed.value)
+
+
 def test_a_folder_is_named_as_a_folder_not_a_missing_checkpoint(cifar_small, tmp_path):
     from ssl_xcit.train.checkpoint import CheckpointError, load_checkpoint
     with pytest.raises(CheckpointError, match="checkpoint not found"):

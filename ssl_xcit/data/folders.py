@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,20 +34,15 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ssl_xcit.atomic import atomic_write_text
+from ssl_xcit.atomic import atomic_write_json
+# IMAGE_EXTENSIONS, load_rgb, read_size and run_seeded are this module's names too (callers import them here)
+from ssl_xcit.data.common import (DECODE_ERRORS, IMAGE_EXTENSIONS, is_rank0, load_rgb, parse_index,  # noqa: F401
+                                  read_size, run_seeded, selection)
+from ssl_xcit.locks import file_lock
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
-
-# What PIL raises for unreadable, truncated or non-image files (UnidentifiedImageError is an OSError).
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
-
 _LISTING_CACHE_VERSION = 1
-
-
-def _is_rank0() -> bool:
-    return os.environ.get("RANK", "0") in ("", "0")
 
 
 def _normalise_extensions(extensions: Iterable[str]) -> tuple[str, ...]:
@@ -118,7 +112,7 @@ def scan_images(root: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTEN
     top_images = [e.path for e in top_entries if e.is_file() and _is_image(e.name, exts)]
     top_dirs = [e for e in top_entries if e.is_dir()]
 
-    show = _is_rank0() if progress is None else progress
+    show = is_rank0() if progress is None else progress
     visited: set[str] = {os.path.realpath(root_str)}
     per_dir: list[tuple[str, list[str]]] = []
     dirs_iter: Iterable[Any] = top_dirs
@@ -217,7 +211,6 @@ def load_listing(root: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTE
     exts = _normalise_extensions(extensions)
     if cache_dir is None:
         return scan_images(root_str, exts, progress)
-    from ssl_xcit.data.sources import file_lock
     cache_file = _listing_cache_file(cache_dir, root_str, exts)
     with contextlib.ExitStack() as stack:
         try:
@@ -246,98 +239,10 @@ def _cached_or_scanned(cache_file: Path, root_str: str, exts: tuple[str, ...], p
                "files": listing.files,
                "labels": listing.labels, "classes": listing.classes, "dir_mtimes": listing.dir_mtimes}
     try:
-        atomic_write_text(cache_file, json.dumps(payload))
+        atomic_write_json(cache_file, payload)
     except OSError as err:  # a read-only cache location must not stop training
         logger.warning("could not write listing cache %s: %s", cache_file, err)
     return listing
-
-
-def _to_8bit(img: Image.Image) -> Image.Image:
-    """16-bit greys (modes ``I;16*``, or ``I`` holding 16-bit values) -> ``L`` scaled by 255/65535.
-
-    PIL's ``convert("RGB")`` clips such values at 255 instead of scaling them, which turned
-    nearly every pixel of a 16-bit PNG white. A 32-bit ``I`` image whose values do not fit in
-    16 bits is scaled by its own range. (16-bit RGB PNGs already open as 8-bit ``RGB``.)
-    """
-    if not (img.mode == "I" or img.mode.startswith("I;16")):
-        return img
-    arr = np.asarray(img, dtype=np.float64)
-    low, high = float(arr.min(initial=0)), float(arr.max(initial=0))
-    if low >= 0 and high <= 65535:
-        scaled = arr * (255.0 / 65535.0)
-    else:
-        scaled = (arr - low) * (255.0 / max(high - low, 1.0))
-    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
-
-
-def load_rgb(path: str | Any) -> Image.Image:
-    """Open and fully decode an image (a path or a binary file object) as 8-bit RGB.
-
-    ``load`` forces truncated files to fail here; 16-bit greys are scaled, not clipped.
-    """
-    with Image.open(path) as img:
-        img.load()
-        return _to_8bit(img).convert("RGB")
-
-
-def read_size(path: str | Any) -> tuple[int, int]:
-    """``(width, height)`` of an image (a path or a binary file object) from its header alone:
-    nothing is decoded, so it costs a read of the first bytes, not a decode."""
-    with Image.open(path) as img:
-        return img.size
-
-
-def _parse_index(item: Any, length: int) -> tuple[int, int | None]:
-    """``int`` or ``(index, sample_seed)`` -> (index, seed or None), with clear errors."""
-    seed: int | None = None
-    if isinstance(item, (tuple, list)):
-        if len(item) != 2:
-            raise TypeError(f"dataset index must be an int or an (index, sample_seed) pair, got {item!r}")
-        item, seed_raw = item
-        if isinstance(seed_raw, torch.Tensor):
-            seed_raw = seed_raw.item()
-        if isinstance(seed_raw, bool) or not isinstance(seed_raw, (int, np.integer)):
-            raise TypeError(f"sample_seed must be an int, got {type(seed_raw).__name__} ({seed_raw!r})")
-        seed = int(seed_raw)
-        if not 0 <= seed < 2**64:
-            raise ValueError(f"sample_seed must be in [0, 2**64), got {seed}")
-    if isinstance(item, torch.Tensor) and item.numel() == 1:
-        item = item.item()
-    if isinstance(item, bool) or not isinstance(item, (int, np.integer)):
-        raise TypeError(f"dataset index must be an int or an (index, sample_seed) pair, got "
-                        f"{type(item).__name__} ({item!r})")
-    index = int(item)
-    if not 0 <= index < length:
-        raise IndexError(f"dataset index {index} is out of range for {length} images")
-    return index, seed
-
-
-def _selection(indices: Sequence[int] | np.ndarray, length: int) -> np.ndarray:
-    """``indices`` as a 1-d int64 array within ``[0, length)``, for ``select`` of any image dataset."""
-    idx = np.asarray(indices, dtype=np.int64)
-    if idx.ndim != 1 or (idx.size and (idx.min() < 0 or idx.max() >= length)):
-        raise IndexError(f"select: indices must be a 1-d list within [0, {length})")
-    return idx
-
-
-def run_seeded(fn: Callable[[Any], Any], arg: Any, seed: int) -> Any:
-    """Call ``fn(arg)`` with torch, Python ``random`` and NumPy seeded from ``seed`` only.
-
-    The caller's random states are restored afterwards, so the result depends on ``seed`` alone,
-    not on which worker runs it or what ran before. Only the CPU torch generator is seeded:
-    ``torch.manual_seed`` would also reseed CUDA, which ``fork_rng(devices=[])`` does not restore.
-    """
-    py_state = random.getstate()
-    np_state = np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        try:
-            return fn(arg)
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
 
 
 class ImageFiles(Dataset):
@@ -407,17 +312,17 @@ class ImageFiles(Dataset):
 
     def select(self, indices: Sequence[int] | np.ndarray) -> "ImageFiles":
         """Keep only ``indices`` (in that order), in place; for quick runs on part of a folder."""
-        idx = _selection(indices, len(self._files))
+        idx = selection(indices, len(self._files))
         self._files = self._files[idx]
         self._targets = self._targets[idx]
         return self
 
     def __getitem__(self, item: Any) -> tuple[Any, int, int] | None:
-        index, seed = _parse_index(item, len(self._files))
+        index, seed = parse_index(item, len(self._files))
         path = str(self.path(index))
         try:
             image = load_rgb(path)
-        except _DECODE_ERRORS as err:
+        except DECODE_ERRORS as err:
             if path not in self._warned:
                 self._warned.add(path)
                 logger.warning("skipping unreadable image %s: %s: %s", path, type(err).__name__, err)

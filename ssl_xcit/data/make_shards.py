@@ -16,7 +16,9 @@ count, bytes, SHA-256, source range, skipped files) and, when all are written, `
 (counts, classes, per-class counts, the shards with their hashes, the options).
 
 Resumable: a shard counts as done once its ``.json`` is written (last, atomically); an
-interrupted run starts again after the last done shard. Unreadable source images are skipped,
+interrupted run starts again after the last done shard. One make_shards per DEST: it holds
+``DEST/.make_shards.lock`` (:class:`~ssl_xcit.locks.OutputDirLock`), and a second one is refused
+with the first one's host, pid and start time. Unreadable source images are skipped,
 counted and listed in the manifest. ``--resize N`` scales the shorter side down to N px (never
 up) and stores JPEG at ``--quality``.
 """
@@ -34,12 +36,15 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ssl_xcit.data.folders import _DECODE_ERRORS, load_rgb, scan_images
-from ssl_xcit.data.shards import FORMAT, FORMAT_VERSION, INDEX_SUFFIX, MANIFEST
+from ssl_xcit.data.common import DECODE_ERRORS, load_rgb
+from ssl_xcit.data.folders import scan_images
+from ssl_xcit.data.shards import FORMAT, FORMAT_VERSION, INDEX_SUFFIX, MANIFEST, ShardError, load_index_file
 from ssl_xcit.errors import UserError
-from ssl_xcit.atomic import atomic_write, atomic_write_text
+from ssl_xcit.locks import OutputDirLock
+from ssl_xcit.atomic import atomic_write, atomic_write_json
 
 STATE = ".make_shards.json"
+LOCK_NAME = ".make_shards.lock"   # in DEST, held by the make_shards writing there (ssl_xcit.locks.OutputDirLock)
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -134,7 +139,7 @@ def _claim(dest: Path, options: dict[str, Any]) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     state = dest / STATE
     if not state.exists():
-        atomic_write_text(state, json.dumps(options))
+        atomic_write_json(state, options)
         return
     before = json.loads(state.read_text())
     if before != options:
@@ -143,11 +148,29 @@ def _claim(dest: Path, options: dict[str, Any]) -> None:
                               f"{', '.join(changed)}); give another DEST or delete it")
 
 
+def _intact(dest: Path, meta: dict[str, Any]) -> bool:
+    """Whether a finished shard is still whole: its tar has the size recorded and its index reads."""
+    shard = dest / meta["name"]
+    try:
+        load_index_file(dest / (meta["name"] + INDEX_SUFFIX), meta["samples"])
+        return shard.is_file() and shard.stat().st_size == meta["bytes"]
+    except ShardError:
+        return False
+
+
 def _finished_shards(dest: Path) -> list[dict[str, Any]]:
-    """The records of the shards an earlier call finished (in order); a half-written shard is removed."""
+    """The records of the shards an earlier call finished (in order), up to the first damaged one (a
+    truncated tar, an unreadable index), whose record and later ones are removed so that they are made
+    again; a half-written shard is removed."""
     done: list[dict[str, Any]] = []
     while (dest / (shard_name(len(done)) + ".json")).exists():
-        done.append(json.loads((dest / (shard_name(len(done)) + ".json")).read_text()))
+        meta = json.loads((dest / (shard_name(len(done)) + ".json")).read_text())
+        if not _intact(dest, meta):
+            for record in dest.glob("shard-*.tar.json"):
+                if int(record.name[len("shard-"):-len(".tar.json")]) >= len(done):
+                    record.unlink()
+            break
+        done.append(meta)
     for stale in dest.glob(".shard-*.tmp"):
         stale.unlink()
     return done
@@ -168,7 +191,7 @@ def _write_shard(src: Path, dest: Path, k: int, listing, i: int, shard_size: int
         while i < len(files):
             try:
                 data, ext = _encode(src / files[i], resize, quality)
-            except _DECODE_ERRORS:
+            except DECODE_ERRORS:
                 skipped.append(files[i])
                 i += 1
                 if bar is not None:
@@ -195,7 +218,7 @@ def _write_shard(src: Path, dest: Path, k: int, listing, i: int, shard_size: int
                  lambda path: np.save(open(path, "wb"), np.asarray(rows, dtype=np.int64)))
     meta = {"name": shard_name(k), "samples": len(rows), "bytes": final.stat().st_size,
             "sha256": out.sha256.hexdigest(), "start": first, "end": i, "skipped": skipped}
-    atomic_write_text(dest / (shard_name(k) + ".json"), json.dumps(meta))
+    atomic_write_json(dest / (shard_name(k) + ".json"), meta)
     return meta, i, skipped
 
 
@@ -213,7 +236,7 @@ def _write_manifest(src: Path, dest: Path, n_files: int, classes: list[str], don
                 if classes else [],
                 "shards": [{k: m[k] for k in ("name", "samples", "bytes", "sha256")} for m in done],
                 "options": {k: options[k] for k in ("shard_size", "resize", "quality")}}
-    atomic_write_text(dest / MANIFEST, json.dumps(manifest, indent=1))
+    atomic_write_json(dest / MANIFEST, manifest, indent=1)
     return manifest
 
 
@@ -227,9 +250,12 @@ def write_split(src: Path, dest: Path, shard_size: int, resize: int | None = Non
                "resize": resize, "quality": quality if resize else None,
                "listing_sha1": hashlib.sha1("\n".join(files).encode()).hexdigest()}
     _claim(dest, options)
-    if (dest / MANIFEST).exists():
-        return json.loads((dest / MANIFEST).read_text())
     done = _finished_shards(dest)
+    if (dest / MANIFEST).exists():
+        manifest = json.loads((dest / MANIFEST).read_text())
+        if len(done) == len(manifest["shards"]):
+            return manifest
+        (dest / MANIFEST).unlink()   # a damaged shard: made again from there, then a new manifest
     i = done[-1]["end"] if done else 0
     bar = None
     if progress:
@@ -268,8 +294,11 @@ def make_shards(src: str | os.PathLike, dest: str | os.PathLike, shard_size: int
     dest = Path(dest).expanduser().absolute()
     if dest == root or root in dest.parents:
         raise MakeShardsError(f"DEST {dest} lies inside SRC {root}; write the shards elsewhere")
-    return {split or ".": write_split(root / split if split else root, dest / split if split else dest, size,
-                                      resize, quality, progress) for split in splits_of(root)}
+    dest.mkdir(parents=True, exist_ok=True)
+    # one writer per DEST: two at once removed each other's temp files or both did the whole job
+    with OutputDirLock(dest, LOCK_NAME, "make_shards", "give another DEST"):
+        return {split or ".": write_split(root / split if split else root, dest / split if split else dest, size,
+                                          resize, quality, progress) for split in splits_of(root)}
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:

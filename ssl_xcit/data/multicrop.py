@@ -31,8 +31,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from ssl_xcit.data.common import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 (imported from here too)
 
 REFERENCE_BLUR_KERNEL = 23
 REFERENCE_CROP_SIZE = 224

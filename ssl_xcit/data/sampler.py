@@ -17,9 +17,15 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from ssl_xcit.errors import UserError
+
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
 _STATE_VERSION = 1
+
+
+class EmptyEpochError(UserError, ValueError):
+    """Fewer images than one global batch with ``drop_last``: an epoch would have no step."""
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -78,11 +84,10 @@ class ResumableDistributedSampler(Sampler):
         self.shuffle = bool(shuffle)
         self.drop_last = bool(drop_last)
         if self.drop_last and self.dataset_len < self.global_batch_size:
-            raise ValueError(
+            raise EmptyEpochError(
                 f"the dataset has {dataset_len} images, fewer than one global batch of "
-                f"{self.global_batch_size} (batch_size_per_rank={batch_size_per_rank} x "
-                f"num_replicas={num_replicas}): an epoch would have no step; lower the batch size "
-                "or use drop_last=False")
+                f"{self.global_batch_size} ({batch_size_per_rank} per process x {num_replicas} "
+                f"process{'es' if num_replicas > 1 else ''}): an epoch would have no step; lower the batch size")
         self.epoch = 0
         self.start_step = 0
 
@@ -180,7 +185,7 @@ class ResumableDistributedSampler(Sampler):
         if problems:
             msg = "cannot resume the data order exactly: " + "; ".join(problems)
             if strict:
-                raise ValueError(msg + " (pass strict=False to restart the epoch instead)")
+                raise ValueError(msg)
             warnings.warn(msg + f"; restarting epoch {epoch} at step 0", stacklevel=2)
             step = 0
 
@@ -193,7 +198,7 @@ class ResumableDistributedSampler(Sampler):
                    f"not a multiple of the new global batch {self.global_batch_size} "
                    f"({self.num_replicas} x {self.batch_size_per_rank})")
             if strict:
-                raise ValueError(msg + " (pass strict=False to round down, or resume from an epoch-end checkpoint)")
+                raise ValueError(msg)
             warnings.warn(msg + f"; resuming at step {new_step}, re-seeing {remainder} samples", stacklevel=2)
         self.seed = seed
         self.epoch = epoch

@@ -53,10 +53,11 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ssl_xcit.data.folders import (_DECODE_ERRORS, IMAGE_EXTENSIONS, _parse_index, _selection, load_rgb,
-                                  read_size, run_seeded)
-from ssl_xcit.errors import UserError
 from ssl_xcit.atomic import atomic_write
+from ssl_xcit.data.common import (DECODE_ERRORS, IMAGE_EXTENSIONS, is_rank0, load_rgb, parse_index, read_size,
+                                  run_seeded, selection)
+from ssl_xcit.errors import UserError
+from ssl_xcit.locks import file_lock
 
 logger = logging.getLogger(__name__)
 
@@ -217,6 +218,22 @@ class ShardIndex:
     classes: list[str]
 
 
+def load_index_file(idx_file: Path, samples: int) -> np.ndarray:
+    """A shard's ``<shard>.idx.npy`` as its (samples, 4) int64 rows; a missing, damaged or foreign file is
+    a :class:`ShardError` naming the shard (numpy's own error is a page of traceback naming neither)."""
+    shard = idx_file.with_name(idx_file.name[:-len(INDEX_SUFFIX)])
+    try:
+        rows = np.load(idx_file, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:150]
+        raise ShardError(f"shard {shard}: its index {idx_file.name} is unreadable ({type(err).__name__}: "
+                         f"{reason})") from None
+    if rows.ndim != 2 or rows.shape != (samples, 4) or rows.dtype.kind not in "iu":
+        raise ShardError(f"shard {shard}: its index {idx_file.name} holds a {rows.dtype} array of shape "
+                         f"{rows.shape}, the manifest says {samples} rows of 4 integers")
+    return rows
+
+
 def _from_manifest(folder: Path) -> ShardIndex:
     manifest = json.loads((folder / MANIFEST).read_text())
     if manifest.get("version") != FORMAT_VERSION:
@@ -228,9 +245,13 @@ def _from_manifest(folder: Path) -> ShardIndex:
         idx_file = folder / (entry["name"] + INDEX_SUFFIX)
         if not shard.is_file():
             raise ShardError(f"shard {shard} listed in {folder / MANIFEST} is missing")
-        rows = np.load(idx_file, allow_pickle=False)
-        if rows.shape != (entry["samples"], 4):
-            raise ShardError(f"index {idx_file} has {rows.shape[0]} rows, the manifest says {entry['samples']}")
+        try:
+            rows = load_index_file(idx_file, entry["samples"])
+        except ShardError as err:  # make_shards rewrites a split from its first damaged shard on
+            source = manifest.get("source") or "SRC"
+            raise ShardError(f"{err}; rebuild it with: python -m ssl_xcit.data.make_shards {source} {folder} "
+                             "(the same command that made it, with the same options; it rewrites the shards "
+                             "from the first damaged one)") from None
         shards.append(shard)
         sizes.append(int(entry["bytes"]))
         parts.append(rows)
@@ -246,8 +267,6 @@ def _scan_cache_file(paths: list[Path], cache_dir: Path) -> Path:
 
 def _scan_all(paths: list[Path], cache_dir: Path | None, progress: bool) -> ShardIndex:
     """Index foreign shards by scanning them, once: cached under a lock the other ranks wait on."""
-    from ssl_xcit.data.sources import file_lock
-
     def build() -> dict[str, np.ndarray]:
         parts, owner = [], []
         items: Any = enumerate(paths)
@@ -290,7 +309,7 @@ def load_shard_index(source: str | os.PathLike | Sequence[str], cache_dir: str |
     if not isinstance(source, (list, tuple)) and (Path(os.fspath(source)) / MANIFEST).is_file():
         index = _from_manifest(Path(os.fspath(source)).absolute())
     else:
-        show = os.environ.get("RANK", "0") in ("", "0") if progress is None else progress
+        show = is_rank0() if progress is None else progress
         index = _scan_all(shard_paths(source), None if cache_dir is None else Path(cache_dir), show)
     for shard, expected in zip(index.shards, index.shard_bytes):
         actual = shard.stat().st_size
@@ -378,7 +397,7 @@ class ShardImages(Dataset):
 
     def select(self, indices: Sequence[int] | np.ndarray) -> "ShardImages":
         """Keep only ``indices`` (in that order), in place, like ``ImageFiles.select``."""
-        idx = _selection(indices, len(self._rows))
+        idx = selection(indices, len(self._rows))
         self._rows = self._rows[idx]
         self._shard_of = self._shard_of[idx]
         return self
@@ -405,11 +424,11 @@ class ShardImages(Dataset):
         return data
 
     def __getitem__(self, item: Any) -> tuple[Any, int, int] | None:
-        index, seed = _parse_index(item, len(self._rows))
+        index, seed = parse_index(item, len(self._rows))
         data = self.read_bytes(index)  # outside the try: a missing or truncated shard is an error
         try:
             image = load_rgb(io.BytesIO(data))
-        except _DECODE_ERRORS as err:
+        except DECODE_ERRORS as err:
             if index not in self._warned:
                 self._warned.add(index)
                 shard = self._shards[int(self._shard_of[index])]

@@ -11,7 +11,6 @@ The lock file is removed when the unpacking ends, whether it succeeded or not.
 """
 from __future__ import annotations
 
-import contextlib
 import gzip
 import json
 import os
@@ -23,8 +22,10 @@ import zlib
 from pathlib import Path
 from typing import Iterator
 
+from ssl_xcit.atomic import atomic_write_json
+from ssl_xcit.data.common import is_rank0
 from ssl_xcit.errors import UserError
-from ssl_xcit.atomic import atomic_write_text
+from ssl_xcit.locks import file_lock
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 MARKER = ".ssl_xcit_complete"
@@ -33,10 +34,6 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 
 class ArchiveError(UserError, ValueError):
     """An archive that cannot be used as it is: unreadable, truncated, unsafe or without train/."""
-
-
-def _is_rank0() -> bool:
-    return os.environ.get("RANK", "0") in ("", "0")
 
 
 def default_cache_dir() -> Path:
@@ -53,44 +50,6 @@ def _archive_stem(path: Path) -> str | None:
         if name.endswith(suffix):
             return path.name[: -len(suffix)]
     return None
-
-
-@contextlib.contextmanager
-def file_lock(lock_path: Path, remove: bool = True) -> Iterator[None]:
-    """An exclusive ``flock`` so that ranks sharing a cache do a piece of work only once.
-
-    With ``remove`` the lock file is deleted on exit, while still held. A waiter that then gets
-    the lock of the deleted file notices (its inode is no longer the one at ``lock_path``) and
-    locks the new file instead, so two processes never both believe they hold the lock.
-    """
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: rely on the atomic rename alone
-        yield
-        return
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        fh = open(lock_path, "a")
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-            try:
-                current = os.stat(lock_path).st_ino
-            except FileNotFoundError:
-                current = None
-            if current == os.fstat(fh.fileno()).st_ino:
-                break
-        except BaseException:
-            fh.close()
-            raise
-        fh.close()  # we locked a file another process removed: lock the new one
-    try:
-        yield
-    finally:
-        if remove:
-            with contextlib.suppress(OSError):
-                os.unlink(lock_path)
-        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-        fh.close()
 
 
 def _find_root(folder: Path, archive: Path) -> Path:
@@ -152,7 +111,7 @@ def extract_archive(archive: str | os.PathLike, cache_dir: str | os.PathLike | N
     key = f"{re.sub(r'[^A-Za-z0-9._-]', '_', stem)}-{st.st_size}-{st.st_mtime_ns}"
     target = cache / key
     marker = target / MARKER
-    show = _is_rank0() if progress is None else progress
+    show = is_rank0() if progress is None else progress
 
     def cached_root() -> Path:
         info = json.loads(marker.read_text())
@@ -173,9 +132,8 @@ def extract_archive(archive: str | os.PathLike, cache_dir: str | os.PathLike | N
         try:
             _extract(archive, tmp, show)
             root = _find_root(tmp, archive)
-            atomic_write_text(tmp / MARKER, json.dumps({"archive": str(archive), "size": st.st_size,
-                                                        "mtime_ns": st.st_mtime_ns,
-                                                        "root": os.path.relpath(root, tmp)}))
+            atomic_write_json(tmp / MARKER, {"archive": str(archive), "size": st.st_size,
+                                             "mtime_ns": st.st_mtime_ns, "root": os.path.relpath(root, tmp)})
             os.rename(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -223,7 +181,7 @@ def download_cifar10(dest: str | os.PathLike, progress: bool | None = None) -> P
     if out.exists():
         raise RuntimeError(f"{out} exists but is not a complete conversion (no {MARKER}); delete it and retry")
     dest.mkdir(parents=True, exist_ok=True)
-    show = _is_rank0() if progress is None else progress
+    show = is_rank0() if progress is None else progress
     tmp = Path(tempfile.mkdtemp(prefix=".cifar10.tmp-", dir=dest))
     try:
         for split, train in (("train", True), ("val", False)):
@@ -239,7 +197,7 @@ def download_cifar10(dest: str | os.PathLike, progress: bool | None = None) -> P
                 items = tqdm(items, desc=f"writing CIFAR-10 {split}", unit="img")
             for i in items:
                 Image.fromarray(ds.data[i]).save(tmp / split / classes[int(ds.targets[i])] / f"{i:05d}.png")
-        atomic_write_text(tmp / MARKER, json.dumps({"source": "torchvision.datasets.CIFAR10"}))
+        atomic_write_json(tmp / MARKER, {"source": "torchvision.datasets.CIFAR10"})
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -104,8 +104,8 @@ def resolve_layer(model: nn.Module, layer: int = -1) -> int:
     """``layer`` (negative counts from the end) as a block index, with an error naming the range."""
     n = len(_class_attention_blocks(model))
     if isinstance(layer, bool) or not isinstance(layer, int) or not -n <= layer < n:
-        raise ValueError(f"layer={layer!r}: this XCiT has {n} class-attention layers, so layer must be "
-                         f"in [{-n}, {n - 1}] (-1 is the last)")
+        raise ValueError(f"this XCiT has {n} class-attention layers: the layer must be in [{-n}, {n - 1}] "
+                         f"(-1 is the last), got {layer!r}")
     return layer % n
 
 
@@ -169,23 +169,35 @@ def attention_maps(model: nn.Module, images: torch.Tensor, layer: int = -1,
     return out
 
 
-def load_image(path: str | Path, image_size: int | tuple[int, int] | None, patch_size: int,
-               mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[torch.Tensor, np.ndarray]:
-    """An image file as ``(normalised tensor (3, H, W), uint8 RGB array (H, W, 3))``.
-
-    ``image_size``: ``None`` keeps the file's size, an int resizes the shorter side to it (aspect
-    kept), ``(H, W)`` resizes to exactly that (bicubic). The result is then centre-cropped to the
-    largest multiple of ``patch_size`` in each direction, so every pixel shown lies in a patch.
-    """
-    from PIL import Image, UnidentifiedImageError
+def read_picture(path: str | Path):
+    """An image file decoded as RGB by the data layer's reader (:func:`ssl_xcit.data.common.load_rgb`:
+    16-bit greys scaled, truncated files refused); an undecodable file is an :class:`ImageReadError`
+    naming it, a missing one stays a ``FileNotFoundError``."""
+    from ssl_xcit.data.common import DECODE_ERRORS, load_rgb
     try:
-        with Image.open(path) as img:
-            img.load()
-            rgb = img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        return load_rgb(path)
+    except DECODE_ERRORS as err:
         if isinstance(err, (FileNotFoundError, IsADirectoryError, PermissionError)):
             raise
         raise ImageReadError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
+
+
+def load_image(path: str | Path, image_size: int | tuple[int, int] | None, patch_size: int,
+               mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[torch.Tensor, np.ndarray]:
+    """An image file as ``(normalised tensor (3, H, W), uint8 RGB array (H, W, 3))``: :func:`read_picture`
+    then :func:`prepare_image`."""
+    return prepare_image(read_picture(path), image_size, patch_size, mean, std, name=str(path))
+
+
+def prepare_image(rgb, image_size: int | tuple[int, int] | None, patch_size: int, mean: tuple[float, ...],
+                  std: tuple[float, ...], name: str = "image") -> tuple[torch.Tensor, np.ndarray]:
+    """A decoded RGB PIL image as ``(normalised tensor (3, H, W), uint8 RGB array (H, W, 3))``.
+
+    ``image_size``: ``None`` keeps the image's size, an int resizes the shorter side to it (aspect
+    kept), ``(H, W)`` resizes to exactly that (bicubic). The result is then centre-cropped to the
+    largest multiple of ``patch_size`` in each direction, so every pixel shown lies in a patch.
+    """
+    from PIL import Image
     if image_size is not None:
         w, h = rgb.size
         if isinstance(image_size, int):
@@ -197,7 +209,7 @@ def load_image(path: str | Path, image_size: int | tuple[int, int] | None, patch
     w, h = rgb.size
     cw, ch = w // patch_size * patch_size, h // patch_size * patch_size
     if cw == 0 or ch == 0:
-        raise ImageReadError(f"{path}: {w}x{h} pixels is smaller than one {patch_size}-pixel patch; "
+        raise ImageReadError(f"{name}: {w}x{h} pixels is smaller than one {patch_size}-pixel patch; "
                              "pass a larger image size")
     left, top = (w - cw) // 2, (h - ch) // 2
     picture = np.asarray(rgb.crop((left, top, left + cw, top + ch)), dtype=np.uint8).copy()

@@ -80,6 +80,16 @@ def max_last_blocks(model: nn.Module) -> int:
     return len(_cls_blocks(_token_core(model)))
 
 
+def check_n_last_blocks(model: nn.Module, n: int) -> None:
+    """``--n-last-blocks n`` fits the backbone: checked once it is loaded, before any image is read (the
+    forward pass would otherwise fail on the first batch, with a traceback)."""
+    most = max_last_blocks(model)
+    if not 1 <= n <= most:
+        arch = getattr(model, "arch", type(model).__name__)
+        raise EvalInputError(f"--n-last-blocks {n}: this backbone ({arch}) has {most} block(s) carrying a CLS "
+                             f"token (XCiT: its class-attention blocks), so give at most {most}")
+
+
 def backbone_outputs(model: nn.Module, images: torch.Tensor, names: Iterable[str],
                      n_last_blocks: int = 1) -> dict[str, torch.Tensor]:
     """The outputs ``names`` (see module doc) of one forward pass, without gradients."""

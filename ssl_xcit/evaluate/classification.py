@@ -23,7 +23,9 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from ssl_xcit.data.subsets import evenly_spread
 from ssl_xcit.data.folders import Batch, ImageFiles, collate_skip_corrupt
+from ssl_xcit.data.common import is_rank0
 from ssl_xcit.evaluate import options
+from ssl_xcit.evaluate.datasets import transform_for
 from ssl_xcit.evaluate.options import SPECIAL_CHECKPOINTS, EvalInputError  # noqa: F401 (SPECIAL_CHECKPOINTS re-exported)
 
 log = logging.getLogger(__name__)
@@ -44,19 +46,6 @@ class ClassificationConfig:
     format: str = "auto"
     allow_pickle: bool = False
     download: bool = False
-
-
-def eval_transform(data_config: dict):
-    """Resize (bicubic, short side to img_size / crop_pct), centre crop, normalise."""
-    from torchvision import transforms as T
-
-    _, h, w = data_config["input_size"]
-    crop_pct = data_config.get("crop_pct", 1.0)
-    scale = int(h / crop_pct) if h == w else (int(h / crop_pct), int(w / crop_pct))
-    interp = {"bicubic": T.InterpolationMode.BICUBIC,
-              "bilinear": T.InterpolationMode.BILINEAR}[data_config.get("interpolation", "bicubic")]
-    return T.Compose([T.Resize(scale, interpolation=interp), T.CenterCrop((h, w)), T.ToTensor(),
-                      T.Normalize(data_config["mean"], data_config["std"])])
 
 
 def resolve_val_root(path: str | os.PathLike) -> Path:
@@ -165,14 +154,13 @@ def run(cfg: ClassificationConfig) -> dict:
                     "%d classes", root, len(classes), n_out, len(classes))
     # the project's dataset: same sorted class indices as torchvision's ImageFolder, but an
     # unreadable file is skipped and counted instead of stopping the evaluation
-    dataset = ImageFiles(root, transform=eval_transform(model.data_config))
+    dataset = ImageFiles(root, transform=transform_for(model.data_config))
     idx = spread_subset(len(dataset), cfg.limit)
     data = dataset if idx is None else Subset(dataset, idx)
     loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate_skip_corrupt,
                         num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
-    rank0 = int(os.environ.get("RANK", "0")) == 0
     start = time.perf_counter()
-    scores = evaluate(model, loader, device, progress=rank0)
+    scores = evaluate(model, loader, device, progress=is_rank0())
     secs = time.perf_counter() - start
     result = {"model": cfg.model, "checkpoint": cfg.checkpoint, "data_path": str(root),
               "num_classes": n_out, "img_size": list(model.img_size), **scores,

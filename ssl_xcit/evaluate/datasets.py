@@ -7,12 +7,10 @@ from pathlib import Path
 
 import torch
 
+from ssl_xcit.data.common import IMAGENET_MEAN, IMAGENET_STD
 from ssl_xcit.evaluate.backbone import load_frozen_backbone
 from ssl_xcit.evaluate.options import EvalInputError, check_positive
 from ssl_xcit.evaluate.runtime import EvalEnv
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def resize_for(crop_size: int, resize: int | None = None) -> int:
@@ -26,11 +24,36 @@ def resize_for(crop_size: int, resize: int | None = None) -> int:
     return resize
 
 
-def eval_transform(crop_size: int = 224, resize: int | None = None):
-    """Resize (bicubic) -> centre crop -> tensor -> ImageNet normalisation, DINO's eval transform."""
+def eval_transform(crop_size: int | tuple[int, int] = 224, resize: int | tuple[int, int] | None = None,
+                   mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
+                   interpolation: str = "bicubic"):
+    """Resize (bicubic) -> centre crop -> tensor -> normalisation (ImageNet's), DINO's eval transform.
+
+    The one eval transform of the project: k-NN, linear probes, exports and the k-NN monitor use
+    it as it is; eval_classification with a model's own ``data_config`` (:func:`transform_for`).
+    ``crop_size``/``resize`` may be ``(H, W)``; an int ``resize`` is the shorter side (default
+    DINO's ratio, 256 for a 224 crop; only for an int crop).
+    """
     from torchvision import transforms as T
-    return T.Compose([T.Resize(resize_for(crop_size, resize), interpolation=T.InterpolationMode.BICUBIC),
-                      T.CenterCrop(crop_size), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    if resize is None or isinstance(resize, int):
+        if isinstance(crop_size, int):
+            resize = resize_for(crop_size, resize)
+        elif resize is None:
+            raise ValueError("eval_transform: give resize for a non-square crop")
+    modes = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}
+    return T.Compose([T.Resize(resize, interpolation=modes[interpolation]), T.CenterCrop(crop_size),
+                      T.ToTensor(), T.Normalize(mean, std)])
+
+
+def transform_for(data_config: dict):
+    """:func:`eval_transform` as a timm-style ``data_config`` asks (an XCiT's ``model.data_config``):
+    the shorter side resized to ``input size / crop_pct``, centre-cropped to the input size, the
+    config's mean and std."""
+    _, h, w = data_config["input_size"]
+    crop_pct = data_config.get("crop_pct", 1.0)
+    resize = int(h / crop_pct) if h == w else (int(h / crop_pct), int(w / crop_pct))
+    return eval_transform((h, w) if h != w else h, resize, data_config["mean"], data_config["std"],
+                          data_config.get("interpolation", "bicubic"))
 
 
 def train_transform(crop_size: int = 224):

@@ -44,7 +44,7 @@ from torch.utils.data import Dataset
 from ssl_xcit import distributed as du
 from ssl_xcit.errors import UserError
 from ssl_xcit.evaluate import backbone, datasets, options, runtime
-from ssl_xcit.atomic import atomic_write, atomic_write_text, remove_orphans_in
+from ssl_xcit.atomic import atomic_write, atomic_write_json, check_writable, remove_orphans_in
 
 logger = logging.getLogger(__name__)
 
@@ -261,7 +261,7 @@ def export_features(model: nn.Module, dataset: Dataset, out_dir: str | os.PathLi
         out_dir.mkdir(parents=True, exist_ok=True)
         remove_orphans_in(out_dir)  # temp files of killed writers (never a live writer's)
         if not (out_dir / MANIFEST).is_file():
-            atomic_write_text(out_dir / MANIFEST, json.dumps(base, indent=2))
+            atomic_write_json(out_dir / MANIFEST, base, indent=2)
     du.barrier()
     model.to(device)
     n_shards = base["num_shards"]
@@ -327,13 +327,13 @@ def _write_shard(out_dir: Path, i: int, arrays: dict[str, np.ndarray], skipped: 
     index = arrays["index"]
     paths = _relative_paths(dataset, index)
     if paths is not None:
-        atomic_write_text(out_dir / f"{stem}.paths.json", json.dumps(paths))
+        atomic_write_json(out_dir / f"{stem}.paths.json", paths)
         files.append(f"{stem}.paths.json")
     start = i * cfg.shard_size
     record = {"shard": i, "start": start, "stop": min(start + cfg.shard_size, len(dataset)), "rows": int(len(index)),
               "skipped": skipped, "row_shapes": {n: list(arrays[n].shape[1:]) for n in cfg.outputs},
               "files": {f: _file_record(out_dir / f) for f in sorted(files)}}
-    atomic_write_text(out_dir / f"{stem}.done.json", json.dumps(record, indent=2))
+    atomic_write_json(out_dir / f"{stem}.done.json", record, indent=2)
 
 
 def _complete_manifest(out_dir: Path, base: dict, cfg: ExportConfig) -> dict:
@@ -348,7 +348,7 @@ def _complete_manifest(out_dir: Path, base: dict, cfg: ExportConfig) -> dict:
     manifest.update(complete=True, shards=records, rows=sum(r["rows"] for r in records),
                     skipped=sum(r["skipped"] for r in records),
                     arrays={n: {"dtype": cfg.dtype, "row_shape": records[0]["row_shapes"][n]} for n in cfg.outputs})
-    atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2))
+    atomic_write_json(out_dir / MANIFEST, manifest, indent=2)
     return manifest
 
 
@@ -423,6 +423,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.split and (root / "train").is_dir() and (root / "val").is_dir():
         raise ExportError(f"--data-path {root} holds train/ and val/: pass --split train or --split val "
                           "(otherwise they would be exported as two classes)")
+    check_writable(args.out)   # a read-only --out: one line now, not after the model and the images are read
     env = runtime.setup_env(args.device, args.seed)
     try:
         dataset = datasets.open_images(folder, datasets.eval_transform(args.crop_size, args.resize))
@@ -433,6 +434,8 @@ def main(argv: list[str] | None = None) -> dict:
         if _file_version(args.checkpoint) != version:
             raise ExportError(f"{args.checkpoint} changed while it was read (a training still writing it?); "
                               "run the export again once it is stable")
+        if args.n_last_blocks:
+            backbone.check_n_last_blocks(model, args.n_last_blocks)
         formats = FORMATS if args.format == "both" else (args.format,)
         source = {"checkpoint": str(args.checkpoint), "checkpoint_sha256": sha, "arch": args.arch,
                   "checkpoint_key": args.checkpoint_key, "crop_size": args.crop_size,

@@ -27,7 +27,7 @@ from ssl_xcit.evaluate import backbone, datasets, options, runtime
 from ssl_xcit.evaluate.knn_index import (AUTO_MIN_TRAIN, CellIndex, FeatureIndex,  # noqa: F401 (re-exported)
                                          IndexConfig, build_index, faiss_gpu_available)
 from ssl_xcit.evaluate.options import DEFAULT_KS, DEFAULT_TEMPERATURE, EvalInputError
-from ssl_xcit.atomic import atomic_torch_save, atomic_write_text
+from ssl_xcit.atomic import atomic_torch_save, atomic_write_json
 
 logger = logging.getLogger(__name__)
 # DINO's --dump_features file names, so dumps from either tool load in the other
@@ -65,6 +65,7 @@ class KnnPrediction:
     top5: torch.Tensor  # (Q, min(5, k)) predicted classes, best first
     top1_acc: float  # percent
     top5_acc: float  # percent
+    n_train: int = 0  # train features in the memory the neighbours came from (what a report should say)
 
 
 def knn_predict(index: FeatureIndex, train_labels: torch.Tensor, val_features: torch.Tensor,
@@ -73,10 +74,10 @@ def knn_predict(index: FeatureIndex, train_labels: torch.Tensor, val_features: t
                 query_batch: int = 1000) -> dict[int, KnnPrediction]:
     """One search with the largest k; each smaller k uses the first k (sorted) neighbours."""
     ks = sorted({int(k) for k in ks})
-    if not ks or ks[0] <= 0:
-        raise EvalInputError(f"--nb-knn values must be positive, got {ks}")
+    if not ks or ks[0] <= 0:   # the tools check their own k options first, in their words
+        raise EvalInputError(f"k (neighbours) must be positive, got {ks}")
     if ks[-1] > index.ntotal:
-        raise EvalInputError(f"--nb-knn {ks[-1]} exceeds the {index.ntotal} train features")
+        raise EvalInputError(f"k={ks[-1]} neighbours exceeds the {index.ntotal} train features")
     train_labels = torch.as_tensor(train_labels, dtype=torch.long).cpu()
     val_labels = torch.as_tensor(val_labels, dtype=torch.long).cpu()
     if len(val_features) != len(val_labels):
@@ -99,7 +100,7 @@ def knn_predict(index: FeatureIndex, train_labels: torch.Tensor, val_features: t
         hit = top == val_labels[:, None]
         n = max(len(val_labels), 1)
         out[k] = KnnPrediction(k=k, top5=top, top1_acc=100.0 * hit[:, 0].sum().item() / n,
-                               top5_acc=100.0 * hit.any(dim=1).sum().item() / n)
+                               top5_acc=100.0 * hit.any(dim=1).sum().item() / n, n_train=index.ntotal)
     return out
 
 
@@ -132,7 +133,7 @@ def dump_features(folder: str | Path, train_features, train_labels, val_features
                "val_features": val_features, "val_labels": val_labels}
     for key, fname in DUMP_FILES.items():
         atomic_torch_save(tensors[key].contiguous(), folder / fname)
-    atomic_write_text(folder / DUMP_META, json.dumps(meta, indent=2))
+    atomic_write_json(folder / DUMP_META, meta, indent=2)
     logger.info("features dumped to %s", folder)
 
 
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                                 feats["val_labels"].max())) + 1,
             "results": {str(k): v for k, v in results.items()},
         }
-        out_file = atomic_write_text(out_dir / "knn.json", json.dumps(report, indent=2))
+        out_file = atomic_write_json(out_dir / "knn.json", report, indent=2)
         print(format_table(results, args.temperature, used_index))
         print(f"written {out_file}")
         report["output"] = str(out_file)

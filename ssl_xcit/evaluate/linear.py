@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -37,7 +36,7 @@ from torch import nn
 from ssl_xcit import distributed as du
 from ssl_xcit.evaluate import backbone, datasets, options, runtime
 from ssl_xcit.evaluate.options import DEFAULT_LR_GRID, DEFAULT_WD_GRID, EvalInputError
-from ssl_xcit.atomic import atomic_torch_save, atomic_write_text
+from ssl_xcit.atomic import atomic_torch_save, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -45,10 +44,17 @@ CHECKPOINT_NAME = "linear_checkpoint.pth"
 RESULT_NAME = "linear.json"
 PROTOCOLS = {
     "full": "DINO linear probe: frozen backbone, augmented training (RandomResizedCrop + flip), "
-            "SGD momentum 0.9, cosine lr, no weight decay",
+            "SGD momentum 0.9, cosine lr, no weight decay",   # DINO's; full_protocol() says another one
     "cached": "cached-feature linear probe: centre-crop features without augmentation, lr/wd grid "
               "chosen on a held-out split of train, retrained on all of train; NOT DINO's protocol",
 }
+
+
+def full_protocol(weight_decay: float) -> str:
+    """The full mode's protocol line, with the weight decay the probe used (DINO's is none)."""
+    if not weight_decay:
+        return PROTOCOLS["full"]
+    return PROTOCOLS["full"].replace("no weight decay", f"weight decay {weight_decay:g} (DINO: none)")
 
 
 # --------------------------------------------------------------------------------------------- shared
@@ -311,6 +317,8 @@ def full_linear_eval(args: argparse.Namespace, env: runtime.EvalEnv, out_dir: Pa
     classes = datasets.check_same_classes(train_ds, val_ds, root)
     model = _frozen_model(args, env, model)
     n_last = args.n_last_blocks or default_n_last_blocks(model)
+    if n_last > 1:
+        backbone.check_n_last_blocks(model, n_last)
     dim = backbone.embed_dim(model) * (n_last + int(args.avgpool_patchtokens))
     with torch.random.fork_rng(devices=[]):  # the initial probe depends on --seed only
         torch.manual_seed(args.seed)
@@ -337,6 +345,9 @@ def full_linear_eval(args: argparse.Namespace, env: runtime.EvalEnv, out_dir: Pa
         torch.manual_seed(args.seed * 1_000_003 + epoch * 1009 + env.rank)
         loss = _train_epoch(model, ddp_probe, train_loader, optimizer, env, n_last, args.avgpool_patchtokens,
                             progress, epoch)
+        if not math.isfinite(loss):   # nothing more to learn: say so now, not after the remaining epochs
+            raise EvalInputError(f"the linear probe diverged in epoch {epoch} (train loss {loss}): lower --lr "
+                                 f"(now {args.lr:g}, scaled to {lr:g})")
         scheduler.step()
         entry = {"epoch": epoch, "train_loss": loss, "lr": optimizer.param_groups[0]["lr"]}
         if (epoch + 1) % args.val_freq == 0 or epoch + 1 == args.epochs:
@@ -355,7 +366,7 @@ def full_linear_eval(args: argparse.Namespace, env: runtime.EvalEnv, out_dir: Pa
                                "scheduler": scheduler.state_dict(), "best": best, "last": last,
                                "history": history, "fingerprint": fingerprint}, ckpt_path)
         du.barrier()
-    return {"mode": "full", "protocol": PROTOCOLS["full"], "top1": best["top1"] if best else None,
+    return {"mode": "full", "protocol": full_protocol(args.weight_decay), "top1": best["top1"] if best else None,
             "top5": best["top5"] if best else None, "best": best, "last": last, "epochs": args.epochs,
             "n_last_blocks": n_last, "avgpool_patchtokens": bool(args.avgpool_patchtokens), "lr": args.lr,
             "scaled_lr": lr, "global_batch": args.batch_size * env.world_size, "weight_decay": args.weight_decay,
@@ -380,6 +391,8 @@ def _cached_from_args(args: argparse.Namespace, env: runtime.EvalEnv) -> dict | 
     from ssl_xcit.evaluate.features import extract_features
     train_ds, val_ds, classes, model = datasets.open_splits_and_backbone(args, env)
     n_last = args.n_last_blocks or default_n_last_blocks(model)
+    if n_last > 1:
+        backbone.check_n_last_blocks(model, n_last)
     which = probe_outputs(n_last, args.avgpool_patchtokens)
     feats = {}
     for split, ds in (("train", train_ds), ("val", val_ds)):
@@ -413,7 +426,7 @@ def main(argv: list[str] | None = None) -> dict:
                   "checkpoint_key": args.checkpoint_key, "crop_size": args.crop_size,
                   "resize": datasets.resize_for(args.crop_size, args.resize),
                   **{k: v for k, v in res.items() if k not in ("weight", "bias")}}
-        out_file = atomic_write_text(out_dir / RESULT_NAME, json.dumps(report, indent=2))
+        out_file = atomic_write_json(out_dir / RESULT_NAME, report, indent=2)
         print(f"linear probe ({report['mode']} mode: {report['protocol']})")
         print(f"val top-1 {report['top1']:.2f}  top-5 {report['top5']:.2f}")
         print(f"written {out_file}")

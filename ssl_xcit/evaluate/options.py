@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from ssl_xcit.cli import ArgumentParser
+from ssl_xcit.cli import ArgumentParser, own_words
 from ssl_xcit.errors import UserError
 
 DEFAULT_KS = (10, 20, 100, 200)              # DINO's k-NN
@@ -182,6 +182,16 @@ def check_positive(value: int | float | None, name: str) -> None:
         raise EvalInputError(f"{name} must be positive, got {value}")
 
 
+def check_non_negative(value: int | float | None, name: str) -> None:
+    """``value`` is ``None`` (not given) or a finite number >= 0 (nan and inf are refused)."""
+    if value is None:
+        return
+    if not math.isfinite(value):
+        raise EvalInputError(f"{name} must be a finite number, got {value}")
+    if value < 0:
+        raise EvalInputError(f"{name} must be >= 0, got {value}")
+
+
 def check_divisible(size: int, model: str, flag: str) -> None:
     """``size`` divides by the patch size of ``model`` (a zoo or arch name)."""
     from ssl_xcit.models.zoo import resolve  # the name table: no torch
@@ -302,10 +312,11 @@ def check_linear_args(args: argparse.Namespace) -> None:
     _check_numbers(args)
     for name in ("epochs", "lr", "val_freq", "extract_batch_size", "n_last_blocks"):
         check_positive(getattr(args, name), "--" + name.replace("_", "-"))
-    if args.weight_decay < 0 or any(w < 0 for w in args.wd_grid):
-        raise EvalInputError("--weight-decay and --wd-grid values must be >= 0")
-    if any(not lr > 0 for lr in args.lr_grid):
-        raise EvalInputError(f"--lr-grid values must be positive, got {' '.join(map(str, args.lr_grid))}")
+    check_non_negative(args.weight_decay, "--weight-decay")
+    for wd in args.wd_grid:
+        check_non_negative(wd, "--wd-grid values")
+    for lr in args.lr_grid:
+        check_positive(lr, "--lr-grid values")
     if not 0.0 < args.holdout < 1.0:
         raise EvalInputError(f"--holdout must be in (0, 1), got {args.holdout}")
     _check_sources(args, ("train", "val"))
@@ -352,6 +363,22 @@ TOOLS: dict[str, tuple[str, Callable[[], argparse.ArgumentParser], Callable[[arg
 }
 
 
+# A library error that a setting gets past names the setting by its role (ssl_xcit.errors.hinted);
+# each tool's words for the roles it has an option for. A role a tool has no option for is left out
+# of its message: a hint names only what can be typed into that command.
+_ARCH = "pass --arch NAME (a zoo architecture, e.g. xcit_small_12_p16)"
+TOOL_HINTS: dict[str, dict[str, str]] = {
+    "eval_knn": {"arch": _ARCH},
+    "eval_linear": {"arch": _ARCH},
+    "export_features": {"arch": _ARCH},
+    "eval_classification": {
+        "allow_pickle": "if you trust the file, pass --allow-pickle",
+        "format": "pass --format, one of official, dino_backbone, dino, ssl_xcit, timm, mmpretrain",
+        "download": "or pass --download to fetch them (uses the network)",
+    },
+}
+
+
 def parse(tool: str, argv: list[str] | None, check: bool = True) -> argparse.Namespace:
     """``tool``'s arguments parsed (and, with ``check``, checked) without importing torch."""
     _, parser, checks = TOOLS[tool]
@@ -365,4 +392,7 @@ def run_tool(tool: str, argv: list[str]) -> Any:
     """The command line of ``eval/<tool>.py``: answer ``--help`` and bad input first, then import
     the tool (and torch) and run its ``main``."""
     parse(tool, argv)
-    return importlib.import_module(TOOLS[tool][0]).main(argv)
+    try:
+        return importlib.import_module(TOOLS[tool][0]).main(argv)
+    except UserError as err:   # a library hint in this tool's words (or left out)
+        raise own_words(err, TOOL_HINTS.get(tool))

@@ -17,8 +17,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from ssl_xcit.errors import UserError
 
 REPORT_DIR = "report"
+
+
+class NotARunError(UserError, ValueError):
+    """A folder that holds nothing a training run writes: no page is written into it."""
+
+
+def looks_like_a_run(folder: Path) -> bool:
+    """Whether ``folder`` holds what a training run writes first: config.yaml, log.jsonl or a checkpoint."""
+    return ((folder / "config.yaml").is_file() or (folder / "log.jsonl").is_file()
+            or any(folder.glob("checkpoint*.pth")))
 
 
 @dataclass
@@ -103,6 +114,9 @@ def write_report(output_dir: str | Path, out_dir: str | Path | None = None, imag
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         raise FileNotFoundError(2, "No such directory (the run's output_dir)", str(output_dir))
+    if not looks_like_a_run(output_dir):
+        raise NotARunError(f"{output_dir} is not a training run's output_dir (no config.yaml, log.jsonl or "
+                           "checkpoint*.pth in it): no report written")
     out = Path(out_dir) if out_dir is not None else output_dir / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
     config, config_text = _config(output_dir)
@@ -172,7 +186,6 @@ def build_parser():
 
 def main(argv: list[str] | None = None) -> Path:
     args = build_parser().parse_args(argv)
-    from ssl_xcit.errors import UserError
     if args.n_images <= 0 or args.max_checkpoints <= 0:
         raise UserError("--n-images and --max-checkpoints must be positive")
     index = write_report(args.output_dir, args.out, [Path(p) for p in args.images] if args.images else None,

@@ -32,11 +32,24 @@ def find_checkpoints(output_dir: str | Path, limit: int = 8) -> list[Path]:
     return kept
 
 
-def pick_images(config: dict, n: int) -> tuple[list[Path], str]:
-    """``n`` fixed images, evenly spread: the k-NN monitor's val/ split when configured, else the
-    training images (folders or archives, as the run read them). ``([], why)`` when none is reachable."""
-    from ssl_xcit.data.folders import load_listing
-    from ssl_xcit.data.sources import resolve_data_path
+def _read_evenly(dataset, n: int) -> tuple[list, list[str]]:
+    """``n`` images of ``dataset`` (evenly spread) read by the data layer's own reading, which returns
+    ``None`` for an unreadable file (and warns once): ``(pictures, locations of the unreadable ones)``."""
+    pictures, skipped = [], []
+    for i in evenly_spread(len(dataset), n).tolist():
+        item = dataset[i]
+        if item is None:
+            skipped.append(dataset.location(i))
+        else:
+            pictures.append(item[0])
+    return pictures, skipped
+
+
+def pick_images(config: dict, n: int) -> tuple[list, list[str], str]:
+    """``n`` fixed images (decoded RGB), evenly spread: the k-NN monitor's val/ split when configured,
+    else the training images (folders, archives or shards, as the run read them). Unreadable ones are
+    skipped, as training skips them. ``(pictures, unreadable ones, why there are none)``."""
+    from ssl_xcit.data.sources import open_image_dataset, resolve_data_path
     why = "the run's config names no data_path"
     eval_path = (config.get("eval") or {}).get("eval_data_path")
     data_path = (config.get("data") or {}).get("data_path")
@@ -50,25 +63,43 @@ def pick_images(config: dict, n: int) -> tuple[list[Path], str]:
             continue
         for sub in subs:
             folder = Path(root) / sub
-            files = load_listing(folder, progress=False).files if folder.is_dir() else []
-            if files:
-                idx = evenly_spread(len(files), n)
-                return [folder / files[i] for i in idx], ""
+            try:
+                dataset = open_image_dataset(folder, progress=False) if folder.is_dir() else None
+            except (UserError, OSError):   # no images there
+                dataset = None
+            if dataset is not None and len(dataset):
+                pictures, skipped = _read_evenly(dataset, n)
+                return pictures, skipped, "" if pictures else f"the {len(skipped)} images picked from {folder} " \
+                                                             "are unreadable"
         why = f"no images found in {path}"
-    return [], why
+    return [], [], why
 
 
-def attention_evolution(checkpoints: Sequence[Path], images: Sequence[Path], image_size: int | None,
+def read_pictures(paths: Sequence[Path]) -> tuple[list, list[str]]:
+    """The images named on the command line, decoded by the data layer's reader; unreadable ones are
+    skipped: ``(pictures, unreadable paths)``."""
+    from ssl_xcit.evaluate.attention import ImageReadError, read_picture
+    pictures, skipped = [], []
+    for path in paths:
+        try:
+            pictures.append(read_picture(path))
+        except (ImageReadError, OSError):
+            skipped.append(str(path))
+    return pictures, skipped
+
+
+def attention_evolution(checkpoints: Sequence[Path], pictures: Sequence, image_size: int | None,
                         out_path: Path, start: tuple[str, int] | None = None
                         ) -> tuple[Path | None, list[str], list[str]]:
-    """The teacher's mean map of ``images`` for each checkpoint, one row per distinct global step.
+    """The teacher's mean map of ``pictures`` (decoded RGB images) for each checkpoint, one row per
+    distinct global step.
 
     ``start=(arch, seed)`` adds a first row for the random network the run started from (the
     training seed draws it again exactly, see :func:`ssl_xcit.evaluate.backbone.load_frozen_backbone`).
     Returns ``(figure or None, row labels, unreadable checkpoints with the reason)``.
     """
     import torch
-    from ssl_xcit.evaluate.attention import attention_maps, load_image
+    from ssl_xcit.evaluate.attention import attention_maps
     from ssl_xcit.evaluate.attention_plots import evolution_figure
     from ssl_xcit.evaluate.backbone import load_frozen_backbone
     from ssl_xcit.models import load_backbone
@@ -80,26 +111,37 @@ def attention_evolution(checkpoints: Sequence[Path], images: Sequence[Path], ima
         try:
             state = read_checkpoint(ckpt)
         except (UserError, OSError) as err:
-            skipped.append(f"{ckpt.name}: {err}")
+            skipped.append(f"{ckpt.name}: {getattr(err, 'problem', None) or err}")   # no Python-argument hint
             continue
         step = state.get("global_step") if isinstance(state, dict) else None
         label = f"step {step}\n({ckpt.stem})" if step is not None else ckpt.stem
         sources.append((label, lambda state=state: load_backbone(state, checkpoint_key="teacher"), step))
-    rows, labels, seen = [], [], set()
+    rows, labels, seen, loaded = [], [], set(), None
     for label, load, step in sources:
         if step is not None and step in seen:
             continue  # checkpoint.pth is usually a copy of the last checkpointNNNN.pth
         seen.add(step)
         model = load().eval()
-        loaded = [load_image(p, image_size, model.patch_size, model.data_config["mean"], model.data_config["std"])
-                  for p in images]
+        if loaded is None:   # the same arch in every row: the pictures are prepared once
+            loaded = _prepared(pictures, image_size, model)
         with torch.no_grad():
             maps = [attention_maps(model, t[None], pictures=[pic])[0] for t, pic in loaded]
         rows.append((label, maps))
         labels.append(label.replace("\n", " "))
-    return (evolution_figure(rows, out_path) if rows else None), labels, skipped
+    return (evolution_figure(rows, out_path) if rows and loaded else None), labels, skipped
 
 
+def _prepared(pictures: Sequence, image_size: int | None, model) -> list:
+    """``(tensor, picture)`` of each picture at the model's patch size; one smaller than a patch is left out."""
+    from ssl_xcit.evaluate.attention import ImageReadError, prepare_image
+    out = []
+    for pic in pictures:
+        try:
+            out.append(prepare_image(pic, image_size, model.patch_size, model.data_config["mean"],
+                                     model.data_config["std"]))
+        except ImageReadError:
+            continue
+    return out
 
 
 def attention_section(output_dir: Path, out: Path, config: dict, images: Sequence[Path] | None,
@@ -108,17 +150,23 @@ def attention_section(output_dir: Path, out: Path, config: dict, images: Sequenc
     checkpoints = find_checkpoints(output_dir, max_checkpoints)
     if not checkpoints:
         return "<p class=note>no checkpoint saved yet</p>"
-    why = ""
-    images = list(images) if images else None
-    if not images:
-        images, why = pick_images(config, n_images)
-    if not images:
-        return f"<p class=note>no images to show: {html.escape(why)} (pass --images)</p>"
+    if images:
+        pictures, unreadable = read_pictures(list(images))
+        why = f"the {len(unreadable)} images given are unreadable"
+    else:
+        pictures, unreadable, why = pick_images(config, n_images)
+    skipped_note = (f"<p class=note>{len(unreadable)} unreadable image(s) skipped: "
+                    f"{html.escape(', '.join(unreadable[:5]))}{' ...' if len(unreadable) > 5 else ''}</p>"
+                    if unreadable else "")
+    if not pictures:
+        return (f"<p class=note>no images to show: {html.escape(why)} (eval/report.py --images chooses them)</p>"
+                + skipped_note)
     size = (config.get("data") or {}).get("global_crops_size")
     arch, seed = (config.get("model") or {}).get("arch"), (config.get("run") or {}).get("seed")
     start = (arch, int(seed)) if arch and isinstance(seed, int) else None
-    path, labels, skipped = attention_evolution(checkpoints, images, size, out / "attention.png", start)
-    notes = "".join(f"<p class=note>unreadable checkpoint skipped: {html.escape(s)}</p>" for s in skipped)
+    path, labels, skipped = attention_evolution(checkpoints, pictures, size, out / "attention.png", start)
+    notes = skipped_note + "".join(f"<p class=note>unreadable checkpoint skipped: {html.escape(s)}</p>"
+                                   for s in skipped)
     if path is None:
         return notes
     caption = (f"mean over heads of the last class-attention layer; rows: {', '.join(labels)}"

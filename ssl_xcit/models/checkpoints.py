@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from .zoo import ARCHS
-from ssl_xcit.errors import UserError
+from ssl_xcit.errors import UserError, hinted
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,13 @@ FORMATS = ("official", "dino_backbone", "dino", "ssl_xcit", "timm", "mmpretrain"
 HEAD_KEYS = ("head.weight", "head.bias")
 
 
-class CheckpointError(UserError, ValueError):
-    """A checkpoint that cannot be read or does not fit the model; the message names the file."""
+class CheckpointError(UserError, ValueError, RuntimeError):
+    """A checkpoint that cannot be read or does not fit the model or run; the message names the file.
+
+    The one class for every checkpoint error of the project (model loading here, a training's resume in
+    :mod:`ssl_xcit.train.checkpoint`, which re-exports it): a ``ValueError`` and a ``RuntimeError``,
+    the two its callers caught before there was one.
+    """
 
 
 # ---------------------------------------------------------------------------------- reading
@@ -95,8 +100,12 @@ def _refused_global(err: BaseException) -> str | None:
     return m.group(1) if m else None
 
 
-def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Any:
-    """Load a checkpoint file on CPU without executing pickled code (unless ``allow_pickle``)."""
+def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False,
+                    map_location: str | torch.device = "cpu") -> Any:
+    """Load a checkpoint file (on CPU by default) without executing pickled code (unless ``allow_pickle``).
+
+    The one checked reader of checkpoint files: model loading and a training's resume read through it,
+    so a file that is not a checkpoint gets the same one-line message wherever it is met."""
     p = require_checkpoint_file(path)
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -107,7 +116,7 @@ def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Any:
             raise CheckpointError(f"{p} is not a readable safetensors file ({err})") from err
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(p, map_location="cpu", weights_only=True)
+            return torch.load(p, map_location=map_location, weights_only=True)
     except Exception as err:
         refused = _refused_global(err)
         if allow_pickle and isinstance(err, pickle.UnpicklingError):
@@ -115,14 +124,13 @@ def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Any:
         elif refused is None:
             raise CheckpointError(f"{p} is not a PyTorch checkpoint ({_short_reason(err, p)})") from err
         else:
-            raise CheckpointError(
-                f"{p} contains GLOBAL {refused} that weights_only loading refuses; if you trust the "
-                "file, pass allow_pickle=True (command lines: --allow-pickle): unpickling runs code "
-                "from the file") from err
+            raise hinted(CheckpointError, f"{p} contains GLOBAL {refused} that weights_only loading refuses "
+                         "(unpickling it would run code from the file)",
+                         "if you trust the file, pass allow_pickle=True", needs="allow_pickle") from err
     warnings.warn(f"{p}: loading with weights_only=False (allow_pickle=True): this runs "
                   "pickled code from the file", stacklevel=2)
     try:
-        return torch.load(p, map_location="cpu", weights_only=False)
+        return torch.load(p, map_location=map_location, weights_only=False)
     except Exception as err2:
         raise CheckpointError(f"{p} is not a PyTorch checkpoint ({_short_reason(err2, p)})") from err2
 
@@ -237,9 +245,14 @@ def detect_format(obj: Any, source: str = "<checkpoint>") -> str:
             return "dino_backbone"
         if naming == "timm":
             return "timm"
+    if isinstance(obj.get("probe"), Mapping) and "fingerprint" in obj:   # eval_linear's own checkpoint
+        fingerprint = obj["fingerprint"] if isinstance(obj["fingerprint"], Mapping) else {}
+        probed = f"; the backbone it probes: {fingerprint['checkpoint']}" if fingerprint.get("checkpoint") else ""
+        raise CheckpointError(f"{source} is a linear-probe checkpoint (eval_linear's linear_checkpoint.pth: "
+                              f"a linear layer on a frozen backbone's features), not a backbone{probed}")
     keys = list(obj)[:8]
-    raise CheckpointError(f"{source}: unknown checkpoint format (top-level keys {keys}); pass "
-                          f"format= one of {FORMATS}")
+    raise hinted(CheckpointError, f"{source}: unknown checkpoint format (top-level keys {keys})",
+                 f"pass format= one of {FORMATS}", needs="format")
 
 
 @dataclass
@@ -335,15 +348,15 @@ def infer_arch(sd: Mapping[str, torch.Tensor], source: str = "<checkpoint>") -> 
         depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
         heads = int(sd["blocks.0.attn.temperature"].shape[0])
     except (KeyError, ValueError) as err:
-        raise CheckpointError(f"{source}: cannot infer the XCiT architecture (no cls_token / "
-                              f"blocks.N / blocks.0.attn.temperature keys); pass arch=") from err
+        raise hinted(CheckpointError, f"{source}: cannot infer the XCiT architecture (no cls_token / "
+                     "blocks.N / blocks.0.attn.temperature keys)", "pass arch=", needs="arch") from err
     patch = 16 if any(k.startswith("patch_embed.proj.6.") for k in sd) else 8
     for spec in ARCHS.values():
         if (spec.embed_dim, spec.depth, spec.patch_size, spec.num_heads) == (dim, depth, patch,
                                                                               heads):
             return spec.name
-    raise CheckpointError(f"{source}: no zoo architecture has embed_dim={dim}, depth={depth}, "
-                          f"patch_size={patch}, num_heads={heads}; pass arch= and overrides")
+    raise hinted(CheckpointError, f"{source}: no zoo architecture has embed_dim={dim}, depth={depth}, "
+                 f"patch_size={patch}, num_heads={heads}", "pass arch= and overrides", needs="arch")
 
 
 # ---------------------------------------------------------------------------------- loading

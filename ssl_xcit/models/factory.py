@@ -16,11 +16,17 @@ from typing import Any
 import torch
 from timm.models.xcit import Xcit
 
+from ssl_xcit.errors import UserError, hinted
+
 from .checkpoints import infer_arch, load_into, load_state_source
 from .xcit import XCiT
 from .zoo import ZOO, resolve
 
 log = logging.getLogger(__name__)
+
+
+class PretrainedNotFound(UserError, FileNotFoundError):
+    """The published weights of a model are not in the local cache (and no download was asked for)."""
 
 # Constructor arguments an override may set (timm's Xcit arguments, less the ones we own).
 _OVERRIDABLE = sorted(set(inspect.signature(Xcit.__init__).parameters) - {"self", "num_classes"})
@@ -47,10 +53,9 @@ def pretrained_file(name: str, download: bool = False) -> Path:
     if path.is_file():
         return path
     if not download:
-        raise FileNotFoundError(
-            f"pretrained weights for {name!r} not found: file {entry.filename} is not in folder "
-            f"{folder} (set $SSL_XCIT_HOME to use another folder, copy the file from {entry.url}, "
-            "or pass download=True)")
+        raise hinted(PretrainedNotFound, f"pretrained weights for {name!r} not found: file {entry.filename} "
+                     f"is not in folder {folder} (set $SSL_XCIT_HOME to use another folder, or copy the file "
+                     f"from {entry.url})", "or pass download=True", needs="download")
     _download_once_per_node(entry.url, path, entry.sha256_prefix)
     return path
 

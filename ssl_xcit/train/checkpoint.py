@@ -13,17 +13,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ssl_xcit.errors import UserError
-from ssl_xcit.models.checkpoints import require_checkpoint_file
 from ssl_xcit.atomic import atomic_torch_save
+# CheckpointError is defined once, with the checked reader; imported from here by the training code
+from ssl_xcit.models.checkpoints import CheckpointError, read_checkpoint
 
 CHECKPOINT_NAME = "checkpoint.pth"
 FORMAT = "ssl_xcit"
 VERSION = 1
-
-
-class CheckpointError(UserError, RuntimeError):
-    """A checkpoint that cannot be read or does not fit the run; the message names the file."""
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -63,18 +59,14 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a training checkpoint with ``weights_only=True``; errors name the file and the problem."""
+    """Read a training checkpoint through the project's checked reader
+    (:func:`ssl_xcit.models.checkpoints.read_checkpoint`: ``weights_only=True``, one-line errors that
+    name the file and the problem -- a folder, random bytes, a truncated file, pickled code), then
+    check that it is a resumable ssl_xcit training checkpoint."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        require_checkpoint_file(path)     # a folder: "PATH is a folder, not a checkpoint file"
-    except UserError as err:
-        raise CheckpointError(str(err)) from None
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # truncated, not a torch file, or pickled objects
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
+    state = read_checkpoint(path, map_location=map_location)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an ssl_xcit training checkpoint (no format: {FORMAT!r} key)")
     if state.get("version", 0) > VERSION:

@@ -56,9 +56,19 @@ def _pow2_between(x: float, lo: int, hi: int) -> int:
 
 def teacher_momentum(steps: int) -> Choice:
     """The EMA momentum whose window 1/(1-m) is a tenth of the run, in [0.975, 0.996]."""
-    momentum = 1.0 - 1.0 / max(EMA_WINDOW_FRACTION * steps, 1.0)
-    momentum = round(min(MAX_MOMENTUM, max(MIN_MOMENTUM, momentum)), 4)
-    return Choice(momentum, f"an EMA window 1/(1-m) of {1 / (1 - momentum):.0f} steps: about "
+    window = EMA_WINDOW_FRACTION * steps
+    raw = 1.0 - 1.0 / max(window, 1.0)
+    momentum = round(min(MAX_MOMENTUM, max(MIN_MOMENTUM, raw)), 4)
+    kept = 1 / (1 - momentum)
+    if raw < MIN_MOMENTUM - 1e-9:   # say it was clamped, and to what: the window is not a tenth of the run then
+        return Choice(momentum, f"clamped to the lowest momentum {MIN_MOMENTUM} (an EMA window of {kept:.0f} "
+                                f"steps): {EMA_WINDOW_FRACTION:.0%} of the {steps:,} steps would be a window of "
+                                f"{window:.1f} steps, and windows under {kept:.0f} steps lost k-NN in the grid")
+    if raw > MAX_MOMENTUM + 1e-9:
+        return Choice(momentum, f"clamped to DINO's momentum {MAX_MOMENTUM} (an EMA window of {kept:.0f} steps): "
+                                f"{EMA_WINDOW_FRACTION:.0%} of the {steps:,} steps would be a window of "
+                                f"{window:,.0f} steps, longer than DINO's own")
+    return Choice(momentum, f"an EMA window 1/(1-m) of {kept:.0f} steps: about "
                             f"{EMA_WINDOW_FRACTION:.0%} of the {steps:,} steps, kept in [{MIN_MOMENTUM}, "
                             f"{MAX_MOMENTUM}] (DINO's 0.996 averages 250 steps: most of a short run)")
 
