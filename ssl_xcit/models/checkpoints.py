@@ -204,7 +204,7 @@ def mmpretrain_to_timm(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
-def _strip_prefixes(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def strip_prefixes(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Remove wrapper names: DDP's leading ``module.`` and torch.compile's ``_orig_mod.`` (which
     sits wherever the compiled module was, e.g. ``backbone._orig_mod.blocks.0...``)."""
     out = {}
@@ -231,7 +231,7 @@ def detect_format(obj: Any, source: str = "<checkpoint>") -> str:
     if isinstance(obj.get("model"), Mapping):
         return "official"
     if _is_state_dict(obj):
-        naming = detect_naming(_strip_prefixes(obj))
+        naming = detect_naming(strip_prefixes(obj))
         if naming is None and any(k.startswith(("backbone.", "module.backbone.")) for k in obj):
             naming = detect_naming({k.split("backbone.", 1)[1]: v for k, v in obj.items()
                                     if "backbone." in k})
@@ -269,7 +269,7 @@ class ExtractedWeights:
 
 def _backbone_part(sd: Mapping[str, torch.Tensor]) -> tuple[dict, list[str]]:
     """Keep ``backbone.*`` (prefix removed) of a DINO-style student/teacher; drop ``head.*`` etc."""
-    sd = _strip_prefixes(sd)
+    sd = strip_prefixes(sd)
     if any(k.startswith("backbone.") for k in sd):
         kept = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
         return kept, [k for k in sd if not k.startswith("backbone.")]
@@ -301,16 +301,16 @@ def extract_state_dict(obj: Any, format: str = "auto", checkpoint_key: str = "te
             arch = model_cfg.get("arch") if isinstance(model_cfg, Mapping) else None
     elif fmt == "mmpretrain":
         sd = obj.get("state_dict", obj)
-        sd = _strip_prefixes(sd)
+        sd = strip_prefixes(sd)
         if any(k.startswith("backbone.") for k in sd):
             keep = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
             keep.update({k: v for k, v in sd.items() if k.startswith("head.fc.")})
             dropped = [k for k in sd if not k.startswith(("backbone.", "head.fc."))]
             sd = keep
     elif fmt == "official":
-        sd = _strip_prefixes(obj.get("model", obj))
+        sd = strip_prefixes(obj.get("model", obj))
     else:  # dino_backbone, timm
-        sd = _strip_prefixes(obj)
+        sd = strip_prefixes(obj)
         if fmt == "dino_backbone" and any(k.startswith("backbone.") for k in sd):
             sd, dropped = _backbone_part(sd)
     if not _is_state_dict(sd):

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ssl_xcit.models.checkpoints import (_strip_prefixes, detect_format, extract_state_dict, infer_arch,
+from ssl_xcit.models.checkpoints import (strip_prefixes, detect_format, extract_state_dict, infer_arch,
                                          load_into, read_checkpoint)
 from ssl_xcit.models.zoo import resolve_arch
 from ssl_xcit.train.config import ConfigError
@@ -84,7 +84,7 @@ def _head_part(network: Mapping) -> dict[str, torch.Tensor]:
     """The ``head.*`` entries of a DINO network's state dict (prefixes such as ``module.`` removed)."""
     if not isinstance(network, Mapping):
         return {}
-    sd = _strip_prefixes(network)
+    sd = strip_prefixes(network)
     return {k[len("head."):]: v for k, v in sd.items() if k.startswith("head.") and isinstance(v, torch.Tensor)}
 
 
