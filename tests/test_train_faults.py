@@ -270,7 +270,7 @@ def test_an_exploding_step_never_overwrites_the_healthy_checkpoint(cifar_small, 
     kept = torch.load(out / "checkpoint.pth", weights_only=True)
     assert kept["global_step"] == 2 and _rms(kept) == _rms(healthy)
     assert [e["checkpoint_step"] for e in _events(out) if e["event"] == "checkpoint_kept"] == [2]
-    assert "not saving over" in capsys.readouterr().out
+    assert "checkpoint.pth is not overwritten from now on" in capsys.readouterr().out
     result = train(tiny_config(cifar_small, out, max_steps=4, save_every_steps=1))   # resumes from step 2
     assert result.global_step == 4 and math.isfinite(result.last_loss)
 
