@@ -11,7 +11,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import ssl_xcit
-from ssl_xcit.models import ARCHS, ZOO, XCiT, get_model, list_models, resolve
+from ssl_xcit.models import ARCHS, DINO_ZOO, ZOO, XCiT, get_model, list_models, resolve
 
 REFERENCE_TSV = Path(__file__).resolve().parents[2] / "shared" / "reference" / "xcit_zoo.tsv"
 
@@ -147,9 +147,9 @@ def test_real_forward_at_table_resolution(name):
 # ------------------------------------------------------------------------------------------ names
 def test_list_models_and_name_kinds():
     names = list_models()
-    assert len(names) == len(ZOO) + len(ARCHS) == 56
-    assert set(ZOO) <= set(names) and set(ARCHS) <= set(names)
-    assert ssl_xcit.list_models("*small_12_p16*") == ["xcit_small_12_p16"]
+    assert len(names) == len(ZOO) + len(DINO_ZOO) + len(ARCHS) == 60
+    assert set(ZOO) <= set(names) and set(DINO_ZOO) <= set(names) and set(ARCHS) <= set(names)
+    assert ssl_xcit.list_models("*small_12_p16*") == ["dino_xcit_small_12_p16", "xcit_small_12_p16"]
     assert "xcit_small_12_p16_384" in list_models(aliases=True)
     r = resolve("xcit_small_12_p16")
     assert (r.arch.name, r.img_size, r.entry.name) == ("xcit_small_12_p16", 224,

@@ -10,7 +10,8 @@ from typing import Any
 
 _EXPORTS = {
     # zoo: names -> architectures and published weights (no torch)
-    "ARCHS": "zoo", "ZOO": "zoo", "ArchSpec": "zoo", "ZooEntry": "zoo", "list_models": "zoo",
+    "ARCHS": "zoo", "ZOO": "zoo", "DINO_ZOO": "zoo", "ArchSpec": "zoo", "ZooEntry": "zoo",
+    "DinoEntry": "zoo", "list_models": "zoo",
     "resolve": "zoo", "resolve_arch": "zoo",
     # the model class
     "XCiT": "xcit",

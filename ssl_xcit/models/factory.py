@@ -88,9 +88,14 @@ def _download_once_per_node(url: str, path: Path, hash_prefix: str | None) -> No
                                 f"copy the file from {url} into {path.parent}")
 
 
-def build_model(name: str, num_classes: int = 1000, **overrides: Any) -> XCiT:
-    """A randomly initialised model for any accepted name (see :func:`ssl_xcit.list_models`)."""
+def build_model(name: str, num_classes: int | None = None, **overrides: Any) -> XCiT:
+    """A randomly initialised model for any accepted name (see :func:`ssl_xcit.list_models`).
+
+    ``num_classes=None``: the head the name's weights come with (1000 ImageNet classes; none for
+    DINO's backbones, e.g. ``dino_xcit_small_12_p16``)."""
     resolved = resolve(name)
+    if num_classes is None:
+        num_classes = resolved.num_classes
     unknown = sorted(set(overrides) - set(_OVERRIDABLE))
     if unknown:
         raise TypeError(f"get_model({name!r}): unknown override(s) {unknown}; valid: "
@@ -102,7 +107,7 @@ def build_model(name: str, num_classes: int = 1000, **overrides: Any) -> XCiT:
     return XCiT(arch=resolved.arch.name, zoo_name=resolved.name, num_classes=num_classes, **kwargs)
 
 
-def get_model(name: str, pretrained: bool | str | os.PathLike = False, num_classes: int = 1000,
+def get_model(name: str, pretrained: bool | str | os.PathLike = False, num_classes: int | None = None,
               *, download: bool = False, checkpoint_key: str = "teacher", format: str = "auto",
               strict: bool = True, allow_pickle: bool = False, **overrides: Any) -> XCiT:
     """Build an XCiT by name, optionally with weights.
@@ -110,7 +115,8 @@ def get_model(name: str, pretrained: bool | str | os.PathLike = False, num_class
     ``pretrained``: False (random init), True (the published weights of ``name``, from
     :func:`cache_dir`; an arch name means its non-distilled 224-px ImageNet-1k weights), or a
     checkpoint path in any format of :mod:`ssl_xcit.models.checkpoints`. ``num_classes=0`` gives a
-    backbone returning the final CLS feature. ``overrides`` go to the model constructor
+    backbone returning the final CLS feature; ``None`` the head of the name's published weights
+    (1000 classes, or 0 for DINO's backbones). ``overrides`` go to the model constructor
     (``drop_path_rate``, ``img_size``, ...).
     """
     model = build_model(name, num_classes=num_classes, **overrides)

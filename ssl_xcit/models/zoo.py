@@ -6,9 +6,11 @@ built models to. Facts come from the XCiT paper / facebookresearch/xcit (archite
 open-mmlab/mmpretrain ``configs/xcit/metafile.yml`` (the 42 zoo names, their parameter and
 FLOP counts and their weight files). mmpretrain's "FLOPs" are multiply-accumulates (MACs).
 
-Three kinds of names are accepted by :func:`resolve`:
+Four kinds of names are accepted by :func:`resolve`:
 
 * the 42 zoo names, e.g. ``xcit-small-12-p16_3rdparty-dist_in1k-384px``;
+* DINO's 4 self-supervised XCiT backbones (facebookresearch/dino's README and ``hubconf.py``), e.g.
+  ``dino_xcit_small_12_p16``: no classifier head, so their models default to ``num_classes=0``;
 * the 14 architecture names (timm's family names), e.g. ``xcit_small_12_p16`` (224 px);
 * timm's model names, e.g. ``xcit_small_12_p16_224`` / ``xcit_small_12_p16_384``, optionally with
   timm's pretrained tag ``.fb_in1k`` / ``.fb_dist_in1k``.
@@ -154,6 +156,48 @@ _ENTRIES = [
 ]
 ZOO: dict[str, ZooEntry] = {e.name: e for e in _ENTRIES}
 
+DINO_URL = "https://dl.fbaipublicfiles.com/dino"
+
+
+@dataclass(frozen=True)
+class DinoEntry:
+    """One of DINO's published XCiT backbones (ImageNet-1k, self-supervised, no head).
+
+    The file is a plain backbone state dict in the official XCiT key names (format
+    ``dino_backbone``); DINO publishes no hash, so none is checked. ``knn`` / ``linear`` are the
+    ImageNet top-1 figures of DINO's README table, for the record (not measured here).
+    """
+
+    name: str
+    knn: float
+    linear: float
+    img_size: int = 224
+    distilled: bool = False
+    arch: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "arch", self.name[len("dino_"):])
+
+    @property
+    def filename(self) -> str:
+        return f"{self.name}_pretrain.pth"
+
+    @property
+    def url(self) -> str:
+        return f"{DINO_URL}/{self.name}_pretrain/{self.filename}"
+
+    @property
+    def sha256_prefix(self) -> None:
+        return None
+
+
+DINO_ZOO: dict[str, DinoEntry] = {e.name: e for e in (
+    DinoEntry("dino_xcit_small_12_p16", knn=76.0, linear=77.8),
+    DinoEntry("dino_xcit_small_12_p8", knn=77.1, linear=79.2),
+    DinoEntry("dino_xcit_medium_24_p16", knn=76.4, linear=78.8),
+    DinoEntry("dino_xcit_medium_24_p8", knn=77.9, linear=80.3),
+)}
+
 
 @dataclass(frozen=True)
 class ResolvedName:
@@ -163,7 +207,12 @@ class ResolvedName:
     name: str
     arch: ArchSpec
     img_size: int
-    entry: ZooEntry | None
+    entry: ZooEntry | DinoEntry | None
+
+    @property
+    def num_classes(self) -> int:
+        """The head the weights come with: none (0) for DINO's backbones, ImageNet's 1000 else."""
+        return 0 if isinstance(self.entry, DinoEntry) else 1000
 
 
 def _default_entry(arch: str, img_size: int, distilled: bool | None) -> ZooEntry | None:
@@ -183,13 +232,14 @@ def _timm_aliases() -> list[str]:
 
 
 def list_models(pattern: str | None = None, aliases: bool = False) -> list[str]:
-    """Zoo names then architecture names (``aliases=True`` adds timm's ``*_224`` / ``*_384``).
+    """Zoo names, DINO's backbones, then architecture names (``aliases=True`` adds timm's
+    ``*_224`` / ``*_384``).
 
     ``pattern`` is a shell-style filter, e.g. ``"*small*"``.
     """
     import fnmatch
 
-    names = list(ZOO) + list(ARCHS) + (_timm_aliases() if aliases else [])
+    names = list(ZOO) + list(DINO_ZOO) + list(ARCHS) + (_timm_aliases() if aliases else [])
     if pattern:
         names = [n for n in names if fnmatch.fnmatch(n, pattern)]
     return names
@@ -207,6 +257,9 @@ def resolve(name: str) -> ResolvedName:
         e = ZOO[key]
         return ResolvedName(key, ARCHS[e.arch], e.img_size, e)
     low = key.lower()
+    if low in DINO_ZOO:
+        d = DINO_ZOO[low]
+        return ResolvedName(key, ARCHS[d.arch], d.img_size, d)
     if low in ARCHS:
         return ResolvedName(key, ARCHS[low], 224, _default_entry(low, 224, False))
     m = _TIMM_RE.fullmatch(low)
@@ -219,7 +272,8 @@ def resolve(name: str) -> ResolvedName:
         close = difflib.get_close_matches(low, list(ARCHS), n=5, cutoff=0.0)
     raise ValueError(
         f"unknown model name {name!r}; closest valid names: {', '.join(close)} "
-        f"(all {len(ZOO)} zoo names and {len(ARCHS)} arch names: ssl_xcit.list_models())")
+        f"(all {len(ZOO)} zoo names, {len(DINO_ZOO)} DINO backbones and {len(ARCHS)} arch names: "
+        "ssl_xcit.list_models())")
 
 
 def resolve_arch(name: str) -> str:

@@ -3,6 +3,9 @@
 The field names are DINO's command-line flags (``arch``, ``out_dim``, ``teacher_temp``,
 ``local_crops_number``, ...) so recipes and habits carry over. Every field name is unique across
 sections, so an override may name it plainly (``lr=1e-3``) or with its section (``optim.lr=1e-3``).
+Each field carries its one-line meaning (``_f``), which ``launch/train.py --help`` lists. The recipes
+(``*.yaml``) live in the package (``ssl_xcit/configs``; ``configs/`` in a checkout links there), so an
+installed package finds them by name (:func:`find_recipe`).
 """
 from __future__ import annotations
 
@@ -31,97 +34,103 @@ class ConfigError(UserError, ValueError):
 MAX_EPOCHS = 10_000
 
 
+def _f(default: Any, meaning: str) -> Any:
+    """A config field with its one-line meaning, which ``launch/train.py --help`` prints beside
+    the key and its default (the meaning lives with the field, so the help cannot drift from it)."""
+    return field(default=default, metadata={"help": meaning})
+
+
 @dataclass
 class ModelConfig:
-    arch: str = "xcit_small_12_p16"          # any name get_model accepts
-    drop_path_rate: float = 0.1              # stochastic depth, student only
-    out_dim: int = 65536                     # prototypes of the DINO head
-    norm_last_layer: bool = True             # weight-normalised last layer with g fixed to 1
-    use_bn_in_head: bool = False
-    head_hidden_dim: int = 2048
-    head_bottleneck_dim: int = 256
-    head_nlayers: int = 3
-    pretrained_weights: str = ""             # start a new run from this file (any format load_backbone reads)
-    pretrained_checkpoint_key: str = "auto"  # a DINO file's network: auto (student->student, teacher->
-                                             # teacher), teacher or student (that one into both)
+    arch: str = _f("xcit_small_12_p16", "any name get_model accepts")
+    drop_path_rate: float = _f(0.1, "stochastic depth, student only")
+    out_dim: int = _f(65536, "prototypes of the DINO head")
+    norm_last_layer: bool = _f(True, "weight-normalised last layer with g fixed to 1")
+    use_bn_in_head: bool = _f(False, "BatchNorm in the DINO head's MLP")
+    head_hidden_dim: int = _f(2048, "width of the DINO head's hidden layers")
+    head_bottleneck_dim: int = _f(256, "width of the head's bottleneck before the prototypes")
+    head_nlayers: int = _f(3, "layers of the head's MLP")
+    pretrained_weights: str = _f("", "start a new run from this file (any format load_backbone reads; '': random)")
+    pretrained_checkpoint_key: str = _f("auto", "a DINO file's networks: auto (student->student, teacher->teacher), "
+                                                "teacher or student (that one into both)")
 
 
 @dataclass
 class DataConfig:
-    data_path: str = ""                      # ImageFolder / flat folder of images, or a .tar(.gz) of one
-    global_crops_size: int = 224
-    global_crops_scale: tuple[float, float] = (0.4, 1.0)
-    local_crops_number: int = 8
-    local_crops_size: int = 96
-    local_crops_scale: tuple[float, float] = (0.05, 0.4)
-    blur_probs: tuple[float, float, float] = (1.0, 0.1, 0.5)   # Gaussian blur: global 1, global 2, locals
-    solarize_prob: float = 0.2                                  # global 2 only
-    num_workers: int = 8
-    max_images: int = 0                      # >0: use only the first N images (quick runs, tests)
-    augment: str = "cpu"                     # cpu: PIL per image in the workers | gpu: batched on run.device
+    data_path: str = _f("", "ImageFolder / flat folder of images, or a .tar(.gz) of one")
+    global_crops_size: int = _f(224, "side of the 2 global crops, in pixels")
+    global_crops_scale: tuple[float, float] = _f((0.4, 1.0), "area range of a global crop (fractions of the image)")
+    local_crops_number: int = _f(8, "small local crops per image (0: no multi-crop)")
+    local_crops_size: int = _f(96, "side of the local crops, in pixels")
+    local_crops_scale: tuple[float, float] = _f((0.05, 0.4), "area range of a local crop (fractions of the image)")
+    blur_probs: tuple[float, float, float] = _f((1.0, 0.1, 0.5), "blur probability: global 1, global 2, locals")
+    solarize_prob: float = _f(0.2, "solarization probability of global crop 2")
+    num_workers: int = _f(8, "data-loading worker processes per training process")
+    max_images: int = _f(0, ">0: use only the first N images (quick runs, tests)")
+    augment: str = _f("cpu", "cpu: PIL per image in the workers | gpu: batched on run.device")
 
 
 @dataclass
 class DinoLossConfig:
-    teacher_temp: float = 0.04
-    warmup_teacher_temp: float = 0.04
-    warmup_teacher_temp_epochs: int = 0
-    student_temp: float = 0.1
-    center_momentum: float = 0.9
-    momentum_teacher: float = 0.996          # EMA momentum at the start, cosine to final_momentum_teacher
-    final_momentum_teacher: float = 1.0      # DINOv2's name; DINO: 1 (the teacher freezes at the end)
-    koleo_loss_weight: float = 0.0           # DINOv2's KoLeo on the student's global crops (0: DINO as written)
-    center_init: str = "zero"                # zero (DINO) | teacher: the teacher's mean output on the first batch
+    teacher_temp: float = _f(0.04, "teacher softmax temperature after its warm-up")
+    warmup_teacher_temp: float = _f(0.04, "teacher temperature at the start of the warm-up")
+    warmup_teacher_temp_epochs: int = _f(0, "epochs of the linear teacher-temperature warm-up")
+    student_temp: float = _f(0.1, "student softmax temperature")
+    center_momentum: float = _f(0.9, "EMA momentum of the teacher's output centre")
+    momentum_teacher: float = _f(0.996, "EMA momentum at the start, cosine to final_momentum_teacher")
+    final_momentum_teacher: float = _f(1.0, "EMA momentum at the end (DINOv2's name; DINO: 1, the teacher freezes)")
+    koleo_loss_weight: float = _f(0.0, "DINOv2's KoLeo on the student's global crops (0: DINO as written)")
+    center_init: str = _f("zero", "zero (DINO) | teacher: the teacher's mean output on the first batch")
 
 
 @dataclass
 class OptimConfig:
-    epochs: int = 100
-    batch_size_per_gpu: int = 64
-    lr: float = 5e-4                         # at a global batch of 256; scaled linearly
-    min_lr: float = 1e-6
-    warmup_epochs: int = 10
-    weight_decay: float = 0.04
-    weight_decay_end: float = 0.4
-    clip_grad: float = 3.0                   # 0 disables
-    freeze_last_layer: int = 1               # epochs with the head's last layer frozen
-    optimizer: str = "adamw"                 # adamw | sgd
-    fused: bool | None = None                # fused optimizer kernels; null: on CUDA only (same update)
-    time_budget_minutes: float = 0.0         # >0: train this long; recipe=auto sizes the schedules to it
-    freeze_backbone_steps: int = 0           # steps in which only the student's head learns (a fresh head's warm-up)
-    backbone_lr_scale: float = 1.0           # the student backbone's lr as a fraction of the head's
+    epochs: int = _f(100, "training epochs")
+    batch_size_per_gpu: int = _f(64, "images per process (per GPU) and step")
+    lr: float = _f(5e-4, "peak learning rate at a global batch of 256; scaled linearly")
+    min_lr: float = _f(1e-6, "learning rate at the end of the cosine schedule")
+    warmup_epochs: int = _f(10, "epochs of the linear learning-rate warm-up")
+    weight_decay: float = _f(0.04, "weight decay at the start (cosine schedule)")
+    weight_decay_end: float = _f(0.4, "weight decay at the end")
+    clip_grad: float = _f(3.0, "per-parameter gradient-norm clip (0 disables)")
+    freeze_last_layer: int = _f(1, "epochs with the head's last layer frozen")
+    optimizer: str = _f("adamw", "adamw | sgd")
+    fused: bool | None = _f(None, "fused optimizer kernels; null: on CUDA only (same update)")
+    time_budget_minutes: float = _f(0.0, ">0: train this long; recipe=auto sizes the schedules to it")
+    freeze_backbone_steps: int = _f(0, "steps in which only the student's head learns (a fresh head's warm-up)")
+    backbone_lr_scale: float = _f(1.0, "the student backbone's lr as a fraction of the head's")
 
 
 @dataclass
 class RunConfig:
-    output_dir: str = "runs/dino"
-    seed: int = 0
-    precision: str = "bf16"                  # bf16 | fp16 | fp32 (autocast dtype; fp16 uses a scaler)
-    device: str = "auto"                     # auto | cpu | cuda
-    saveckp_freq: int = 0                    # >0: also keep checkpoint{epoch:04}.pth every N epochs
-    save_every_steps: int = 0                # >0: checkpoint every N steps inside an epoch
-    log_every_steps: int = 10
-    max_steps: int = 0                       # >0: stop after this many steps (quick runs, tests)
-    sync_bn: bool = True                     # convert BatchNorm to SyncBatchNorm under DDP
-    compile: bool = False                    # torch.compile the backbone (per crop resolution)
-    deterministic: bool = False              # torch.use_deterministic_algorithms, for exact resume on GPU
-    tensorboard: bool = True
-    report: bool = True                      # write output_dir/report/index.html when the run finishes
-    recipe: str = "auto"                     # auto: on < 200k images, values you leave unset fit the data
-                                             # (ssl_xcit/train/recipe.py); off: the values as written
+    output_dir: str = _f("runs/dino", "folder of config.yaml, log.jsonl, checkpoints (a run there resumes)")
+    seed: int = _f(0, "random seed (weights, data order, augmentations)")
+    precision: str = _f("bf16", "bf16 | fp16 | fp32 (autocast dtype; fp16 uses a scaler)")
+    device: str = _f("auto", "auto | cpu | cuda")
+    saveckp_freq: int = _f(0, ">0: also keep checkpoint{epoch:04}.pth every N epochs")
+    save_every_steps: int = _f(0, ">0: checkpoint every N steps inside an epoch")
+    log_every_steps: int = _f(10, "a train record in log.jsonl (and TensorBoard) every N steps")
+    max_steps: int = _f(0, ">0: stop after this many steps (quick runs, tests)")
+    sync_bn: bool = _f(True, "convert BatchNorm to SyncBatchNorm under DDP")
+    compile: bool = _f(False, "torch.compile the backbone (per crop resolution)")
+    deterministic: bool = _f(False, "torch.use_deterministic_algorithms, for exact resume on GPU")
+    tensorboard: bool = _f(True, "also write TensorBoard events to output_dir/tensorboard")
+    report: bool = _f(True, "write output_dir/report/index.html when the run finishes")
+    recipe: str = _f("auto", "auto: on < 200k images, values you leave unset fit the data "
+                             "(ssl_xcit/train/recipe.py); off: the values as written")
 
 
 @dataclass
 class EvalConfig:
     """k-NN of the teacher while training (ssl_xcit.train.monitor): off unless eval_every_* > 0."""
-    eval_every_epochs: int = 0               # >0: k-NN every N epochs (at the epoch's end)
-    eval_every_steps: int = 0                # >0: k-NN every N optimizer steps
-    eval_data_path: str = ""                 # ImageFolder (or .tar.gz of one) with train/ and val/
-    eval_max_images: int = 0                 # >0: at most N images of train/ and N of val/, evenly spread
-    eval_knn_k: int = 20                     # neighbours of DINO's weighted vote (T = 0.07)
-    eval_crop_size: int = 0                  # 0: global_crops_size (the training resolution)
-    eval_resize: int = 0                     # shorter side before the crop; 0: crop * 256 / 224 (DINO)
-    eval_batch_size: int = 128
+    eval_every_epochs: int = _f(0, ">0: k-NN every N epochs (at the epoch's end)")
+    eval_every_steps: int = _f(0, ">0: k-NN every N optimizer steps")
+    eval_data_path: str = _f("", "ImageFolder (or .tar.gz of one) with train/ and val/")
+    eval_max_images: int = _f(0, ">0: at most N images of train/ and N of val/, evenly spread")
+    eval_knn_k: int = _f(20, "neighbours of DINO's weighted vote (T = 0.07)")
+    eval_crop_size: int = _f(0, "0: global_crops_size (the training resolution)")
+    eval_resize: int = _f(0, "shorter side before the crop; 0: crop * 256 / 224 (DINO)")
+    eval_batch_size: int = _f(128, "images per step of the k-NN feature extraction")
 
 
 @dataclass
@@ -162,6 +171,16 @@ def _field_index() -> dict[str, str]:
                 raise AssertionError(f"field {f.name} appears in two sections")
             index[f.name] = section
     return index
+
+
+def config_fields() -> list[tuple[str, dataclasses.Field, Any]]:
+    """``(section, field, type)`` of every key, in section order: what command lines build their
+    options and their help from (the type resolved from the annotation)."""
+    out = []
+    for section, cls in _section_classes().items():
+        hints = typing.get_type_hints(cls)
+        out.extend((section, f, hints[f.name]) for f in dataclasses.fields(cls))
+    return out
 
 
 def _all_keys() -> list[str]:
@@ -293,6 +312,28 @@ def _looks_numeric(raw: str) -> bool:
         return True
     except ValueError:
         return False
+
+
+def recipes_dir() -> Path:
+    """The folder of the packaged recipes (``ssl_xcit/configs``, package data of an installed wheel)."""
+    import importlib.resources
+    return Path(str(importlib.resources.files("ssl_xcit") / "configs"))
+
+
+def find_recipe(text: str | Path) -> Path:
+    """``text`` when that file exists; else the packaged recipe it names, from any folder
+    (``quickstart``, ``quickstart.yaml`` or ``configs/quickstart.yaml``): an installed package has
+    no ``configs/`` beside the working folder. A name that is neither is a :class:`ConfigError`
+    listing the packaged recipes."""
+    path = Path(text).expanduser()
+    if path.exists():
+        return path
+    name = path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml"
+    packaged = recipes_dir() / name
+    if packaged.is_file() and path.parent.name in ("", "configs"):
+        return packaged
+    available = ", ".join(sorted(p.stem for p in recipes_dir().glob("*.yaml")))
+    raise ConfigError(f"config file not found: {text} (packaged recipes, by name: {available})")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DinoConfig:
