@@ -127,6 +127,8 @@ def _build_model(cfg: ClassificationConfig, n_dataset_classes: int):
     except ValueError as err:  # no published weights for this name
         raise EvalInputError(f"--checkpoint pretrained: {err}") from None
     weights = load_state_source(path, cfg.format, cfg.checkpoint_key, cfg.allow_pickle)
+    if not cfg.img_size and weights.img_size:   # a fine-tuning run's checkpoint: the resolution it trained at
+        overrides = {"img_size": weights.img_size}
     head = weights.state_dict.get("head.weight")
     if head is None:
         raise EvalInputError(f"{path}: no classifier head in this checkpoint (a self-supervised "

@@ -265,6 +265,7 @@ class ExtractedWeights:
     naming: str | None = None
     arch: str | None = None  # from an ssl_xcit checkpoint's config
     dropped: list[str] = field(default_factory=list)  # keys removed on purpose (DINO head, ...)
+    img_size: int | None = None  # the resolution an ssl_xcit fine-tuning run trained at
 
 
 def _backbone_part(sd: Mapping[str, torch.Tensor]) -> tuple[dict, list[str]]:
@@ -289,7 +290,19 @@ def extract_state_dict(obj: Any, format: str = "auto", checkpoint_key: str = "te
                               f"{type(obj).__name__}")
     arch = None
     dropped: list[str] = []
-    if fmt in ("dino", "ssl_xcit"):
+    img_size = None
+    if fmt == "ssl_xcit" and obj.get("kind") == "finetune":
+        # a fine-tuned classifier: the model itself (its EMA with checkpoint_key='ema'); the DINO
+        # names teacher/student, every tool's default, mean the model
+        key = "ema" if checkpoint_key == "ema" else "model"
+        if not isinstance(obj.get(key), Mapping):
+            raise CheckpointError(f"{source}: this fine-tuning checkpoint has no {key!r} weights"
+                                  + (" (it ran without model_ema)" if key == "ema" else ""))
+        sd = strip_prefixes(obj[key])
+        cfg = obj.get("config") if isinstance(obj.get("config"), Mapping) else {}
+        arch = cfg.get("model", {}).get("arch")
+        img_size = cfg.get("data", {}).get("input_size")
+    elif fmt in ("dino", "ssl_xcit"):
         if checkpoint_key not in obj or not isinstance(obj[checkpoint_key], Mapping):
             avail = [k for k, v in obj.items() if isinstance(v, Mapping)]
             raise CheckpointError(f"{source}: checkpoint_key={checkpoint_key!r} not found; "
@@ -326,7 +339,7 @@ def extract_state_dict(obj: Any, format: str = "auto", checkpoint_key: str = "te
         sd = mmpretrain_to_timm(sd)
     if dropped:
         log.info("%s: dropped %d non-backbone keys (%s...)", source, len(dropped), dropped[:3])
-    return ExtractedWeights(dict(sd), fmt, source, naming, arch, dropped)
+    return ExtractedWeights(dict(sd), fmt, source, naming, arch, dropped, img_size)
 
 
 def load_state_source(checkpoint: str | os.PathLike | Mapping, format: str = "auto",

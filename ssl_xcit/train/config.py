@@ -3,7 +3,7 @@
 The field names are DINO's command-line flags (``arch``, ``out_dim``, ``teacher_temp``,
 ``local_crops_number``, ...) so recipes and habits carry over. Every field name is unique across
 sections, so an override may name it plainly (``lr=1e-3``) or with its section (``optim.lr=1e-3``).
-Each field carries its one-line meaning (``_f``), which ``launch/train.py --help`` lists. The recipes
+Each field carries its one-line meaning (``config_field``), which ``launch/train.py --help`` lists. The recipes
 (``*.yaml``) live in the package (``ssl_xcit/configs``; ``configs/`` in a checkout links there), so an
 installed package finds them by name (:func:`find_recipe`).
 """
@@ -34,7 +34,7 @@ class ConfigError(UserError, ValueError):
 MAX_EPOCHS = 10_000
 
 
-def _f(default: Any, meaning: str) -> Any:
+def config_field(default: Any, meaning: str) -> Any:
     """A config field with its one-line meaning, which ``launch/train.py --help`` prints beside
     the key and its default (the meaning lives with the field, so the help cannot drift from it)."""
     return field(default=default, metadata={"help": meaning})
@@ -42,105 +42,103 @@ def _f(default: Any, meaning: str) -> Any:
 
 @dataclass
 class ModelConfig:
-    arch: str = _f("xcit_small_12_p16", "any name get_model accepts")
-    drop_path_rate: float = _f(0.1, "stochastic depth, student only")
-    out_dim: int = _f(65536, "prototypes of the DINO head")
-    norm_last_layer: bool = _f(True, "weight-normalised last layer with g fixed to 1")
-    use_bn_in_head: bool = _f(False, "BatchNorm in the DINO head's MLP")
-    head_hidden_dim: int = _f(2048, "width of the DINO head's hidden layers")
-    head_bottleneck_dim: int = _f(256, "width of the head's bottleneck before the prototypes")
-    head_nlayers: int = _f(3, "layers of the head's MLP")
-    pretrained_weights: str = _f("", "start a new run from this file (any format load_backbone reads; '': random)")
-    pretrained_checkpoint_key: str = _f("auto", "a DINO file's networks: auto (student->student, teacher->teacher), "
+    arch: str = config_field("xcit_small_12_p16", "any name get_model accepts")
+    drop_path_rate: float = config_field(0.1, "stochastic depth, student only")
+    out_dim: int = config_field(65536, "prototypes of the DINO head")
+    norm_last_layer: bool = config_field(True, "weight-normalised last layer with g fixed to 1")
+    use_bn_in_head: bool = config_field(False, "BatchNorm in the DINO head's MLP")
+    head_hidden_dim: int = config_field(2048, "width of the DINO head's hidden layers")
+    head_bottleneck_dim: int = config_field(256, "width of the head's bottleneck before the prototypes")
+    head_nlayers: int = config_field(3, "layers of the head's MLP")
+    pretrained_weights: str = config_field("", "start a new run from this file (any format load_backbone reads; '': random)")
+    pretrained_checkpoint_key: str = config_field("auto", "a DINO file's networks: auto (student->student, teacher->teacher), "
                                                 "teacher or student (that one into both)")
 
 
 @dataclass
 class DataConfig:
-    data_path: str = _f("", "ImageFolder / flat folder of images, or a .tar(.gz) of one")
-    global_crops_size: int = _f(224, "side of the 2 global crops, in pixels")
-    global_crops_scale: tuple[float, float] = _f((0.4, 1.0), "area range of a global crop (fractions of the image)")
-    local_crops_number: int = _f(8, "small local crops per image (0: no multi-crop)")
-    local_crops_size: int = _f(96, "side of the local crops, in pixels")
-    local_crops_scale: tuple[float, float] = _f((0.05, 0.4), "area range of a local crop (fractions of the image)")
-    blur_probs: tuple[float, float, float] = _f((1.0, 0.1, 0.5), "blur probability: global 1, global 2, locals")
-    solarize_prob: float = _f(0.2, "solarization probability of global crop 2")
-    num_workers: int = _f(8, "data-loading worker processes per training process")
-    max_images: int = _f(0, ">0: use only the first N images (quick runs, tests)")
-    augment: str = _f("cpu", "cpu: PIL per image in the workers | gpu: batched on run.device")
+    data_path: str = config_field("", "ImageFolder / flat folder of images, or a .tar(.gz) of one")
+    global_crops_size: int = config_field(224, "side of the 2 global crops, in pixels")
+    global_crops_scale: tuple[float, float] = config_field((0.4, 1.0), "area range of a global crop (fractions of the image)")
+    local_crops_number: int = config_field(8, "small local crops per image (0: no multi-crop)")
+    local_crops_size: int = config_field(96, "side of the local crops, in pixels")
+    local_crops_scale: tuple[float, float] = config_field((0.05, 0.4), "area range of a local crop (fractions of the image)")
+    blur_probs: tuple[float, float, float] = config_field((1.0, 0.1, 0.5), "blur probability: global 1, global 2, locals")
+    solarize_prob: float = config_field(0.2, "solarization probability of global crop 2")
+    num_workers: int = config_field(8, "data-loading worker processes per training process")
+    max_images: int = config_field(0, ">0: use only the first N images (quick runs, tests)")
+    augment: str = config_field("cpu", "cpu: PIL per image in the workers | gpu: batched on run.device")
 
 
 @dataclass
 class DinoLossConfig:
-    teacher_temp: float = _f(0.04, "teacher softmax temperature after its warm-up")
-    warmup_teacher_temp: float = _f(0.04, "teacher temperature at the start of the warm-up")
-    warmup_teacher_temp_epochs: int = _f(0, "epochs of the linear teacher-temperature warm-up")
-    student_temp: float = _f(0.1, "student softmax temperature")
-    center_momentum: float = _f(0.9, "EMA momentum of the teacher's output centre")
-    momentum_teacher: float = _f(0.996, "EMA momentum at the start, cosine to final_momentum_teacher")
-    final_momentum_teacher: float = _f(1.0, "EMA momentum at the end (DINOv2's name; DINO: 1, the teacher freezes)")
-    koleo_loss_weight: float = _f(0.0, "DINOv2's KoLeo on the student's global crops (0: DINO as written)")
-    center_init: str = _f("zero", "zero (DINO) | teacher: the teacher's mean output on the first batch")
+    teacher_temp: float = config_field(0.04, "teacher softmax temperature after its warm-up")
+    warmup_teacher_temp: float = config_field(0.04, "teacher temperature at the start of the warm-up")
+    warmup_teacher_temp_epochs: int = config_field(0, "epochs of the linear teacher-temperature warm-up")
+    student_temp: float = config_field(0.1, "student softmax temperature")
+    center_momentum: float = config_field(0.9, "EMA momentum of the teacher's output centre")
+    momentum_teacher: float = config_field(0.996, "EMA momentum at the start, cosine to final_momentum_teacher")
+    final_momentum_teacher: float = config_field(1.0, "EMA momentum at the end (DINOv2's name; DINO: 1, the teacher freezes)")
+    koleo_loss_weight: float = config_field(0.0, "DINOv2's KoLeo on the student's global crops (0: DINO as written)")
+    center_init: str = config_field("zero", "zero (DINO) | teacher: the teacher's mean output on the first batch")
 
 
 @dataclass
 class OptimConfig:
-    epochs: int = _f(100, "training epochs")
-    batch_size_per_gpu: int = _f(64, "images per process (per GPU) and step")
-    lr: float = _f(5e-4, "peak learning rate at a global batch of 256; scaled linearly")
-    min_lr: float = _f(1e-6, "learning rate at the end of the cosine schedule")
-    warmup_epochs: int = _f(10, "epochs of the linear learning-rate warm-up")
-    weight_decay: float = _f(0.04, "weight decay at the start (cosine schedule)")
-    weight_decay_end: float = _f(0.4, "weight decay at the end")
-    clip_grad: float = _f(3.0, "per-parameter gradient-norm clip (0 disables)")
-    freeze_last_layer: int = _f(1, "epochs with the head's last layer frozen")
-    optimizer: str = _f("adamw", "adamw | sgd")
-    fused: bool | None = _f(None, "fused optimizer kernels; null: on CUDA only (same update)")
-    time_budget_minutes: float = _f(0.0, ">0: train this long; recipe=auto sizes the schedules to it")
-    freeze_backbone_steps: int = _f(0, "steps in which only the student's head learns (a fresh head's warm-up)")
-    backbone_lr_scale: float = _f(1.0, "the student backbone's lr as a fraction of the head's")
+    epochs: int = config_field(100, "training epochs")
+    batch_size_per_gpu: int = config_field(64, "images per process (per GPU) and step")
+    lr: float = config_field(5e-4, "peak learning rate at a global batch of 256; scaled linearly")
+    min_lr: float = config_field(1e-6, "learning rate at the end of the cosine schedule")
+    warmup_epochs: int = config_field(10, "epochs of the linear learning-rate warm-up")
+    weight_decay: float = config_field(0.04, "weight decay at the start (cosine schedule)")
+    weight_decay_end: float = config_field(0.4, "weight decay at the end")
+    clip_grad: float = config_field(3.0, "per-parameter gradient-norm clip (0 disables)")
+    freeze_last_layer: int = config_field(1, "epochs with the head's last layer frozen")
+    optimizer: str = config_field("adamw", "adamw | sgd")
+    fused: bool | None = config_field(None, "fused optimizer kernels; null: on CUDA only (same update)")
+    time_budget_minutes: float = config_field(0.0, ">0: train this long; recipe=auto sizes the schedules to it")
+    freeze_backbone_steps: int = config_field(0, "steps in which only the student's head learns (a fresh head's warm-up)")
+    backbone_lr_scale: float = config_field(1.0, "the student backbone's lr as a fraction of the head's")
 
 
 @dataclass
 class RunConfig:
-    output_dir: str = _f("runs/dino", "folder of config.yaml, log.jsonl, checkpoints (a run there resumes)")
-    seed: int = _f(0, "random seed (weights, data order, augmentations)")
-    precision: str = _f("bf16", "bf16 | fp16 | fp32 (autocast dtype; fp16 uses a scaler)")
-    device: str = _f("auto", "auto | cpu | cuda")
-    saveckp_freq: int = _f(0, ">0: also keep checkpoint{epoch:04}.pth every N epochs")
-    save_every_steps: int = _f(0, ">0: checkpoint every N steps inside an epoch")
-    log_every_steps: int = _f(10, "a train record in log.jsonl (and TensorBoard) every N steps")
-    max_steps: int = _f(0, ">0: stop after this many steps (quick runs, tests)")
-    sync_bn: bool = _f(True, "convert BatchNorm to SyncBatchNorm under DDP")
-    compile: bool = _f(False, "torch.compile the backbone (per crop resolution)")
-    deterministic: bool = _f(False, "torch.use_deterministic_algorithms, for exact resume on GPU")
-    tensorboard: bool = _f(True, "also write TensorBoard events to output_dir/tensorboard")
-    report: bool = _f(True, "write output_dir/report/index.html when the run finishes")
-    recipe: str = _f("auto", "auto: on < 200k images, values you leave unset fit the data "
+    output_dir: str = config_field("runs/dino", "folder of config.yaml, log.jsonl, checkpoints (a run there resumes)")
+    seed: int = config_field(0, "random seed (weights, data order, augmentations)")
+    precision: str = config_field("bf16", "bf16 | fp16 | fp32 (autocast dtype; fp16 uses a scaler)")
+    device: str = config_field("auto", "auto | cpu | cuda")
+    saveckp_freq: int = config_field(0, ">0: also keep checkpoint{epoch:04}.pth every N epochs")
+    save_every_steps: int = config_field(0, ">0: checkpoint every N steps inside an epoch")
+    log_every_steps: int = config_field(10, "a train record in log.jsonl (and TensorBoard) every N steps")
+    max_steps: int = config_field(0, ">0: stop after this many steps (quick runs, tests)")
+    sync_bn: bool = config_field(True, "convert BatchNorm to SyncBatchNorm under DDP")
+    compile: bool = config_field(False, "torch.compile the backbone (per crop resolution)")
+    deterministic: bool = config_field(False, "torch.use_deterministic_algorithms, for exact resume on GPU")
+    tensorboard: bool = config_field(True, "also write TensorBoard events to output_dir/tensorboard")
+    report: bool = config_field(True, "write output_dir/report/index.html when the run finishes")
+    recipe: str = config_field("auto", "auto: on < 200k images, values you leave unset fit the data "
                              "(ssl_xcit/train/recipe.py); off: the values as written")
 
 
 @dataclass
 class EvalConfig:
     """k-NN of the teacher while training (ssl_xcit.train.monitor): off unless eval_every_* > 0."""
-    eval_every_epochs: int = _f(0, ">0: k-NN every N epochs (at the epoch's end)")
-    eval_every_steps: int = _f(0, ">0: k-NN every N optimizer steps")
-    eval_data_path: str = _f("", "ImageFolder (or .tar.gz of one) with train/ and val/")
-    eval_max_images: int = _f(0, ">0: at most N images of train/ and N of val/, evenly spread")
-    eval_knn_k: int = _f(20, "neighbours of DINO's weighted vote (T = 0.07)")
-    eval_crop_size: int = _f(0, "0: global_crops_size (the training resolution)")
-    eval_resize: int = _f(0, "shorter side before the crop; 0: crop * 256 / 224 (DINO)")
-    eval_batch_size: int = _f(128, "images per step of the k-NN feature extraction")
+    eval_every_epochs: int = config_field(0, ">0: k-NN every N epochs (at the epoch's end)")
+    eval_every_steps: int = config_field(0, ">0: k-NN every N optimizer steps")
+    eval_data_path: str = config_field("", "ImageFolder (or .tar.gz of one) with train/ and val/")
+    eval_max_images: int = config_field(0, ">0: at most N images of train/ and N of val/, evenly spread")
+    eval_knn_k: int = config_field(20, "neighbours of DINO's weighted vote (T = 0.07)")
+    eval_crop_size: int = config_field(0, "0: global_crops_size (the training resolution)")
+    eval_resize: int = config_field(0, "shorter side before the crop; 0: crop * 256 / 224 (DINO)")
+    eval_batch_size: int = config_field(128, "images per step of the k-NN feature extraction")
 
 
-@dataclass
-class DinoConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    dino: DinoLossConfig = field(default_factory=DinoLossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+class ConfigTree:
+    """What every run's config is: a dataclass of sections (dataclasses of fields), every field name
+    unique across its sections. Pretraining's :class:`DinoConfig` and fine-tuning's
+    (:class:`ssl_xcit.finetune.config.FinetuneConfig`) are both built by :func:`load_config`."""
+
+    PATH_KEYS: tuple[str, ...] = ()    # the keys that name files or folders (see :func:`pin_paths`)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -153,19 +151,35 @@ class DinoConfig:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-
-SECTIONS = {f.name: f.type for f in dataclasses.fields(DinoConfig)}
-
-
-def _section_classes() -> dict[str, type]:
-    hints = typing.get_type_hints(DinoConfig)
-    return {name: hints[name] for name in SECTIONS}
+    def validate(self) -> "ConfigTree":
+        raise NotImplementedError
 
 
-def _field_index() -> dict[str, str]:
+@dataclass
+class DinoConfig(ConfigTree):
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    dino: DinoLossConfig = field(default_factory=DinoLossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    # the keys that name files or folders: made absolute where the command is typed
+    PATH_KEYS = ("data.data_path", "run.output_dir", "eval.eval_data_path", "model.pretrained_weights")
+
+    def validate(self) -> "DinoConfig":
+        return validate(self)
+
+
+def _section_classes(schema: type = DinoConfig) -> dict[str, type]:
+    hints = typing.get_type_hints(schema)
+    return {f.name: hints[f.name] for f in dataclasses.fields(schema)}
+
+
+def _field_index(schema: type = DinoConfig) -> dict[str, str]:
     """Plain field name -> its section. Names are unique across sections by design."""
     index: dict[str, str] = {}
-    for section, cls in _section_classes().items():
+    for section, cls in _section_classes(schema).items():
         for f in dataclasses.fields(cls):
             if f.name in index:
                 raise AssertionError(f"field {f.name} appears in two sections")
@@ -173,22 +187,23 @@ def _field_index() -> dict[str, str]:
     return index
 
 
-def config_fields() -> list[tuple[str, dataclasses.Field, Any]]:
+def config_fields(schema: type = DinoConfig) -> list[tuple[str, dataclasses.Field, Any]]:
     """``(section, field, type)`` of every key, in section order: what command lines build their
     options and their help from (the type resolved from the annotation)."""
     out = []
-    for section, cls in _section_classes().items():
+    for section, cls in _section_classes(schema).items():
         hints = typing.get_type_hints(cls)
         out.extend((section, f, hints[f.name]) for f in dataclasses.fields(cls))
     return out
 
 
-def _all_keys() -> list[str]:
-    return [f"{s}.{k}" for k, s in _field_index().items()] + list(_field_index())
+def _all_keys(schema: type = DinoConfig) -> list[str]:
+    index = _field_index(schema)
+    return [f"{s}.{k}" for k, s in index.items()] + list(index)
 
 
-def _unknown_key(key: str) -> ConfigError:
-    close = difflib.get_close_matches(key, _all_keys(), n=4, cutoff=0.5)
+def _unknown_key(key: str, schema: type = DinoConfig) -> ConfigError:
+    close = difflib.get_close_matches(key, _all_keys(schema), n=4, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     return ConfigError(f"unknown config key '{key}'{hint}")
 
@@ -238,15 +253,16 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     return value
 
 
-def _set(cfg: DinoConfig, key: str, value: Any) -> None:
-    index = _field_index()
+def _set(cfg: ConfigTree, key: str, value: Any) -> None:
+    schema = type(cfg)
+    index = _field_index(schema)
     if "." in key:
         section, name = key.split(".", 1)
-        if section not in SECTIONS or index.get(name) != section:
-            raise _unknown_key(key)
+        if section not in _section_classes(schema) or index.get(name) != section:
+            raise _unknown_key(key, schema)
     else:
         if key not in index:
-            raise _unknown_key(key)
+            raise _unknown_key(key, schema)
         section, name = index[key], key
     sub = getattr(cfg, section)
     hint = typing.get_type_hints(type(sub))[name]
@@ -275,13 +291,15 @@ def user_values(cfg: DinoConfig) -> dict[str, dict[str, Any]]:
     return out
 
 
-def config_from_dict(data: dict[str, Any], cfg: DinoConfig | None = None) -> DinoConfig:
-    """Apply a nested (``{optim: {lr: ..}}``) or flat (``{lr: ..}``) mapping onto a config."""
-    cfg = cfg if cfg is not None else DinoConfig()
+def config_from_dict(data: dict[str, Any], cfg: ConfigTree | None = None, schema: type = DinoConfig) -> Any:
+    """Apply a nested (``{optim: {lr: ..}}``) or flat (``{lr: ..}``) mapping onto a config (a new
+    ``schema`` when none is given)."""
+    cfg = cfg if cfg is not None else schema()
     if not isinstance(data, dict):
         raise ConfigError(f"a config must be a mapping of keys to values, got {type(data).__name__}")
+    sections = _section_classes(type(cfg))
     for key, value in data.items():
-        if key in SECTIONS:
+        if key in sections:
             if not isinstance(value, dict):
                 raise ConfigError(f"section '{key}' must be a mapping, got {value!r}")
             for sub_key, sub_value in value.items():
@@ -336,9 +354,11 @@ def find_recipe(text: str | Path) -> Path:
     raise ConfigError(f"config file not found: {text} (packaged recipes, by name: {available})")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DinoConfig:
-    """Build the config: defaults <- YAML file <- ``key=value`` overrides, then validate."""
-    cfg = DinoConfig()
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                schema: type = DinoConfig) -> Any:
+    """Build the config: defaults <- YAML file <- ``key=value`` overrides, then validate
+    (``schema``: :class:`DinoConfig`, or fine-tuning's config)."""
+    cfg = schema()
     if path is not None:
         path = Path(path)
         if path.is_dir():
@@ -357,20 +377,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         key, value = parse_override(text)
         _set(cfg, key, _yaml_float_fix(value))
     pin_paths(cfg)
-    validate(cfg)
+    cfg.validate()
     return cfg
 
 
-# the keys that name files or folders: made absolute where the command is typed
-PATH_KEYS = ("data.data_path", "run.output_dir", "eval.eval_data_path", "model.pretrained_weights")
-
-
-def pin_paths(cfg: DinoConfig) -> DinoConfig:
+def pin_paths(cfg: ConfigTree) -> ConfigTree:
     """Make the path keys absolute (``~`` expanded), against the folder the command runs
     in. Every launcher loads its config through :func:`load_config`, so ``launch/train.py``, torchrun
     and a SLURM job (which may start in another folder) all record and use the same paths; a comma
     list of shards is pinned part by part, and a brace pattern is kept as a pattern."""
-    for key in PATH_KEYS:
+    for key in cfg.PATH_KEYS:
         section, name = key.split(".", 1)
         text = getattr(getattr(cfg, section), name)
         if not text:
@@ -386,9 +402,9 @@ def _yaml_float_fix(value: Any) -> Any:
     return value
 
 
-def _check_finite(cfg: DinoConfig) -> None:
+def check_finite(cfg: ConfigTree) -> None:
     """No inf or nan anywhere: ``lr=inf`` would otherwise train (and checkpoint) NaN weights."""
-    for section in SECTIONS:
+    for section in _section_classes(type(cfg)):
         for f in dataclasses.fields(getattr(cfg, section)):
             value = getattr(getattr(cfg, section), f.name)
             numbers = value if isinstance(value, (tuple, list)) else (value,)
@@ -418,6 +434,32 @@ def _validate_eval(e: EvalConfig) -> None:
         raise ConfigError(f"eval_resize ({e.eval_resize}) must be >= eval_crop_size ({e.eval_crop_size})")
 
 
+def validate_run(r: RunConfig) -> None:
+    """The ``run`` section, which pretraining and fine-tuning share."""
+    for cond, msg in ((r.recipe in ("auto", "off"), f"recipe must be auto or off, got {r.recipe!r}"),
+                      (r.precision in ("bf16", "fp16", "fp32"), f"precision must be bf16, fp16 or fp32, got {r.precision!r}"),
+                      (r.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {r.device!r}"),
+                      (bool(r.output_dir), "output_dir must not be empty"),
+                      (r.log_every_steps > 0, "log_every_steps must be positive")):
+        if not cond:
+            raise ConfigError(msg)
+    for name in ("saveckp_freq", "save_every_steps", "max_steps"):
+        if getattr(r, name) < 0:
+            raise ConfigError(f"{name} must be >= 0")
+
+
+def check_arch_name(arch: str) -> None:
+    """An architecture the zoo knows, checked from the torch-free name table."""
+    try:
+        from ssl_xcit.models.zoo import resolve_arch  # light import: the zoo table only
+    except ImportError:
+        return
+    try:
+        resolve_arch(arch)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+
+
 def validate(cfg: DinoConfig) -> DinoConfig:
     """Cross-field checks with messages a user can act on."""
     m, d, l, o, r = cfg.model, cfg.data, cfg.dino, cfg.optim, cfg.run
@@ -426,7 +468,7 @@ def validate(cfg: DinoConfig) -> DinoConfig:
         if not cond:
             raise ConfigError(msg)
 
-    _check_finite(cfg)
+    check_finite(cfg)
 
     need(m.out_dim > 0, f"out_dim must be positive, got {m.out_dim}")
     need(0.0 <= m.drop_path_rate < 1.0, f"drop_path_rate must be in [0, 1), got {m.drop_path_rate}")
@@ -469,24 +511,10 @@ def validate(cfg: DinoConfig) -> DinoConfig:
          f"pretrained_checkpoint_key must be auto, teacher or student, got {m.pretrained_checkpoint_key!r}")
     need(o.freeze_last_layer >= 0, f"freeze_last_layer must be >= 0, got {o.freeze_last_layer}")
     need(o.optimizer in ("adamw", "sgd"), f"optimizer must be adamw or sgd, got {o.optimizer!r}")
-    need(r.recipe in ("auto", "off"), f"recipe must be auto or off, got {r.recipe!r}")
     need(o.time_budget_minutes >= 0, f"time_budget_minutes must be >= 0, got {o.time_budget_minutes}")
-    need(r.precision in ("bf16", "fp16", "fp32"), f"precision must be bf16, fp16 or fp32, got {r.precision!r}")
-    need(r.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {r.device!r}")
-    need(bool(r.output_dir), "output_dir must not be empty")
-    for name in ("saveckp_freq", "save_every_steps", "max_steps"):
-        need(getattr(r, name) >= 0, f"{name} must be >= 0")
-    need(r.log_every_steps > 0, "log_every_steps must be positive")
+    validate_run(r)
     _validate_eval(cfg.eval)
-    try:
-        from ssl_xcit.models.zoo import resolve_arch  # light import: the zoo table only
-    except ImportError:
-        resolve_arch = None
-    if resolve_arch is not None:
-        try:
-            resolve_arch(m.arch)
-        except ValueError as err:
-            raise ConfigError(str(err)) from err
+    check_arch_name(m.arch)
     patch = arch_patch_size(m.arch)
     if patch:
         for name in ("global_crops_size", "local_crops_size"):

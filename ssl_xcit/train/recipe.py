@@ -164,7 +164,7 @@ def apply_auto(cfg, facts: DataFacts, steps: int, user_set: set[str],
     chosen = choose(facts, steps, spec.embed_dim, spec.patch_size, cfg.optim.epochs, _user_momentum(cfg, user_set))
     if pretrained is not None:
         chosen.update(continuing(pretrained, steps, _user_momentum(cfg, user_set)))
-    return _set_unset(cfg, chosen, user_set)
+    return set_unset(cfg, chosen, user_set)
 
 
 # ---------------------------------------------------------------- continuing from pretrained weights
@@ -206,14 +206,14 @@ def replan(cfg, steps: int, steps_per_epoch: int, user_set: set[str]) -> dict[st
     length instead of the configured epochs', unless the user set them; returns what was set."""
     chosen = teacher_momenta(steps, _user_momentum(cfg, user_set))
     chosen["optim.warmup_epochs"] = lr_warmup(-(-steps // steps_per_epoch))
-    return _set_unset(cfg, chosen, user_set)
+    return set_unset(cfg, chosen, user_set)
 
 
 def _user_momentum(cfg, user_set: set[str]) -> float | None:
     return cfg.dino.momentum_teacher if "dino.momentum_teacher" in user_set else None
 
 
-def _set_unset(cfg, chosen: dict[str, Choice], user_set: set[str]) -> dict[str, Choice]:
+def set_unset(cfg, chosen: dict[str, Choice], user_set: set[str]) -> dict[str, Choice]:
     """Set each chosen value the user did not set, in place; returns what was set."""
     applied = {}
     for key, choice in chosen.items():

@@ -1,0 +1,222 @@
+"""The pieces of a fine-tuning run, built from its config: the labelled images (few-label subset,
+timm's transforms), the classifier (from any file ``load_backbone`` reads, or random for a
+baseline), its EMA, timm's AdamW with layer-wise lr decay, the lr schedule and timm's mixup/cutmix.
+:class:`Finetune` holds them and is what the run machinery (:mod:`ssl_xcit.train.run`)
+checkpoints and resumes; the loop that trains them is :mod:`ssl_xcit.finetune.loop`.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ssl_xcit.data.folders import collate_skip_corrupt
+from ssl_xcit.dino.schedules import cosine_schedule
+from ssl_xcit.evaluate.datasets import transform_for
+from ssl_xcit.finetune.config import FinetuneConfig
+from ssl_xcit.finetune.data import few_labels, labelled_splits, train_transform
+from ssl_xcit.finetune import recipe as recipe_rules
+from ssl_xcit.models import build_model
+from ssl_xcit.models.checkpoints import infer_arch, load_into, load_state_source
+from ssl_xcit.models.zoo import resolve_arch
+from ssl_xcit.train.build import place_models, state_dict_mismatch, training_loader, training_sampler
+from ssl_xcit.train.checkpoint import CheckpointError
+from ssl_xcit.train.config import ConfigError, user_set_keys
+from ssl_xcit.train.run import Run
+
+
+@dataclass
+class Finetune:
+    """What fine-tuning trains and on what: the run's :class:`~ssl_xcit.train.run.Trainable`."""
+    cfg: FinetuneConfig
+    train_set: Any
+    val_set: Any
+    sampler: Any
+    loader: DataLoader
+    model: nn.Module
+    model_ddp: nn.Module
+    ema: Any                              # timm ModelEmaV3, or None
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    lr: np.ndarray                        # per step
+    mixup: Any                            # timm Mixup, or None
+    criterion: nn.Module
+    classes: list[str]
+    total_steps: int
+    recipe: str | None = None
+    pretrained: dict | None = None        # the file fine-tuned from: path, sha256, format, what loaded
+    best: dict = field(default_factory=dict)   # the best validation so far: top1, top5, global_step
+
+    def config_text(self) -> str:
+        text = self.cfg.to_yaml()
+        if self.pretrained:
+            p = self.pretrained
+            text += f"# pretrained_weights: {p['path']} (sha256 {p['sha256']}, format {p['format']}): {p['loaded']}\n"
+        if self.recipe:
+            text += "".join(f"# {line}\n" for line in self.recipe.splitlines())
+        return text
+
+    # ---- the Trainable protocol
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "ema": self.ema.module.state_dict() if self.ema else None,
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+                "best": dict(self.best), "classes": list(self.classes), "pretrained": self.pretrained}
+
+    def check_fits(self, state: dict[str, Any], path: Path) -> None:
+        missing = [k for k in ("model", "optimizer") if k not in state]
+        if missing:
+            raise CheckpointError(f"{path} lacks {', '.join(missing)}: not a resumable fine-tuning checkpoint")
+        if list(state.get("classes", self.classes)) != list(self.classes):
+            raise CheckpointError(f"{path} was fine-tuned on other classes ({len(state['classes'])}: "
+                                  f"{', '.join(state['classes'][:4])} ...): resume on the same data, or use a new "
+                                  "output_dir")
+        mismatch = state_dict_mismatch(state["model"], self.model.state_dict())
+        if mismatch is not None:
+            saved = state.get("config", {}).get("model", {}).get("arch", "another model")
+            raise CheckpointError(f"{path} holds a {saved} run that does not fit this one ({mismatch}): resume "
+                                  f"with the settings in {path.parent / 'config.yaml'}, or use a new output_dir")
+        if (state.get("ema") is None) != (self.ema is None):
+            raise CheckpointError(f"{path} was written with model_ema={state.get('ema') is not None}: resume with "
+                                  "the same model_ema, or use a new output_dir")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        if self.ema is not None:
+            self.ema.module.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.best = dict(state.get("best") or {})
+
+    def weights(self) -> list[torch.Tensor]:
+        models = [self.model] + ([self.ema.module] if self.ema is not None else [])
+        return [t for m in models for t in m.state_dict().values() if t.is_floating_point()]
+
+
+def build_finetune(cfg: FinetuneConfig, run: Run) -> Finetune:
+    """Data, model (+ pretrained weights), EMA, optimizer, schedule and mixup, in a fixed order."""
+    train_set, val_set = labelled_splits(cfg.data.data_path)
+    start = _pretrained_file(cfg, run)
+    recipe = recipe_rules.apply(cfg, train_set, start["arch"] if start else None)
+    train_set.select(few_labels(train_set.targets, cfg.data.train_fraction, cfg.data.labels_per_class, cfg.run.seed))
+    sampler = training_sampler(train_set, cfg.optim.batch_size_per_gpu, run.world_size, run.rank, cfg.run.seed)
+    total_steps = cfg.optim.epochs * sampler.steps_per_epoch
+    total_steps = min(total_steps, cfg.run.max_steps) if cfg.run.max_steps else total_steps
+    model = build_model(cfg.model.arch, num_classes=len(train_set.classes), drop_path_rate=cfg.model.drop_path_rate,
+                        img_size=cfg.data.input_size)
+    pretrained = _load_pretrained(model, start, cfg, run) if start and "loaded" not in start else start
+    config = model.data_config
+    train_set.transform = train_transform(cfg, config["mean"], config["std"])
+    val_set.transform = transform_for(config)
+    loader = training_loader(train_set, sampler, cfg.optim.batch_size_per_gpu, cfg.data.num_workers, run.device,
+                             cfg.run.seed)
+    torch.manual_seed(cfg.run.seed + run.rank)   # from here per rank: drop-path masks differ across ranks
+    np.random.seed(cfg.run.seed + run.rank)      # and so do mixup's draws
+    model, _, model_ddp = place_models(model, None, cfg.run, run)
+    return Finetune(cfg=cfg, train_set=train_set, val_set=val_set, sampler=sampler, loader=loader, model=model,
+                    model_ddp=model_ddp, ema=_ema(model, cfg), optimizer=build_optimizer(cfg, model),
+                    scaler=torch.amp.GradScaler(run.device.type) if cfg.run.precision == "fp16" else None,
+                    lr=lr_schedule(cfg, sampler.steps_per_epoch, run.world_size), mixup=_mixup(cfg, len(train_set.classes)),
+                    criterion=_criterion(cfg), classes=list(train_set.classes), total_steps=total_steps,
+                    recipe=recipe, pretrained=pretrained)
+
+
+def _pretrained_file(cfg: FinetuneConfig, run: Run) -> dict | None:
+    """The file a new run starts from (its facts; the weights are read when the model exists), or,
+    when the run resumes, what its checkpoint recorded (the file is not read again)."""
+    if not cfg.model.pretrained_weights:
+        return None
+    saved = run.saved_state()
+    if saved is not None:
+        if run.is_main:
+            print(f"[ssl_xcit] {run.ckpt_path} exists: resuming it; pretrained_weights="
+                  f"{cfg.model.pretrained_weights} is not used again", flush=True)
+        return saved.get("pretrained")
+    from ssl_xcit.evaluate.export import file_sha256
+    path = cfg.model.pretrained_weights
+    weights = load_state_source(path, checkpoint_key=cfg.model.checkpoint_key)
+    arch = resolve_arch(weights.arch) if weights.arch else infer_arch(weights.state_dict, path)
+    if "model.arch" not in user_set_keys(cfg):
+        cfg.model.arch = arch
+    elif resolve_arch(cfg.model.arch) != arch:
+        raise ConfigError(f"pretrained_weights {path} holds an {arch} backbone, this run's arch is {cfg.model.arch}: "
+                          f"set arch={arch} (or leave arch unset to take the file's)")
+    return {"path": path, "sha256": file_sha256(path), "format": weights.format, "arch": arch, "weights": weights}
+
+
+def _load_pretrained(model: nn.Module, start: dict, cfg: FinetuneConfig, run: Run) -> dict:
+    """Copy the file's backbone into the classifier (strict); its classifier head only when it fits."""
+    weights = start.pop("weights")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # load_into warns about the head: said below, in one line
+        report = load_into(model, weights, strict=True)
+    head = {"loaded": "the file's classifier head", "dropped": "a new head (the file's has another number of "
+            "classes)", "not in checkpoint": "a new head (the file has none)"}.get(report.head, "a new head")
+    start["loaded"] = f"backbone ({cfg.model.checkpoint_key if weights.format in ('dino', 'ssl_xcit') else 'the file'}), {head}"
+    if run.is_main:
+        print(f"[ssl_xcit] fine-tuning {cfg.model.arch} from {start['path']} ({weights.format}): {start['loaded']}",
+              flush=True)
+    return start
+
+
+def build_optimizer(cfg: FinetuneConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """timm's AdamW: no weight decay on biases, norms and timm's ``no_weight_decay()`` names, and
+    layer-wise lr decay from the model's own ``group_matcher`` (each group's ``lr_scale``)."""
+    from timm.optim import create_optimizer_v2
+    layer_decay = cfg.optim.layer_decay if cfg.optim.layer_decay < 1.0 else None
+    optimizer = create_optimizer_v2(model, opt="adamw", lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                                    layer_decay=layer_decay)
+    for group in optimizer.param_groups:
+        group["apply_weight_decay"] = False   # constant weight decay (DeiT): the lr alone is scheduled
+    return optimizer
+
+
+def lr_schedule(cfg: FinetuneConfig, steps_per_epoch: int, world_size: int) -> np.ndarray:
+    """Cosine from ``lr`` (per 256 images, scaled to the global batch) to ``min_lr``, after a linear warm-up."""
+    o = cfg.optim
+    base_lr = o.lr * o.batch_size_per_gpu * world_size / 256.0
+    return cosine_schedule(base_lr, o.min_lr, o.epochs, steps_per_epoch, warmup_epochs=min(o.warmup_epochs, o.epochs))
+
+
+def _ema(model: nn.Module, cfg: FinetuneConfig):
+    if not cfg.model.model_ema:
+        return None
+    from timm.utils import ModelEmaV3
+    return ModelEmaV3(model, decay=cfg.model.model_ema_decay)
+
+
+def _mixup(cfg: FinetuneConfig, num_classes: int):
+    x = cfg.mixup
+    if x.mixup <= 0 and x.cutmix <= 0:
+        return None
+    from timm.data import Mixup
+    return Mixup(mixup_alpha=x.mixup, cutmix_alpha=x.cutmix, prob=x.mixup_prob, switch_prob=x.mixup_switch_prob,
+                 mode="batch", label_smoothing=x.smoothing, num_classes=num_classes)
+
+
+def _criterion(cfg: FinetuneConfig) -> nn.Module:
+    """Soft targets with mixup/cutmix (timm's SoftTargetCrossEntropy), else label smoothing."""
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    if cfg.mixup.mixup > 0 or cfg.mixup.cutmix > 0:
+        return SoftTargetCrossEntropy()
+    return LabelSmoothingCrossEntropy(cfg.mixup.smoothing) if cfg.mixup.smoothing > 0 else nn.CrossEntropyLoss()
+
+
+def val_loader(ft: Finetune, run: Run) -> DataLoader:
+    """This rank's shard of the val images (``max_val_images`` evenly spread), in order; its own
+    generator, so validating never moves the training's random streams (exact resume)."""
+    from ssl_xcit.data.subsets import evenly_spread
+    from ssl_xcit.evaluate.runtime import shard_sampler
+    if ft.cfg.data.max_val_images:
+        ft.val_set.select(evenly_spread(len(ft.val_set), ft.cfg.data.max_val_images))
+    return DataLoader(ft.val_set, batch_size=ft.cfg.eval.eval_batch_size, sampler=shard_sampler(len(ft.val_set)),
+                      num_workers=min(ft.cfg.data.num_workers, 2), collate_fn=collate_skip_corrupt,
+                      generator=torch.Generator())

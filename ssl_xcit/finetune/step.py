@@ -1,0 +1,55 @@
+"""One fine-tuning step as a function of (images, labels, state), in the two halves pretraining's
+step has (:mod:`ssl_xcit.train.step`): :func:`forward_loss` (mixup/cutmix, forward, loss; changes
+nothing), then, once every rank has seen a finite loss, :func:`apply_update` (backward, clipping,
+the optimizer step, the EMA). No I/O, no host sync the caller does not ask for.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ssl_xcit.train.step import apply_schedules, autocast_context
+
+
+@dataclass
+class FinetuneStepOutput:
+    grad_norm: torch.Tensor | None   # global gradient norm before clipping (when clipping)
+
+
+def forward_loss(images: torch.Tensor, labels: torch.Tensor, model: nn.Module, criterion: nn.Module,
+                 mixup=None, precision: str = "fp32") -> torch.Tensor:
+    """Mix the batch (timm's Mixup draws from NumPy's global RNG: a checkpoint restores it), then
+    the classifier's loss against the (soft) targets. Mixup needs an even batch: an odd one (an
+    unreadable image was dropped) loses its last image."""
+    if mixup is not None:
+        if images.shape[0] % 2:
+            images, labels = images[:-1], labels[:-1]
+        images, labels = mixup(images, labels)
+    with autocast_context(images.device, precision):
+        return criterion(model(images), labels)
+
+
+def apply_update(loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 scaler: torch.amp.GradScaler | None, lr: float, clip_grad: float = 0.0,
+                 ema=None, step: int = 0) -> FinetuneStepOutput:
+    """Backward, optional global-norm clipping, the optimizer step at ``lr`` (times each group's
+    layer-decay ``lr_scale``), then the EMA of the weights."""
+    apply_schedules(optimizer, lr, 0.0)   # groups keep their own weight decay (apply_weight_decay False)
+    optimizer.zero_grad(set_to_none=True)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad) if clip_grad > 0 else None
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    if ema is not None:
+        ema.update(model, step=step)
+    return FinetuneStepOutput(grad_norm.detach() if grad_norm is not None else None)

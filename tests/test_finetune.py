@@ -1,0 +1,214 @@
+"""Fine-tuning (issue 23): timm's recipe pieces, exact stop-and-resume, validation and the best
+checkpoint, few-label subsets, and the run machinery it shares with pretraining."""
+from __future__ import annotations
+
+import json
+import math
+from fnmatch import fnmatch
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ssl_xcit.finetune.build import build_finetune, build_optimizer
+from ssl_xcit.finetune.config import FinetuneConfig
+from ssl_xcit.finetune.data import LabelledDataError, check_labels, few_labels
+from ssl_xcit.finetune.loop import train
+from ssl_xcit.train.config import load_config
+from ssl_xcit.train.run import Run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def ft_config(data: Path, out: Path, **overrides):
+    base = {"arch": "xcit_nano_12_p16", "input_size": 32, "epochs": 2, "batch_size_per_gpu": 8, "num_workers": 0,
+            "device": "cpu", "precision": "fp32", "tensorboard": False, "report": False, "log_every_steps": 1,
+            "seed": 3, "data_path": str(data), "output_dir": str(out), "labels_per_class": 4, "warmup_epochs": 1,
+            "max_val_images": 40}
+    base.update(overrides)
+    return load_config(None, [f"{k}={v}" for k, v in base.items()], schema=FinetuneConfig)
+
+
+def _built(cfg):
+    torch.manual_seed(cfg.run.seed)
+    return build_finetune(cfg, Run(cfg, 0, 1, torch.device("cpu")))
+
+
+def _events(folder: Path, name: str) -> list[dict]:
+    return [e for e in map(json.loads, (folder / "log.jsonl").read_text().splitlines()) if e["event"] == name]
+
+
+# ---- the recipe's pieces are timm's
+
+def test_mixup_cutmix_targets_are_timms_and_each_row_sums_to_one(cifar_small, tmp_path):
+    from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
+    ft = _built(ft_config(cifar_small, tmp_path / "run"))
+    assert isinstance(ft.mixup, Mixup) and isinstance(ft.criterion, SoftTargetCrossEntropy)
+    assert (ft.mixup.mixup_alpha, ft.mixup.cutmix_alpha, ft.mixup.label_smoothing) == (0.8, 1.0, 0.1)
+    np.random.seed(0)
+    images, labels = torch.randn(8, 3, 32, 32), torch.arange(8) % 10
+    for _ in range(6):   # mixup and cutmix batches
+        _, targets = ft.mixup(images.clone(), labels.clone())
+        torch.testing.assert_close(targets.double().sum(1), torch.ones(8, dtype=torch.float64))
+        assert targets.min() >= 0.1 / 10 - 1e-7   # label smoothing puts mass on every class
+        assert (targets > 0.1 / 10 + 1e-6).sum(1).max() <= 2    # at most the two mixed labels stand out
+
+
+def test_train_transform_is_deits_randaugment_and_random_erasing(cifar_small, tmp_path):
+    from timm.data.auto_augment import RandAugment
+    from timm.data.random_erasing import RandomErasing
+    ft = _built(ft_config(cifar_small, tmp_path / "run"))
+    steps = ft.train_set.transform.transforms
+    (augment,) = [t for t in steps if isinstance(t, RandAugment)]
+    assert augment.num_layers == 2 and {op.name for op in augment.ops} >= {"PosterizeIncreasing", "SolarizeIncreasing"}
+    (erasing,) = [t for t in steps if isinstance(t, RandomErasing)]
+    assert erasing.probability == 0.25
+
+
+def test_posterize_at_full_magnitude_gives_the_published_black_image():
+    """Pillow 13 refuses 0 bits, which DeiT's magnitudes reach; the recipe's black image is kept."""
+    from PIL import Image
+    from ssl_xcit.finetune.data import train_transform
+    cfg = load_config(None, ["input_size=32"], schema=FinetuneConfig)
+    transform = train_transform(cfg, (0.5,) * 3, (0.5,) * 3)
+    augment = next(t for t in transform.transforms if hasattr(t, "ops"))
+    op = next(o for o in augment.ops if o.name == "PosterizeIncreasing")
+    out = op.aug_fn(Image.new("RGB", (8, 8), (200, 100, 50)), 0)
+    assert np.asarray(out).max() == 0
+    assert np.asarray(op.aug_fn(Image.new("RGB", (8, 8), (200, 100, 50)), 2)).tolist()[0][0] == [192, 64, 0]
+
+
+def _layer(name: str, depth: int, n_ca: int = 2) -> int:
+    """BEiT's layer ids, written out for XCiT: stem 0, XCA block i is i + 1, class-attention block j
+    is depth + 1 + j, the final norm with the last of them, the head on top (L = depth + n_ca + 1)."""
+    if name.startswith(("cls_token", "pos_embed", "patch_embed")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    if name.startswith("cls_attn_blocks."):
+        return depth + 1 + int(name.split(".")[1])
+    if name.startswith("norm."):
+        return depth + n_ca
+    return depth + n_ca + 1
+
+
+def test_layer_decay_gives_each_block_the_documented_lr(cifar_small, tmp_path):
+    from ssl_xcit.models import build_model
+    from ssl_xcit.train.step import apply_schedules
+    cfg = ft_config(cifar_small, tmp_path / "run", layer_decay=0.75)
+    model = build_model("xcit_nano_12_p16", num_classes=10)
+    opt = build_optimizer(cfg, model)
+    apply_schedules(opt, 2e-3, 0.0)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    wd_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    depth, top = 12, 12 + 2 + 1
+    for name, p in model.named_parameters():
+        assert lr_of[id(p)] == pytest.approx(2e-3 * 0.75 ** (top - _layer(name, depth))), name
+        no_decay = p.ndim <= 1 or any(fnmatch(name, pat) for pat in model.no_weight_decay())   # timm's rule
+        assert wd_of[id(p)] == (0.0 if no_decay else 0.05), name
+
+
+# ---- the loop
+
+def test_stop_and_resume_equals_a_straight_run_bit_for_bit(cifar_small, tmp_path):
+    """Mixup/cutmix, RandAugment, drop path, the EMA and a mid-epoch validation all draw or read
+    state: the pieces must still give the straight run's weights and losses exactly."""
+    common = dict(model_ema=True, model_ema_decay=0.9, eval_every_steps=3, drop_path_rate=0.1)
+    straight = tmp_path / "straight"
+    train(ft_config(cifar_small, straight, **common))
+    pieces, calls = tmp_path / "pieces", {"n": 0}
+
+    def stop_at_four() -> bool:
+        calls["n"] += 1
+        return calls["n"] == 4
+    assert train(ft_config(cifar_small, pieces, **common), stop_requested=stop_at_four).status == "stopped"
+    assert train(ft_config(cifar_small, pieces, **common)).status == "finished"
+    a = torch.load(straight / "checkpoint.pth", weights_only=True)
+    b = torch.load(pieces / "checkpoint.pth", weights_only=True)
+    for part in ("model", "ema"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key}"
+    losses = {e["global_step"]: e["loss"] for e in _events(straight, "train")}
+    assert {e["global_step"]: e["loss"] for e in _events(pieces, "train")} == losses
+    first = {k: v for k, v in a["model"].items()}
+    assert not torch.equal(first["head.weight"], a["ema"]["head.weight"])   # the EMA trails: it is kept
+
+
+def test_validation_events_best_checkpoint_and_eval_classification_agree(cifar_small, tmp_path, capsys):
+    from ssl_xcit.evaluate.classification import ClassificationConfig, run as classify
+    out = tmp_path / "run"
+    train(ft_config(cifar_small, out, epochs=3, eval_every_steps=2, max_val_images=0))
+    vals = _events(out, "val")
+    steps_per_epoch = 40 // 8
+    assert [v["global_step"] for v in vals][-1] == 3 * steps_per_epoch        # the last one at the end
+    assert {steps_per_epoch, 2 * steps_per_epoch} <= {v["global_step"] for v in vals}   # each epoch
+    assert all(v["images"] == 100 for v in vals)
+    best = max(vals, key=lambda v: v["top1"])
+    saved_best = torch.load(out / "checkpoint_best.pth", weights_only=True)
+    assert saved_best["global_step"] == best["global_step"] and saved_best["best"]["top1"] == best["top1"]
+    capsys.readouterr()
+    last = classify(ClassificationConfig(model="xcit_nano_12_p16", checkpoint=str(out / "checkpoint.pth"),
+                                         data_path=str(cifar_small), num_workers=0, device="cpu"))
+    assert last["top1"] == pytest.approx(vals[-1]["top1"], abs=1e-9) and last["n_images"] == 100
+    assert list(last["img_size"]) == [32, 32]    # read from the checkpoint: the resolution it trained at
+
+
+def test_finetuning_from_a_dino_run_loads_its_teacher_backbone_and_a_new_head(cifar_small, tmp_path, capsys):
+    from tests.train_helpers import tiny_config
+    from ssl_xcit.train.loop import train as pretrain
+    dino = tmp_path / "dino"
+    pretrain(tiny_config(cifar_small, dino, max_steps=2))
+    ft = _built(ft_config(cifar_small, tmp_path / "run", pretrained_weights=str(dino / "checkpoint.pth")))
+    teacher = torch.load(dino / "checkpoint.pth", weights_only=True)["teacher"]
+    for key, value in ft.model.state_dict().items():
+        if not key.startswith("head."):
+            assert torch.equal(value, teacher[f"backbone.{key}"]), key
+    assert "backbone (teacher), a new head (the file has none)" in capsys.readouterr().out
+    assert ft.pretrained["sha256"] and "sha256" in ft.config_text()
+
+
+# ---- few labels
+
+def test_few_labels_are_evenly_spread_per_class_and_fixed_by_the_seed():
+    targets = np.repeat(np.arange(10), 100)
+    a = few_labels(targets, per_class=7, seed=1)
+    assert len(a) == 70 and np.bincount(targets[a]).tolist() == [7] * 10
+    assert np.array_equal(a, few_labels(targets, per_class=7, seed=1))
+    assert not np.array_equal(a, few_labels(targets, per_class=7, seed=2))
+    gaps = np.diff(a[targets[a] == 0])
+    assert gaps.max() - gaps.min() <= 1 and gaps.min() >= 100 // 7   # evenly spread over the class
+    ten = few_labels(targets, fraction=0.1, seed=0)
+    assert np.bincount(targets[ten]).tolist() == [10] * 10
+    with pytest.raises(LabelledDataError, match="class 0 has only 100 train images"):
+        few_labels(targets, per_class=101)
+
+
+def test_a_run_with_labels_per_class_trains_on_that_many(cifar_small, tmp_path):
+    out = tmp_path / "run"
+    train(ft_config(cifar_small, out, labels_per_class=2, epochs=1, batch_size_per_gpu=4))
+    (start,) = _events(out, "start")
+    assert start["images"] == 20 and start["classes"] == 10
+
+
+# ---- bad inputs
+
+def test_labelled_data_errors_name_the_problem(cifar_small, tmp_path):
+    from ssl_xcit.finetune.data import labelled_splits
+    import shutil
+    no_val = tmp_path / "no_val"
+    shutil.copytree(cifar_small / "train", no_val / "train", symlinks=True)
+    with pytest.raises(LabelledDataError, match="has no val/ folder"):
+        labelled_splits(str(no_val))
+    missing = tmp_path / "missing"
+    shutil.copytree(cifar_small, missing, symlinks=True)
+    shutil.rmtree(missing / "val" / "cat")
+    with pytest.raises(LabelledDataError, match="only in train/: cat"):
+        labelled_splits(str(missing))
+
+    class Fake:
+        classes = ["a", "b"]
+        targets = [0, 1, 2]
+    with pytest.raises(LabelledDataError, match="label 2, outside the 2 classes"):
+        check_labels(Fake(), Fake(), tmp_path)
