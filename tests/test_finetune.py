@@ -212,3 +212,17 @@ def test_labelled_data_errors_name_the_problem(cifar_small, tmp_path):
         targets = [0, 1, 2]
     with pytest.raises(LabelledDataError, match="label 2, outside the 2 classes"):
         check_labels(Fake(), Fake(), tmp_path)
+
+
+def test_a_finetuning_runs_report_page_shows_validation_and_its_start(cifar_small, tmp_path):
+    from tests.train_helpers import tiny_config
+    from ssl_xcit.train.loop import train as pretrain
+    dino = tmp_path / "dino"
+    pretrain(tiny_config(cifar_small, dino, max_steps=2))
+    out = tmp_path / "run"
+    train(ft_config(cifar_small, out, epochs=1, report=True, pretrained_weights=str(dino / "checkpoint.pth")))
+    page = (out / "report" / "index.html").read_text()
+    assert "<h1>Fine-tuning run" in page and "<h2>Validation</h2>" in page and (out / "report" / "val.png").is_file()
+    assert "k-NN of the teacher" not in page and "Attention maps of the model" in page
+    assert "Started from " + str(dino / "checkpoint.pth") in page and "sha256" in page
+    assert "(pretrained_weights)" in page   # the attention rows start from the file, not a random network

@@ -86,7 +86,7 @@ def _event_rows(records: list[dict]) -> str:
     rows = []
     for r in records:
         name = r.get("event")
-        if name in ("train", "knn"):
+        if name in ("train", "knn", "val"):
             continue
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["time"])) if isinstance(r.get("time"), (int, float)) else ""
         details = ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("event", "time"))
@@ -110,7 +110,7 @@ def write_report(output_dir: str | Path, out_dir: str | Path | None = None, imag
                  n_images: int = 6, max_checkpoints: int = 8) -> Path:
     """Write ``index.html`` and its PNGs into ``out_dir`` (default ``OUTPUT_DIR/report``); return it."""
     from ssl_xcit.evaluate.report_attention import attention_section
-    from ssl_xcit.evaluate.report_plots import figure_html, plot_curves, plot_knn
+    from ssl_xcit.evaluate.report_plots import figure_html, plot_curves
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         raise FileNotFoundError(2, "No such directory (the run's output_dir)", str(output_dir))
@@ -123,9 +123,13 @@ def write_report(output_dir: str | Path, out_dir: str | Path | None = None, imag
     log_path = output_dir / "log.jsonl"
     log = read_log(log_path) if log_path.is_file() else RunLog()
     model_cfg, eval_cfg = config.get("model") or {}, config.get("eval") or {}
-    parts = [f"<h1>DINO run {html.escape(str(output_dir))}</h1>",
+    finetuning = "mixup" in config
+    parts = [f"<h1>{'Fine-tuning' if finetuning else 'DINO'} run {html.escape(str(output_dir))}</h1>",
              f"<p>{html.escape(_status(log.records))}; arch {html.escape(str(model_cfg.get('arch', '?')))}; "
              f"page written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.</p>"]
+    source = next((line[2:] for line in config_text.splitlines() if line.startswith("# pretrained_weights:")), None)
+    if source:
+        parts.append(f"<p>Started from {html.escape(source[len('pretrained_weights: '):])}.</p>")
     warnings = [r for r in log.records if r.get("event") == "collapse_warning"]
     if warnings:
         parts.append(f'<p class="alert">{len(warnings)} collapse warning(s), first at global step '
@@ -139,16 +143,10 @@ def write_report(output_dir: str | Path, out_dir: str | Path | None = None, imag
         if log.bad_lines:
             parts.append(f"<p class=note>{log.bad_lines} unreadable line(s) of log.jsonl skipped "
                          "(a line being written)</p>")
-    knn = [r for r in log.records if r.get("event") == "knn"]
-    parts.append("<h2>k-NN of the teacher</h2>")
-    if knn:
-        last = knn[-1]
-        parts.append(figure_html(plot_knn(knn, out / "knn.png", eval_cfg.get("eval_knn_k")),
-                             f"last: top-1 {last.get('top1', float('nan')):.2f}% at global step {last.get('global_step')}"))
-    else:
-        parts.append("<p class=note>no k-NN records (set eval_every_epochs or eval_every_steps and "
-                     "eval_data_path to monitor k-NN while training)</p>")
-    parts.append("<h2>Attention maps of the teacher, per checkpoint</h2>")
+    parts += _val_section(log.records, out)
+    if not finetuning:
+        parts += _knn_section(log.records, out, eval_cfg.get("eval_knn_k"))
+    parts.append(f"<h2>Attention maps of the {'model' if finetuning else 'teacher'}, per checkpoint</h2>")
     parts.append(attention_section(output_dir, out, config, images, n_images, max_checkpoints))
     parts.append("<h2>Events</h2>" + _event_rows(log.records))
     parts.append("<h2>Config</h2>" + (f"<pre>{html.escape(config_text)}</pre>" if config_text
@@ -158,6 +156,32 @@ def write_report(output_dir: str | Path, out_dir: str | Path | None = None, imag
     index = out / "index.html"
     index.write_text(page, encoding="utf-8")
     return index
+
+
+def _val_section(records: list[dict], out: Path) -> list[str]:
+    """A fine-tuning run's validation curve, its last and its best point."""
+    from ssl_xcit.evaluate.report_plots import figure_html, plot_accuracy
+    val = [r for r in records if r.get("event") == "val"]
+    if not val:
+        return []
+    best = max(val, key=lambda r: r.get("top1", float("-inf")))
+    caption = (f"last: top-1 {val[-1].get('top1', float('nan')):.2f}% at global step {val[-1].get('global_step')}; "
+               f"best: {best.get('top1', float('nan')):.2f}% at global step {best.get('global_step')} "
+               "(checkpoint_best.pth)")
+    return ["<h2>Validation</h2>", figure_html(plot_accuracy(val, out / "val.png", "val", "validation accuracy"),
+                                               caption)]
+
+
+def _knn_section(records: list[dict], out: Path, k: int | None) -> list[str]:
+    """The k-NN monitor's curve of a DINO run (or how to turn it on)."""
+    from ssl_xcit.evaluate.report_plots import figure_html, plot_knn
+    knn = [r for r in records if r.get("event") == "knn"]
+    if not knn:
+        return ["<h2>k-NN of the teacher</h2>", "<p class=note>no k-NN records (set eval_every_epochs or "
+                "eval_every_steps and eval_data_path to monitor k-NN while training)</p>"]
+    last = knn[-1]
+    return ["<h2>k-NN of the teacher</h2>", figure_html(plot_knn(knn, out / "knn.png", k),
+            f"last: top-1 {last.get('top1', float('nan')):.2f}% at global step {last.get('global_step')}")]
 
 
 def write_report_at_end_of_run(output_dir: str | Path) -> Path | None:

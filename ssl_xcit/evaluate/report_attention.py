@@ -95,7 +95,8 @@ def attention_evolution(checkpoints: Sequence[Path], pictures: Sequence, image_s
     distinct global step.
 
     ``start=(arch, seed)`` adds a first row for the random network the run started from (the
-    training seed draws it again exactly, see :func:`ssl_xcit.evaluate.backbone.load_frozen_backbone`).
+    training seed draws it again exactly, see :func:`ssl_xcit.evaluate.backbone.load_frozen_backbone`);
+    ``start=(arch, path)`` one for the pretrained weights it started from.
     Returns ``(figure or None, row labels, unreadable checkpoints with the reason)``.
     """
     import torch
@@ -105,8 +106,11 @@ def attention_evolution(checkpoints: Sequence[Path], pictures: Sequence, image_s
     from ssl_xcit.models import load_backbone
     from ssl_xcit.models.checkpoints import read_checkpoint
     skipped: list[str] = []
-    sources: list = [] if start is None else [("step 0\n(random init)", lambda: load_frozen_backbone(
-        start[0], seed=start[1]), 0)]
+    sources: list = []
+    if start is not None and isinstance(start[1], int):
+        sources.append(("step 0\n(random init)", lambda: load_frozen_backbone(start[0], seed=start[1]), 0))
+    elif start is not None:
+        sources.append(("step 0\n(pretrained_weights)", lambda: load_frozen_backbone(start[1]), 0))
     for ckpt in checkpoints:
         try:
             state = read_checkpoint(ckpt)
@@ -144,6 +148,16 @@ def _prepared(pictures: Sequence, image_size: int | None, model) -> list:
     return out
 
 
+def _start(config: dict) -> tuple[str, int | str] | None:
+    """What the run started from: ``(arch, seed)`` of its random network, ``(arch, file)`` of the
+    pretrained weights when they are still there, ``None`` when neither can be shown."""
+    model, seed = config.get("model") or {}, (config.get("run") or {}).get("seed")
+    arch, weights = model.get("arch"), model.get("pretrained_weights")
+    if weights:
+        return (arch, weights) if Path(weights).is_file() else None
+    return (arch, int(seed)) if arch and isinstance(seed, int) else None
+
+
 def attention_section(output_dir: Path, out: Path, config: dict, images: Sequence[Path] | None,
                       n_images: int, max_checkpoints: int) -> str:
     """The section's HTML (writing ``attention.png`` into ``out``), or a note saying what is missing."""
@@ -161,9 +175,9 @@ def attention_section(output_dir: Path, out: Path, config: dict, images: Sequenc
     if not pictures:
         return (f"<p class=note>no images to show: {html.escape(why)} (eval/report.py --images chooses them)</p>"
                 + skipped_note)
-    size = (config.get("data") or {}).get("global_crops_size")
-    arch, seed = (config.get("model") or {}).get("arch"), (config.get("run") or {}).get("seed")
-    start = (arch, int(seed)) if arch and isinstance(seed, int) else None
+    data = config.get("data") or {}
+    size = data.get("global_crops_size") or data.get("input_size")   # DINO's crops, a fine-tuning run's input
+    start = _start(config)
     path, labels, skipped = attention_evolution(checkpoints, pictures, size, out / "attention.png", start)
     notes = skipped_note + "".join(f"<p class=note>unreadable checkpoint skipped: {html.escape(s)}</p>"
                                    for s in skipped)

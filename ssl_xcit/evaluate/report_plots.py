@@ -86,17 +86,24 @@ def plot_curves(records: Sequence[dict], out_dir: str | Path, out_dim: int | Non
 
 def plot_knn(records: Sequence[dict], path: str | Path, k: int | None = None) -> Path:
     """k-NN top-1 (and top-5) of the teacher against the global step, from ``event: knn`` records."""
+    return plot_accuracy(records, path, "knn", f"teacher weighted k-NN{f' (k={k}, T=0.07)' if k else ''}")
+
+
+def plot_accuracy(records: Sequence[dict], path: str | Path, event: str, title: str) -> Path:
+    """Top-1 and top-5 (and an EMA's, when logged) against the global step, from ``event`` records
+    (``knn``: the k-NN monitor; ``val``: a fine-tuning run's validation)."""
     plt = pyplot()
-    knn = [r for r in records if r.get("event", "knn") == "knn"]
+    rows = [r for r in records if r.get("event", event) == event]
     fig, ax = plt.subplots(figsize=(5.6, 3.4))
-    for key, style in (("top1", "o-"), ("top5", "s--")):
-        steps, values = _series(knn, key)
+    for key, style in (("top1", "o-"), ("top5", "s--"), ("ema_top1", "^:"), ("ema_top5", "v:")):
+        steps, values = _series(rows, key)
         if steps.size:
             order = np.argsort(steps, kind="stable")
-            ax.plot(steps[order], values[order], style, ms=4, lw=1.4, label=key.replace("top", "top-"))
+            ax.plot(steps[order], values[order], style, ms=4, lw=1.4,
+                    label=key.replace("top", "top-").replace("ema_", "EMA "))
     ax.set_xlabel("global step")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"teacher weighted k-NN{f' (k={k}, T=0.07)' if k else ''}", fontsize=10)
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return save_figure(fig, path, dpi=90)
