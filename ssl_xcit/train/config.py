@@ -171,6 +171,9 @@ class DinoConfig(ConfigTree):
         return validate(self)
 
 
+SECTIONS = {f.name: f.type for f in dataclasses.fields(DinoConfig)}   # pretraining's sections
+
+
 def _section_classes(schema: type = DinoConfig) -> dict[str, type]:
     hints = typing.get_type_hints(schema)
     return {f.name: hints[f.name] for f in dataclasses.fields(schema)}
