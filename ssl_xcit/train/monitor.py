@@ -34,6 +34,7 @@ from torch import nn
 
 from ssl_xcit import distributed as du
 from ssl_xcit.data.subsets import evenly_spread
+from ssl_xcit.errors import UserError
 from ssl_xcit.train.config import ConfigError, DinoConfig
 from ssl_xcit.train.logger import RunLogger
 
@@ -76,7 +77,11 @@ class KnnMonitor:
         self.k, self.batch_size, self.num_workers = k, batch_size, num_workers
         self.device, self.logger = torch.device(device), logger
         self.output_dir = Path(output_dir) if output_dir is not None else None
-        root = datasets.resolve_root(data_path)
+        try:
+            root = datasets.resolve_root(data_path)
+        except (FileNotFoundError, UserError) as err:   # missing, or a file that is no archive: name the key
+            raise ConfigError(f"eval_data_path {data_path}: {err}; the k-NN monitor needs a folder (or .tar.gz "
+                              "of one) with train/<class>/ and val/<class>/ images") from None
         missing = [split for split in ("train", "val") if not (root / split).is_dir()]
         if missing:
             raise ConfigError(f"eval_data_path {data_path} has no {' or '.join(s + '/' for s in missing)} "
