@@ -144,6 +144,9 @@ def test_after_training_writes_the_figure(cifar_small, tmp_path):
 
 
 def test_monitor_errors_name_the_problem(cifar_small, tmp_path):
+    with pytest.raises(ConfigError) as info:        # in the config's keys: training has no --resize
+        _monitor(cifar_small, tmp_path, crop_size=32, resize=16)
+    assert str(info.value).startswith("eval_resize (16) must be >= the k-NN crop size (32") and "--" not in str(info.value)
     with pytest.raises(ConfigError, match="eval_knn_k=50 exceeds the 20 train images"):
         _monitor(cifar_small, tmp_path, max_images=20, k=50)
     with pytest.raises(ConfigError, match="eval_data_path .*train has no train/ or val/ folder"):

@@ -86,6 +86,9 @@ class KnnMonitor:
         if missing:
             raise ConfigError(f"eval_data_path {data_path} has no {' or '.join(s + '/' for s in missing)} "
                               "folder: the k-NN monitor needs labelled train/<class>/ and val/<class>/ images")
+        if resize is not None and resize < crop_size:   # said in config keys (eval_transform says --resize)
+            raise ConfigError(f"eval_resize ({resize}) must be >= the k-NN crop size ({crop_size}: eval_crop_size, "
+                              "or global_crops_size when that is 0)")
         transform = datasets.eval_transform(crop_size, resize)
         from ssl_xcit.data.sources import open_image_dataset   # a folder or tar shards
         self.train_set = open_image_dataset(root / "train", transform, progress=False)
