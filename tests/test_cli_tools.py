@@ -307,7 +307,8 @@ def test_hints_name_only_options_the_command_has(hint_files, cifar_small, capsys
     assert "runs/s12/checkpoint.pth" in line and "format" not in line, line
     line = knn_line("unknown")
     assert "unknown checkpoint format" in line and "format=" not in line and "--format" not in line, line
-    assert "pass --format, one of" in cls_line("unknown")
+    assert "the formats read here: official, dino_backbone" in line and "pass --format with one of them" in \
+        cls_line("unknown")
     line = knn_line("no_arch")
     assert "cannot infer the XCiT architecture" in line and "pass --arch NAME" in line and "arch=" not in line, line
 

@@ -180,7 +180,7 @@ def test_cli_script_writes_knn_json_consistent_with_its_dumped_features(one_proc
     assert returned["results"] == report["results"]
     assert set(report["results"]) == {"5", "20", "200"}
     assert report["num_train"] == 200 and report["num_val"] == 100 and report["num_classes"] == 10
-    assert report["checkpoint"] == ARCH and report["index"] == "flat"
+    assert report["checkpoint"] == ARCH and report["index"] == "flat" and report["arch"] == ARCH
     feats, meta = knn.load_dumped(out / "feats")
     assert meta["classes"][:2] == ["airplane", "automobile"] or len(meta["classes"]) == 10
     assert feats["train_features"].shape == (200, 128) and feats["val_features"].shape == (100, 128)
@@ -243,6 +243,7 @@ def test_training_checkpoint_teacher_or_student_and_default_output_dir(cifar_roo
                   "--nb-knn", "3", "--num-workers", "0", "--device", "cpu", "--dump-features", str(dump),
                   "--no-progress"])
         assert (run / "knn.json").is_file()  # default output folder: the checkpoint's
+        assert json.loads((run / "knn.json").read_text())["arch"] == ARCH   # from the checkpoint, not --arch
         expected, labels = extract_features(net, val, 8, "cpu", 0, progress=False)
         got, _ = knn.load_dumped(dump)
         torch.testing.assert_close(got["val_features"], knn.l2_normalize(expected))

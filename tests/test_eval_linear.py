@@ -216,7 +216,7 @@ def test_cli_cached_mode_on_real_images(cifar_small, tmp_path):
     assert saved["mode"] == "cached" and "NOT DINO" in saved["protocol"]
     assert saved["top1"] == report["top1"] and 0 <= saved["top1"] <= saved["top5"] <= 100
     assert saved["num_train"] == 200 and saved["num_val"] == 100 and saved["num_holdout"] == 20
-    assert len(saved["grid"]) == 2 and saved["n_last_blocks"] == 1
+    assert len(saved["grid"]) == 2 and saved["n_last_blocks"] == 1 and saved["arch"] == ARCH   # not null
 
 
 def test_cli_full_mode_writes_best_and_last(tiny_folder, tmp_path):
@@ -227,7 +227,7 @@ def test_cli_full_mode_writes_best_and_last(tiny_folder, tmp_path):
     assert saved["mode"] == "full" and saved["protocol"].startswith("DINO linear probe")
     assert saved["best"]["top1"] >= saved["last"]["top1"] and saved["last"]["epoch"] == 1
     assert saved["top1"] == saved["best"]["top1"] == report["top1"]
-    assert [h["epoch"] for h in saved["history"]] == [0, 1]
+    assert [h["epoch"] for h in saved["history"]] == [0, 1] and saved["arch"] == ARCH
 
 
 def test_script_help_runs_without_install(tmp_path):

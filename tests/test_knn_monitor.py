@@ -144,10 +144,19 @@ def test_after_training_writes_the_figure(cifar_small, tmp_path):
 
 
 def test_monitor_errors_name_the_problem(cifar_small, tmp_path):
+    with pytest.raises(ConfigError) as info:        # in the config's keys: training has no --resize
+        _monitor(cifar_small, tmp_path, crop_size=32, resize=16)
+    assert str(info.value).startswith("eval_resize (16) must be >= the k-NN crop size (32") and "--" not in str(info.value)
     with pytest.raises(ConfigError, match="eval_knn_k=50 exceeds the 20 train images"):
         _monitor(cifar_small, tmp_path, max_images=20, k=50)
     with pytest.raises(ConfigError, match="eval_data_path .*train has no train/ or val/ folder"):
         _monitor(cifar_small / "train", tmp_path)
+    # a path that is not there, or a file that is no archive: the message names the config key too
+    for where in (tmp_path / "nowhere", tmp_path / "notes.txt"):
+        (tmp_path / "notes.txt").write_text("x")
+        with pytest.raises(ConfigError) as info:
+            _monitor(where, tmp_path)
+        assert str(info.value).startswith(f"eval_data_path {where}: data path {where} ") and "\n" not in str(info.value)
     flat = tmp_path / "flat"
     for split in ("train", "val"):
         (flat / split).mkdir(parents=True)

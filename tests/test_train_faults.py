@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -207,6 +208,36 @@ def test_a_data_set_without_one_readable_image_is_an_error(cifar_small, tmp_path
     assert f"all {len(files)} images of {data}" in message
     assert f"{len(files)} x cannot identify image file" in message and "nothing to train on" in message
     assert not (out / "checkpoint.pth").exists()
+
+
+def _tallies(text: str) -> int:
+    """The sum of the "N x reason" and "N read fine now" tallies in a message."""
+    return sum(int(n) for n in re.findall(r"(\d+) x ", text)) + sum(int(n) for n in re.findall(r"(\d+) read fine", text))
+
+
+def test_the_unreadable_tallies_add_up_to_the_count_they_follow(cifar_small, tmp_path):
+    """"all 8 images tried of the 11 ... (10 x cannot identify, 1 x truncated)": the tallies were of a
+    second look at all 11, which the message did not say. Each tally now follows the count it adds up to."""
+    from ssl_xcit.data.folders import ImageFiles
+    from ssl_xcit.train.health import unreadable_message
+    data = tmp_path / "eleven"
+    data.mkdir()
+    real = sorted((cifar_small / "train" / "cat").iterdir())
+    for i in range(10):
+        (data / f"{i:02d}.jpg").write_bytes(b"not an image at all")
+    (data / "10.jpg").write_bytes(real[0].read_bytes()[:300])              # a truncated JPEG
+    message = unreadable_message(ImageFiles(data, progress=False), loaded=0, skipped=8)
+    assert message.startswith(f"all 8 images tried of the 11 in {data} failed to load (all 11 checked again: "
+                              "10 x cannot identify image file, 1 x "), message
+    assert _tallies(message) == 11
+    four = tmp_path / "four"                  # failed when tried, two of them read fine on the second look
+    four.mkdir()
+    for i in range(2):
+        (four / f"{i}.jpg").write_bytes(b"junk")
+        shutil.copy(real[i].resolve(), four / f"{i + 2}.jpg")
+    message = unreadable_message(ImageFiles(four, progress=False), loaded=0, skipped=4)
+    assert f"all 4 images of {four} failed to load (2 x cannot identify image file, 2 read fine now)" in message
+    assert _tallies(message) == 4
 
 
 def test_unreadable_batches_in_a_row_stop_the_run_before_the_epoch_ends(cifar_small, tmp_path):

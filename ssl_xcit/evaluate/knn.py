@@ -190,7 +190,9 @@ def _extract(args: argparse.Namespace, env: runtime.EvalEnv) -> tuple[dict[str, 
         if f is not None:
             feats[f"{split}_features"] = l2_normalize(f.float()).to(dtype)
             feats[f"{split}_labels"] = lab
-    meta = {"checkpoint": str(args.checkpoint), "arch": args.arch, "checkpoint_key": args.checkpoint_key,
+    # the arch used: named by --arch, by the checkpoint, or inferred from its weights (never null when known)
+    meta = {"checkpoint": str(args.checkpoint), "arch": getattr(model, "arch", None) or args.arch,
+            "checkpoint_key": args.checkpoint_key,
             "crop_size": args.crop_size, "resize": datasets.resize_for(args.crop_size, args.resize),
             "classes": classes, "dtype": str(dtype).replace("torch.", ""), "normalized": True}
     return (feats if env.is_main else None), meta

@@ -366,7 +366,8 @@ def full_linear_eval(args: argparse.Namespace, env: runtime.EvalEnv, out_dir: Pa
                                "scheduler": scheduler.state_dict(), "best": best, "last": last,
                                "history": history, "fingerprint": fingerprint}, ckpt_path)
         du.barrier()
-    return {"mode": "full", "protocol": full_protocol(args.weight_decay), "top1": best["top1"] if best else None,
+    return {"mode": "full", "arch": getattr(model, "arch", None) or args.arch,
+            "protocol": full_protocol(args.weight_decay), "top1": best["top1"] if best else None,
             "top5": best["top5"] if best else None, "best": best, "last": last, "epochs": args.epochs,
             "n_last_blocks": n_last, "avgpool_patchtokens": bool(args.avgpool_patchtokens), "lr": args.lr,
             "scaled_lr": lr, "global_batch": args.batch_size * env.world_size, "weight_decay": args.weight_decay,
@@ -406,7 +407,8 @@ def _cached_from_args(args: argparse.Namespace, env: runtime.EvalEnv) -> dict | 
     (tx, ty), (vx, vy) = feats["train"], feats["val"]
     res = cached_linear_eval(tx.to(env.device), ty, vx.to(env.device), vy, len(classes), cfg,
                              progress=not args.no_progress)
-    res.update(n_last_blocks=n_last, avgpool_patchtokens=bool(args.avgpool_patchtokens), num_classes=len(classes))
+    res.update(n_last_blocks=n_last, avgpool_patchtokens=bool(args.avgpool_patchtokens), num_classes=len(classes),
+               arch=getattr(model, "arch", None) or args.arch)   # the arch used, also when inferred
     return res
 
 

@@ -373,7 +373,7 @@ TOOL_HINTS: dict[str, dict[str, str]] = {
     "export_features": {"arch": _ARCH},
     "eval_classification": {
         "allow_pickle": "if you trust the file, pass --allow-pickle",
-        "format": "pass --format, one of official, dino_backbone, dino, ssl_xcit, timm, mmpretrain",
+        "format": "pass --format with one of them",
         "download": "or pass --download to fetch them (uses the network)",
     },
 }

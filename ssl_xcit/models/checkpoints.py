@@ -251,8 +251,8 @@ def detect_format(obj: Any, source: str = "<checkpoint>") -> str:
         raise CheckpointError(f"{source} is a linear-probe checkpoint (eval_linear's linear_checkpoint.pth: "
                               f"a linear layer on a frozen backbone's features), not a backbone{probed}")
     keys = list(obj)[:8]
-    raise hinted(CheckpointError, f"{source}: unknown checkpoint format (top-level keys {keys})",
-                 f"pass format= one of {FORMATS}", needs="format")
+    raise hinted(CheckpointError, f"{source}: unknown checkpoint format (top-level keys {keys}; the formats read "
+                 f"here: {', '.join(FORMATS)})", "pass format= with one of them", needs="format")
 
 
 @dataclass

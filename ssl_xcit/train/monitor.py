@@ -34,6 +34,7 @@ from torch import nn
 
 from ssl_xcit import distributed as du
 from ssl_xcit.data.subsets import evenly_spread
+from ssl_xcit.errors import UserError
 from ssl_xcit.train.config import ConfigError, DinoConfig
 from ssl_xcit.train.logger import RunLogger
 
@@ -76,11 +77,18 @@ class KnnMonitor:
         self.k, self.batch_size, self.num_workers = k, batch_size, num_workers
         self.device, self.logger = torch.device(device), logger
         self.output_dir = Path(output_dir) if output_dir is not None else None
-        root = datasets.resolve_root(data_path)
+        try:
+            root = datasets.resolve_root(data_path)
+        except (FileNotFoundError, UserError) as err:   # missing, or a file that is no archive: name the key
+            raise ConfigError(f"eval_data_path {data_path}: {err}; the k-NN monitor needs a folder (or .tar.gz "
+                              "of one) with train/<class>/ and val/<class>/ images") from None
         missing = [split for split in ("train", "val") if not (root / split).is_dir()]
         if missing:
             raise ConfigError(f"eval_data_path {data_path} has no {' or '.join(s + '/' for s in missing)} "
                               "folder: the k-NN monitor needs labelled train/<class>/ and val/<class>/ images")
+        if resize is not None and resize < crop_size:   # said in config keys (eval_transform says --resize)
+            raise ConfigError(f"eval_resize ({resize}) must be >= the k-NN crop size ({crop_size}: eval_crop_size, "
+                              "or global_crops_size when that is 0)")
         transform = datasets.eval_transform(crop_size, resize)
         from ssl_xcit.data.sources import open_image_dataset   # a folder or tar shards
         self.train_set = open_image_dataset(root / "train", transform, progress=False)
