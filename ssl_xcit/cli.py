@@ -106,6 +106,19 @@ def run(main: Callable[[list[str]], Any] | str, argv: Sequence[str] | None = Non
         raise SystemExit(USER_ERROR_EXIT) from None
 
 
+TRUE_WORDS = ("true", "on", "1", "yes")     # DINO's utils.bool_flag, plus yes/no
+FALSE_WORDS = ("false", "off", "0", "no")
+
+
+def bool_word(text: str) -> bool:
+    """A boolean flag's value as DINO's command lines spell it (``--use_cuda false``, ``on``, ``1``);
+    an argparse ``type``."""
+    low = str(text).strip().lower()
+    if low in TRUE_WORDS or low in FALSE_WORDS:
+        return low in TRUE_WORDS
+    raise argparse.ArgumentTypeError(f"expected {'/'.join(TRUE_WORDS)} or {'/'.join(FALSE_WORDS)}, got {text!r}")
+
+
 class UsageError(UserError):
     """A command line that does not parse (unknown option, missing or malformed value)."""
 

@@ -7,10 +7,12 @@ trains, the k-NN monitor scores the teacher every ``--monitor-every-steps`` step
 subset, so the output also shows the curve rising (``train/knn.png``, ``quickstart.json``), and the
 run's report page is written at its end (``train/report/index.html``).
 
-The images, without ``--data``: the CIFAR-10 archive next to the repository
-(``../shared/data/cifar10.tar.gz``) when it is there, else CIFAR-10 downloaded earlier into
-``--download-dir``, else CIFAR-10 downloaded now through torchvision (with a progress bar); with no
-network that ends in one line saying what to pass. ``--data`` never downloads anything.
+The recipe is the packaged ``quickstart`` one (``--config`` takes a file or a packaged recipe's name),
+so an installed package needs no checkout. The images, without ``--data``: in a source checkout, the
+CIFAR-10 archive next to the repository (``../shared/data/cifar10.tar.gz``) when it is there, else
+CIFAR-10 downloaded earlier into ``--download-dir``, else CIFAR-10 downloaded now through torchvision
+(with a progress bar); with no network that ends in one line saying what to pass. ``--data`` never
+downloads anything.
 """
 from __future__ import annotations
 
@@ -24,14 +26,16 @@ from typing import TYPE_CHECKING
 from ssl_xcit.atomic import atomic_write_json, check_writable
 from ssl_xcit.cli import ArgumentParser
 from ssl_xcit.evaluate.options import EvalInputError, MissingPathError, check_data_path, check_output_folder
-from ssl_xcit.train.config import load_config
+from ssl_xcit.train.config import find_recipe, load_config, recipes_dir
 
 if TYPE_CHECKING:  # torch loads only when the work starts: --help answers at once
     import torch
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO / "configs" / "quickstart.yaml"
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10.tar.gz"
+DEFAULT_CONFIG = recipes_dir() / "quickstart.yaml"
+# only a source checkout has the project's data folder beside it; an installed package reads --data
+DEFAULT_DATA: Path | None = (REPO.parent / "shared" / "data" / "cifar10.tar.gz"
+                             if (REPO / "pyproject.toml").is_file() else None)
 # the completeness marker of a CIFAR-10 download (ssl_xcit.data.sources.MARKER, which imports torch:
 # the choice of data is made before torch loads; tests/test_quickstart.py checks the two agree)
 DOWNLOAD_MARKER = ".ssl_xcit_complete"
@@ -43,14 +47,15 @@ class DataDownloadError(EvalInputError):
     """CIFAR-10 could not be downloaded (no network, a proxy, a full disk): what to pass instead."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "launch/quickstart.py") -> argparse.ArgumentParser:
     p = ArgumentParser(
-        prog="launch/quickstart.py",
+        prog=prog,
         description="Pretrain a small XCiT with DINO on a small real dataset (CPU is fine), then "
                     "compare k-NN top-1 of the trained teacher with a random backbone.")
     p.add_argument("--data", default=None,
                    help="ImageFolder root with train/ and val/, or a .tar.gz of one; never downloads. "
-                        f"Default: {DEFAULT_DATA} if it exists, else CIFAR-10 downloaded earlier into "
+                        f"Default: {DEFAULT_DATA or 'the checkout archive'} if it exists, else CIFAR-10 "
+                        "downloaded earlier into "
                         "--download-dir, else CIFAR-10 downloaded now through torchvision into --download-dir "
                         "(about 170 MB; the only case that uses the network)")
     p.add_argument("--download", action="store_true",
@@ -58,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "there yet (needs network), even when the archive above exists; not with --data")
     p.add_argument("--download-dir", default="data",
                    help="where CIFAR-10 is downloaded to and looked for (default: data)")
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="training recipe")
+    p.add_argument("--config", default="quickstart",
+                   help="training recipe: a file, or a packaged recipe's name (default: quickstart)")
     p.add_argument("--output", default="runs/quickstart", help="output folder (resumes if it holds a run)")
     p.add_argument("--knn-train-images", type=int, default=10000,
                    help="train images in the k-NN memory bank (evenly spread over classes)")
@@ -72,14 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None, prog: str = "launch/quickstart.py") -> argparse.Namespace:
     """Like argparse, but ``key=value`` overrides may stand anywhere, also after ``--knn-k 10 20``
     (whose list would otherwise swallow them and fail with "invalid int value")."""
     argv = list(sys.argv[1:] if argv is None else argv)
     is_override = [("=" in a and not a.startswith("-")) for a in argv]
     options = [a for a, o in zip(argv, is_override) if not o]
     overrides = [a for a, o in zip(argv, is_override) if o]
-    args = build_parser().parse_args([*options, "--", *overrides] if overrides else options)
+    args = build_parser(prog).parse_args([*options, "--", *overrides] if overrides else options)
     check_args(args)
     return args
 
@@ -100,6 +106,7 @@ def check_args(args: argparse.Namespace) -> None:
                              "(--knn-train-images)")
     args.source, args.source_path = choose_data(args)
     check_output_folder(args.output, "--output")
+    args.config = str(find_recipe(args.config))
     load_config(args.config, args.overrides)  # the recipe and overrides, checked before torch loads
 
 
@@ -116,7 +123,7 @@ def choose_data(args: argparse.Namespace) -> tuple[str, Path]:
                                    "val/ or a .tar.gz of one, or leave --data out to use or download CIFAR-10")
         check_data_path(args.data, ("train", "val"), flag="--data")
         return "data", Path(args.data).expanduser()
-    if not args.download and DEFAULT_DATA.exists():
+    if not args.download and DEFAULT_DATA is not None and DEFAULT_DATA.exists():
         check_data_path(str(DEFAULT_DATA), ("train", "val"), flag="the default archive")
         return "archive", DEFAULT_DATA
     folder = Path(args.download_dir).expanduser()
@@ -131,14 +138,15 @@ def fetch_cifar10(folder: Path) -> Path:
     """CIFAR-10 through torchvision into ``folder`` (progress bars: torchvision's for the download,
     ours for the conversion); a failure (no network) is one line saying what to pass instead."""
     from ssl_xcit.data.sources import download_cifar10
-    print(f"[quickstart] no --data and no {DEFAULT_DATA}: downloading CIFAR-10 through torchvision into "
+    archive = DEFAULT_DATA or "checkout archive"
+    print(f"[quickstart] no --data and no {archive}: downloading CIFAR-10 through torchvision into "
           f"{folder} (about 170 MB, once)", flush=True)
     try:
         return download_cifar10(folder)
     except (OSError, RuntimeError) as err:   # URLError and socket errors are OSErrors; torchvision's
         reason = str(err).strip() or type(err).__name__   # bad download is a RuntimeError
         raise DataDownloadError(f"could not download CIFAR-10 into {folder} ({type(err).__name__}: {reason}); "
-                                + WHAT_TO_PASS.format(archive=DEFAULT_DATA)) from err
+                                + WHAT_TO_PASS.format(archive=archive)) from err
 
 
 def data_root(args: argparse.Namespace) -> Path:
@@ -246,8 +254,8 @@ def paired_gain(hits_a: torch.Tensor, hits_b: torch.Tensor) -> dict[str, float]:
             "n_discordant": n, "p_value": tail / 2 ** n}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "launch/quickstart.py") -> dict:
+    args = parse_args(argv, prog)
     check_writable(args.output)   # a read-only --output: one line before any download or training
     import yaml
     from ssl_xcit.train.loop import open_training_images, pick_device, train

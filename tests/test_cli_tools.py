@@ -129,7 +129,7 @@ CASES = [
     ("eval/eval_knn.py", ["--checkpoint", "xcit_nano_12_p61", "--data-path", "DATA"],
      "neither an existing file nor a model name"),
     ("eval/eval_knn.py", ["--checkpoint", ARCH, "--data-path", "DATA", "--nb-knn", "x"],
-     "argument --nb-knn: invalid int value: 'x'"),
+     "argument --nb-knn/--nb_knn: invalid int value: 'x'"),
     ("eval/eval_knn.py", ["--checkpoint", ARCH, "--data-path", "DATA", *KNN, "--crop-size", "40"],
      "--crop-size 40 is not divisible by the patch size 16"),
     ("eval/eval_knn.py", ["--data-path", "DATA"], "--checkpoint and --data-path are required"),

@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cluster", default="auto", choices=CLUSTERS,
                    help="auto: SLURM when sbatch/srun are installed, else the local executor")
     g.add_argument("--nodes", type=int, default=1)
-    g.add_argument("--gpus-per-node", type=int, default=0, help="one task per GPU (0: a CPU job)")
+    g.add_argument("--gpus-per-node", "--ngpus", type=int, default=0,
+                   help="one task per GPU (0: a CPU job); --ngpus is DINO's run_with_submitit.py name")
     g.add_argument("--tasks-per-node", type=int, default=None,
                    help="tasks per node for CPU jobs (default: --gpus-per-node, or 1)")
     g.add_argument("--cpus-per-task", type=int, default=None)
@@ -54,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--account")
     g.add_argument("--qos")
     g.add_argument("--constraint")
+    g.add_argument("--use_volta32", action="store_const", const="volta32gb", dest="constraint",
+                   help="DINO's run_with_submitit.py flag: --constraint volta32gb")
     g.add_argument("--comment")
     g.add_argument("--job-name", default=None)
     g.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",

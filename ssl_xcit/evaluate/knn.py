@@ -220,7 +220,9 @@ def main(argv: list[str] | None = None) -> dict:
             if args.dump_features:
                 dump_features(args.dump_features, feats["train_features"], feats["train_labels"],
                               feats["val_features"], feats["val_labels"], meta)
-        index_cfg = IndexConfig(**{**index_cfg.__dict__, "use_gpu": env.device.type == "cuda"})
+        # DINO's --use_cuda false: features and search stay on the CPU even on a GPU run
+        use_gpu = env.device.type == "cuda" and args.use_cuda is not False
+        index_cfg = IndexConfig(**{**index_cfg.__dict__, "use_gpu": use_gpu})
         classes = meta.get("classes") or None
         results = knn_classifier(feats["train_features"], feats["train_labels"],
                                  feats["val_features"], feats["val_labels"], args.nb_knn,

@@ -7,6 +7,10 @@ torch takes. ``eval/*.py`` (through :func:`run_tool`) and ``launch/submit.py`` (
 words before submitting) use the parsers here; each tool's ``main(argv)`` parses with the same
 parser and runs the same checks, so a library caller gets the same errors.
 
+DINO's flag names are aliases of ours (``--pretrained_weights`` is ``--checkpoint``, ``--data_path``
+is ``--data-path``, ``--batch_size_per_gpu`` is ``--batch-size``, ...), so DINO's ``eval_knn.py`` and
+``eval_linear.py`` command lines run as pasted; its process-group flags are accepted and ignored.
+
 Imports: the standard library, :mod:`ssl_xcit.cli` and the torch-free zoo name table only.
 """
 from __future__ import annotations
@@ -18,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from ssl_xcit.cli import ArgumentParser, own_words
+from ssl_xcit.cli import ArgumentParser, bool_word, own_words
 from ssl_xcit.errors import UserError
 
 DEFAULT_KS = (10, 20, 100, 200)              # DINO's k-NN
@@ -41,35 +45,42 @@ class MissingPathError(UserError, FileNotFoundError):
 # --------------------------------------------------------------------------------------------- flags
 def add_backbone_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     g = parser.add_argument_group("backbone")
-    g.add_argument("--checkpoint", required=required, default=None,
+    g.add_argument("--checkpoint", "--pretrained_weights", required=required, default=None,
                    help="any checkpoint ssl_xcit.models.load_backbone reads (this project's training "
                         "checkpoints, official DINO/XCiT, timm, mmpretrain), or a model name for a "
                         "random-init backbone")
     g.add_argument("--arch", default=None, help="architecture, when the checkpoint does not name it")
-    g.add_argument("--checkpoint-key", default="teacher", choices=("teacher", "student"),
+    g.add_argument("--checkpoint-key", "--checkpoint_key", default="teacher", choices=("teacher", "student"),
                    help="which network of a DINO checkpoint to evaluate (default: teacher, as DINO)")
 
 
 def add_data_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     g = parser.add_argument_group("data")
-    g.add_argument("--data-path", required=required, default=None,
+    g.add_argument("--data-path", "--data_path", required=required, default=None,
                    help="folder (or .tar.gz) with train/ and val/ class sub-folders")
     g.add_argument("--crop-size", type=int, default=224, help="centre crop side (default: 224, as DINO)")
     g.add_argument("--resize", type=int, default=None,
                    help="shorter side before the crop (default: crop*256/224, i.e. 256 for 224, as DINO)")
-    g.add_argument("--batch-size", type=int, default=None, help="images per process (per GPU) and step")
-    g.add_argument("--num-workers", type=int, default=4, help="data-loading worker processes")
+    g.add_argument("--batch-size", "--batch_size_per_gpu", type=int, default=None,
+                   help="images per process (per GPU) and step")
+    g.add_argument("--num-workers", "--num_workers", type=int, default=4, help="data-loading worker processes")
 
 
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("runtime")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto: CUDA when available")
-    g.add_argument("--output-dir", default=None,
+    g.add_argument("--output-dir", "--output_dir", default=None,
                    help="where results go (default: the checkpoint's folder; outputs/<name> for a model name)")
     g.add_argument("--seed", type=int, default=0,
                    help="seeds random-init backbones (identical on every rank) and shuffles")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    d = parser.add_argument_group("DINO's flags with other meanings")
+    d.add_argument("--patch_size", type=int, default=None, metavar="N",
+                   help="must match the patch of --arch (XCiT names carry it: xcit_small_12_p8); appended to "
+                        "an --arch without one")
+    d.add_argument("--dist_url", "--local_rank", "--local-rank", dest="dino_ignored", default=None, metavar="X",
+                   help="accepted and ignored: the process group comes from the environment (torchrun)")
 
 
 def knn_parser() -> argparse.ArgumentParser:
@@ -79,7 +90,7 @@ def knn_parser() -> argparse.ArgumentParser:
     add_data_args(p, required=False)
     add_runtime_args(p)
     g = p.add_argument_group("k-NN")
-    g.add_argument("--nb-knn", type=int, nargs="+", default=list(DEFAULT_KS), help="numbers of neighbours")
+    g.add_argument("--nb-knn", "--nb_knn", type=int, nargs="+", default=list(DEFAULT_KS), help="numbers of neighbours")
     g.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="vote weight exp(sim / T)")
     g.add_argument("--index", default="auto", choices=("auto", "flat", "cells", "ivf", "hnsw"),
                    help="auto: exact (flat) below 100,000 train features, cells above; cells: inverted "
@@ -92,8 +103,12 @@ def knn_parser() -> argparse.ArgumentParser:
     g.add_argument("--ef-search", type=int, default=256, help="hnsw search breadth")
     g.add_argument("--fp16-features", action="store_true", help="hold features (and the index) in float16")
     g.add_argument("--query-batch", type=int, default=1000, help="val queries per search call")
-    g.add_argument("--dump-features", default=None, help="save the extracted features to this folder")
-    g.add_argument("--load-features", default=None, help="read features saved by --dump-features; no extraction")
+    g.add_argument("--dump-features", "--dump_features", default=None, help="save the extracted features to this folder")
+    g.add_argument("--load-features", "--load_features", default=None,
+                   help="read features saved by --dump-features; no extraction")
+    g.add_argument("--use_cuda", type=bool_word, default=None, metavar="BOOL",
+                   help="DINO's: keep the features and the search on the GPU (default: when --device is cuda); "
+                        "false keeps them on the CPU")
     return p
 
 
@@ -106,13 +121,17 @@ def linear_parser() -> argparse.ArgumentParser:
     g.add_argument("--mode", default="cached", choices=("cached", "full"),
                    help="cached: fast lr/wd grid on extracted features (not DINO's protocol); "
                         "full: DINO's protocol (augmented, 100 epochs, resumable)")
-    g.add_argument("--n-last-blocks", type=int, default=None,
+    g.add_argument("--n-last-blocks", "--n_last_blocks", type=int, default=None,
                    help="concatenate the CLS tokens of the last n blocks (default: 1 for XCiT, as DINO; 4 else)")
     g.add_argument("--avgpool-patchtokens", action="store_true", help="append the mean patch token")
+    g.add_argument("--avgpool_patchtokens", type=bool_word, metavar="BOOL", dest="avgpool_patchtokens",
+                   help="DINO's spelling of --avgpool-patchtokens, with a value (true/false)")
     g.add_argument("--epochs", type=int, default=100, help="training epochs of the probe")
     g.add_argument("--lr", type=float, default=0.001, help="full: base lr, scaled by global batch / 256")
     g.add_argument("--weight-decay", type=float, default=0.0, help="full: weight decay")
-    g.add_argument("--val-freq", type=int, default=1, help="full: validate every n epochs")
+    g.add_argument("--val-freq", "--val_freq", type=int, default=1, help="full: validate every n epochs")
+    g.add_argument("--num_labels", type=int, default=None,
+                   help="DINO's: accepted; the classes are the class folders of train/")
     g.add_argument("--lr-grid", type=float, nargs="+", default=list(DEFAULT_LR_GRID),
                    help="cached: base lrs (scaled by batch / 256)")
     g.add_argument("--wd-grid", type=float, nargs="+", default=list(DEFAULT_WD_GRID), help="cached: weight decays")
@@ -278,10 +297,33 @@ def check_output_folder(text: str | None, flag: str) -> None:
         raise EvalInputError(f"{flag} {text} is a file; give a folder (it is created if missing)")
 
 
+def apply_patch_size(args: argparse.Namespace) -> None:
+    """DINO's ``--patch_size`` with ``--arch``: XCiT names carry their patch, so it must agree, or is
+    appended to an arch name without one (``--arch xcit_small_12 --patch_size 8``). Without
+    ``--arch`` the checkpoint names the architecture and DINO's flag has nothing to set."""
+    from ssl_xcit.models.zoo import resolve  # the name table: no torch
+    patch = getattr(args, "patch_size", None)
+    if patch is None or args.arch is None:
+        return
+    try:
+        own = resolve(args.arch).arch.patch_size
+    except ValueError:
+        try:
+            resolve(f"{args.arch}_p{patch}")
+        except ValueError:
+            return  # --arch is reported as unknown next
+        args.arch = f"{args.arch}_p{patch}"
+        return
+    if own != patch:
+        raise EvalInputError(f"--patch_size {patch} does not match --arch {args.arch} (patch {own}); XCiT names "
+                             f"carry their patch: give --arch {args.arch.rsplit('_p', 1)[0]}_p{patch}")
+
+
 def _check_sources(args: argparse.Namespace, splits: tuple[str, ...]) -> None:
     """The names and paths, after the numbers: a bad number is reported whatever the paths."""
     for flag in ("output_dir", "dump_features", "out"):
         check_output_folder(getattr(args, flag, None), "--" + flag.replace("_", "-"))
+    apply_patch_size(args)
     if args.arch is not None:
         check_model_name(args.arch, "--arch")
     if args.checkpoint is not None:
@@ -379,19 +421,22 @@ TOOL_HINTS: dict[str, dict[str, str]] = {
 }
 
 
-def parse(tool: str, argv: list[str] | None, check: bool = True) -> argparse.Namespace:
-    """``tool``'s arguments parsed (and, with ``check``, checked) without importing torch."""
-    _, parser, checks = TOOLS[tool]
-    args = parser().parse_args(argv)
+def parse(tool: str, argv: list[str] | None, check: bool = True, prog: str | None = None) -> argparse.Namespace:
+    """``tool``'s arguments parsed (and, with ``check``, checked) without importing torch; ``prog``
+    names the command in help and errors (default: ``<tool>.py``)."""
+    _, make_parser, checks = TOOLS[tool]
+    parser = make_parser()
+    parser.prog = prog or parser.prog
+    args = parser.parse_args(argv)
     if check:
         checks(args)
     return args
 
 
-def run_tool(tool: str, argv: list[str]) -> Any:
-    """The command line of ``eval/<tool>.py``: answer ``--help`` and bad input first, then import
-    the tool (and torch) and run its ``main``."""
-    parse(tool, argv)
+def run_tool(tool: str, argv: list[str], prog: str | None = None) -> Any:
+    """The command line of ``eval/<tool>.py`` (or of its console command ``prog``): answer ``--help``
+    and bad input first, then import the tool (and torch) and run its ``main``."""
+    parse(tool, argv, prog=prog)
     try:
         return importlib.import_module(TOOLS[tool][0]).main(argv)
     except UserError as err:   # a library hint in this tool's words (or left out)

@@ -17,7 +17,9 @@ import signal
 import sys
 from typing import TYPE_CHECKING, Callable
 
-from ssl_xcit.train.config import DinoConfig, load_config
+from ssl_xcit.cli import ArgumentParser
+from ssl_xcit.train import flags
+from ssl_xcit.train.config import DinoConfig, find_recipe, load_config
 
 if TYPE_CHECKING:
     from ssl_xcit.train.loop import TrainResult
@@ -35,31 +37,46 @@ def run_training(cfg: DinoConfig, stop_requested: Callable[[], bool] | None = No
         dist_utils.cleanup()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="launch/train.py",
+def build_parser(prog: str = "launch/train.py") -> argparse.ArgumentParser:
+    """The command line's help: ``--config``, ``key=value`` overrides and one ``--key`` option per
+    config key with its meaning and default (:func:`ssl_xcit.train.flags.add_config_options`)."""
+    parser = ArgumentParser(
+        prog=prog, usage=f"{prog} [-h] [--config RECIPE] [--KEY VALUE ...] [key=value ...]",
         description="DINO pretraining of an XCiT on a folder of images (no labels needed). "
                     "Runs alone, or under torchrun for several GPUs/nodes; resumes from the "
                     "checkpoint in output_dir when there is one. SIGTERM, SIGUSR2 or Ctrl-C save "
                     "a checkpoint at the next step and exit with status 128 + signal number "
-                    "(Ctrl-C twice: at once, unsaved). Known errors: one line, exit status 2 "
-                    "(--debug shows the traceback).",
-        epilog="example: python launch/train.py --config configs/quickstart.yaml "
-               "data_path=../shared/data/cifar10.tar.gz output_dir=runs/quick epochs=2")
-    parser.add_argument("--config", help="YAML recipe (configs/*.yaml); defaults are DINO's")
+                    "(Ctrl-C twice: at once, unsaved). Every config key below is also a key=value "
+                    "override (lr=1e-3, optim.lr=1e-3) and takes DINO's spellings (--lr 1e-3, "
+                    "--lr=1e-3); a later word wins. Known errors: one line, exit status 2 (--debug "
+                    "shows the traceback).",
+        epilog=f"examples: {prog} --config configs/quickstart.yaml data_path=../shared/data/cifar10.tar.gz "
+               f"output_dir=runs/quick epochs=2 | {prog} --arch xcit_small_12_p16 --data_path "
+               "/imagenet/train --output_dir out --epochs 100 (DINO's command line)")
+    parser.add_argument("--config", help="YAML recipe: a file, or a packaged recipe by name (quickstart, "
+                                         "dino_xcit_small_12_p16, ...); defaults are DINO's")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, e.g. lr=1e-3 optim.epochs=10 local_crops_number=6")
+    flags.add_config_options(parser)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_config(argv: list[str], prog: str = "launch/train.py") -> DinoConfig:
+    """The run's config from a command line in either spelling (``key=value`` or DINO's flags)."""
+    words = flags.translate(argv, prog)
+    args = build_parser(prog).parse_args(words.argv())
+    cfg = load_config(find_recipe(args.config) if args.config else None, args.overrides)
+    flags.check_patch_size(cfg, words.patch_size)
+    return cfg
+
+
+def main(argv: list[str] | None = None, prog: str = "launch/train.py") -> int:
     """Parse, load the config, train; returns the exit status (0 finished, 128 + signum stopped).
 
     Known errors (a bad config, a refused resume, unreadable data) raise
     :class:`ssl_xcit.errors.UserError`; :func:`ssl_xcit.cli.run` prints them as one line.
     """
-    args = build_parser().parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    cfg = parse_config(list(sys.argv[1:] if argv is None else argv), prog)
     from ssl_xcit.cluster.stopping import StopSignals   # submitit, not torch
 
     is_rank0 = os.environ.get("RANK", "0") in ("", "0")
@@ -74,6 +91,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     signum = signals.signums[0] if signals.signums else signal.SIGTERM
     if is_rank0:
-        print(f"launch/train.py: stopped on {signal.Signals(signum).name}: {result.checkpoint} holds global "
+        print(f"{prog}: stopped on {signal.Signals(signum).name}: {result.checkpoint} holds global "
               f"step {result.global_step}; run the same command to resume", file=sys.stderr, flush=True)
     return 128 + int(signum)

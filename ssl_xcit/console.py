@@ -1,0 +1,64 @@
+"""The console commands of an installed ssl_xcit (``pip install .``): the ``launch/`` and ``eval/``
+scripts without a checkout, each named in ``[project.scripts]`` of ``pyproject.toml``.
+
+Every evaluation tool of :data:`ssl_xcit.evaluate.options.TOOLS` is a function of this module under
+its own name (``eval_knn``, ``eval_linear``, ``export_features``, ...), so a tool registered there
+becomes a command with one line in ``pyproject.toml`` (``ssl-xcit-NAME = "ssl_xcit.console:TOOL"``).
+A command names itself in its help and errors; a known error is one line and exit status 2.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Callable, NoReturn
+
+from ssl_xcit import cli
+
+
+def _prog(default: str) -> str:
+    name = os.path.basename(sys.argv[0] or "")
+    return name if name.startswith("ssl-xcit") else default
+
+
+def _exit(status: Any) -> NoReturn:
+    """A command's ``main`` returns an exit status (int) or a result (dict, path): 0 for the latter."""
+    sys.exit(status if isinstance(status, int) else 0)
+
+
+def train() -> NoReturn:
+    from ssl_xcit.train.entry import main
+    prog = _prog("ssl-xcit-train")
+    _exit(cli.run(lambda argv: main(argv, prog=prog), prog=prog))
+
+
+def quickstart() -> NoReturn:
+    from ssl_xcit.quickstart import main
+    prog = _prog("ssl-xcit-quickstart")
+    _exit(cli.run(lambda argv: main(argv, prog=prog), prog=prog))
+
+
+def publish() -> NoReturn:
+    from ssl_xcit.publish.__main__ import main
+    prog = _prog("ssl-xcit-publish")
+    _exit(cli.run(lambda argv: main(argv, prog=prog), prog=prog))
+
+
+def submit() -> NoReturn:
+    from ssl_xcit.cluster.submit import main
+    _exit(main())
+
+
+def _tool(name: str) -> Callable[[], NoReturn]:
+    def command() -> NoReturn:
+        from ssl_xcit.evaluate.options import run_tool
+        prog = _prog(f"ssl-xcit-{name}")
+        _exit(cli.run(lambda argv: run_tool(name, argv, prog=prog), prog=prog))
+    command.__name__ = name
+    return command
+
+
+def __getattr__(name: str) -> Any:
+    from ssl_xcit.evaluate.options import TOOLS   # torch-free
+    if name in TOOLS:
+        return _tool(name)
+    raise AttributeError(f"module 'ssl_xcit.console' has no command {name!r}")
