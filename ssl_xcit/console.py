@@ -31,6 +31,12 @@ def train() -> NoReturn:
     _exit(cli.run(lambda argv: main(argv, prog=prog), prog=prog))
 
 
+def finetune() -> NoReturn:
+    from ssl_xcit.train.entry import finetune_main
+    prog = _prog("ssl-xcit-finetune")
+    _exit(cli.run(lambda argv: finetune_main(argv, prog=prog), prog=prog))
+
+
 def quickstart() -> NoReturn:
     from ssl_xcit.quickstart import main
     prog = _prog("ssl-xcit-quickstart")

@@ -226,3 +226,63 @@ def test_a_finetuning_runs_report_page_shows_validation_and_its_start(cifar_smal
     assert "k-NN of the teacher" not in page and "Attention maps of the model" in page
     assert "Started from " + str(dino / "checkpoint.pth") in page and "sha256" in page
     assert "(pretrained_weights)" in page   # the attention rows start from the file, not a random network
+
+
+# ---- the command line and the launcher
+
+def _one_line(capsys, argv: list[str]) -> str:
+    from ssl_xcit import cli
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        cli.run("ssl_xcit.train.entry:finetune_main", argv, prog="launch/finetune.py")
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_bad_inputs_are_one_line(cifar_small, tmp_path, capsys):
+    import shutil
+    from tests.train_helpers import tiny_config
+    from ssl_xcit.train.loop import train as pretrain
+    base = [f"output_dir={tmp_path / 'out'}", "device=cpu", "num_workers=0", "input_size=32", "epochs=1"]
+    train_only = tmp_path / "train_only"
+    shutil.copytree(cifar_small / "train", train_only / "train", symlinks=True)
+    assert "has no val/ folder" in _one_line(capsys, [f"data_path={train_only}", *base])
+    missing = tmp_path / "missing"
+    shutil.copytree(cifar_small, missing, symlinks=True)
+    shutil.rmtree(missing / "val" / "frog")
+    assert "only in train/: frog" in _one_line(capsys, [f"data_path={missing}", *base])
+    pretrain(tiny_config(cifar_small, tmp_path / "dino", max_steps=1))
+    err = _one_line(capsys, [f"data_path={cifar_small}", f"pretrained_weights={tmp_path / 'dino' / 'checkpoint.pth'}",
+                             "arch=xcit_tiny_12_p16", *base])
+    assert "xcit_nano_12_p16" in err and "xcit_tiny_12_p16" in err
+    assert "train_fraction" in _one_line(capsys, [f"data_path={cifar_small}", "train_fraction=1.5", *base])
+    assert not (tmp_path / "out").exists()
+
+
+def test_dino_style_flags_and_key_values_make_the_same_config(tmp_path):
+    from ssl_xcit.train.entry import FINETUNE, parse_config
+    a = parse_config(["--lr", "1e-3", "--data_path", str(tmp_path), "--layer_decay=0.65", "--model_ema"],
+                     command=FINETUNE)
+    b = parse_config(["lr=1e-3", f"data_path={tmp_path}", "layer_decay=0.65", "model_ema=true"], command=FINETUNE)
+    assert a.to_dict() == b.to_dict() and isinstance(a, FinetuneConfig)
+
+
+def test_a_finetuning_job_through_submit_runs_the_command_line_s_config(cifar_small, tmp_path):
+    import contextlib
+    import io
+    from ssl_xcit.cluster.submit import prepare, submit
+    from ssl_xcit.train.config import user_set_keys
+    from ssl_xcit.train.entry import FINETUNE, parse_config
+    from tests.slurm_cluster import wait_until
+    words = [f"data_path={cifar_small}", f"output_dir={tmp_path / 'job'}", "arch=xcit_nano_12_p16", "device=cpu",
+             "num_workers=0", "labels_per_class=2", "batch_size_per_gpu=10", "epochs=1", "report=false"]
+    local = parse_config(words, command=FINETUNE)
+    _, prepared = prepare(["--cluster", "local", "finetune", *words])
+    job = prepared.task.job_config()
+    assert job.to_dict() == local.to_dict() and user_set_keys(job) == user_set_keys(local)
+    with contextlib.redirect_stdout(io.StringIO()):
+        sub = submit(["--cluster", "local", "finetune", *words])
+    wait_until(sub.job.done, 600, "local fine-tuning job")
+    assert sub.job.exception() is None, sub.job.paths.stderr.read_text()
+    assert _events(tmp_path / "job", "finished") and _events(tmp_path / "job", "val")

@@ -52,7 +52,8 @@ def test_wheel_holds_recipes_commands_and_dependencies(tmp_path):
         assert f"{command} = {target}" in entry_points
         module, _, attr = target.partition(":")
         assert callable(getattr(importlib.import_module(module), attr)), target
-    assert {"ssl-xcit-train", "ssl-xcit-knn", "ssl-xcit-linear", "ssl-xcit-export", "ssl-xcit-submit"} <= set(COMMANDS)
+    assert {"ssl-xcit-train", "ssl-xcit-knn", "ssl-xcit-linear", "ssl-xcit-export", "ssl-xcit-submit",
+            "ssl-xcit-finetune"} <= set(COMMANDS)
     metadata = wheel.read(next(n for n in names if n.endswith("METADATA"))).decode()
     assert "Requires-Dist: submitit<1.6,>=1.5.1" in metadata and "Requires-Dist: matplotlib>=3.8" in metadata
 

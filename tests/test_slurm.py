@@ -156,7 +156,7 @@ def test_evaluation_tools_get_the_words_after_their_name(tmp_path, no_slurm_path
     (["--dry-run", "eval_knnn", "--checkpoint", "c.pth", "--data-path", "d"],
      "unknown tool 'eval_knnn'; did you mean 'eval_knn'?"),
     (["--dry-run", "--nodes", "2", "evl_linear", "--epochs", "1"], "unknown tool 'evl_linear'; did you mean 'eval_linear'?"),
-    (["--dry-run", "configs/x.yaml"], "unknown tool 'configs/x.yaml'; known tools: eval_knn"),
+    (["--dry-run", "configs/x.yaml"], "unknown tool 'configs/x.yaml'; known tools: finetune, eval_knn"),
 ])
 def test_misspelt_tool_name_is_named_with_the_closest_tool(no_slurm_path, capsys, argv, message):
     assert main(argv) == 2

@@ -77,8 +77,22 @@ def test_round_trip_through_dict_and_yaml():
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load(path):
-    cfg = load_config(path)
+    from ssl_xcit.finetune.config import FinetuneConfig
+    cfg = load_config(path, schema=FinetuneConfig if path.name.startswith("finetune") else DinoConfig)
     assert cfg.model.arch.startswith("xcit")
+
+
+def test_a_recipe_over_a_base_file(tmp_path):
+    (tmp_path / "base.yaml").write_text("optim: {lr: 0.002, epochs: 7}\nmodel: {arch: xcit_nano_12_p8}\n")
+    (tmp_path / "top.yaml").write_text("_base_: base.yaml\noptim: {epochs: 9}\n")
+    cfg = load_config(tmp_path / "top.yaml", ["seed=2"])
+    assert (cfg.optim.lr, cfg.optim.epochs, cfg.model.arch, cfg.run.seed) == (0.002, 9, "xcit_nano_12_p8", 2)
+    (tmp_path / "loop.yaml").write_text("_base_: loop.yaml\n")
+    with pytest.raises(ConfigError, match="include each other"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "lost.yaml").write_text("_base_: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="not found: .*nowhere.yaml"):
+        load_config(tmp_path / "lost.yaml")
 
 
 def test_unknown_arch_is_a_config_error():

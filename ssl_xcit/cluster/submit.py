@@ -1,11 +1,15 @@
-"""``launch/submit.py``: send training, or an evaluation tool, to SLURM (or submitit's local executor).
+"""``launch/submit.py``: send training, fine-tuning or an evaluation tool to SLURM (or submitit's
+local executor).
 
-    python launch/submit.py --config configs/X.yaml [key=value ...] --nodes 2 --gpus-per-node 8 ...
+    python launch/submit.py --config configs/X.yaml [key=value | --key value ...] --nodes 2 --gpus-per-node 8 ...
+    python launch/submit.py [launcher options] finetune pretrained_weights=FILE data_path=DIR ...
     python launch/submit.py [launcher options] eval_knn --checkpoint ... --data-path ...
 
-Launcher options come before an evaluation tool's name; every word after it goes to the tool.
-Everything that can be wrong with the input is checked before anything is submitted, and reported
-as one line with exit status 2.
+Training's words are ``launch/train.py``'s, read by the same code (:func:`ssl_xcit.train.entry.parse_config`:
+recipes by name, ``key=value``, DINO's ``--key value``), mixed with the launcher's options; a tool's
+(``finetune``: ``launch/finetune.py``'s; an evaluation tool's) come after its name. Everything that
+can be wrong with the input is checked before anything is submitted, and reported as one line with
+exit status 2.
 """
 from __future__ import annotations
 
@@ -32,14 +36,16 @@ PROG = "launch/submit.py"
 
 def build_parser() -> argparse.ArgumentParser:
     p = cli.ArgumentParser(
-        prog=PROG,
-        description="Submit DINO training (or an evaluation tool) as a SLURM job through submitit: one "
-                    "task per GPU, torch.distributed set up from SLURM, checkpoint and requeue on the "
-                    "time-limit/preemption signal, resume on restart.",
-        epilog="evaluation tools: " + ", ".join(EVAL_TOOLS) + ". Put launcher options first: "
+        prog=PROG, allow_abbrev=False,
+        usage=f"{PROG} [launcher options] [--config RECIPE] [key=value | --KEY VALUE ...]   (training)\n"
+              f"       {PROG} [launcher options] finetune|TOOL [its arguments]",
+        description="Submit DINO training, fine-tuning or an evaluation tool as a SLURM job through submitit: "
+                    "one task per GPU, torch.distributed set up from SLURM, checkpoint and requeue on the "
+                    "time-limit/preemption signal, resume on restart. Training takes launch/train.py's words "
+                    "(launch/train.py --help lists every key); fine-tuning launch/finetune.py's after the word "
+                    "finetune.",
+        epilog="tools: finetune, " + ", ".join(EVAL_TOOLS) + ". Put launcher options first: "
                "launch/submit.py --nodes 1 --gpus-per-node 8 eval_knn --checkpoint ckpt.pth --data-path DIR")
-    p.add_argument("--config", help="training recipe (YAML); key=value words override it")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides")
     g = p.add_argument_group("resources")
     g.add_argument("--cluster", default="auto", choices=CLUSTERS,
                    help="auto: SLURM when sbatch/srun are installed, else the local executor")
@@ -74,28 +80,51 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# launcher options that take a value: a tool name right after one of them is that value
+# the launcher's options, taking a value or not; every other word is training's (or a tool's)
 _VALUE_OPTIONS = {a for act in build_parser()._actions if act.option_strings and act.nargs != 0
-                  for a in act.option_strings}
+                  for a in act.option_strings} - {"-h", "--help"}
+_FLAG_OPTIONS = {a for act in build_parser()._actions if act.option_strings and act.nargs == 0
+                 for a in act.option_strings}
+
+
+# the tools: fine-tuning (a training command line, saved and requeued like pretraining) and the evaluation tools
+TOOL_NAMES = ("finetune", *EVAL_TOOLS)
 
 
 def split_tool(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
-    """(launcher words, tool name or None, the tool's own words)."""
+    """(launcher and training words, tool name or None, the tool's own words)."""
     for i, word in enumerate(argv):
-        if word in EVAL_TOOLS and not (i > 0 and argv[i - 1] in _VALUE_OPTIONS):
+        if word in TOOL_NAMES and not (i > 0 and argv[i - 1].startswith("-")):
             return argv[:i], word, argv[i + 1:]
     return argv, None, []
 
 
+def split_launcher(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(the launcher's options with their values, everything else in order: training's words)."""
+    mine, rest, i = [], [], 0
+    while i < len(argv):
+        word = argv[i]
+        name = word.split("=", 1)[0]
+        if name in _VALUE_OPTIONS or name in _FLAG_OPTIONS:
+            takes = name in _VALUE_OPTIONS and "=" not in word and i + 1 < len(argv)
+            mine += argv[i:i + 1 + takes]
+            i += 1 + takes
+        else:
+            rest.append(word)
+            i += 1
+    return mine, rest
+
+
 def check_no_unknown_tool(argv: list[str]) -> None:
-    """A bare word among the launcher's words is a misspelt tool (or a recipe without --config):
-    name it, and the closest tool, instead of failing later on a misleading config error."""
+    """A bare word among training's words that is no option's value is a misspelt tool (or a recipe
+    without --config): name it, and the closest tool, instead of failing later on a misleading
+    config error."""
     for i, word in enumerate(argv):
-        if word.startswith("-") or "=" in word or (i > 0 and argv[i - 1] in _VALUE_OPTIONS):
+        if word.startswith("-") or "=" in word or (i > 0 and argv[i - 1].startswith("-")):
             continue
-        close = difflib.get_close_matches(word, list(EVAL_TOOLS), n=1, cutoff=0.6)
+        close = difflib.get_close_matches(word, list(TOOL_NAMES), n=1, cutoff=0.6)
         hint = (f"did you mean '{close[0]}'?" if close else
-                f"known tools: {', '.join(EVAL_TOOLS)} (training: --config X.yaml [key=value ...])")
+                f"known tools: {', '.join(TOOL_NAMES)} (training: --config X.yaml [key=value ...])")
         raise SubmitError(f"unknown tool '{word}'; {hint}")
 
 
@@ -131,11 +160,16 @@ class Prepared:
     description: str       # what runs, for the printed summary
 
 
-def prepare_training(args: argparse.Namespace, train_fn: Callable[..., Any] | None = None) -> Prepared:
-    from ssl_xcit.train.config import ConfigError, load_config, user_values
+def prepare_training(args: argparse.Namespace, words: list[str], tool: str | None = None,
+                     train_fn: Callable[..., Any] | None = None) -> Prepared:
+    """The job of a training command line (``tool``: None for pretraining, ``finetune``), its words
+    read exactly as ``launch/train.py`` / ``launch/finetune.py`` read them."""
+    from ssl_xcit.train.config import ConfigError, user_values
+    from ssl_xcit.train.entry import FINETUNE, PRETRAIN, parse_config
 
+    command = FINETUNE if tool == "finetune" else PRETRAIN
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = parse_config(words, f"{PROG} {tool}" if tool else PROG, command)
     except ConfigError as err:
         raise SubmitError(f"config error: {err}") from None
     if not cfg.data.data_path:
@@ -144,11 +178,13 @@ def prepare_training(args: argparse.Namespace, train_fn: Callable[..., Any] | No
         raise SubmitError(f"config error: data_path {cfg.data.data_path} does not exist on this machine")
     output_dir = Path(cfg.run.output_dir)   # load_config made the paths absolute: the job may start elsewhere
     job_dir = Path(args.job_dir).expanduser().resolve() if args.job_dir else output_dir / "slurm"
-    spec = job_spec(args, default_name=f"dino_{output_dir.name}")
+    kind = tool or "dino"
+    spec = job_spec(args, default_name=f"{kind}_{output_dir.name}")
     # what the user set, not the resolved values: the job rebuilds the config as launch/train.py
     # does, so recipe=auto chooses there exactly what it would choose here
-    task = TrainTask(config=user_values(cfg), max_requeues=spec.max_requeues, train_fn=train_fn)
-    return Prepared(task, spec, job_dir, f"training {cfg.model.arch} into {output_dir}")
+    task = TrainTask(config=user_values(cfg), kind=kind, max_requeues=spec.max_requeues, train_fn=train_fn)
+    what = "fine-tuning" if tool else "training"
+    return Prepared(task, spec, job_dir, f"{what} {cfg.model.arch} into {output_dir}")
 
 
 def _data_path_exists(text: str) -> bool:
@@ -186,10 +222,10 @@ def check_tool_args(tool: str, tool_argv: list[str]) -> None:
         raise SubmitError(f"{tool}: {err}") from None
 
 
-def prepare_eval(args: argparse.Namespace, tool: str, tool_argv: list[str]) -> Prepared:
-    if args.config or args.overrides:
+def prepare_eval(args: argparse.Namespace, tool: str, tool_argv: list[str], words: list[str]) -> Prepared:
+    if words:
         raise SubmitError(f"--config and key=value overrides are for training; {tool} takes its own "
-                          f"arguments after its name (got {args.config or ' '.join(args.overrides)})")
+                          f"arguments after its name (got {' '.join(words)})")
     check_tool_args(tool, tool_argv)
     tool_out = option_value(tool_argv, "--output-dir") or option_value(tool_argv, "--out")
     job_dir = Path(args.job_dir or (Path(tool_out) / "slurm" if tool_out else Path("runs", "slurm", tool)))
@@ -200,15 +236,19 @@ def prepare_eval(args: argparse.Namespace, tool: str, tool_argv: list[str]) -> P
 
 def prepare(argv: list[str], train_fn: Callable[..., Any] | None = None) -> tuple[argparse.Namespace, Prepared]:
     launcher_argv, tool, tool_argv = split_tool(argv)
+    launcher_argv, words = split_launcher(launcher_argv)
+    args = build_parser().parse_args(launcher_argv)
     if tool is None:
-        check_no_unknown_tool(launcher_argv)
-    args = build_parser().parse_intermixed_args(launcher_argv)
-    if tool is None:
-        if args.config is None and not args.overrides:
-            raise SubmitError("nothing to run: give --config X.yaml [key=value ...] for training, or an "
-                              f"evaluation tool ({', '.join(EVAL_TOOLS)}) followed by its arguments")
-        return args, prepare_training(args, train_fn)
-    return args, prepare_eval(args, tool, tool_argv)
+        check_no_unknown_tool(words)
+        if not words:
+            raise SubmitError("nothing to run: give --config X.yaml [key=value ...] for training, or a tool "
+                              f"({', '.join(TOOL_NAMES)}) followed by its arguments")
+        return args, prepare_training(args, words, None, train_fn)
+    if tool == "finetune":
+        if words:
+            raise SubmitError(f"{' '.join(words)}: put fine-tuning's words after 'finetune'")
+        return args, prepare_training(args, tool_argv, tool, train_fn)
+    return args, prepare_eval(args, tool, tool_argv, words)
 
 
 def wait_for(job: Any) -> int:

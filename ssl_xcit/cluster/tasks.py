@@ -43,6 +43,7 @@ class TrainTask:
     """
 
     config: dict[str, Any]
+    kind: str = "dino"                # "dino" (pretraining) or "finetune": which config and loop
     max_requeues: int = 20
     requeues_done: int = 0
     gather_timeout_s: float = 60.0    # rank 0 waits this long for the other ranks to report
@@ -50,8 +51,10 @@ class TrainTask:
 
     def job_config(self) -> Any:
         """The run's config, rebuilt in the job from what the user set (defaults fill in the rest)."""
-        from ssl_xcit.train.config import config_from_dict, validate
-        return validate(config_from_dict(self.config))
+        from ssl_xcit.train.config import config_from_dict
+        from ssl_xcit.train.entry import FINETUNE, PRETRAIN
+        schema = (FINETUNE if self.kind == "finetune" else PRETRAIN).schema
+        return config_from_dict(self.config, schema=schema).validate()
 
     def __call__(self) -> Any:
         task = export_torch_env()

@@ -171,9 +171,6 @@ class DinoConfig(ConfigTree):
         return validate(self)
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(DinoConfig)}   # pretraining's sections
-
-
 def _section_classes(schema: type = DinoConfig) -> dict[str, type]:
     hints = typing.get_type_hints(schema)
     return {f.name: hints[f.name] for f in dataclasses.fields(schema)}
@@ -363,25 +360,37 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     (``schema``: :class:`DinoConfig`, or fine-tuning's config)."""
     cfg = schema()
     if path is not None:
-        path = Path(path)
-        if path.is_dir():
-            raise ConfigError(f"config file {path} is a folder; give a recipe file (e.g. configs/quickstart.yaml)")
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
-        try:
-            config_from_dict(data, cfg)
-        except ConfigError as err:
-            raise ConfigError(f"{path}: {err}") from err
+        _apply_file(cfg, Path(path), seen=())
     for text in overrides:
         key, value = parse_override(text)
         _set(cfg, key, _yaml_float_fix(value))
     pin_paths(cfg)
     cfg.validate()
     return cfg
+
+
+def _apply_file(cfg: ConfigTree, path: Path, seen: tuple[Path, ...]) -> None:
+    """A recipe file onto ``cfg``; ``_base_: other.yaml`` (beside it) is applied first, so a recipe
+    can be a few lines over a base file, as DINOv2's configs are."""
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; give a recipe file (e.g. configs/quickstart.yaml)")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: _base_ files include each other ({' -> '.join(p.name for p in seen)})")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    if isinstance(data, dict) and "_base_" in data:
+        base = data.pop("_base_")
+        if not isinstance(base, str) or not base:
+            raise ConfigError(f"{path}: _base_ must name a recipe file, got {base!r}")
+        _apply_file(cfg, path.parent / base, (*seen, path.resolve()))
+    try:
+        config_from_dict(data, cfg)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from err
 
 
 def pin_paths(cfg: ConfigTree) -> ConfigTree:

@@ -1,4 +1,6 @@
-"""The training entry point shared by ``launch/train.py``, torchrun and the SLURM launcher.
+"""The training entry point shared by ``launch/train.py``, ``launch/finetune.py``, torchrun and the
+SLURM launcher: one way to read a command line into a config (:func:`parse_config`), one way to run
+it (:func:`run_training`), whatever is trained (a :class:`Command`: DINO pretraining or fine-tuning).
 
 Light on import: the parser and the config (YAML only) load without torch, so ``--help`` and config
 errors answer at once; torch and the loop load only once the config is valid.
@@ -15,21 +17,58 @@ import argparse
 import os
 import signal
 import sys
-from typing import TYPE_CHECKING, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
 
 from ssl_xcit.cli import ArgumentParser
+from ssl_xcit.finetune.config import FinetuneConfig
 from ssl_xcit.train import flags
 from ssl_xcit.train.config import DinoConfig, find_recipe, load_config
 
 if TYPE_CHECKING:
-    from ssl_xcit.train.loop import TrainResult
+    from ssl_xcit.train.run import TrainResult
+
+_COMMON = ("Runs alone, or under torchrun for several GPUs/nodes; resumes from the checkpoint in output_dir "
+           "when there is one. SIGTERM, SIGUSR2, SIGHUP or Ctrl-C save a checkpoint at the next step and exit "
+           "with status 128 + signal number (Ctrl-C twice: at once, unsaved). Every config key below is also a "
+           "key=value override (lr=1e-3, optim.lr=1e-3) and takes DINO's spellings (--lr 1e-3, --lr=1e-3); a "
+           "later word wins. Known errors: one line, exit status 2 (--debug shows the traceback).")
 
 
-def run_training(cfg: DinoConfig, stop_requested: Callable[[], bool] | None = None) -> "TrainResult":
-    """Join the process group described by the environment (if any), train, leave the group."""
+@dataclass(frozen=True)
+class Command:
+    """A training command line: its config, default name, help, and the loop that runs it."""
+    schema: type
+    prog: str
+    what: str
+    example: str
+    loop: str            # "module:function" of ``train(cfg, stop_requested)``
+
+
+PRETRAIN = Command(DinoConfig, "launch/train.py", "DINO pretraining of an XCiT on a folder of images (no labels "
+                   "needed).", "--config configs/quickstart.yaml data_path=../shared/data/cifar10.tar.gz "
+                   "output_dir=runs/quick epochs=2 | {prog} --arch xcit_small_12_p16 --data_path /imagenet/train "
+                   "--output_dir out --epochs 100 (DINO's command line)", "ssl_xcit.train.loop:train")
+FINETUNE = Command(FinetuneConfig, "launch/finetune.py", "Supervised fine-tuning of an XCiT (from any checkpoint "
+                   "load_backbone reads: pretrained_weights=FILE, or random weights) on labelled train/ and val/ "
+                   "class folders, with DeiT's recipe from timm.", "pretrained_weights=runs/quickstart/train/"
+                   "checkpoint.pth data_path=../shared/data/cifar10.tar.gz output_dir=runs/ft epochs=10",
+                   "ssl_xcit.finetune.loop:train")
+
+
+def command_of(cfg: Any) -> Command:
+    return FINETUNE if isinstance(cfg, FinetuneConfig) else PRETRAIN
+
+
+def run_training(cfg: DinoConfig | FinetuneConfig, stop_requested: Callable[[], bool] | None = None
+                 ) -> "TrainResult":
+    """Join the process group described by the environment (if any), train (the loop of the
+    config's kind: pretraining or fine-tuning), leave the group."""
+    import importlib
     from ssl_xcit import distributed as dist_utils
-    from ssl_xcit.train.loop import train
 
+    module, name = command_of(cfg).loop.split(":")
+    train = getattr(importlib.import_module(module), name)
     dist_utils.init_distributed(cfg.run.device)
     try:
         return train(cfg, stop_requested=stop_requested)
@@ -37,46 +76,44 @@ def run_training(cfg: DinoConfig, stop_requested: Callable[[], bool] | None = No
         dist_utils.cleanup()
 
 
-def build_parser(prog: str = "launch/train.py") -> argparse.ArgumentParser:
+def build_parser(prog: str | None = None, command: Command = PRETRAIN) -> argparse.ArgumentParser:
     """The command line's help: ``--config``, ``key=value`` overrides and one ``--key`` option per
     config key with its meaning and default (:func:`ssl_xcit.train.flags.add_config_options`)."""
+    prog = prog or command.prog
     parser = ArgumentParser(
         prog=prog, usage=f"{prog} [-h] [--config RECIPE] [--KEY VALUE ...] [key=value ...]",
-        description="DINO pretraining of an XCiT on a folder of images (no labels needed). "
-                    "Runs alone, or under torchrun for several GPUs/nodes; resumes from the "
-                    "checkpoint in output_dir when there is one. SIGTERM, SIGUSR2 or Ctrl-C save "
-                    "a checkpoint at the next step and exit with status 128 + signal number "
-                    "(Ctrl-C twice: at once, unsaved). Every config key below is also a key=value "
-                    "override (lr=1e-3, optim.lr=1e-3) and takes DINO's spellings (--lr 1e-3, "
-                    "--lr=1e-3); a later word wins. Known errors: one line, exit status 2 (--debug "
-                    "shows the traceback).",
-        epilog=f"examples: {prog} --config configs/quickstart.yaml data_path=../shared/data/cifar10.tar.gz "
-               f"output_dir=runs/quick epochs=2 | {prog} --arch xcit_small_12_p16 --data_path "
-               "/imagenet/train --output_dir out --epochs 100 (DINO's command line)")
+        description=f"{command.what} {_COMMON}", epilog=f"examples: {prog} {command.example.format(prog=prog)}")
     parser.add_argument("--config", help="YAML recipe: a file, or a packaged recipe by name (quickstart, "
-                                         "dino_xcit_small_12_p16, ...); defaults are DINO's")
+                                         "dino_xcit_small_12_p16, finetune_xcit_small_12_p16, ...)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. lr=1e-3 optim.epochs=10 local_crops_number=6")
-    flags.add_config_options(parser)
+                        help="config overrides, e.g. lr=1e-3 optim.epochs=10")
+    flags.add_config_options(parser, command.schema)
     return parser
 
 
-def parse_config(argv: list[str], prog: str = "launch/train.py") -> DinoConfig:
+def parse_config(argv: list[str], prog: str | None = None, command: Command = PRETRAIN) -> Any:
     """The run's config from a command line in either spelling (``key=value`` or DINO's flags)."""
-    words = flags.translate(argv, prog)
-    args = build_parser(prog).parse_args(words.argv())
-    cfg = load_config(find_recipe(args.config) if args.config else None, args.overrides)
+    prog = prog or command.prog
+    words = flags.translate(argv, prog, command.schema)
+    args = build_parser(prog, command).parse_args(words.argv())
+    cfg = load_config(find_recipe(args.config) if args.config else None, args.overrides, schema=command.schema)
     flags.check_patch_size(cfg, words.patch_size)
     return cfg
 
 
-def main(argv: list[str] | None = None, prog: str = "launch/train.py") -> int:
+def finetune_main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """``launch/finetune.py``: :func:`main` with fine-tuning's config and loop."""
+    return main(argv, prog, FINETUNE)
+
+
+def main(argv: list[str] | None = None, prog: str | None = None, command: Command = PRETRAIN) -> int:
     """Parse, load the config, train; returns the exit status (0 finished, 128 + signum stopped).
 
     Known errors (a bad config, a refused resume, unreadable data) raise
     :class:`ssl_xcit.errors.UserError`; :func:`ssl_xcit.cli.run` prints them as one line.
     """
-    cfg = parse_config(list(sys.argv[1:] if argv is None else argv), prog)
+    prog = prog or command.prog
+    cfg = parse_config(list(sys.argv[1:] if argv is None else argv), prog, command)
     from ssl_xcit.cluster.stopping import StopSignals   # submitit, not torch
 
     is_rank0 = os.environ.get("RANK", "0") in ("", "0")

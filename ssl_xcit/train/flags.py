@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ssl_xcit.cli import FALSE_WORDS, TRUE_WORDS, UsageError
-from ssl_xcit.train.config import SECTIONS, ConfigError, DinoConfig, arch_patch_size, config_fields
+from ssl_xcit.train.config import ConfigError, DinoConfig, arch_patch_size, config_fields
 
 NULL_WORDS = ("null", "none", "auto")
 IGNORED = {"dist_url": "URL", "local_rank": "N"}   # DINO's process-group flags: the environment decides
@@ -49,10 +49,10 @@ class Translated:
                 *self.overrides]
 
 
-def _keys() -> dict[str, tuple[str, Any, Any]]:
+def _keys(schema: type = DinoConfig) -> dict[str, tuple[str, Any, Any]]:
     """Flag name (plain and ``section.name``) -> (``section.name``, type, default)."""
     out: dict[str, tuple[str, Any, Any]] = {}
-    for section, f, hint in config_fields():
+    for section, f, hint in config_fields(schema):
         out[f.name] = out[f"{section}.{f.name}"] = (f"{section}.{f.name}", hint, f.default)
     return out
 
@@ -81,8 +81,8 @@ def _yaml_quote(text: str) -> str:
 class _Reader:
     """Walks the words once, keeping the order of overrides (a later word wins, as with key=value)."""
 
-    def __init__(self, argv: list[str], prog: str) -> None:
-        self.words, self.i, self.prog, self.keys = list(argv), 0, prog, _keys()
+    def __init__(self, argv: list[str], prog: str, schema: type = DinoConfig) -> None:
+        self.words, self.i, self.prog, self.keys = list(argv), 0, prog, _keys(schema)
         self.out = Translated()
 
     def error(self, message: str) -> UsageError:
@@ -167,9 +167,10 @@ class _Reader:
         return self.out
 
 
-def translate(argv: list[str], prog: str = "launch/train.py") -> Translated:
-    """DINO-style and ``key=value`` words -> :class:`Translated` (recipe, overrides in order, help)."""
-    out = _Reader(argv, prog).read()
+def translate(argv: list[str], prog: str = "launch/train.py", schema: type = DinoConfig) -> Translated:
+    """DINO-style and ``key=value`` words -> :class:`Translated` (recipe, overrides in order, help);
+    ``schema``: the config whose keys are flags (pretraining's, or fine-tuning's)."""
+    out = _Reader(argv, prog, schema).read()
     if out.patch_size is not None:
         _append_patch(out)
     return out
@@ -222,11 +223,13 @@ def _shown(value: Any) -> str:
     return '""' if value == "" else str(value)
 
 
-def add_config_options(parser: argparse.ArgumentParser) -> None:
+def add_config_options(parser: argparse.ArgumentParser, schema: type = DinoConfig) -> None:
     """One option per config key, grouped by section, each with its meaning and default: the help
     is generated from the config's fields. :func:`translate` reads these words before argparse."""
-    groups = {section: parser.add_argument_group(f"{section} (config section)") for section in SECTIONS}
-    for section, f, hint in config_fields():
+    fields = config_fields(schema)
+    groups = {section: parser.add_argument_group(f"{section} (config section)")
+              for section in dict.fromkeys(section for section, _, _ in fields)}
+    for section, f, hint in fields:
         meta = _metavar(f.name, hint)
         text = f"{f.metadata.get('help', '')} (default: {_shown(f.default)})".replace("%", "%%")
         groups[section].add_argument(f"--{f.name}", metavar=meta, help=text, default=argparse.SUPPRESS,
