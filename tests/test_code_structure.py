@@ -84,3 +84,25 @@ def test_one_definition_of_each_shared_helper():
         "ssl_xcit.data.common:is_rank0"]
     assert _definitions(lambda kind, name: kind == "ClassDef" and name == "CheckpointError") == [
         "ssl_xcit.models.checkpoints:CheckpointError"]
+
+
+def test_training_imports_nothing_of_the_cluster_launcher():
+    """Imports point one way: the SLURM launcher (cluster/) runs training (train/, finetune/), never the
+    reverse; the stop signals both need live in train/signals.py."""
+    back = [f"{m}: from {imp.module}" for m, tree in _modules().items()
+            if m.startswith(("ssl_xcit.train", "ssl_xcit.finetune")) for imp in _imports(tree)
+            if imp.module.startswith("ssl_xcit.cluster")]
+    assert back == []
+
+
+def test_one_training_machinery():
+    """Checkpointing, locking, logging and the stop flags each have one home, used by both loops."""
+    for name, home in (("save_checkpoint", "ssl_xcit.train.checkpoint"), ("RunLogger", "ssl_xcit.train.logger"),
+                       ("StopSignals", "ssl_xcit.train.signals"), ("Run", "ssl_xcit.train.run")):
+        assert _definitions(lambda kind, n: kind in ("ClassDef", "FunctionDef") and n == name) == [f"{home}:{name}"]
+    # the lock (shared with make_shards) and training's file name for it
+    assert set(_definitions(lambda kind, n: kind == "ClassDef" and n == "OutputDirLock")) == {
+        "ssl_xcit.locks:OutputDirLock", "ssl_xcit.train.lock:OutputDirLock"}
+    for loop in ("ssl_xcit.train.loop", "ssl_xcit.finetune.loop"):
+        imported = {imp.module for imp in _imports(_modules()[loop])}
+        assert "ssl_xcit.train.run" in imported, loop

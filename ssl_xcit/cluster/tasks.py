@@ -11,8 +11,9 @@ import submitit
 from submitit.core.utils import DelayedSubmission
 
 from ssl_xcit.cluster.environment import TaskInfo, export_torch_env
-from ssl_xcit.cluster.stopping import StopRendezvous, StopSignals, decide, rendezvous_folder
+from ssl_xcit.cluster.stopping import StopRendezvous, decide, rendezvous_folder
 from ssl_xcit.evaluate.options import TOOLS
+from ssl_xcit.train.signals import StopSignals
 
 # evaluation tools the launcher submits: name on the command line -> module with main(argv)
 EVAL_TOOLS = {name: module for name, (module, _parser, _checks) in TOOLS.items()}

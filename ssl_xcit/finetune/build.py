@@ -6,7 +6,6 @@ checkpoints and resumes; the loop that trains them is :mod:`ssl_xcit.finetune.lo
 """
 from __future__ import annotations
 
-import copy
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path

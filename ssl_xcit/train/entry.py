@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None, prog: str | None = None, command: Comman
     """
     prog = prog or command.prog
     cfg = parse_config(list(sys.argv[1:] if argv is None else argv), prog, command)
-    from ssl_xcit.cluster.stopping import StopSignals   # submitit, not torch
+    from ssl_xcit.train.signals import StopSignals
 
     is_rank0 = os.environ.get("RANK", "0") in ("", "0")
     quiet: Callable[[str], None] = lambda _msg: None   # noqa: E731
