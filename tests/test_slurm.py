@@ -87,6 +87,14 @@ def test_dry_run_renders_the_sbatch_script_without_slurm(no_slurm_path, tiny_yam
     assert not out_dir.exists(), "a dry run must not create anything"
 
 
+def test_resource_errors_name_the_launchers_own_flags(capsys, tiny_yaml, tmp_path):
+    base = ["--dry-run", "--config", str(tiny_yaml), f"data_path={tmp_path}"]
+    assert main([*base, "--timeout", "0"]) == 2
+    assert "--timeout must be at least 1" in one_line_error(capsys)
+    assert main([*base, "--signal-delay", "-5"]) == 2
+    assert "--signal-delay must be >= 0" in one_line_error(capsys)
+
+
 def test_one_task_per_gpu_is_enforced(capsys, tiny_yaml, tmp_path):
     argv = ["--dry-run", "--config", str(tiny_yaml), f"data_path={tmp_path}", "--gpus-per-node", "8",
             "--tasks-per-node", "2"]

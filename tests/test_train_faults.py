@@ -355,3 +355,12 @@ def test_an_output_folder_that_cannot_be_written_is_one_line(cifar_small, output
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and output_dir in lines[0] and "cannot" in lines[0], proc.stderr
+
+
+def test_log_jsonl_stays_strict_json_when_a_value_is_not_finite(tmp_path):
+    from ssl_xcit.train.logger import RunLogger
+    logger = RunLogger(tmp_path, tensorboard=False)
+    logger.scalars(3, {"loss": float("nan"), "grad_norm": float("inf"), "lr": 0.1}, 0)
+    line = (tmp_path / "log.jsonl").read_text().strip()
+    record = json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} in {line}"))
+    assert record["loss"] is None and record["grad_norm"] is None and record["lr"] == 0.1

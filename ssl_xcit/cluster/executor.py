@@ -46,12 +46,15 @@ class JobSpec:
     additional: dict[str, Any] = field(default_factory=dict)   # --slurm key=value pass-through
 
     def __post_init__(self) -> None:
+        flag = {"timeout_min": "--timeout", "signal_delay_s": "--signal-delay"}   # launch/submit.py's names
         for name in ("nodes", "tasks_per_node", "timeout_min"):
             if getattr(self, name) < 1:
-                raise SubmitError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise SubmitError(f"{flag.get(name, '--' + name.replace('_', '-'))} must be at least 1, "
+                                  f"got {getattr(self, name)}")
         for name in ("gpus_per_node", "max_requeues", "signal_delay_s"):
             if getattr(self, name) < 0:
-                raise SubmitError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+                raise SubmitError(f"{flag.get(name, '--' + name.replace('_', '-'))} must be >= 0, "
+                                  f"got {getattr(self, name)}")
         if self.cpus_per_task is not None and self.cpus_per_task < 1:
             raise SubmitError(f"--cpus-per-task must be at least 1, got {self.cpus_per_task}")
         if self.gpus_per_node and self.tasks_per_node != self.gpus_per_node:

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ssl_xcit import distributed as du
+from ssl_xcit.errors import UserError
 from ssl_xcit.evaluate.backbone import OUTPUT_NAMES, backbone_outputs
 from ssl_xcit.evaluate.runtime import comm_device, gather_rows, shard_sampler
 
@@ -137,8 +138,12 @@ def extract_outputs(model: nn.Module, dataset: Dataset, names: Sequence[str], ba
     if skipped:
         logger.warning("%s: %d corrupt image(s) skipped; %d rows extracted", desc, skipped, idx_t.numel())
     if idx_t.numel() == 0:
-        raise RuntimeError(f"{desc}: every image was unreadable; no features extracted")
+        raise NoReadableImagesError(f"{desc}: every image was unreadable; no features extracted")
     return Extracted(outputs=local, labels=lab_t, indices=idx_t, n_skipped=skipped)
+
+
+class NoReadableImagesError(UserError, RuntimeError):
+    """Not one image of the data set could be read: nothing to extract (one line, not a traceback)."""
 
 
 def _empty_like_outputs(model: nn.Module, dataset: Dataset, names: Sequence[str], device, n_last_blocks: int,
@@ -149,7 +154,7 @@ def _empty_like_outputs(model: nn.Module, dataset: Dataset, names: Sequence[str]
         if item is not None:
             out = backbone_outputs(model, item[0].unsqueeze(0).to(device), names, n_last_blocks)
             return {k: v[:0].float().cpu().to(dtype) for k, v in out.items()}
-    raise RuntimeError("every image of the dataset is unreadable; no features extracted")
+    raise NoReadableImagesError("every image of the dataset is unreadable; no features extracted")
 
 
 def extract_features(model: nn.Module, dataset: Dataset, batch_size: int = 128, device: torch.device | str = "cpu",

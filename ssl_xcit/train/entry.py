@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None, prog: str | None = None, command: Comman
     cfg = parse_config(list(sys.argv[1:] if argv is None else argv), prog, command)
     from ssl_xcit.train.signals import StopSignals
 
-    is_rank0 = os.environ.get("RANK", "0") in ("", "0")
+    is_rank0 = os.environ.get("RANK", "0") in ("", "0")   # data.common.is_rank0's rule; that module loads torch
     quiet: Callable[[str], None] = lambda _msg: None   # noqa: E731
     signals = StopSignals(log=(lambda msg: print(msg, flush=True)) if is_rank0 else quiet, plain=True)
     signals.install(interrupt=True)

@@ -25,8 +25,8 @@ class RunLogger:
     def _write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record, default=_plain) + "\n")
+        with open(self.path, "a") as f:   # strict JSON: a value that is not finite is written as null
+            f.write(json.dumps({k: _finite(v) for k, v in record.items()}, default=_plain, allow_nan=False) + "\n")
 
     def scalars(self, step: int, values: dict[str, float], epoch: int, group: str = "train") -> None:
         """One progress record: to log.jsonl (``event: group``) and TensorBoard (``<group>/<name>``);
@@ -50,6 +50,12 @@ class RunLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def _finite(value: Any) -> Any:
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        value = value.item()
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def _plain(obj: Any) -> Any:
