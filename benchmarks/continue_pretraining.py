@@ -22,6 +22,8 @@ Arms (every arm: the quickstart's budget -- batch 32, two 32-px global crops, no
   continuing choices of ``ssl_xcit.train.recipe.continuing``.
 * ``ours_backbone``: the same from the teacher's backbone alone (a file without head or centre,
   as published backbones are): a fresh head, warmed up with the backbone frozen.
+* ``from_random``: for scale, what the same budget gives from a random XCiT-nano/8 (the quickstart's
+  recipe on the setting's images), without any pretrained weights.
 
     python benchmarks/continue_pretraining.py --seeds 0 1 2 --settings same new --arms naive ours
     python benchmarks/continue_pretraining.py --arms ours momentum_teacher=0.99    # an override for every arm
@@ -49,6 +51,7 @@ ARMS = {
                 "center_init=zero", "lr=0.004", "min_lr=1e-4"],
     "ours": ["recipe=auto"],
     "ours_backbone": ["recipe=auto"],
+    "from_random": ["recipe=auto", "arch=xcit_nano_12_p8"],
 }
 SETTINGS = {"same": "cifar", "new": "imagenette"}
 
@@ -93,7 +96,8 @@ def continue_run(arm: str, setting: str, seed: int, args, roots: dict, out: Path
     steps_per_epoch = (images or sum(1 for _ in (root / "train").rglob("*.*"))) // 32
     overrides = [f"data_path={root / 'train'}", f"output_dir={out}", f"seed={seed}", f"max_steps={args.steps}",
                  f"max_images={images}", f"epochs={-(-args.steps // steps_per_epoch)}",
-                 f"pretrained_weights={weights}", *BUDGET, *ARMS[arm], *args.overrides]
+                 *([] if arm == "from_random" else [f"pretrained_weights={weights}"]), *BUDGET, *ARMS[arm],
+                 *args.overrides]
     t0 = time.perf_counter()
     train(load_config(None, overrides))
     print(f"[continue] {arm} {setting} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)

@@ -25,28 +25,29 @@ def _exit(status: Any) -> NoReturn:
     sys.exit(status if isinstance(status, int) else 0)
 
 
-def train() -> NoReturn:
-    from ssl_xcit.train.entry import main
-    prog = _prog("ssl-xcit-train")
+def _run(target: str, default: str) -> NoReturn:
+    """Run ``module:main`` (which takes ``argv`` and ``prog``) as the command ``default``."""
+    import importlib
+    module, name = target.split(":")
+    main = getattr(importlib.import_module(module), name)
+    prog = _prog(default)
     _exit(cli.run(lambda argv: main(argv, prog=prog), prog=prog))
+
+
+def train() -> NoReturn:
+    _run("ssl_xcit.train.entry:main", "ssl-xcit-train")
 
 
 def finetune() -> NoReturn:
-    from ssl_xcit.train.entry import finetune_main
-    prog = _prog("ssl-xcit-finetune")
-    _exit(cli.run(lambda argv: finetune_main(argv, prog=prog), prog=prog))
+    _run("ssl_xcit.train.entry:finetune_main", "ssl-xcit-finetune")
 
 
 def quickstart() -> NoReturn:
-    from ssl_xcit.quickstart import main
-    prog = _prog("ssl-xcit-quickstart")
-    _exit(cli.run(lambda argv: main(argv, prog=prog), prog=prog))
+    _run("ssl_xcit.quickstart:main", "ssl-xcit-quickstart")
 
 
 def publish() -> NoReturn:
-    from ssl_xcit.publish.__main__ import main
-    prog = _prog("ssl-xcit-publish")
-    _exit(cli.run(lambda argv: main(argv, prog=prog), prog=prog))
+    _run("ssl_xcit.publish.__main__:main", "ssl-xcit-publish")
 
 
 def submit() -> NoReturn:
