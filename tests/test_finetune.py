@@ -286,3 +286,13 @@ def test_a_finetuning_job_through_submit_runs_the_command_line_s_config(cifar_sm
     wait_until(sub.job.done, 600, "local fine-tuning job")
     assert sub.job.exception() is None, sub.job.paths.stderr.read_text()
     assert _events(tmp_path / "job", "finished") and _events(tmp_path / "job", "val")
+
+
+def test_recipe_auto_fits_the_input_to_the_images_and_drops_layer_decay_from_random_weights(cifar_small, tmp_path):
+    words = [f"data_path={cifar_small}", f"output_dir={tmp_path / 'run'}", "arch=xcit_nano_12_p16", "epochs=40",
+             "num_workers=0"]
+    random_start = _built(load_config(None, words, schema=FinetuneConfig))
+    assert (random_start.cfg.data.input_size, random_start.cfg.optim.warmup_epochs) == (32, 2)
+    assert random_start.cfg.optim.layer_decay == 1.0 and "optim.layer_decay" in random_start.recipe
+    mine = _built(load_config(None, [*words, "input_size=48", "layer_decay=0.9"], schema=FinetuneConfig))
+    assert (mine.cfg.data.input_size, mine.cfg.optim.layer_decay) == (48, 0.9)   # a value set always wins

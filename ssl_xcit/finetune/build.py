@@ -104,7 +104,7 @@ def build_finetune(cfg: FinetuneConfig, run: Run) -> Finetune:
     """Data, model (+ pretrained weights), EMA, optimizer, schedule and mixup, in a fixed order."""
     train_set, val_set = labelled_splits(cfg.data.data_path)
     start = _pretrained_file(cfg, run)
-    recipe = recipe_rules.apply(cfg, train_set, start["arch"] if start else None)
+    recipe = recipe_rules.apply(cfg, train_set)
     train_set.select(few_labels(train_set.targets, cfg.data.train_fraction, cfg.data.labels_per_class, cfg.run.seed))
     sampler = training_sampler(train_set, cfg.optim.batch_size_per_gpu, run.world_size, run.rank, cfg.run.seed)
     total_steps = cfg.optim.epochs * sampler.steps_per_epoch

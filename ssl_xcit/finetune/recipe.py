@@ -16,10 +16,15 @@ from ssl_xcit.train.recipe import AUTO_MAX_IMAGES, Choice, data_facts, set_unset
 WARMUP_FRACTION = 0.05   # DeiT: 5 of 100-300 epochs
 
 
-def choose(images: int, image_side: int, patch_size: int, epochs: int) -> dict[str, Choice]:
-    """The values ``recipe: auto`` chooses for ``images`` labelled images of median side ``image_side``."""
+def choose(images: int, image_side: int, patch_size: int, epochs: int, pretrained: bool = True
+           ) -> dict[str, Choice]:
+    """The values ``recipe: auto`` chooses for ``images`` labelled images of median side ``image_side``
+    (``pretrained``: the run starts from pretrained weights, not random ones)."""
     side = max(2 * patch_size, patch_size * round(min(image_side, 224) / patch_size))
-    return {
+    extra = {} if pretrained else {"optim.layer_decay": Choice(1.0, "random weights: every layer must learn, none "
+                                                                    "has anything to keep (DeiT from scratch uses no "
+                                                                    "layer decay)")}
+    return {**extra,
         "data.input_size": Choice(side, f"the images' median side {image_side} px (at most 224), a multiple of the "
                                         f"patch {patch_size}: upsampling small images costs compute, not information"),
         "optim.warmup_epochs": Choice(int(round(WARMUP_FRACTION * epochs)),
@@ -27,7 +32,7 @@ def choose(images: int, image_side: int, patch_size: int, epochs: int) -> dict[s
     }
 
 
-def apply(cfg: Any, train_set: Any, file_arch: str | None) -> str | None:
+def apply(cfg: Any, train_set: Any) -> str | None:
     """Set the chosen values the user left unset, in place; returns them with their reasons
     (``None``: nothing chosen, e.g. ``recipe: off`` or ``AUTO_MAX_IMAGES`` images or more)."""
     if cfg.run.recipe != "auto" or len(train_set) >= AUTO_MAX_IMAGES:
@@ -35,7 +40,8 @@ def apply(cfg: Any, train_set: Any, file_arch: str | None) -> str | None:
     from ssl_xcit.models.zoo import resolve
     from ssl_xcit.train.config import user_set_keys
     facts = data_facts(train_set)
-    chosen = choose(facts.images, facts.image_side, resolve(cfg.model.arch).arch.patch_size, cfg.optim.epochs)
+    chosen = choose(facts.images, facts.image_side, resolve(cfg.model.arch).arch.patch_size, cfg.optim.epochs,
+                    pretrained=bool(cfg.model.pretrained_weights))
     applied = set_unset(cfg, chosen, user_set_keys(cfg))
     cfg.validate()
     if not applied:
