@@ -59,7 +59,7 @@ def test_dino_flags_and_key_value_give_the_same_config(tmp_path):
     (["--lr"], "--lr needs 1 value"),
     (["--global_crops_scale", "0.4"], "--global_crops_scale needs 2 values"),
     (["--global_crops_scale=0.4,0.6,1"], "--global_crops_scale takes 2 numbers"),
-    (["--norm_last_layer=maybe"], "--norm_last_layer takes true"),
+    (["--norm_last_layer=maybe"], "--norm_last_layer: expected true/on/1/yes or false/off/0/no, got 'maybe'"),
     (["--lr", "fast"], "optim.lr must be a number, got 'fast'"),
     (["--arch", "xcit_small_12_p16", "--patch_size", "8"], "xcit_small_12_p16 has patch 16, not 8"),
     (["--patch_size", "8"], "--patch_size 8 does not match the arch: xcit_small_12_p16 has patch 16"),  # default

@@ -26,7 +26,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from ssl_xcit.cli import FALSE_WORDS, TRUE_WORDS, UsageError
+from ssl_xcit.cli import FALSE_WORDS, TRUE_WORDS, UsageError, bool_word
 from ssl_xcit.train.config import SECTIONS, ConfigError, DinoConfig, config_fields
 
 NULL_WORDS = ("null", "none", "auto")
@@ -58,15 +58,13 @@ def _keys() -> dict[str, tuple[str, Any, Any]]:
 
 
 def _bool_word(text: str, flag: str, nullable: bool = False) -> str:
-    low = text.strip().lower()
-    if low in TRUE_WORDS:
-        return "true"
-    if low in FALSE_WORDS:
-        return "false"
-    if nullable and low in NULL_WORDS:
+    """A boolean flag's value (:func:`ssl_xcit.cli.bool_word`, or null) as YAML."""
+    if nullable and text.strip().lower() in NULL_WORDS:
         return "null"
-    words = "/".join(TRUE_WORDS) + " or " + "/".join(FALSE_WORDS) + (" or null" if nullable else "")
-    raise UsageError(f"{flag} takes {words}, got {text!r}")
+    try:
+        return "true" if bool_word(text) else "false"
+    except argparse.ArgumentTypeError as err:
+        raise UsageError(f"{flag}: {err}{' or null' if nullable else ''}") from None
 
 
 def _is_value(word: str) -> bool:
