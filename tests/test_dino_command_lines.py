@@ -22,6 +22,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------------------------------- training
+def test_patch_size_on_xcit_names():
+    from ssl_xcit.models.zoo import arch_with_patch
+    assert arch_with_patch("xcit_small_12_p8", 8) == "xcit_small_12_p8"
+    assert arch_with_patch("xcit_small_12", 8) == "xcit_small_12_p8"       # DINO's --arch + --patch_size
+    assert arch_with_patch("vit_small", 16) == "vit_small"                 # not a name: left to the name check
+    with pytest.raises(ValueError, match="use xcit_medium_24_p16"):
+        arch_with_patch("xcit_medium_24_p8", 16)
+
+
 def test_dino_flags_and_key_value_give_the_same_config(tmp_path):
     dino = ["--arch", "xcit_small_12_p8", "--data_path", str(tmp_path), "--output_dir=out", "--epochs", "100",
             "--lr", "1e-3", "--use_fp16", "false", "--norm_last_layer", "False", "--global_crops_scale", "0.4", "1.",
@@ -50,10 +59,11 @@ def test_dino_flags_and_key_value_give_the_same_config(tmp_path):
     (["--lr"], "--lr needs 1 value"),
     (["--global_crops_scale", "0.4"], "--global_crops_scale needs 2 values"),
     (["--global_crops_scale=0.4,0.6,1"], "--global_crops_scale takes 2 numbers"),
-    (["--norm_last_layer=maybe"], "--norm_last_layer takes true"),
+    (["--norm_last_layer=maybe"], "--norm_last_layer: expected true/on/1/yes or false/off/0/no, got 'maybe'"),
     (["--lr", "fast"], "optim.lr must be a number, got 'fast'"),
-    (["--arch", "xcit_small_12_p16", "--patch_size", "8"], "--patch_size 8 does not match arch xcit_small_12_p16"),
-    (["--patch_size", "8"], "does not match arch xcit_small_12_p16 (patch 16)"),      # the default arch
+    (["--arch", "xcit_small_12_p16", "--patch_size", "8"], "xcit_small_12_p16 has patch 16, not 8"),
+    (["--patch_size", "8"], "--patch_size 8 does not match the arch: xcit_small_12_p16 has patch 16"),  # default
+    (["--arch", "xcit_nano_12", "--patch_size", "4"], "unknown model name 'xcit_nano_12'"),
     (["--optimizer", "lars"], "optimizer must be adamw or sgd"),
 ])
 def test_bad_flags_are_one_line(argv, message, capsys):
@@ -147,7 +157,7 @@ def test_dinos_linear_command_runs(dino_run, tiny_images, tmp_path, capsys):
 
 @pytest.mark.parametrize("script, argv, message", [
     ("eval_knn", ["--pretrained_weights", "x.pth", "--data_path", ".", "--arch", "xcit_nano_12_p16",
-                  "--patch_size", "8"], "--patch_size 8 does not match --arch xcit_nano_12_p16"),
+                  "--patch_size", "8"], "--patch_size 8 does not match --arch: xcit_nano_12_p16 has patch 16, not 8"),
     ("eval_knn", ["--use_cuda", "maybe"], "--use_cuda"),
     ("eval_linear", ["--pretrained_weights", "x.pth", "--data_path", ".", "--avgpool_patchtokens", "2"],
      "--avgpool_patchtokens"),

@@ -298,25 +298,16 @@ def check_output_folder(text: str | None, flag: str) -> None:
 
 
 def apply_patch_size(args: argparse.Namespace) -> None:
-    """DINO's ``--patch_size`` with ``--arch``: XCiT names carry their patch, so it must agree, or is
-    appended to an arch name without one (``--arch xcit_small_12 --patch_size 8``). Without
-    ``--arch`` the checkpoint names the architecture and DINO's flag has nothing to set."""
-    from ssl_xcit.models.zoo import resolve  # the name table: no torch
+    """DINO's ``--patch_size`` with ``--arch`` (:func:`ssl_xcit.models.zoo.arch_with_patch`): it must
+    agree with the arch name, or is appended to a name without one. Without ``--arch`` the checkpoint
+    names the architecture and DINO's flag has nothing to set."""
+    from ssl_xcit.models.zoo import arch_with_patch  # the name table: no torch
     patch = getattr(args, "patch_size", None)
-    if patch is None or args.arch is None:
-        return
-    try:
-        own = resolve(args.arch).arch.patch_size
-    except ValueError:
+    if patch is not None and args.arch is not None:
         try:
-            resolve(f"{args.arch}_p{patch}")
-        except ValueError:
-            return  # --arch is reported as unknown next
-        args.arch = f"{args.arch}_p{patch}"
-        return
-    if own != patch:
-        raise EvalInputError(f"--patch_size {patch} does not match --arch {args.arch} (patch {own}); XCiT names "
-                             f"carry their patch: give --arch {args.arch.rsplit('_p', 1)[0]}_p{patch}")
+            args.arch = arch_with_patch(args.arch, patch)
+        except ValueError as err:
+            raise EvalInputError(f"--patch_size {patch} does not match --arch: {err}") from None
 
 
 def _check_sources(args: argparse.Namespace, splits: tuple[str, ...]) -> None:

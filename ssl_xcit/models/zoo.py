@@ -280,3 +280,22 @@ def resolve_arch(name: str) -> str:
     """The architecture name (e.g. ``xcit_small_12_p16``) of any accepted model name; ValueError
     with the closest valid names otherwise. Cheap: no torch import."""
     return resolve(name).arch.name
+
+
+def arch_with_patch(name: str, patch: int) -> str:
+    """DINO's ``--patch_size`` applied to a model name. XCiT names carry their patch: ``name`` itself
+    when its patch is ``patch``; ``name`` + ``_p{patch}`` when only that is a model name
+    (``xcit_small_12`` and 8); ``name`` unchanged when neither is a name (the caller's name check
+    reports it). A name whose patch differs is a ValueError naming the name to use."""
+    try:
+        own = resolve(name).arch.patch_size
+    except (ValueError, TypeError):
+        try:
+            return resolve(f"{name}_p{patch}").name
+        except ValueError:
+            return name
+    if own != patch:
+        family = re.sub(r"_p\d+$", "", resolve(name).arch.name)
+        raise ValueError(f"{name} has patch {own}, not {patch} (XCiT names carry their patch): use {family}_p{patch}")
+    return name
+

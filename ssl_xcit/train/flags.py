@@ -26,8 +26,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from ssl_xcit.cli import FALSE_WORDS, TRUE_WORDS, UsageError
-from ssl_xcit.train.config import ConfigError, DinoConfig, arch_patch_size, config_fields
+from ssl_xcit.cli import FALSE_WORDS, TRUE_WORDS, UsageError, bool_word
+from ssl_xcit.train.config import ConfigError, DinoConfig, config_fields
 
 NULL_WORDS = ("null", "none", "auto")
 IGNORED = {"dist_url": "URL", "local_rank": "N"}   # DINO's process-group flags: the environment decides
@@ -58,15 +58,13 @@ def _keys(schema: type = DinoConfig) -> dict[str, tuple[str, Any, Any]]:
 
 
 def _bool_word(text: str, flag: str, nullable: bool = False) -> str:
-    low = text.strip().lower()
-    if low in TRUE_WORDS:
-        return "true"
-    if low in FALSE_WORDS:
-        return "false"
-    if nullable and low in NULL_WORDS:
+    """A boolean flag's value (:func:`ssl_xcit.cli.bool_word`, or null) as YAML."""
+    if nullable and text.strip().lower() in NULL_WORDS:
         return "null"
-    words = "/".join(TRUE_WORDS) + " or " + "/".join(FALSE_WORDS) + (" or null" if nullable else "")
-    raise UsageError(f"{flag} takes {words}, got {text!r}")
+    try:
+        return "true" if bool_word(text) else "false"
+    except argparse.ArgumentTypeError as err:
+        raise UsageError(f"{flag}: {err}{' or null' if nullable else ''}") from None
 
 
 def _is_value(word: str) -> bool:
@@ -177,26 +175,29 @@ def translate(argv: list[str], prog: str = "launch/train.py", schema: type = Din
 
 
 def _append_patch(out: Translated) -> None:
-    """``--arch xcit_small_12 --patch_size 8`` -> ``arch=xcit_small_12_p8`` (the last arch word)."""
+    """``--arch xcit_small_12 --patch_size 8`` -> ``arch=xcit_small_12_p8`` (the last arch word; a patch
+    that differs from the arch's is reported by :func:`check_patch_size`, whatever set the arch)."""
+    from ssl_xcit.models.zoo import arch_with_patch   # the name table: no torch
     for i in range(len(out.overrides) - 1, -1, -1):
         key, _, raw = out.overrides[i].partition("=")
         if key.lstrip("-") in ("arch", "model.arch"):
             name = raw.strip("'\"")
-            if arch_patch_size(name) is None and arch_patch_size(f"{name}_p{out.patch_size}") is not None:
-                out.overrides[i] = f"model.arch={_yaml_quote(f'{name}_p{out.patch_size}')}"
+            try:
+                out.overrides[i] = f"model.arch={_yaml_quote(arch_with_patch(name, out.patch_size))}"
+            except ValueError:
+                pass
             return
 
 
 def check_patch_size(cfg: DinoConfig, patch_size: int | None) -> None:
     """DINO's ``--patch_size`` against the arch the config ended with (from the recipe, a flag or
-    the default): XCiT names carry their patch, so a different one is a mistake to name."""
-    if patch_size is None:
-        return
-    patch = arch_patch_size(cfg.model.arch)
-    if patch is not None and patch != patch_size:
-        family = re.sub(r"_p\d+$", "", cfg.model.arch)
-        raise ConfigError(f"--patch_size {patch_size} does not match arch {cfg.model.arch} (patch {patch}); "
-                          f"XCiT names carry their patch: give --arch {family}_p{patch_size}")
+    the default)."""
+    from ssl_xcit.models.zoo import arch_with_patch
+    if patch_size is not None:
+        try:
+            arch_with_patch(cfg.model.arch, patch_size)
+        except ValueError as err:
+            raise ConfigError(f"--patch_size {patch_size} does not match the arch: {err}") from None
 
 
 # ------------------------------------------------------------------------------------------------ help
