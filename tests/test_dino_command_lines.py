@@ -179,3 +179,19 @@ def test_run_with_submitit_flags(tmp_path):
     spec = prep.spec
     assert (spec.nodes, spec.gpus_per_node, spec.tasks_per_node, spec.timeout_min) == (2, 8, 8, 2800)
     assert (spec.constraint, spec.partition, spec.comment) == ("volta32gb", "learnfair", "deadline")
+
+
+def test_run_with_submitit_takes_dinos_training_flags_and_recipe_names(tmp_path):
+    """DINO's README: ``python run_with_submitit.py --nodes 2 --ngpus 8 --arch ... --data_path ...
+    --output_dir ...``: the training words are read by launch/train.py's own code, so the job trains
+    the config the same words give launch/train.py."""
+    from ssl_xcit.cluster.submit import prepare
+    from ssl_xcit.train.config import user_set_keys
+    words = ["--arch", "xcit_small_12_p16", "--data_path", str(tmp_path), "--output_dir", str(tmp_path / "out"),
+             "--epochs", "100", "--teacher_temp", "0.07"]
+    _, prep = prepare(["--nodes", "2", "--ngpus", "8", *words])
+    job, local = prep.task.job_config(), parse_config(words)
+    assert job.to_dict() == local.to_dict() and user_set_keys(job) == user_set_keys(local)
+    assert (job.model.arch, job.optim.epochs, job.dino.teacher_temp) == ("xcit_small_12_p16", 100, 0.07)
+    _, by_name = prepare(["--dry-run", "--config", "quickstart", f"data_path={tmp_path}"])
+    assert by_name.task.job_config().model.arch == "xcit_nano_12_p8"   # a packaged recipe, by name
