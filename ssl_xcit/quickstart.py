@@ -172,7 +172,7 @@ def training_config(args: argparse.Namespace, root: Path, out: Path):
     cfg = load_config(args.config, [*paths, *args.overrides])
     if not args.monitor_every_steps:
         return cfg
-    from ssl_xcit.train.loop import resolved_config
+    from ssl_xcit.train.build import resolved_config
     crop = resolved_config(cfg).data.global_crops_size    # the resolution recipe=auto trains at
     monitor = [f"eval_data_path={root}", f"eval_every_steps={args.monitor_every_steps}",
                f"eval_max_images={args.monitor_images}", f"eval_crop_size={crop}", f"eval_resize={crop}"]
@@ -258,7 +258,9 @@ def main(argv: list[str] | None = None, prog: str = "launch/quickstart.py") -> d
     args = parse_args(argv, prog)
     check_writable(args.output)   # a read-only --output: one line before any download or training
     import yaml
-    from ssl_xcit.train.loop import open_training_images, pick_device, train
+    from ssl_xcit.distributed import pick_device
+    from ssl_xcit.train.build import open_training_images
+    from ssl_xcit.train.loop import train
 
     t0 = time.perf_counter()
     root = data_root(args)
