@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=REPO / "runs" / "finetune_bench")
     p.add_argument("--cache", type=Path, default=Path("/tmp/ssl_xcit_bench_data"))
     p.add_argument("--no-linear", action="store_true")
+    p.add_argument("--starts", nargs="+", default=["dino", "random"], choices=["dino", "random"])
     p.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every fine-tuning run")
     args = p.parse_args(argv)
     if not args.start.is_file():
@@ -121,7 +122,10 @@ def main(argv: list[str] | None = None) -> None:
         for seed in args.seeds:
             tag = f"{args.name}_{args.input_size}px_{args.steps}steps_labels{fraction:g}_s{seed}"
             res = {s: hits(finetune(s, fraction, seed, args, root, args.out / f"{tag}_{s}"), root, args)
-                   for s in ("dino", "random")}
+                   for s in args.starts}
+            if len(res) < 2:
+                print(json.dumps({s: 100 * sum(h) / len(h) for s, h in res.items()}), flush=True)
+                continue
             test = paired_gain(torch.tensor(res["dino"]), torch.tensor(res["random"]))
             probe = None if args.no_linear else linear_probe(fraction, seed, args, root, features)
             rows.append({"fraction": fraction, "seed": seed, "dino": 100 * sum(res["dino"]) / len(res["dino"]),

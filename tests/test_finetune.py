@@ -296,3 +296,22 @@ def test_recipe_auto_fits_the_input_to_the_images_and_drops_layer_decay_from_ran
     assert random_start.cfg.optim.layer_decay == 1.0 and "optim.layer_decay" in random_start.recipe
     mine = _built(load_config(None, [*words, "input_size=48", "layer_decay=0.9"], schema=FinetuneConfig))
     assert (mine.cfg.data.input_size, mine.cfg.optim.layer_decay) == (48, 0.9)   # a value set always wins
+
+
+def test_head_only_steps_leave_the_pretrained_backbone_and_train_the_head(cifar_small, tmp_path):
+    from tests.train_helpers import tiny_config
+    from ssl_xcit.train.loop import train as pretrain
+    dino = tmp_path / "dino"
+    pretrain(tiny_config(cifar_small, dino, max_steps=1))
+    out = tmp_path / "run"
+    cfg = ft_config(cifar_small, out, pretrained_weights=str(dino / "checkpoint.pth"), freeze_backbone_steps=3,
+                    max_steps=3, epochs=1, drop_path_rate=0.0)
+    initial_head = _built(cfg).model.state_dict()["head.weight"]    # the same seed draws the same head
+    train(cfg)
+    start = torch.load(dino / "checkpoint.pth", weights_only=True)["teacher"]
+    ft = torch.load(out / "checkpoint.pth", weights_only=True)["model"]
+    from ssl_xcit.models import build_model
+    params = {n for n, _ in build_model("xcit_nano_12_p16", num_classes=10).named_parameters()}
+    for key in params - {"head.weight", "head.bias"}:
+        assert torch.equal(ft[key], start[f"backbone.{key}"]), key
+    assert not torch.equal(ft["head.weight"], initial_head)

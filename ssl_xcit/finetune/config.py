@@ -61,6 +61,8 @@ class FinetuneOptimConfig:
     weight_decay: float = config_field(0.05, "AdamW weight decay (not on biases, norms, cls token, positional encoding)")
     layer_decay: float = config_field(0.75, "layer-wise lr decay: block i of L learns at lr x layer_decay^(L-i) (1: off)")
     clip_grad: float = config_field(0.0, "global gradient-norm clip (0: off)")
+    freeze_backbone_steps: int = config_field(0, "steps in which only the new classifier head learns (linear probe, "
+                                                 "then fine-tune)")
 
 
 @dataclass
@@ -112,6 +114,7 @@ class FinetuneConfig(ConfigTree):
         need(o.weight_decay >= 0, f"weight_decay must be >= 0, got {o.weight_decay}")
         need(0.0 < o.layer_decay <= 1.0, f"layer_decay must be in (0, 1], got {o.layer_decay}")
         need(o.clip_grad >= 0, f"clip_grad must be >= 0, got {o.clip_grad}")
+        need(o.freeze_backbone_steps >= 0, f"freeze_backbone_steps must be >= 0, got {o.freeze_backbone_steps}")
         need(e.eval_every_epochs >= 0 and e.eval_every_steps >= 0, "eval_every_epochs and eval_every_steps must be >= 0")
         need(e.eval_batch_size > 0, f"eval_batch_size must be positive, got {e.eval_batch_size}")
         validate_run(r)

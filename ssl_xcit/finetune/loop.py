@@ -67,7 +67,7 @@ def train_one_epoch(run: Run, ft: Finetune, val, stop_requested: Callable[[], bo
         loss_value = loss.item()
         stop_here = run.check_loss(loss_value, stop_requested)   # before backward: no update from a bad loss
         out = apply_update(loss, ft.model_ddp, ft.optimizer, ft.scaler, lr, cfg.optim.clip_grad, ft.ema,
-                           run.global_step)
+                           run.global_step, head_only=run.global_step < cfg.optim.freeze_backbone_steps)
         run.step_done(loss_value, len(batch), lr=lr)
         if run.log_due():
             values = {"loss": loss_value, "lr": lr}

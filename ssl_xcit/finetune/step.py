@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ssl_xcit.dino.ema import unwrap
 from ssl_xcit.train.step import apply_schedules, autocast_context
 
 
@@ -33,9 +34,11 @@ def forward_loss(images: torch.Tensor, labels: torch.Tensor, model: nn.Module, c
 
 def apply_update(loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer,
                  scaler: torch.amp.GradScaler | None, lr: float, clip_grad: float = 0.0,
-                 ema=None, step: int = 0) -> FinetuneStepOutput:
+                 ema=None, step: int = 0, head_only: bool = False) -> FinetuneStepOutput:
     """Backward, optional global-norm clipping, the optimizer step at ``lr`` (times each group's
-    layer-decay ``lr_scale``), then the EMA of the weights."""
+    layer-decay ``lr_scale``), then the EMA of the weights. ``head_only``: the backbone's gradients
+    are dropped (a new head first learns on the pretrained features, as in linear-probe-then-fine-tune:
+    a random head's early gradients would otherwise distort them)."""
     apply_schedules(optimizer, lr, 0.0)   # groups keep their own weight decay (apply_weight_decay False)
     optimizer.zero_grad(set_to_none=True)
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -44,12 +47,17 @@ def apply_update(loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Op
         scaler.unscale_(optimizer)
     else:
         loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad) if clip_grad > 0 else None
+    if head_only:
+        for name, p in unwrap(model).named_parameters():
+            if not name.startswith("head."):
+                p.grad = None
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], clip_grad) \
+        if clip_grad > 0 else None
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
     else:
         optimizer.step()
     if ema is not None:
-        ema.update(model, step=step)
+        ema.update(unwrap(model), step=step)
     return FinetuneStepOutput(grad_norm.detach() if grad_norm is not None else None)
