@@ -289,6 +289,7 @@ def test_a_finetuning_job_through_submit_runs_the_command_line_s_config(cifar_sm
 
 
 def test_recipe_auto_fits_the_input_to_the_images_and_drops_layer_decay_from_random_weights(cifar_small, tmp_path):
+    from ssl_xcit.finetune.recipe import SHORT_RUN_LR
     words = [f"data_path={cifar_small}", f"output_dir={tmp_path / 'run'}", "arch=xcit_nano_12_p16", "epochs=40",
              "num_workers=0"]
     random_start = _built(load_config(None, words, schema=FinetuneConfig))
@@ -296,6 +297,19 @@ def test_recipe_auto_fits_the_input_to_the_images_and_drops_layer_decay_from_ran
     assert random_start.cfg.optim.layer_decay == 1.0 and "optim.layer_decay" in random_start.recipe
     mine = _built(load_config(None, [*words, "input_size=48", "layer_decay=0.9"], schema=FinetuneConfig))
     assert (mine.cfg.data.input_size, mine.cfg.optim.layer_decay) == (48, 0.9)   # a value set always wins
+    assert (random_start.cfg.mixup.mixup, random_start.cfg.optim.lr) == (0.8, 5e-4)   # 40 epochs: DeiT's values
+    short = _built(load_config(None, [*words, "epochs=2", "cutmix=0.5"], schema=FinetuneConfig))
+    o, x = short.cfg.optim, short.cfg.mixup
+    assert (x.mixup, x.cutmix, short.cfg.data.reprob, o.lr, o.layer_decay) == (0.0, 0.5, 0.0, SHORT_RUN_LR, 1.0)
+
+
+def test_recipe_auto_for_a_short_run_from_pretrained_weights_keeps_some_layer_decay():
+    from ssl_xcit.finetune.recipe import SHORT_RUN_EPOCHS, SHORT_RUN_LAYER_DECAY, choose
+    short = choose(5000, 32, 8, epochs=SHORT_RUN_EPOCHS - 1, pretrained=True)
+    assert short["optim.layer_decay"].value == SHORT_RUN_LAYER_DECAY < 1.0
+    assert short["mixup.mixup"].value == short["mixup.cutmix"].value == short["data.reprob"].value == 0.0
+    long = choose(5000, 32, 8, epochs=SHORT_RUN_EPOCHS, pretrained=True)
+    assert not {"optim.layer_decay", "mixup.mixup", "optim.lr"} & set(long)    # DeiT's / BEiT's values stay
 
 
 def test_head_only_steps_leave_the_pretrained_backbone_and_train_the_head(cifar_small, tmp_path):
