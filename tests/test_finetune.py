@@ -25,7 +25,7 @@ def ft_config(data: Path, out: Path, **overrides):
     base = {"arch": "xcit_nano_12_p16", "input_size": 32, "epochs": 2, "batch_size_per_gpu": 8, "num_workers": 0,
             "device": "cpu", "precision": "fp32", "tensorboard": False, "report": False, "log_every_steps": 1,
             "seed": 3, "data_path": str(data), "output_dir": str(out), "labels_per_class": 4, "warmup_epochs": 1,
-            "max_val_images": 40}
+            "max_val_images": 40, "recipe": "off"}   # DeiT's pieces as written (a 2-epoch run's auto turns mixup off)
     base.update(overrides)
     return load_config(None, [f"{k}={v}" for k, v in base.items()], schema=FinetuneConfig)
 
