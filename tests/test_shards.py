@@ -215,11 +215,15 @@ def test_make_shards_counts_trailing_unreadable_images_and_refuses_a_folder_of_t
 def test_make_shards_command_line_errors_are_one_line(tmp_path: Path, capsys):
     from ssl_xcit import cli
     for argv, needle in ([str(tmp_path / "nope"), str(tmp_path / "o")], "does not exist"), \
-                        ([str(tmp_path), str(tmp_path / "o"), "--shard-size", "big"], "--shard-size"):
+                        ([str(tmp_path), str(tmp_path / "o"), "--shard-size", "big"], "--shard-size"), \
+                        ([str(tmp_path), str(tmp_path / "o"), "--quality", "0"], "--quality: quality must be"):
         with pytest.raises(SystemExit) as exc:
             cli.run("ssl_xcit.data.make_shards:main", argv, prog="make_shards")
         err = capsys.readouterr().err
         assert exc.value.code == 2 and err.count("\n") == 1 and needle in err, err
+    with pytest.raises(ms.MakeShardsError) as exc:    # the library speaks in its arguments, not in flags
+        ms.make_shards(tmp_path, tmp_path / "o", resize=0, progress=False)
+    assert "--" not in str(exc.value) and exc.value.option == "resize"
 
 
 def test_a_second_make_shards_into_the_same_dest_is_refused_naming_the_first(cifar_small: Path, tmp_path: Path,

@@ -50,7 +50,12 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
 
 
 class MakeShardsError(UserError, ValueError):
-    """Bad options, or a destination holding shards made from something else."""
+    """Bad options, or a destination holding shards made from something else. ``option``: the
+    ``make_shards`` argument at fault, which the command line names as its flag."""
+
+    def __init__(self, message: str, option: str = "") -> None:
+        super().__init__(message)
+        self.option = option
 
 
 def parse_size(text: str) -> int:
@@ -58,10 +63,10 @@ def parse_size(text: str) -> int:
     import re
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
     if not m or m.group(2).lower() not in _UNITS:
-        raise MakeShardsError(f"--shard-size {text!r}: expected a size such as 1GB, 500MB or 256MiB")
+        raise MakeShardsError(f"shard size {text!r}: expected a size such as 1GB, 500MB or 256MiB", "shard_size")
     size = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
     if size < 10 * tarfile.BLOCKSIZE:
-        raise MakeShardsError(f"--shard-size {text!r} is too small (at least 5KB)")
+        raise MakeShardsError(f"shard size {text!r} is too small (at least 5KB)", "shard_size")
     return size
 
 
@@ -287,9 +292,9 @@ def make_shards(src: str | os.PathLike, dest: str | os.PathLike, shard_size: int
     from ssl_xcit.data.sources import resolve_data_path
     size = parse_size(shard_size) if isinstance(shard_size, str) else int(shard_size)
     if resize is not None and resize < 1:
-        raise MakeShardsError(f"--resize must be a positive number of pixels, got {resize}")
+        raise MakeShardsError(f"resize must be a positive number of pixels, got {resize}", "resize")
     if not 1 <= quality <= 100:
-        raise MakeShardsError(f"--quality must be within 1..100, got {quality}")
+        raise MakeShardsError(f"quality must be within 1..100, got {quality}", "quality")
     root = resolve_data_path(src, progress=progress)
     dest = Path(dest).expanduser().absolute()
     if dest == root or root in dest.parents:
@@ -312,7 +317,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     p.add_argument("--quality", type=int, default=90, help="JPEG quality with --resize (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    result = make_shards(args.src, args.dest, args.shard_size, args.resize, args.quality, not args.no_progress)
+    try:
+        result = make_shards(args.src, args.dest, args.shard_size, args.resize, args.quality, not args.no_progress)
+    except MakeShardsError as e:
+        if not e.option:
+            raise
+        raise MakeShardsError(f"--{e.option.replace('_', '-')}: {e}") from None
     for split, m in result.items():
         where = Path(args.dest) / split if split != "." else Path(args.dest)
         print(f"{where}: {m['images']} images in {len(m['shards'])} shards, {len(m['classes'])} classes, "
