@@ -181,6 +181,7 @@ def test_cli_script_writes_knn_json_consistent_with_its_dumped_features(one_proc
     assert set(report["results"]) == {"5", "20", "200"}
     assert report["num_train"] == 200 and report["num_val"] == 100 and report["num_classes"] == 10
     assert report["checkpoint"] == ARCH and report["index"] == "flat" and report["arch"] == ARCH
+    assert Path(report["data_path"]).is_dir()    # which images the figure is of (the model card says it)
     feats, meta = knn.load_dumped(out / "feats")
     assert meta["classes"][:2] == ["airplane", "automobile"] or len(meta["classes"]) == 10
     assert feats["train_features"].shape == (200, 128) and feats["val_features"].shape == (100, 128)
@@ -200,7 +201,9 @@ def test_load_features_skips_extraction_and_gives_same_numbers(one_process_run, 
     report = knn.main(["--load-features", str(out / "feats"), "--output-dir",
                        str(tmp_path), "--nb-knn", "5", "20", "200", "--device", "cpu"])
     assert report["results"] == json.loads((out / "knn.json").read_text())["results"]
-    assert json.loads((tmp_path / "knn.json").read_text())["results"] == report["results"]
+    again = json.loads((tmp_path / "knn.json").read_text())
+    assert again["results"] == report["results"]
+    assert again["data_path"] == json.loads((out / "knn.json").read_text())["data_path"]   # carried by the dump
 
 
 def test_two_process_extraction_equals_one_process(one_process_run, cifar_small, tmp_path):

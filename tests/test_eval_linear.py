@@ -217,6 +217,7 @@ def test_cli_cached_mode_on_real_images(cifar_small, tmp_path):
     assert saved["top1"] == report["top1"] and 0 <= saved["top1"] <= saved["top5"] <= 100
     assert saved["num_train"] == 200 and saved["num_val"] == 100 and saved["num_holdout"] == 20
     assert len(saved["grid"]) == 2 and saved["n_last_blocks"] == 1 and saved["arch"] == ARCH   # not null
+    assert saved["data_path"] == str(cifar_small)
 
 
 def test_cli_full_mode_writes_best_and_last(tiny_folder, tmp_path):

@@ -98,13 +98,14 @@ def test_the_model_card_says_what_the_run_folder_holds(run, tmp_path, capsys):
         "num_val": 100, "num_classes": 10, "results": {"20": {"top1": 31.25, "top5": 77.5}}}))
     (folder / "linear.json").write_text(json.dumps({
         "tool": "linear", "mode": "full", "checkpoint": "elsewhere/checkpoint0001.pth", "checkpoint_key": "teacher",
-        "top1": 42.125, "top5": 88.0, "num_train": 200, "num_val": 100, "num_classes": 10}))
+        "data_path": "/data/cifar10", "top1": 42.125, "top5": 88.0, "num_train": 200, "num_val": 100, "num_classes": 10}))
     os.utime(folder / "linear.json", (1_780_000_000, 1_780_000_000))          # 2026-05-28 UTC
     (folder / "notes.json").write_text(json.dumps({"top1": 99.0}))              # not an evaluation result
     _publish(capsys, folder / "checkpoint.pth", tmp_path / "pub")
     card = (tmp_path / "pub" / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: timm\nlicense: unknown\n")
     assert "| knn (k=20) | 31.25 | 77.50 | 200 train / 100 val images, 10 classes; `knn.json` |" in card
+    assert "| linear (full) | 42.12 | 88.00 | 200 train / 100 val images of `/data/cifar10`, 10 classes" in card
     assert "| linear (full) | 42.12 | 88.00 |" in card and "measured on `checkpoint0001.pth`, not the file published" in card
     assert "2026-05-28" in card and "99.00" not in card
     events = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]

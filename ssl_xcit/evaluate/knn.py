@@ -192,7 +192,7 @@ def _extract(args: argparse.Namespace, env: runtime.EvalEnv) -> tuple[dict[str, 
             feats[f"{split}_labels"] = lab
     # the arch used: named by --arch, by the checkpoint, or inferred from its weights (never null when known)
     meta = {"checkpoint": str(args.checkpoint), "arch": getattr(model, "arch", None) or args.arch,
-            "checkpoint_key": args.checkpoint_key,
+            "checkpoint_key": args.checkpoint_key, "data_path": str(args.data_path),
             "crop_size": args.crop_size, "resize": datasets.resize_for(args.crop_size, args.resize),
             "classes": classes, "dtype": str(dtype).replace("torch.", ""), "normalized": True}
     return (feats if env.is_main else None), meta
@@ -236,6 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
             "protocol": "DINO weighted k-NN: L2-normalised CLS features, cosine neighbours, votes exp(sim/T)",
             "checkpoint": meta.get("checkpoint", args.checkpoint), "arch": meta.get("arch", args.arch),
             "checkpoint_key": meta.get("checkpoint_key", args.checkpoint_key),
+            "data_path": meta.get("data_path", args.data_path and str(args.data_path)),
             "crop_size": meta.get("crop_size"), "resize": meta.get("resize"),
             "temperature": args.temperature, "index": used_index, "index_requested": args.index,
             "fp16_features": args.fp16_features,

@@ -425,7 +425,8 @@ def main(argv: list[str] | None = None) -> dict:
         if not env.is_main or res is None:
             return {}
         report = {"tool": "linear", "checkpoint": str(args.checkpoint), "arch": args.arch,
-                  "checkpoint_key": args.checkpoint_key, "crop_size": args.crop_size,
+                  "checkpoint_key": args.checkpoint_key, "data_path": args.data_path and str(args.data_path),
+                  "crop_size": args.crop_size,
                   "resize": datasets.resize_for(args.crop_size, args.resize),
                   **{k: v for k, v in res.items() if k not in ("weight", "bias")}}
         out_file = atomic_write_json(out_dir / RESULT_NAME, report, indent=2)

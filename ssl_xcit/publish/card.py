@@ -119,8 +119,9 @@ def _result_rows(f: RunFacts, r: dict) -> list[str]:
     if r.get("checkpoint_key") not in (None, f.checkpoint_key):
         note += f"; measured on the {r['checkpoint_key']}, not the published {f.checkpoint_key}"
     at = f" at {r['crop_size']} px" if r.get("crop_size") else ""
-    on = (f"{r.get('num_train', '?')} train / {r.get('num_val', '?')} val images{at}, {r.get('num_classes', '?')} "
-          f"classes; `{r['_file']}`{note}")
+    data = f" of `{r['data_path']}`" if r.get("data_path") else ""
+    on = (f"{r.get('num_train', '?')} train / {r.get('num_val', '?')} val images{data}{at}, "
+          f"{r.get('num_classes', '?')} classes; `{r['_file']}`{note}")
     if isinstance(r.get("results"), dict):
         return [_row(f"{r['tool']} (k={k})", v.get("top1"), v.get("top5"), on, _date(r["_time"]))
                 for k, v in r["results"].items() if isinstance(v, dict)]
