@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> None:
                          "random": 100 * sum(res["random"]) / len(res["random"]), "gain": test["gain"],
                          "p": test["p_value"], "linear_probe": probe, "val_images": len(res["dino"])})
             print(json.dumps(rows[-1]), flush=True)
+    if not rows:    # one start only (--starts): its top-1s are printed above, nothing to compare
+        return
     print(f"\n{args.name} at {args.input_size} px, {args.steps} steps of batch {args.batch}: top-1 on "
           f"{rows[0]['val_images']} val images")
     print(f"{'labels':>7} {'seed':>4} {'from DINO':>10} {'from random':>12} {'gain':>7} {'McNemar p':>10} "
