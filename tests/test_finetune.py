@@ -329,3 +329,27 @@ def test_head_only_steps_leave_the_pretrained_backbone_and_train_the_head(cifar_
     for key in params - {"head.weight", "head.bias"}:
         assert torch.equal(ft[key], start[f"backbone.{key}"]), key
     assert not torch.equal(ft["head.weight"], initial_head)
+
+
+def _ddp_rank(rank: int, port: int, data: Path, out: Path) -> None:
+    import os
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from ssl_xcit.train.entry import run_training
+    run_training(ft_config(data, out, batch_size_per_gpu=4, max_steps=3, epochs=1))
+
+
+@pytest.mark.heavy
+def test_a_finetuning_run_under_two_ddp_processes(cifar_small, tmp_path):
+    """torchrun's environment, two processes: the run finishes with its val event, one checkpoint
+    written by rank 0, and the global batch is both ranks' (2 x 4)."""
+    import torch.multiprocessing as mp
+    from tests.test_train_ddp import _free_port
+    mp.spawn(_ddp_rank, args=(_free_port(), cifar_small, tmp_path / "ddp"), nprocs=2)
+    assert _events(tmp_path / "ddp", "finished")[-1]["global_step"] == 3
+    val = _events(tmp_path / "ddp", "val")[-1]
+    assert val["global_step"] == 3 and 0 <= val["top1"] <= val["top5"] <= 100
+    assert _events(tmp_path / "ddp", "start")[-1]["world_size"] == 2
+    saved = torch.load(tmp_path / "ddp" / "checkpoint.pth", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
