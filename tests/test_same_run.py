@@ -1,5 +1,5 @@
-"""One command, one run: ``launch/train.py``, ``launch/submit.py --cluster local`` and
-``--cluster slurm`` resolve the same config, ``recipe: auto``'s choices included, and write the same
+"""One command, one run: ``launch/train.py``, ``torchrun launch/train.py``, ``launch/submit.py
+--cluster local`` and ``--cluster slurm`` resolve the same config, ``recipe: auto``'s choices included, and write the same
 ``config.yaml`` (a job used to rebuild its config from every resolved value, marking each as the
 user's, so ``recipe: auto`` chose nothing there and the job trained DINO's ImageNet values)."""
 from __future__ import annotations
@@ -91,6 +91,22 @@ def test_submit_local_writes_the_config_yaml_of_train_py(ninety, tmp_path, train
         sub = submit(["--cluster", "local", *command(ninety, out, 1)])
     wait_until(sub.job.done, 600, f"local job {sub.job.job_id}")
     assert sub.job.exception() is None, sub.job.paths.stderr.read_text()
+    assert config_yaml(out) == train_py_yaml
+
+
+def test_torchrun_writes_the_config_yaml_of_train_py(ninety, tmp_path, train_py_yaml):
+    """The same words under torchrun (its environment: RANK, WORLD_SIZE, a rendezvous; one process,
+    as the command above) resolve the same config."""
+    import subprocess
+    import sys
+    from tests.test_train_ddp import _free_port
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
+                           "--master_port", str(_free_port()), str(REPO / "launch" / "train.py"),
+                           *command(ninety, out, 1)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert config_yaml(out) == train_py_yaml
 
 
