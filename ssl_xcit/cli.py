@@ -106,6 +106,13 @@ def run(main: Callable[[list[str]], Any] | str, argv: Sequence[str] | None = Non
         raise SystemExit(USER_ERROR_EXIT) from None
 
 
+def command_name(default: str) -> str:
+    """The name the user typed: an installed ``ssl-xcit-*`` command's own, else ``default`` (the
+    script's, e.g. ``launch/submit.py``), for usage lines and one-line errors."""
+    name = os.path.basename(sys.argv[0] or "")
+    return name if name.startswith("ssl-xcit") else default
+
+
 TRUE_WORDS = ("true", "on", "1", "yes")     # DINO's utils.bool_flag, plus yes/no
 FALSE_WORDS = ("false", "off", "0", "no")
 

@@ -8,16 +8,10 @@ A command names itself in its help and errors; a known error is one line and exi
 """
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any, Callable, NoReturn
 
 from ssl_xcit import cli
-
-
-def _prog(default: str) -> str:
-    name = os.path.basename(sys.argv[0] or "")
-    return name if name.startswith("ssl-xcit") else default
 
 
 def _exit(status: Any) -> NoReturn:
@@ -30,7 +24,7 @@ def _run(target: str, default: str) -> NoReturn:
     import importlib
     module, name = target.split(":")
     main = getattr(importlib.import_module(module), name)
-    prog = _prog(default)
+    prog = cli.command_name(default)
     _exit(cli.run(lambda argv: main(argv, prog=prog), prog=prog))
 
 
@@ -58,7 +52,7 @@ def submit() -> NoReturn:
 def _tool(name: str) -> Callable[[], NoReturn]:
     def command() -> NoReturn:
         from ssl_xcit.evaluate.options import run_tool
-        prog = _prog(f"ssl-xcit-{name}")
+        prog = cli.command_name(f"ssl-xcit-{name}")
         _exit(cli.run(lambda argv: run_tool(name, argv, prog=prog), prog=prog))
     command.__name__ = name
     return command

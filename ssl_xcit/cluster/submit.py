@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import difflib
 import io
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -32,8 +31,7 @@ from ssl_xcit.cluster.executor import (CLUSTERS, JobSpec, SubmitError, check_par
 from ssl_xcit.cluster.tasks import EVAL_TOOLS, EvalTask, TrainTask
 from ssl_xcit.evaluate import options as eval_options
 
-# the installed command's own name when run as it (its usage and errors say what the user typed)
-PROG = "ssl-xcit-submit" if os.path.basename(sys.argv[0] or "").startswith("ssl-xcit-submit") else "launch/submit.py"
+PROG = cli.command_name("launch/submit.py")   # ssl-xcit-submit when installed and run as it
 
 
 def build_parser() -> argparse.ArgumentParser:
