@@ -51,8 +51,7 @@ def apply_update(loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Op
         for name, p in unwrap(model).named_parameters():
             if not name.startswith("head."):
                 p.grad = None
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], clip_grad) \
-        if clip_grad > 0 else None
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad) if clip_grad > 0 else None   # skips grad None
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
