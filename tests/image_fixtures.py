@@ -28,13 +28,13 @@ def make_images(folder: Path, n: int, seed: int = 0, size: tuple[int, int] = (48
 
 
 def export_folder(folder: Path, out: Path, patch: bool = False, seed: int = 0, shard_size: int = 1000,
-                  dtype: str = "float32", **kw) -> dict:
+                  dtype: str = "float32", outputs: tuple[str, ...] | None = None, **kw) -> dict:
     """``folder`` exported as the command line would (its ``source`` recorded): ARCH from ``seed``."""
     from ssl_xcit.evaluate import backbone, datasets, export
     model = backbone.load_frozen_backbone(ARCH, seed=seed)
     ds = datasets.open_images(folder, datasets.eval_transform(CROP), progress=False)
     source = {"checkpoint": ARCH, "checkpoint_sha256": None, "arch": None, "checkpoint_key": "teacher",
               "crop_size": CROP, "resize": datasets.resize_for(CROP), "seed": seed}
-    return export.export_features(model, ds, out, outputs=("cls", "patch") if patch else ("cls",),
+    return export.export_features(model, ds, out, outputs=outputs or (("cls", "patch") if patch else ("cls",)),
                                   shard_size=shard_size, dtype=dtype, batch_size=16, num_workers=0,
                                   progress=False, source=source, **kw)

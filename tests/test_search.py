@@ -139,6 +139,9 @@ def test_bad_inputs_are_one_line_and_write_nothing(exported, tmp_path, capsys):
     assert "--checkpoint" in _one_line(["--features", str(tmp_path / "cls_only"), "--query", q, "--k", "2", *base],
                                        capsys)
     assert not out.exists() and not (tmp_path / "cls_only" / search.INDEX_DIR).exists()
+    export_folder(tmp_path / "few", tmp_path / "patch_only", outputs=("patch",))
+    msg = _one_line(["--features", str(tmp_path / "patch_only"), "--query", q, "--k", "2", *base], capsys)
+    assert "needs the CLS features" in msg and "holds only patch" in msg and not out.exists()
 
 
 def test_an_interrupted_export_is_refused(tmp_path, capsys):
