@@ -98,6 +98,7 @@ def test_command_scores_pixels_and_a_backbone(folders, tmp_path, capsys):
     assert rows[2]["dim"] == 128 and rows[4]["dim"] == 256           # nano: 128; + GeM: 256
     saved = json.loads((out / "results.json").read_text())
     assert len(saved["rows"]) == 6 and "| pixels | pixels | no |" in (out / "results.md").read_text()
+    assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_bad_input_is_one_line(folders, tmp_path, capsys):

@@ -80,7 +80,7 @@ def _whiten_files(args, bench) -> list[str] | None:
 def main(argv: list[str] | None = None, prog: str = PROG) -> list[dict]:
     args = build_parser(prog).parse_args(argv)
     _check(args)
-    from ssl_xcit.atomic import atomic_write_json, atomic_write_text
+    from ssl_xcit.atomic import atomic_write, atomic_write_json, atomic_write_text
     from ssl_xcit.evaluate import copy_detection as cd
     from ssl_xcit.evaluate.backbone import load_frozen_backbone
     from ssl_xcit.evaluate.options import apply_patch_size, pick_device
@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> list[dict]:
                                        whiten, args.batch_size, args.num_workers, device, not args.no_progress)
             atomic_write_json(out / "results.json", {"settings": {**vars(args)}, "rows": rows}, indent=1)
             atomic_write_text(out / "results.md", cd.results_table(rows) + "\n")
+            png = cd.results_png(rows)
+            atomic_write(out / "results.png", lambda tmp: Path(tmp).write_bytes(png))
     except UserError as err:
         raise cli.own_words(err, HINTS)
     print(cd.results_table(rows))

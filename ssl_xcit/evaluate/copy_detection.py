@@ -271,3 +271,26 @@ def results_table(rows: Sequence[dict]) -> str:
         lines.append(f"| {r['model']} | {r['descriptor']} | {'yes' if r['whitened'] else 'no'} | "
                      f"{100 * r['all']['mAP']:.1f} | {100 * r['all']['recall@1']:.1f} | {fam} |")
     return "\n".join(lines)
+
+
+def results_png(rows: Sequence[dict]) -> bytes:
+    """Grouped bars: mAP per edit family for every (model, descriptor, whitening) row, as PNG bytes."""
+    import io
+
+    from ssl_xcit.evaluate.figures import pyplot
+    plt = pyplot()
+    families = list(rows[0]["by_family"])
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(families)), 3.6))
+    width = 0.8 / len(rows)
+    for k, r in enumerate(rows):
+        label = f"{Path(r['model']).parent.name or r['model']}/{r['descriptor']}{' +whit.' if r['whitened'] else ''}"
+        ax.bar(np.arange(len(families)) + k * width, [100 * r["by_family"][f]["mAP"] for f in families], width,
+               label=label)
+    ax.set_xticks(np.arange(len(families)) + 0.4 - width / 2, families, rotation=30)
+    ax.set_ylabel("mAP (%)")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
