@@ -111,13 +111,13 @@ def planted_real(args) -> dict:
         planted = _plant(Path(args.data), out / "imgs", args.originals, args.per_kind)
         (out / "planted.json").write_text(json.dumps(planted))
     planted = json.loads((out / "planted.json").read_text())
-    feats = out / f"feats-{Path(args.checkpoint).stem}"
+    feats = out / f"feats-{Path(args.checkpoint).parent.name or 'x'}-{Path(args.checkpoint).stem}-{args.crop_size}"
     export = _run_child(["eval/export_features.py", "--checkpoint", args.checkpoint, "--arch", "xcit_nano_12_p8",
                          "--data-path", str(out / "imgs"), "--out", str(feats), "--num-workers", "1",
-                         "--batch-size", "32", "--no-progress"])
+                         "--batch-size", "32", "--crop-size", str(args.crop_size), "--no-progress"])
     rows = {}
     for th in args.thresholds:
-        res_dir = out / f"result-{Path(args.checkpoint).stem}-{th}"
+        res_dir = out / f"result-{feats.name}-{th}"
         run = _run_child(["eval/find_duplicates.py", "--features", str(feats), "--threshold", str(th),
                           "--out", str(res_dir), "--no-progress", "--no-html"])
         res = json.loads((res_dir / "duplicates.json").read_text())
@@ -129,7 +129,8 @@ def planted_real(args) -> dict:
                  for p in g["pairs"]}
         rows[th] = {"recall": recall, "false_pairs": len(found - wanted), "pairs": res["n_pairs"],
                     "pairs_s": round(res["timing"]["pairs_s"], 2), **run}
-    return {"checkpoint": args.checkpoint, "images": args.originals + 3 * args.per_kind, "export": export,
+    return {"checkpoint": args.checkpoint, "crop_size": args.crop_size, "images": args.originals + 3 * args.per_kind,
+            "export": export,
             "by_threshold": rows}
 
 
@@ -148,6 +149,7 @@ def main() -> None:
     r.add_argument("--out", required=True)
     r.add_argument("--originals", type=int, default=1000)
     r.add_argument("--per-kind", type=int, default=50)
+    r.add_argument("--crop-size", type=int, default=224, help="the export's crop (its default: 224)")
     r.add_argument("--thresholds", type=float, nargs="+", default=list(THRESHOLDS))
     args = p.parse_args()
     print(json.dumps(scale(args) if args.what == "scale" else planted_real(args)))

@@ -55,6 +55,16 @@ def test_range_pairs_match_brute_force(kind, n):
     assert np.all(np.diff(p.score) <= 0) and np.all(p.i < p.j)   # highest first, each pair once
 
 
+def test_a_threshold_that_finds_everything_is_refused(monkeypatch):
+    monkeypatch.setattr(dup, "MAX_PAIRS", 10_000)  # raw hits: both directions and each row with itself
+    x = _clustered(400, 12, noise=0.12)
+    assert 1000 < len(dup.range_pairs(x, 0.99, "flat")) < 5000
+    with pytest.raises(dup.DuplicatesError, match="higher threshold"):
+        dup.range_pairs(x, -1.0, "flat")
+    with pytest.raises(dup.DuplicatesError, match="higher threshold"):
+        dup.range_pairs(x, -1.0, "cells")
+
+
 def test_top_pairs_are_the_most_similar_pairs():
     x = _clustered(300, 8, seed=3)
     s = x.astype(np.float64) @ x.astype(np.float64).T

@@ -35,6 +35,14 @@ logger = logging.getLogger(__name__)
 TOP_PAIRS_K = 20
 KEEP_RULES = ("first", "largest")
 HIST_SAMPLE = 2000
+MAX_PAIRS = 20_000_000   # ~0.5 GB of pairs: a threshold that finds more is below the duplicates' range
+
+
+def _check_pair_count(n: int, threshold: float) -> None:
+    if n > MAX_PAIRS:
+        raise hinted(DuplicatesError, f"more than {MAX_PAIRS:,} pairs have a cosine >= {threshold}: that is "
+                     "similar images, not duplicates", "pass a higher threshold (see the histogram of "
+                     "nearest-neighbour scores), or top_pairs_n", needs="threshold")
 
 
 class DuplicatesError(UserError, ValueError):
@@ -98,6 +106,7 @@ def _range_flat(index, x: np.ndarray, threshold: float, batch: int, progress: bo
         parts_i.append(np.repeat(np.arange(s, s + len(lims) - 1), np.diff(lims.astype(np.int64))))
         parts_j.append(ids)
         parts_s.append(d)
+        _check_pair_count(sum(map(len, parts_s)), threshold)
     return (np.concatenate(p) for p in (parts_i, parts_j, parts_s))
 
 
@@ -124,6 +133,7 @@ def _range_cells(index, x: np.ndarray, threshold: float, progress: bool):
         parts_i.append(rows[a].numpy())
         parts_j.append(index.ids[lo + b].numpy())
         parts_s.append(sims[a, b].numpy())
+        _check_pair_count(sum(map(len, parts_s)), threshold)
     if not parts_i:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
     return (np.concatenate(p) for p in (parts_i, parts_j, parts_s))
