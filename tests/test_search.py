@@ -55,6 +55,13 @@ def test_read_descriptors_match_the_export(exported):
     assert view.paths()[0].endswith("img000.png") and len(view.paths()) == 20
 
 
+def test_a_safetensors_export_reads_the_same(exported, tmp_path):
+    export_folder(exported / "imgs", tmp_path / "st", patch=True, shard_size=8, formats=("safetensors",))
+    for descriptor in ("cls", "cls_gem"):
+        np.testing.assert_array_equal(read_descriptors(open_export(tmp_path / "st"), descriptor),
+                                      read_descriptors(open_export(exported / "feats"), descriptor))
+
+
 @pytest.mark.parametrize("kind", ["flat", "cells"])
 def test_index_ranks_as_brute_force(kind):
     rng = np.random.default_rng(1)
