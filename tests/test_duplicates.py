@@ -65,6 +65,19 @@ def test_a_threshold_that_finds_everything_is_refused(monkeypatch):
         dup.range_pairs(x, -1.0, "cells")
 
 
+def test_histogram_separates_copies_from_near_images():
+    edges = dup.histogram_edges(0.0, bins=30)
+    assert edges[0] == pytest.approx(0.0) and edges[-1] == 1.0 and np.all(np.diff(edges) > 0)
+    x = _clustered(200, 16, noise=0.3)
+    x[10] = x[3]                                                  # an exact copy
+    x[11] = l2n(x[4:5] + 0.003 * np.random.default_rng(0).normal(size=(1, 16)))[0]  # 1 - cos ~ 1e-5
+    h = dup.nn_histogram(x, bins=30)
+    assert h["sample"] == 200 and sum(h["counts"]) == 200
+    assert h["counts"][-1] >= 2                                   # 3 and 10: 1 - cos < 1e-5
+    nn = np.asarray(h["nn_scores"])
+    assert nn[3] == pytest.approx(1.0, abs=1e-6) and 0.9999 < nn[11] < 1.0 and np.median(nn) < 0.99
+
+
 def test_top_pairs_are_the_most_similar_pairs():
     x = _clustered(300, 8, seed=3)
     s = x.astype(np.float64) @ x.astype(np.float64).T

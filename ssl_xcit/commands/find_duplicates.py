@@ -26,8 +26,9 @@ def build_parser(prog: str = PROG) -> cli.ArgumentParser:
     how.add_argument("--threshold", type=float, default=None,
                      help="cosine similarity in [-1, 1] above which two images are duplicates. To choose it, run "
                           "once with --top-pairs 100 and look at the histogram printed and in histogram.png: copies "
-                          "form a spike near 1, apart from the bulk of nearest-neighbour scores; put the threshold "
-                          "in the gap (often 0.9-0.97 for the CLS feature of a trained DINO model)")
+                          "(exact copies, resized, re-encoded) form a second mode near 1, apart from the bulk of "
+                          "nearest-neighbour scores (the x axis is logarithmic in 1 - cosine); put the threshold in "
+                          "the valley between them (0.993 for the small DINO teacher of benchmarks/RESULTS.md)")
     how.add_argument("--top-pairs", type=int, default=None, help="instead of a threshold: the N most similar pairs")
     p.add_argument("--descriptor", default="cls", choices=("cls", "cls_gem"),
                    help="cls, or DINO's copy-detection descriptor cls_gem (needs an export made with --patch-tokens)")

@@ -185,8 +185,16 @@ def components(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     return np.array([root(a) for a in range(n)])
 
 
-def nn_histogram(x: np.ndarray, sample: int = HIST_SAMPLE, bins: int = 40, seed: int = 0) -> dict:
-    """Histogram of the nearest-neighbour cosine (itself excluded) of up to ``sample`` rows (exact)."""
+def histogram_edges(lo: float, bins: int = 30, closest: float = 1e-5) -> np.ndarray:
+    """Cosine bin edges from ``lo`` to 1, even in log(1 - cosine): copies (1 - cos ~1e-4..1e-2) and
+    merely similar images (1e-2..1e-1) fall in different bins, which even bins in cosine would mix."""
+    gaps = np.logspace(np.log10(max(1.0 - lo, 10 * closest)), np.log10(closest), bins)
+    return np.concatenate([1.0 - gaps, [1.0]])
+
+
+def nn_histogram(x: np.ndarray, sample: int = HIST_SAMPLE, bins: int = 30, seed: int = 0) -> dict:
+    """Histogram of the nearest-neighbour cosine (itself excluded) of up to ``sample`` rows (exact),
+    in :func:`histogram_edges` bins (the last bin holds 1 - cos < 1e-5: exact copies)."""
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(len(x), min(sample, len(x)), replace=False))
     index = build_index(x, IndexConfig(kind="flat"))
@@ -194,7 +202,8 @@ def nn_histogram(x: np.ndarray, sample: int = HIST_SAMPLE, bins: int = 40, seed:
     own = ids[:, 0] == rows
     nn = np.where(own, d[:, -1], d[:, 0]) if d.shape[1] > 1 else np.full(len(rows), np.nan)
     lo = float(min(0.0, np.nanmin(nn))) if len(nn) else 0.0
-    counts, edges = np.histogram(nn[np.isfinite(nn)], bins=bins, range=(lo, 1.0))
+    edges = histogram_edges(lo, bins)
+    counts, _ = np.histogram(np.clip(nn[np.isfinite(nn)], lo, 1.0), bins=edges)
     return {"sample": int(len(rows)), "counts": counts.tolist(), "edges": [round(float(e), 6) for e in edges],
             "nn_scores": nn.astype(float).tolist()}
 
@@ -206,7 +215,7 @@ def text_histogram(hist: dict, width: int = 40) -> str:
     lines = [f"nearest-neighbour cosine of {hist['sample']} sampled images:"]
     for c, lo, hi in zip(counts, hist["edges"][:-1], hist["edges"][1:]):
         if c:
-            lines.append(f"  [{lo:6.3f}, {hi:6.3f})  {'#' * max(1, round(width * c / top)):<{width}} {c}")
+            lines.append(f"  [{lo:7.5f}, {hi:7.5f}{']' if hi == 1.0 else ')'}  {'#' * max(1, round(width * c / top)):<{width}} {c}")
     return "\n".join(lines)
 
 
@@ -303,13 +312,17 @@ def _histogram_png(hist: dict, threshold: float | None) -> bytes:
     from ssl_xcit.evaluate.figures import pyplot
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.2))
-    edges = np.asarray(hist["edges"])
-    ax.bar(edges[:-1], hist["counts"], width=np.diff(edges), align="edge", color="#48c", edgecolor="white")
+    gap = np.maximum(1.0 - np.asarray(hist["edges"]), 1e-6)  # distance to 1, log scale: copies apart
+    ax.bar(gap[:-1], hist["counts"], width=gap[1:] - gap[:-1], align="edge", color="#48c", edgecolor="white")
+    ax.set_xscale("log")
+    ax.invert_xaxis()
+    ticks = [t for t in (0.5, 0.9, 0.99, 0.999, 0.9999) if 1 - t <= gap[0]]
+    ax.set_xticks([1 - t for t in ticks], [str(t) for t in ticks])
     ax.set_yscale("symlog")
-    if threshold is not None:
-        ax.axvline(threshold, color="#c33", label=f"threshold {threshold}")
+    if threshold is not None and threshold < 1:
+        ax.axvline(1 - threshold, color="#c33", label=f"threshold {threshold}")
         ax.legend()
-    ax.set_xlabel("cosine to the nearest other image")
+    ax.set_xlabel("cosine to the nearest other image (log scale in 1 - cosine)")
     ax.set_ylabel("images (of a sample)")
     fig.tight_layout()
     buf = io.BytesIO()
