@@ -166,3 +166,20 @@ def test_an_interrupted_export_is_refused(tmp_path, capsys):
                      "--out", str(tmp_path / "o")], capsys)
     assert "incomplete (1 of 2 shards" in msg and "eval/export_features.py" in msg
     assert ARCH and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("script", ["search", "find_duplicates", "eval_copy_detection", "eval_image_retrieval"])
+def test_scripts_answer_help_and_bad_flags_without_torch(script):
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    probe = ("import runpy, sys; sys.argv = [{p!r}, *{a!r}]\n"
+             "try:\n    runpy.run_path({p!r}, run_name='__main__')\n"
+             "except SystemExit as e:\n    print('exit', e.code, 'torch' in sys.modules)\n")
+    path = str(repo / "eval" / f"{script}.py")
+    ok = subprocess.run([sys.executable, "-c", probe.format(p=path, a=["--help"])], capture_output=True, text=True)
+    assert "usage:" in ok.stdout and ok.stdout.strip().endswith("exit 0 False")
+    bad = subprocess.run([sys.executable, "-c", probe.format(p=path, a=["--no-such-flag"])], capture_output=True,
+                         text=True)
+    assert bad.stdout.strip() == "exit 2 False" and len(bad.stderr.strip().splitlines()) == 1
