@@ -183,3 +183,17 @@ def test_scripts_answer_help_and_bad_flags_without_torch(script):
     bad = subprocess.run([sys.executable, "-c", probe.format(p=path, a=["--no-such-flag"])], capture_output=True,
                          text=True)
     assert bad.stdout.strip() == "exit 2 False" and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_a_saved_cells_index_is_loaded_and_answers_like_flat(exported, tmp_path):
+    shutil.copytree(exported / "feats", tmp_path / "feats", ignore=shutil.ignore_patterns("search*"))
+    q = exported / "imgs" / "img009.png"
+    first = search.search_images(tmp_path / "feats", q, k=5, kind="cells", progress=False)
+    again = search.search_images(tmp_path / "feats", q, k=5, kind="cells", progress=False)
+    flat = search.search_images(tmp_path / "feats", q, k=5, kind="flat", progress=False)
+    assert first["index"] == again["index"] == "cells" and first["index_built"] and not again["index_built"]
+    assert flat["index_built"]                                    # another kind asked: rebuilt
+    rows = [[h["row"] for h in r["queries"][0]["results"]] for r in (first, again, flat)]
+    scores = [[h["score"] for h in r["queries"][0]["results"]] for r in (first, again, flat)]
+    assert rows[0] == rows[1] and rows[0][0] == 9 == rows[2][0]
+    np.testing.assert_allclose(scores[0], scores[2], atol=1e-5)
