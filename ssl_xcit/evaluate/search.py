@@ -107,6 +107,7 @@ def load_or_build_index(view: ExportView, descriptor: str = "cls", kind: str = "
     index, resolved = build_search_index(feats, kind)
     try:
         meta_path.parent.mkdir(exist_ok=True)
+        meta_path.unlink(missing_ok=True)   # no record until the new index is whole: a crash means a rebuild
         _save_index(index, resolved, index_path)
         atomic_write_json(meta_path, {**want, "kind": resolved, "built": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                         time.gmtime())}, indent=2)
