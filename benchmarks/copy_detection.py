@@ -2,7 +2,7 @@
 arch from random weights and the pixels baseline, CLS and DINO's CLS + GeM, without and with whitening.
 
 It runs ``eval/eval_copy_detection.py`` with the recorded settings (sized for a shared 2-core CPU:
-100 val originals, 1,000 copies, 1,000 train distractors, whitening on 500 other train images, 96 px);
+300 val originals, 3,000 copies, 1,000 train distractors, whitening on 500 other train images, 96 px);
 ``--originals 1000 --n-distractors 10000 --imsize 320`` is the issue's and DINO's size on a GPU.
 
     python benchmarks/copy_detection.py --out /tmp/copydet [--teacher CKPT] [extra flags...]
@@ -26,7 +26,7 @@ def main() -> None:
     args, extra = p.parse_known_args()
     data = Path(args.data)
     cmd = [sys.executable, str(REPO / "eval" / "eval_copy_detection.py"), "--data-path", str(data / "val"),
-           "--originals", "100", "--distractors", str(data / "train"), "--n-distractors", "1000",
+           "--originals", "300", "--distractors", str(data / "train"), "--n-distractors", "1000",
            "--whiten-data", str(data / "train"), "--n-whiten", "500",
            "--checkpoint", "pixels", args.teacher, "xcit_nano_12_p8", "--arch", "xcit_nano_12_p8",
            "--imsize", "96", "--num-workers", "1", "--out", args.out, *extra]
