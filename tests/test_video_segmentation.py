@@ -199,3 +199,40 @@ def test_bad_davis_folders_are_one_line_errors(tmp_path):
     for err in (vs.VideoInputError("x"),):
         from ssl_xcit.errors import UserError
         assert isinstance(err, UserError)
+
+
+# ----------------------------------------------------------------------------- the command line
+def _cli(argv, capsys):
+    from ssl_xcit import cli
+    from ssl_xcit.commands.video_segmentation import main
+    try:
+        cli.run(main, [str(a) for a in argv], prog="eval_video_segmentation.py")
+        code = 0
+    except SystemExit as stop:
+        code = stop.code
+    return code, capsys.readouterr()
+
+
+def test_dino_command_line_runs_as_pasted(tmp_path, capsys):
+    data = make_davis(tmp_path / "davis", n_frames=3)
+    out = tmp_path / "out"
+    code, printed = _cli(["--pretrained_weights", "xcit_nano_12_p16", "--arch", "xcit_nano_12", "--patch_size", "16",
+                          "--checkpoint_key", "teacher", "--output_dir", out, "--data_path", data,
+                          "--n_last_frames", "7", "--size_mask_neighborhood", "12", "--topk", "5", "--bs", "6",
+                          "--scale-size", "64", "--no-progress"], capsys)
+    assert code == 0, printed.err
+    res = json.loads((out / vs.RESULT_FILE).read_text())
+    assert res["settings"]["n_last_frames"] == 7 and res["source"]["arch"] == "xcit_nano_12_p16"
+    assert "J&F-Mean" in printed.out and (out / "sq" / "00002.png").is_file()
+
+
+@pytest.mark.parametrize("break_it,message", [
+    (lambda d: __import__("shutil").rmtree(d / "Annotations"), "no Annotations/480p/ folder"),
+    (lambda d: (d / "Annotations/480p/sq/00000.png").unlink(), "has no first-frame mask"),
+])
+def test_bad_folders_are_one_line_with_exit_status_2(tmp_path, capsys, break_it, message):
+    data = make_davis(tmp_path / "davis", n_frames=3)
+    break_it(data)
+    code, printed = _cli(["--data_path", data, "--pretrained_weights", "xcit_nano_12_p16", "--output_dir",
+                          tmp_path / "o"], capsys)
+    assert code == 2 and message in printed.err and len(printed.err.strip().splitlines()) == 1

@@ -40,6 +40,7 @@ SIZE_MASK_NEIGHBORHOOD = 12
 TOPK = 5
 TEMPERATURE = 0.1
 SHORT_SIDE = 480
+DEFAULT_FEATURES = "final"   # set from the measurement in benchmarks/RESULTS.md
 # DINO's color_normalize (note 0.228, not ImageNet's 0.229: kept, so features match DINO's)
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.228, 0.224, 0.225)
@@ -263,7 +264,7 @@ class PropagationSettings:
     topk: int = TOPK
     temperature: float = TEMPERATURE
     scale_size: tuple[int, ...] = (SHORT_SIDE,)
-    features: str = "final"        # "final" (normed patch tokens) or an XCA block index
+    features: str = DEFAULT_FEATURES   # "final" (normed patch tokens) or an XCA block index
     tile: int = 8
     max_frames: int | None = None  # the first frames only (for exploration); None: all
 
@@ -301,6 +302,25 @@ def first_frame_labels(seq: VideoSequence, size: tuple[int, int], original: tupl
     return onehot, mask, palette
 
 
+def _features_ahead(dense: torch.nn.Module, frames: Sequence[Path], size: tuple[int, int],
+                    device: torch.device | str):
+    """Yield ``(path, original (H, W), features)`` per frame; the next frame is read and its features
+    computed in a background thread while the caller propagates the current one, so a CPU keeps two
+    cores busy (torch releases the GIL) instead of one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def job(path: Path):
+        frame, original = read_frame(path, size)
+        return path, original, frame_features(dense, frame, device)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(job, frames[0])
+        for nxt in frames[1:]:
+            current = pending.result()
+            pending = pool.submit(job, nxt)
+            yield current
+        yield pending.result()
+
+
 def segment_sequence(dense: torch.nn.Module, seq: VideoSequence, out_dir: Path, settings: PropagationSettings,
                      device: torch.device | str = "cpu", progress: bool = True) -> None:
     """Propagate the first mask of ``seq`` through its frames; writes ``out_dir/<frame>.png`` for each
@@ -312,15 +332,15 @@ def segment_sequence(dense: torch.nn.Module, seq: VideoSequence, out_dir: Path, 
     th, tw, _ = frame_size(*original, settings.scale_size, patch)
     seg0, mask0, palette = first_frame_labels(seq, (th, tw), original, patch)
     write_indexed_png(out_dir / (frames[0].stem + ".png"), mask0, palette)
-    feat0 = frame_features(dense, read_frame(frames[0], (th, tw))[0], device)
-    queue: deque = deque(maxlen=settings.n_last_frames)
+    ahead = _features_ahead(dense, frames, (th, tw), device)
+    feat0 = next(ahead)[2]
     seg0 = seg0.to(feat0)
-    for path in tqdm(frames[1:], desc=seq.name, disable=not progress, unit="frame", dynamic_ncols=True, leave=False):
-        frame, size = read_frame(path, (th, tw))
+    queue: deque = deque(maxlen=settings.n_last_frames)
+    for path, size, feat in tqdm(ahead, total=len(frames) - 1, desc=seq.name, disable=not progress, unit="frame",
+                                 dynamic_ncols=True, leave=False):
         if size != original:
             raise VideoInputError(f"{path}: frame is {size[1]}x{size[0]}, the sequence's first is "
                                   f"{original[1]}x{original[0]}")
-        feat = frame_features(dense, frame, device)
         sources = torch.stack([feat0] + [f for f, _ in queue])
         labels = torch.stack([seg0] + [s for _, s in queue])
         soft = propagate_labels(feat, sources, labels, settings.size_mask_neighborhood, settings.topk,
