@@ -103,3 +103,20 @@ def test_images_and_masks_without_partners_are_one_line(tmp_path):
     shutil.rmtree(data / "val")
     with pytest.raises(seg.SegmentationInputError, match="has no val/ folder"):
         seg.split_pairs(data)
+
+
+def test_command_line_runs_and_bad_data_is_one_line(tmp_path, capsys):
+    from ssl_xcit import cli
+    from ssl_xcit.commands.segmentation import main
+    data = tmp_path / "data"
+    _write_split(data / "train", 4, 0)
+    _write_split(data / "val", 2, 1)
+    cli.run(main, ["--data-path", str(data), "--checkpoint", "xcit_nano_12_p16", "--output-dir", str(tmp_path / "o"),
+                   "--image-size", "64", "96", "--steps", "5", "--no-progress"], prog="eval_segmentation.py")
+    assert "mIoU" in capsys.readouterr().out and (tmp_path / "o" / seg.RESULT_FILE).is_file()
+    (data / "val/masks/000.png").unlink()
+    with pytest.raises(SystemExit) as stop:
+        cli.run(main, ["--data-path", str(data), "--checkpoint", "xcit_nano_12_p16", "--output-dir",
+                       str(tmp_path / "o2")], prog="eval_segmentation.py")
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "1 image(s) without a mask (e.g. 000.png)" in err and len(err.splitlines()) == 1
