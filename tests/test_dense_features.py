@@ -96,3 +96,59 @@ def test_timm_features_only_on_a_published_folder_gives_the_same_maps(tmp_path, 
         assert u.shape == v.shape == (2, 128, 3, 5)
         assert (u - v).abs().max().item() <= 1e-5
     assert theirs.feature_info.channels() == ours.feature_info.channels()
+
+
+# ----------------------------------------------------------------------------- export --dense-blocks
+def _image_folder(folder, sizes):
+    import numpy as np
+    from PIL import Image
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+    return folder
+
+
+def test_export_writes_dense_maps_equal_to_the_api(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from ssl_xcit.evaluate import datasets, export
+    data = _image_folder(tmp_path / "imgs", [(40, 60)] * 3)
+    out = tmp_path / "out"
+    argv = ["--checkpoint", ARCH, "--data-path", str(data), "--out", str(out), "--dense-blocks", "3,final",
+            "--dense-size", "32", "48", "--num-workers", "0", "--no-progress"]
+    manifest = export.main(argv)
+    assert manifest["config"]["dtype"] == "float16" and manifest["arrays"]["dense3"]["row_shape"] == [128, 2, 3]
+    got = export.load_exported(out)
+    assert got["dense3"].shape == got["densefinal"].shape == (3, 128, 2, 3) and got["dense3"].dtype == np.float16
+    assert sorted(got["path"].tolist()) == ["img0.png", "img1.png", "img2.png"]
+    torch.manual_seed(0)    # the tool's random backbone: seed 0
+    from ssl_xcit.evaluate.backbone import load_frozen_backbone
+    model = load_frozen_backbone(ARCH, seed=0)
+    tf = datasets.eval_transform((32, 48), (32, 48))
+    x = torch.stack([tf(Image.open(data / p).convert("RGB")) for p in got["path"]])
+    with torch.no_grad():
+        want = DenseFeatures(model, (3, FINAL))(x)
+    assert np.abs(got["dense3"].astype(np.float32) - want[0].numpy()).max() < 2e-2 * (1 + want[0].abs().max().item())
+    assert np.abs(got["densefinal"].astype(np.float32) - want[1].numpy()).max() < 2e-2 * (1 + want[1].abs().max().item())
+    assert export.main(argv)["complete"]                           # resumed: nothing to do, same manifest
+    with pytest.raises(export.ExportError, match="other settings"):
+        export.main([a if a != "3,final" else "5" for a in argv])
+
+
+def test_export_at_each_images_own_size(tmp_path, capsys):
+    from ssl_xcit import cli
+    from ssl_xcit.evaluate import export
+    from ssl_xcit.evaluate.options import run_tool
+    data = _image_folder(tmp_path / "same", [(40, 60)] * 2)
+    manifest = export.main(["--checkpoint", ARCH, "--data-path", str(data), "--out", str(tmp_path / "o1"),
+                            "--dense-blocks", "11", "--num-workers", "0", "--no-progress"])
+    assert manifest["arrays"]["dense11"]["row_shape"] == [128, 2, 3]          # 40x60 cropped to 32x48
+    data = _image_folder(tmp_path / "mixed", [(40, 60), (48, 48)])
+    with pytest.raises(SystemExit):
+        cli.run(lambda argv: run_tool("export_features", argv),
+                ["--checkpoint", ARCH, "--data-path", str(data), "--out", str(tmp_path / "o2"), "--dense-blocks",
+                 "11", "--num-workers", "0", "--batch-size", "2", "--no-progress"], prog="export_features.py")
+    err = capsys.readouterr().err.strip()
+    assert "differ in size" in err and "--dense-size H W" in err and len(err.splitlines()) == 1
