@@ -236,3 +236,11 @@ def test_bad_folders_are_one_line_with_exit_status_2(tmp_path, capsys, break_it,
     code, printed = _cli(["--data_path", data, "--pretrained_weights", "xcit_nano_12_p16", "--output_dir",
                           tmp_path / "o"], capsys)
     assert code == 2 and message in printed.err and len(printed.err.strip().splitlines()) == 1
+
+
+def test_frame_sizes_follow_dino():
+    # DAVIS 854x480: short side 480, long side 854 floored to a multiple of 64 -> 832 (DINO's read_frame)
+    assert vs.frame_size(480, 854, [480], 8) == (480, 832, None)
+    assert vs.frame_size(854, 480, [480], 16) == (832, 480, None)
+    h, w, note = vs.frame_size(480, 854, [481, 640], 8)
+    assert (h, w) == (480, 640) and note == "frame size 640x481 is not divisible by the patch 8: resized to 640x480"
