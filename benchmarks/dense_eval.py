@@ -6,7 +6,7 @@ peak resident memory; then a paired sign test across frames (per-frame J&F, the 
 both models): of the frames where the two differ, how many the teacher wins, and the exact
 one-sided binomial p-value. With ``--probe``, the linear segmentation probe
 (``eval/eval_segmentation.py``, fg/bg, train on the first half of the sequences, test on the rest)
-of both models, with the same paired test on per-frame IoU.
+of both models, with the same paired test on per-frame mIoU.
 
 Also printed: what DINO's dense affinity would hold at the same frame size (its (n, hw, hw) float32
 affinity, the neighbourhood mask of the same shape, and the transposed copy it reshapes).
@@ -85,7 +85,7 @@ def probe(args: argparse.Namespace, name: str, checkpoint: str) -> dict:
                                              "--output-dir", str(out), "--no-progress", *args.probe_args],
                     Path(args.out) / f"probe_{name}.log")
     res = json.loads((out / "segmentation.json").read_text())
-    return {**cost, "mIoU": res["mIoU"], "per_class": res["per_class_IoU"], "per_frame": res["per_image_fg_IoU"]}
+    return {**cost, "mIoU": res["mIoU"], "per_class": res["per_class_IoU"], "per_frame": res["per_image_mIoU"]}
 
 
 def main() -> None:
