@@ -37,8 +37,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                    help="frame size: the short side (the long side in proportion, floored to a multiple of 64, "
                         "as DINO), or H W; a side not divisible by the patch is rounded down, with a note")
     g.add_argument("--features", default=None,
-                   help="patch features: 'final' (final normed patch tokens) or an XCA block index "
-                        "(default: the measured best, see benchmarks/RESULTS.md)")
+                   help="patch features: 'final' (final normed patch tokens, DINO's choice) or an XCA block index, "
+                        "negative from the end (default: -3, the third-last block, block 9 of 12: measured best "
+                        "on DAVIS, benchmarks/RESULTS.md)")
     g.add_argument("--sequences", nargs="+", default=None, help="these sequences only (default: the split's)")
     g.add_argument("--max-frames", type=int, default=None, help="the first N frames of each sequence only")
     g.add_argument("--tile", type=int, default=8, help="target patches per tile side (memory vs speed)")
