@@ -502,9 +502,9 @@ def main(argv: list[str] | None = None) -> dict:
         if _file_version(args.checkpoint) != version:
             raise ExportError(f"{args.checkpoint} changed while it was read (a training still writing it?); "
                               "run the export again once it is stable")
-        dataset = datasets.open_images(folder, _transform(args, model))
         if args.n_last_blocks:
             backbone.check_n_last_blocks(model, args.n_last_blocks)
+        dataset = datasets.open_images(folder, _transform(args, model))   # after the model: the patch size
         formats = FORMATS if args.format == "both" else (args.format,)
         source = {"checkpoint": str(args.checkpoint), "checkpoint_sha256": sha, "arch": args.arch,
                   "checkpoint_key": args.checkpoint_key, "crop_size": args.crop_size,
