@@ -7,6 +7,8 @@ Layout of ``out_dir`` (shard ``i`` holds dataset images ``[i*shard_size, (i+1)*s
     shard-00000.cls.npy              (rows, D) final CLS features       } --format npy
     shard-00000.patch.npy            (rows, P, D) patch tokens          } (--patch-tokens)
     shard-00000.last_blocks.npy      (rows, n*D) last-n-block CLS       } (--n-last-blocks n)
+    shard-00000.dense3.npy           (rows, D, H/p, W/p) map of XCA block 3 } (--dense-blocks 3,5,7,11;
+    shard-00000.densefinal.npy       (rows, D, H/p, W/p) final normed patch tokens }  'final')
     shard-00000.label.npy            (rows,) class index (class layout only)
     shard-00000.index.npy            (rows,) dataset index of each row
     shard-00000.safetensors          the same arrays in one file        } --format safetensors
@@ -42,7 +44,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ssl_xcit import distributed as du
-from ssl_xcit.errors import UserError
+from ssl_xcit.errors import UserError, hinted
 from ssl_xcit.evaluate import backbone, datasets, options, runtime
 from ssl_xcit.atomic import atomic_write, atomic_write_json, check_writable, remove_orphans_in
 
@@ -71,9 +73,11 @@ class ExportConfig:
     formats: tuple[str, ...] = ("npy",)
     dtype: str = "float32"
     source: dict = field(default_factory=dict)  # checkpoint, arch, crop... recorded in the manifest
+    dense_blocks: tuple = ()  # XCA block indices / "final": one (D, H/p, W/p) map each, "dense<i>"
 
     def __post_init__(self) -> None:
-        if not self.outputs or any(o not in ("cls", "patch", "last_blocks") for o in self.outputs):
+        if not self.outputs or any(o not in ("cls", "patch", "last_blocks") and not o.startswith("dense")
+                                   for o in self.outputs):
             raise ExportError(f"outputs must be among cls, patch, last_blocks; got {self.outputs}")
         if ("last_blocks" in self.outputs) != (self.n_last_blocks > 0):
             raise ExportError("'last_blocks' is exported exactly when n_last_blocks > 0 "
@@ -83,6 +87,21 @@ class ExportConfig:
             raise ExportError(f"--format must be npy, safetensors or both; got {self.formats}")
         if self.dtype not in DTYPES:
             raise ExportError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+
+
+def dense_key(block: int | str) -> str:
+    """The array name of a dense map: ``dense3`` for XCA block 3, ``densefinal`` for the final tokens."""
+    return f"dense{block}"
+
+
+def dense_outputs(model: nn.Module, blocks: Sequence[int | str]) -> Callable[[torch.Tensor], dict]:
+    """``images -> {dense_key(b): (B, D, H/p, W/p)}`` for the blocks (see :mod:`ssl_xcit.models.dense`)."""
+    from ssl_xcit.models.dense import DenseFeatures
+    dense = DenseFeatures(model, tuple(blocks))
+
+    def maps(images: torch.Tensor) -> dict:
+        return {dense_key(b): m for b, m in zip(dense.out_indices, dense(images))}
+    return maps
 
 
 def shard_name(i: int) -> str:
@@ -165,8 +184,12 @@ def _relative_paths(dataset: Dataset, indices: np.ndarray) -> list[str] | None:
 
 def _manifest_base(cfg: ExportConfig, dataset: Dataset, weights: str) -> dict:
     classes = list(getattr(dataset, "classes", []) or [])
+    config = {**asdict(cfg), "outputs": list(cfg.outputs), "formats": list(cfg.formats),
+              "dense_blocks": list(cfg.dense_blocks)}
+    if not cfg.dense_blocks:   # recorded only when used: exports written before it existed still resume
+        del config["dense_blocks"]
     return {"format": FORMAT, "version": VERSION, "complete": False, "model": {"weights_sha256": weights},
-            "config": {**asdict(cfg), "outputs": list(cfg.outputs), "formats": list(cfg.formats)},
+            "config": config,
             "num_images": len(dataset), "num_shards": -(-len(dataset) // cfg.shard_size),
             "root": str(getattr(dataset, "root", "")), "classes": classes, "has_labels": bool(classes)}
 
@@ -233,19 +256,26 @@ def export_features(model: nn.Module, dataset: Dataset, out_dir: str | os.PathLi
                     formats: Sequence[str] = ("npy",), dtype: str = "float32", batch_size: int = 128,
                     num_workers: int = 4, device: torch.device | str = "cpu", progress: bool = True,
                     source: dict | None = None, check_sha: bool = True, overwrite: bool = False,
-                    on_shard_done: Callable[[int], None] | None = None) -> dict:
+                    on_shard_done: Callable[[int], None] | None = None, dense_blocks: Sequence[int | str] = ()
+                    ) -> dict:
     """Write (or finish) a sharded export of ``model``'s features over ``dataset``; returns the manifest.
 
     ``outputs``: ``cls`` and optionally ``patch``; ``last_blocks`` is added when ``n_last_blocks``
     > 0. ``source`` (checkpoint, its ``checkpoint_sha256``, arch, crop...) is recorded and must match
     on resume, as must the weights themselves; ``overwrite`` deletes an earlier export in ``out_dir``
     instead. ``on_shard_done(i)`` is called after shard ``i`` is complete (progress hooks, tests).
+    ``dense_blocks`` (XCA block indices, ``"final"``) adds one (D, H/p, W/p) map per block and image,
+    ``dense<i>``; every image of the dataset must then come at one size (resize them in its transform).
     """
     from tqdm import tqdm
 
-    outs = tuple(dict.fromkeys([*outputs, *(["last_blocks"] if n_last_blocks > 0 else [])]))
+    if dense_blocks:
+        from ssl_xcit.models.dense import normalize_out_indices
+        dense_blocks = normalize_out_indices(tuple(dense_blocks), len(model.blocks))
+    outs = tuple(dict.fromkeys([*outputs, *(["last_blocks"] if n_last_blocks > 0 else []),
+                                *(dense_key(b) for b in dense_blocks)]))
     cfg = ExportConfig(outputs=outs, n_last_blocks=n_last_blocks, shard_size=shard_size, formats=tuple(formats),
-                       dtype=dtype, source=dict(source or {}))
+                       dtype=dtype, source=dict(source or {}), dense_blocks=tuple(dense_blocks))
     if model.training:
         raise ValueError("export the features of a frozen backbone: call model.eval() first")
     if len(dataset) == 0:
@@ -294,8 +324,10 @@ def _shard_features(model: nn.Module, dataset: Dataset, i: int, cfg: ExportConfi
     loader = feature_loader(dataset, range(start, stop), batch_size, num_workers, device)
     parts: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     labels, indices, skipped = [], [], 0
-    for out, lab, idx, n_skip in iter_outputs(model, loader, names, device, max(cfg.n_last_blocks, 1), torch_dtype,
-                                              progress=False):
+    extra = dense_outputs(model, cfg.dense_blocks) if cfg.dense_blocks else None
+    plain = [n for n in names if not n.startswith("dense")] or ["cls"]
+    for out, lab, idx, n_skip in _checked_sizes(iter_outputs(model, loader, plain, device, max(cfg.n_last_blocks, 1),
+                                                             torch_dtype, progress=False, extra=extra), base):
         bar.update(len(idx) + n_skip)
         skipped += n_skip
         if out:
@@ -310,6 +342,19 @@ def _shard_features(model: nn.Module, dataset: Dataset, i: int, cfg: ExportConfi
     if base["has_labels"]:
         arrays["label"] = torch.cat(labels).numpy().astype(np.int64)
     return arrays, skipped
+
+
+def _checked_sizes(batches, base: dict):
+    """Batches of images of unequal sizes (a dense export at each image's own size) fail in the
+    loader's stacking; say so in one line."""
+    try:
+        yield from batches
+    except RuntimeError as err:
+        if "stack expects each tensor to be equal size" not in str(err):
+            raise
+        raise hinted(ExportError, f"the images of {base['root']} differ in size, so their dense maps cannot "
+                     "share a shard", "resize them all to one size in the dataset's transform",
+                     needs="dense_size") from None
 
 
 def _write_shard(out_dir: Path, i: int, arrays: dict[str, np.ndarray], skipped: int, cfg: ExportConfig,
@@ -400,6 +445,26 @@ def build_parser() -> argparse.ArgumentParser:
     return export_parser()
 
 
+def _transform(args: argparse.Namespace, model: nn.Module):
+    """DINO's eval transform (resize, centre crop); with dense maps the image at --dense-size
+    (resized, no crop) or at its own size cropped to the patch, so the maps cover the image."""
+    if not args.dense_blocks:
+        return datasets.eval_transform(args.crop_size, args.resize)
+    patch = int(model.patch_embed.patch_size)
+    if args.dense_size is not None:
+        h, w = args.dense_size
+        if h % patch or w % patch:
+            raise ExportError(f"--dense-size {h} {w} is not divisible by the patch size {patch}: use multiples of "
+                              f"{patch} (e.g. {max(patch, h // patch * patch)} {max(patch, w // patch * patch)})")
+        return datasets.eval_transform((h, w), (h, w))
+    from torchvision import transforms as T
+
+    def crop(img):
+        return T.functional.center_crop(img, [max(patch, img.height // patch * patch),
+                                              max(patch, img.width // patch * patch)])
+    return T.Compose([T.Lambda(crop), T.ToTensor(), T.Normalize(datasets.IMAGENET_MEAN, datasets.IMAGENET_STD)])
+
+
 def _file_version(checkpoint: str) -> tuple | None:
     """(inode, size, mtime) of a checkpoint file, ``None`` for a model name: tells a replaced file."""
     path = Path(checkpoint).expanduser()
@@ -424,9 +489,12 @@ def main(argv: list[str] | None = None) -> dict:
         raise ExportError(f"--data-path {root} holds train/ and val/: pass --split train or --split val "
                           "(otherwise they would be exported as two classes)")
     check_writable(args.out)   # a read-only --out: one line now, not after the model and the images are read
+    if args.dense_blocks is not None:
+        args.dense_blocks = options.parse_dense_blocks(args.dense_blocks)
+    if args.dtype is None:
+        args.dtype = "float16" if args.dense_blocks else "float32"
     env = runtime.setup_env(args.device, args.seed)
     try:
-        dataset = datasets.open_images(folder, datasets.eval_transform(args.crop_size, args.resize))
         version = _file_version(args.checkpoint)  # the file hashed must be the file loaded
         sha = file_sha256(Path(args.checkpoint).expanduser()) if version is not None else None
         model = backbone.load_frozen_backbone(args.checkpoint, args.arch, args.checkpoint_key, env.device,
@@ -436,16 +504,18 @@ def main(argv: list[str] | None = None) -> dict:
                               "run the export again once it is stable")
         if args.n_last_blocks:
             backbone.check_n_last_blocks(model, args.n_last_blocks)
+        dataset = datasets.open_images(folder, _transform(args, model))   # after the model: the patch size
         formats = FORMATS if args.format == "both" else (args.format,)
         source = {"checkpoint": str(args.checkpoint), "checkpoint_sha256": sha, "arch": args.arch,
                   "checkpoint_key": args.checkpoint_key, "crop_size": args.crop_size,
-                  "resize": datasets.resize_for(args.crop_size, args.resize), "seed": args.seed}
+                  "resize": datasets.resize_for(args.crop_size, args.resize), "seed": args.seed,
+                  **({"dense_size": args.dense_size or "own"} if args.dense_blocks else {})}
         outputs = ("cls", "patch") if args.patch_tokens else ("cls",)
         manifest = export_features(model, dataset, args.out, outputs=outputs, n_last_blocks=args.n_last_blocks,
                                    shard_size=args.shard_size, formats=formats, dtype=args.dtype,
                                    batch_size=args.batch_size, num_workers=args.num_workers, device=env.device,
                                    progress=not args.no_progress, source=source, check_sha=not args.no_verify,
-                                   overwrite=args.overwrite)
+                                   overwrite=args.overwrite, dense_blocks=args.dense_blocks or ())
         if env.is_main:
             print(f"exported {manifest['rows']} images in {manifest['num_shards']} shard(s) to {args.out}")
         return manifest if env.is_main else {}

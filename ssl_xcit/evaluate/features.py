@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -61,9 +61,10 @@ def feature_loader(dataset: Dataset, indices: Sequence[int] | torch.utils.data.S
 
 def iter_outputs(model: nn.Module, loader: DataLoader, names: Sequence[str], device: torch.device | str,
                  n_last_blocks: int = 1, dtype: torch.dtype = torch.float32, progress: bool = True,
-                 desc: str = "features"
+                 desc: str = "features", extra: Callable[[torch.Tensor], dict] | None = None
                  ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, int]]:
-    """Per batch: ``(outputs on the CPU in dtype, labels, dataset indices, corrupt images skipped)``."""
+    """Per batch: ``(outputs on the CPU in dtype, labels, dataset indices, corrupt images skipped)``.
+    ``extra(images)``: more named outputs of the same batch (the export's dense maps)."""
     from tqdm import tqdm
     show = progress and du.is_main_process()
     for batch in tqdm(loader, desc=desc, disable=not show, unit="batch", dynamic_ncols=True):
@@ -72,6 +73,9 @@ def iter_outputs(model: nn.Module, loader: DataLoader, names: Sequence[str], dev
             continue
         images = batch.images.to(device, non_blocking=True)
         out = backbone_outputs(model, images, names, n_last_blocks)
+        if extra is not None:
+            with torch.no_grad():
+                out.update(extra(images))
         yield ({k: v.float().cpu().to(dtype) for k, v in out.items()}, batch.labels, batch.indices,
                batch.n_skipped)
 

@@ -155,7 +155,14 @@ def export_parser() -> argparse.ArgumentParser:
                    help="also export the concatenated CLS tokens of the last n blocks (XCiT: n <= 2)")
     g.add_argument("--format", default="npy", choices=("npy", "safetensors", "both"), help="file format")
     g.add_argument("--shard-size", type=int, default=10000, help="images per shard")
-    g.add_argument("--dtype", default="float32", choices=("float16", "float32"), help="feature dtype")
+    g.add_argument("--dtype", default=None, choices=("float16", "float32"),
+                   help="feature dtype (default: float16 with --dense-blocks, else float32)")
+    g.add_argument("--dense-blocks", default=None, metavar="I,J,...",
+                   help="also export (D, H/p, W/p) maps of these XCA blocks, e.g. 3,5,7,11 (the XCiT paper's), "
+                        "'final' for the final normed patch tokens; images are resized to --dense-size (no crop)")
+    g.add_argument("--dense-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="with --dense-blocks: every image resized to H x W (multiples of the patch); default: "
+                        "each image's own size, cropped to the patch (then all images must share one size)")
     g.add_argument("--no-verify", action="store_true",
                    help="on resume, trust finished shards by size only (skip the sha256 re-read)")
     g.add_argument("--overwrite", action="store_true",
@@ -360,6 +367,12 @@ def check_export_args(args: argparse.Namespace) -> None:
     check_positive(args.shard_size, "--shard-size")
     if args.n_last_blocks < 0:
         raise EvalInputError(f"--n-last-blocks must be >= 0, got {args.n_last_blocks}")
+    if args.dense_size is not None and min(args.dense_size) <= 0:
+        raise EvalInputError(f"--dense-size must be two positive sizes, got {args.dense_size}")
+    if args.dense_blocks is not None:
+        args.dense_blocks = parse_dense_blocks(args.dense_blocks)
+    elif args.dense_size is not None:
+        raise EvalInputError("--dense-size is used with --dense-blocks only")
     _check_sources(args, ())
     root = Path(args.data_path).expanduser()
     if root.is_dir():
@@ -368,6 +381,22 @@ def check_export_args(args: argparse.Namespace) -> None:
         if not args.split and (root / "train").is_dir() and (root / "val").is_dir():
             raise EvalInputError(f"--data-path {args.data_path} holds train/ and val/: pass --split train or "
                                  "--split val (otherwise they would be exported as two classes)")
+
+
+def parse_dense_blocks(text: str | list) -> list[int | str]:
+    """``3,5,7,11`` or ``final,11`` -> [3, 5, 7, 11] / ["final", 11] (already parsed: as it is)."""
+    if isinstance(text, list):
+        return text
+    out: list[int | str] = []
+    for part in (p.strip() for p in str(text).split(",")):
+        if part == "final":
+            out.append(part)
+        elif part.lstrip("-").isdigit():
+            out.append(int(part))
+        else:
+            raise EvalInputError(f"--dense-blocks {text!r}: give XCA block indices and/or 'final', comma-separated "
+                                 "(e.g. 3,5,7,11)")
+    return out
 
 
 def check_classification_args(args: argparse.Namespace) -> None:
@@ -403,7 +432,7 @@ _ARCH = "pass --arch NAME (a zoo architecture, e.g. xcit_small_12_p16)"
 TOOL_HINTS: dict[str, dict[str, str]] = {
     "eval_knn": {"arch": _ARCH},
     "eval_linear": {"arch": _ARCH},
-    "export_features": {"arch": _ARCH},
+    "export_features": {"arch": _ARCH, "dense_size": "pass --dense-size H W"},
     "eval_classification": {
         "allow_pickle": "if you trust the file, pass --allow-pickle",
         "format": "pass --format with one of them",

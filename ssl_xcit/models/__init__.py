@@ -22,6 +22,8 @@ _EXPORTS = {
     # building
     "build_model": "factory", "cache_dir": "factory", "get_model": "factory",
     "load_backbone": "factory", "pretrained_file": "factory",
+    # dense feature maps
+    "DenseFeatures": "dense", "dense_features": "dense",
 }
 __all__ = sorted(_EXPORTS)
 

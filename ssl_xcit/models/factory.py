@@ -109,7 +109,8 @@ def build_model(name: str, num_classes: int | None = None, **overrides: Any) -> 
 
 def get_model(name: str, pretrained: bool | str | os.PathLike = False, num_classes: int | None = None,
               *, download: bool = False, checkpoint_key: str = "teacher", format: str = "auto",
-              strict: bool = True, allow_pickle: bool = False, **overrides: Any) -> XCiT:
+              strict: bool = True, allow_pickle: bool = False, features_only: bool = False,
+              out_indices: Any = None, **overrides: Any) -> XCiT:
     """Build an XCiT by name, optionally with weights.
 
     ``pretrained``: False (random init), True (the published weights of ``name``, from
@@ -118,10 +119,24 @@ def get_model(name: str, pretrained: bool | str | os.PathLike = False, num_class
     backbone returning the final CLS feature; ``None`` the head of the name's published weights
     (1000 classes, or 0 for DINO's backbones). ``overrides`` go to the model constructor
     (``drop_path_rate``, ``img_size``, ...).
+
+    ``features_only=True`` (timm's convention) returns a :class:`ssl_xcit.models.dense.DenseFeatures`
+    instead: one (B, C, H/p, W/p) map per entry of ``out_indices`` (XCA block indices, or ``"final"``
+    for the final normed patch tokens; default the XCiT paper's (3, 5, 7, 11) at depth 12).
     """
+    if out_indices is not None and not features_only:
+        raise ValueError("out_indices is only used with features_only=True")
     model = build_model(name, num_classes=num_classes, **overrides)
-    if pretrained is False or pretrained is None:
-        return model
+    if pretrained is not False and pretrained is not None:
+        _load_pretrained(model, name, pretrained, download, format, checkpoint_key, strict, allow_pickle)
+    if features_only:
+        from .dense import DenseFeatures
+        return DenseFeatures(model, out_indices)
+    return model
+
+
+def _load_pretrained(model: XCiT, name: str, pretrained: Any, download: bool, format: str, checkpoint_key: str,
+                     strict: bool, allow_pickle: bool) -> None:
     if pretrained is True:
         path = pretrained_file(name, download=download)
     elif isinstance(pretrained, (str, os.PathLike)):
@@ -129,7 +144,6 @@ def get_model(name: str, pretrained: bool | str | os.PathLike = False, num_class
     else:
         raise TypeError(f"pretrained must be False, True or a file path, got {pretrained!r}")
     load_into(model, load_state_source(path, format, checkpoint_key, allow_pickle), strict=strict)
-    return model
 
 
 def load_backbone(checkpoint: str | os.PathLike | Mapping, arch: str | None = None,
