@@ -97,12 +97,12 @@ def test_training_imports_nothing_of_the_cluster_launcher():
 
 def test_one_training_machinery():
     """Checkpointing, locking, logging and the stop flags each have one home, used by both loops."""
-    for name, home in (("save_checkpoint", "ssl_xcit.train.checkpoint"), ("RunLogger", "ssl_xcit.train.logger"),
-                       ("StopSignals", "ssl_xcit.train.signals"), ("Run", "ssl_xcit.train.run")):
+    for name, home in (("save_checkpoint", "ssl_xcit.engine.checkpoint"), ("RunLogger", "ssl_xcit.engine.logger"),
+                       ("StopSignals", "ssl_xcit.engine.signals"), ("Run", "ssl_xcit.engine.run")):
         assert _definitions(lambda kind, n: kind in ("ClassDef", "FunctionDef") and n == name) == [f"{home}:{name}"]
     # the lock (shared with make_shards) and training's file name for it
     assert set(_definitions(lambda kind, n: kind == "ClassDef" and n == "OutputDirLock")) == {
-        "ssl_xcit.locks:OutputDirLock", "ssl_xcit.train.lock:OutputDirLock"}
+        "ssl_xcit.locks:OutputDirLock", "ssl_xcit.engine.lock:OutputDirLock"}
     for loop in ("ssl_xcit.train.loop", "ssl_xcit.finetune.loop"):
         imported = {imp.module for imp in _imports(_modules()[loop])}
-        assert "ssl_xcit.train.run" in imported, loop
+        assert "ssl_xcit.engine.run" in imported, loop

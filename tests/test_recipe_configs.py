@@ -48,7 +48,7 @@ def command_line(name: str, variant: str, data: Path, out: Path) -> list[str]:
 
 
 def entry_point(name: str):
-    from ssl_xcit.train import entry
+    from ssl_xcit.commands import train as entry
     return entry.finetune_main if name.startswith("finetune") else entry.main
 
 
@@ -71,7 +71,7 @@ class _Written(BaseException):
 
 @pytest.mark.parametrize("name,variant", CASES)
 def test_recipe_resolves_to_the_golden_config_yaml(name, variant, data, tmp_path, monkeypatch, capsys):
-    from ssl_xcit.train.run import Run
+    from ssl_xcit.engine.run import Run
     written: list[str] = []
 
     def write_config(self, text: str) -> None:

@@ -12,8 +12,8 @@ from submitit.core.utils import DelayedSubmission
 
 from ssl_xcit.cluster.environment import TaskInfo, export_torch_env
 from ssl_xcit.cluster.stopping import StopRendezvous, decide, rendezvous_folder
-from ssl_xcit.evaluate.options import TOOLS
-from ssl_xcit.train.signals import StopSignals
+from ssl_xcit.commands.options import TOOLS
+from ssl_xcit.engine.signals import StopSignals
 
 # evaluation tools the launcher submits: name on the command line -> module with main(argv)
 EVAL_TOOLS = {name: module for name, (module, _parser, _checks) in TOOLS.items()}
@@ -28,7 +28,7 @@ def _log(message: str) -> None:
 
 
 def _default_train(cfg: Any, stop_requested: Callable[[], bool]) -> Any:
-    from ssl_xcit.train.entry import run_training  # heavy import: only inside the job
+    from ssl_xcit.commands.train import run_training  # heavy import: only inside the job
     return run_training(cfg, stop_requested=stop_requested)
 
 
@@ -53,7 +53,7 @@ class TrainTask:
     def job_config(self) -> Any:
         """The run's config, rebuilt in the job from what the user set (defaults fill in the rest)."""
         from ssl_xcit.train.config import config_from_dict
-        from ssl_xcit.train.entry import FINETUNE, PRETRAIN
+        from ssl_xcit.commands.train import FINETUNE, PRETRAIN
         schema = (FINETUNE if self.kind == "finetune" else PRETRAIN).schema
         return config_from_dict(self.config, schema=schema).validate()
 

@@ -24,9 +24,9 @@ from torch.utils.data import DataLoader, Subset
 from ssl_xcit.data.subsets import evenly_spread
 from ssl_xcit.data.folders import Batch, ImageFiles, collate_skip_corrupt
 from ssl_xcit.data.common import is_rank0
-from ssl_xcit.evaluate import options
+from ssl_xcit.commands import options
 from ssl_xcit.evaluate.datasets import transform_for
-from ssl_xcit.evaluate.options import SPECIAL_CHECKPOINTS, EvalInputError  # noqa: F401 (SPECIAL_CHECKPOINTS re-exported)
+from ssl_xcit.commands.options import SPECIAL_CHECKPOINTS, EvalInputError  # noqa: F401 (SPECIAL_CHECKPOINTS re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def run(cfg: ClassificationConfig) -> dict:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> ClassificationConfig:
-    """The command line (torch-free parser and checks: :mod:`ssl_xcit.evaluate.options`)."""
+    """The command line (torch-free parser and checks: :mod:`ssl_xcit.commands.options`)."""
     a = options.parse("eval_classification", None if argv is None else list(argv))
     return ClassificationConfig(**{f.name: getattr(a, f.name) for f in fields(ClassificationConfig)})
 

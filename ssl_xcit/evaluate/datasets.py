@@ -9,7 +9,7 @@ import torch
 
 from ssl_xcit.data.common import IMAGENET_MEAN, IMAGENET_STD
 from ssl_xcit.evaluate.backbone import load_frozen_backbone
-from ssl_xcit.evaluate.options import EvalInputError, check_positive
+from ssl_xcit.commands.options import EvalInputError, check_positive
 from ssl_xcit.evaluate.runtime import EvalEnv
 
 

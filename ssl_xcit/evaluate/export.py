@@ -43,7 +43,8 @@ from torch.utils.data import Dataset
 
 from ssl_xcit import distributed as du
 from ssl_xcit.errors import UserError
-from ssl_xcit.evaluate import backbone, datasets, options, runtime
+from ssl_xcit.commands import options
+from ssl_xcit.evaluate import backbone, datasets, runtime
 from ssl_xcit.atomic import atomic_write, atomic_write_json, check_writable, remove_orphans_in
 
 logger = logging.getLogger(__name__)
@@ -394,9 +395,9 @@ def load_exported(out_dir: str | os.PathLike, verify: bool = False) -> dict[str,
 
 # --------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    """The command line: defined torch-free in :mod:`ssl_xcit.evaluate.options` (``--help`` and bad
+    """The command line: defined torch-free in :mod:`ssl_xcit.commands.options` (``--help`` and bad
     input answer before torch loads); add an option there."""
-    from ssl_xcit.evaluate.options import export_parser
+    from ssl_xcit.commands.options import export_parser
     return export_parser()
 
 

@@ -23,10 +23,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ssl_xcit.evaluate import backbone, datasets, options, runtime
+from ssl_xcit.commands import options
+from ssl_xcit.evaluate import backbone, datasets, runtime
 from ssl_xcit.evaluate.knn_index import (AUTO_MIN_TRAIN, CellIndex, FeatureIndex,  # noqa: F401 (re-exported)
                                          IndexConfig, build_index, faiss_gpu_available)
-from ssl_xcit.evaluate.options import DEFAULT_KS, DEFAULT_TEMPERATURE, EvalInputError
+from ssl_xcit.commands.options import DEFAULT_KS, DEFAULT_TEMPERATURE, EvalInputError
 from ssl_xcit.atomic import atomic_torch_save, atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -165,7 +166,7 @@ def load_dumped(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 # --------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    """The command line (torch-free, in :mod:`ssl_xcit.evaluate.options`)."""
+    """The command line (torch-free, in :mod:`ssl_xcit.commands.options`)."""
     return options.knn_parser()
 
 

@@ -34,8 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssl_xcit import distributed as du
-from ssl_xcit.evaluate import backbone, datasets, options, runtime
-from ssl_xcit.evaluate.options import DEFAULT_LR_GRID, DEFAULT_WD_GRID, EvalInputError
+from ssl_xcit.commands import options
+from ssl_xcit.evaluate import backbone, datasets, runtime
+from ssl_xcit.commands.options import DEFAULT_LR_GRID, DEFAULT_WD_GRID, EvalInputError
 from ssl_xcit.atomic import atomic_torch_save, atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -377,12 +378,12 @@ def full_linear_eval(args: argparse.Namespace, env: runtime.EvalEnv, out_dir: Pa
 
 # --------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    """The command line (torch-free, in :mod:`ssl_xcit.evaluate.options`)."""
+    """The command line (torch-free, in :mod:`ssl_xcit.commands.options`)."""
     return options.linear_parser()
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    """The checks of :mod:`ssl_xcit.evaluate.options`, and the batch size each mode defaults to."""
+    """The checks of :mod:`ssl_xcit.commands.options`, and the batch size each mode defaults to."""
     options.check_linear_args(args)
     if args.batch_size is None:
         args.batch_size = 128 if args.mode == "full" else 1024

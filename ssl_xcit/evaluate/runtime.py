@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from ssl_xcit import distributed as du
-from ssl_xcit.evaluate.options import pick_device
+from ssl_xcit.commands.options import pick_device
 
 
 @dataclass(frozen=True)

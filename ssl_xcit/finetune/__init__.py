@@ -1,2 +1,2 @@
 """Supervised fine-tuning of a (DINO-)pretrained XCiT into a classifier, on the run machinery
-pretraining has (:mod:`ssl_xcit.train.run`): ``launch/finetune.py``, :func:`ssl_xcit.finetune.loop.train`."""
+pretraining has (:mod:`ssl_xcit.engine.run`): ``launch/finetune.py``, :func:`ssl_xcit.finetune.loop.train`."""

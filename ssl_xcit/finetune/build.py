@@ -1,7 +1,7 @@
 """The pieces of a fine-tuning run, built from its config: the labelled images (few-label subset,
 timm's transforms), the classifier (from any file ``load_backbone`` reads, or random for a
 baseline), its EMA, timm's AdamW with layer-wise lr decay, the lr schedule and timm's mixup/cutmix.
-:class:`Finetune` holds them and is what the run machinery (:mod:`ssl_xcit.train.run`)
+:class:`Finetune` holds them and is what the run machinery (:mod:`ssl_xcit.engine.run`)
 checkpoints and resumes; the loop that trains them is :mod:`ssl_xcit.finetune.loop`.
 """
 from __future__ import annotations
@@ -26,14 +26,14 @@ from ssl_xcit.models import build_model
 from ssl_xcit.models.checkpoints import infer_arch, load_into, load_state_source
 from ssl_xcit.models.zoo import resolve_arch
 from ssl_xcit.train.build import place_models, state_dict_mismatch, training_loader, training_sampler
-from ssl_xcit.train.checkpoint import CheckpointError
+from ssl_xcit.engine.checkpoint import CheckpointError
 from ssl_xcit.train.config import ConfigError, user_set_keys
-from ssl_xcit.train.run import Run
+from ssl_xcit.engine.run import Run
 
 
 @dataclass
 class Finetune:
-    """What fine-tuning trains and on what: the run's :class:`~ssl_xcit.train.run.Trainable`."""
+    """What fine-tuning trains and on what: the run's :class:`~ssl_xcit.engine.run.Trainable`."""
     cfg: FinetuneConfig
     train_set: Any
     val_set: Any

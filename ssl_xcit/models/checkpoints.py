@@ -54,7 +54,7 @@ class CheckpointError(UserError, ValueError, RuntimeError):
     """A checkpoint that cannot be read or does not fit the model or run; the message names the file.
 
     The one class for every checkpoint error of the project (model loading here, a training's resume in
-    :mod:`ssl_xcit.train.checkpoint`, which re-exports it): a ``ValueError`` and a ``RuntimeError``,
+    :mod:`ssl_xcit.engine.checkpoint`, which re-exports it): a ``ValueError`` and a ``RuntimeError``,
     the two its callers caught before there was one.
     """
 

@@ -1,7 +1,7 @@
 """DINO's pieces, built from the config in the order that fixes the RNG streams: the images and
 their multi-crop views, student and teacher (backbone + DINO head), the loss with its centre, the
 optimizer and the schedules, with ``recipe: auto``'s choices filled in first. :class:`Dino` holds
-them and is what the run machinery (:mod:`ssl_xcit.train.run`) checkpoints and resumes; the loop
+them and is what the run machinery (:mod:`ssl_xcit.engine.run`) checkpoints and resumes; the loop
 that trains them is :mod:`ssl_xcit.train.loop`.
 """
 from __future__ import annotations
@@ -30,11 +30,11 @@ from ssl_xcit.dino.optim import gradient_clip_groups, param_groups_for_weight_de
 from ssl_xcit.dino.schedules import cosine_schedule
 from ssl_xcit.models import get_model
 from ssl_xcit.train import recipe as recipe_rules
-from ssl_xcit.train.checkpoint import CheckpointError
+from ssl_xcit.engine.checkpoint import CheckpointError
 from ssl_xcit.train.config import ConfigError, DinoConfig, user_set_keys, validate
 from ssl_xcit.train.pretrained import PretrainedFile, check_arch, load_into_dino, read_pretrained
-from ssl_xcit.train.run import DataSetError, Run, worker_ignores_stop_signals
-from ssl_xcit.train.sync_bn import convert_sync_batchnorm
+from ssl_xcit.engine.run import DataSetError, Run, worker_ignores_stop_signals
+from ssl_xcit.engine.sync_bn import convert_sync_batchnorm
 
 
 @dataclass
@@ -195,7 +195,7 @@ def build_loss(cfg: DinoConfig) -> DINOLoss:
 
 @dataclass
 class Dino:
-    """What DINO trains and on what: the run's :class:`~ssl_xcit.train.run.Trainable`."""
+    """What DINO trains and on what: the run's :class:`~ssl_xcit.engine.run.Trainable`."""
     cfg: DinoConfig
     dataset: ImageFiles
     sampler: ResumableDistributedSampler
@@ -338,7 +338,7 @@ def _pretrained_start(cfg: DinoConfig, run: Run) -> PretrainedFile | dict | None
 def training_loader(dataset: Any, sampler: ResumableDistributedSampler, batch_size: int, num_workers: int,
                     device: torch.device, seed: int) -> DataLoader:
     """The loader of a training run: unreadable images skipped and counted, workers that leave a
-    stop signal to the main process (:func:`~ssl_xcit.train.run.worker_ignores_stop_signals`)."""
+    stop signal to the main process (:func:`~ssl_xcit.engine.run.worker_ignores_stop_signals`)."""
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       collate_fn=collate_skip_corrupt, pin_memory=device.type == "cuda", drop_last=False,
                       persistent_workers=False, worker_init_fn=worker_ignores_stop_signals,

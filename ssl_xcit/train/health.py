@@ -10,7 +10,7 @@ import warnings
 from typing import TYPE_CHECKING, Protocol
 
 from ssl_xcit.data.subsets import evenly_spread
-from ssl_xcit.train.logger import RunLogger
+from ssl_xcit.engine.logger import RunLogger
 
 if TYPE_CHECKING:
     from ssl_xcit.train.config import DinoConfig

@@ -1,5 +1,5 @@
 """The DINO training loop, readable top to bottom as DINO's ``train_dino`` and ``train_one_epoch``:
-open the run (lock the output folder, :class:`~ssl_xcit.train.run.Run`), build DINO's pieces
+open the run (lock the output folder, :class:`~ssl_xcit.engine.run.Run`), build DINO's pieces
 (:func:`~ssl_xcit.train.build.build_dino`), resume if the folder holds a checkpoint, open the logs,
 then the epochs: each step is DINO's forward and loss, a look at the loss on every rank before
 ``backward`` (:meth:`Run.check_loss`), the update (:mod:`ssl_xcit.train.step`), logging and saving.
@@ -7,7 +7,7 @@ then the epochs: each step is DINO's forward and loss, a look at the loss on eve
 What only DINO has lives here: the k-NN monitor of the teacher (:mod:`ssl_xcit.train.monitor`), the
 time budget with its re-plans (:mod:`ssl_xcit.train.budget`) and DINO's health warnings (collapse,
 a diverging loss; :mod:`ssl_xcit.train.health`). The run machinery -- folder, lock, logs,
-checkpoints, the NaN guard, stop requests, unreadable images -- is :mod:`ssl_xcit.train.run`, which
+checkpoints, the NaN guard, stop requests, unreadable images -- is :mod:`ssl_xcit.engine.run`, which
 the fine-tuning loop shares.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from ssl_xcit.train.build import (Dino, Schedules, build_dino, build_loss, build
 from ssl_xcit.train.config import MAX_EPOCHS, DinoConfig, user_set_keys
 from ssl_xcit.train.health import warn_if_collapsed, warn_if_diverging
 from ssl_xcit.train.monitor import KnnMonitor
-from ssl_xcit.train.run import DataSetError, NonFiniteLossError, Run, TrainResult  # noqa: F401
+from ssl_xcit.engine.run import DataSetError, NonFiniteLossError, Run, TrainResult  # noqa: F401
 from ssl_xcit.train.step import StepHParams, apply_update, forward_loss
 
 

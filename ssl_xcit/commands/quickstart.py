@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from ssl_xcit.atomic import atomic_write_json, check_writable
 from ssl_xcit.cli import ArgumentParser
-from ssl_xcit.evaluate.options import EvalInputError, MissingPathError, check_data_path, check_output_folder
+from ssl_xcit.commands.options import EvalInputError, MissingPathError, check_data_path, check_output_folder
 from ssl_xcit.train.config import find_recipe, load_config, recipes_dir
 
 if TYPE_CHECKING:  # torch loads only when the work starts: --help answers at once

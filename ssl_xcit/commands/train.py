@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ssl_xcit.cli import ArgumentParser
 from ssl_xcit.finetune.config import FinetuneConfig
-from ssl_xcit.train import flags
+from ssl_xcit.commands import flags
 from ssl_xcit.train.config import DinoConfig, find_recipe, load_config
 
 if TYPE_CHECKING:
-    from ssl_xcit.train.run import TrainResult
+    from ssl_xcit.engine.run import TrainResult
 
 _COMMON = ("Runs alone, or under torchrun for several GPUs/nodes; resumes from the checkpoint in output_dir "
            "when there is one. SIGTERM, SIGUSR2, SIGHUP or Ctrl-C save a checkpoint at the next step and exit "
@@ -78,7 +78,7 @@ def run_training(cfg: DinoConfig | FinetuneConfig, stop_requested: Callable[[], 
 
 def build_parser(prog: str | None = None, command: Command = PRETRAIN) -> argparse.ArgumentParser:
     """The command line's help: ``--config``, ``key=value`` overrides and one ``--key`` option per
-    config key with its meaning and default (:func:`ssl_xcit.train.flags.add_config_options`)."""
+    config key with its meaning and default (:func:`ssl_xcit.commands.flags.add_config_options`)."""
     prog = prog or command.prog
     parser = ArgumentParser(
         prog=prog, usage=f"{prog} [-h] [--config RECIPE] [--KEY VALUE ...] [key=value ...]",
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None, prog: str | None = None, command: Comman
     """
     prog = prog or command.prog
     cfg = parse_config(list(sys.argv[1:] if argv is None else argv), prog, command)
-    from ssl_xcit.train.signals import StopSignals
+    from ssl_xcit.engine.signals import StopSignals
 
     is_rank0 = os.environ.get("RANK", "0") in ("", "0")   # data.common.is_rank0's rule; that module loads torch
     quiet: Callable[[str], None] = lambda _msg: None   # noqa: E731
