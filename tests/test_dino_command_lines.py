@@ -14,7 +14,8 @@ import torch
 
 from ssl_xcit import cli
 from ssl_xcit.commands import flags
-from ssl_xcit.train.config import DinoConfig, config_fields, load_config, user_set_keys
+from ssl_xcit.engine.config import config_fields
+from ssl_xcit.train.config import DinoConfig, load_config, user_set_keys
 from ssl_xcit.commands.train import build_parser, parse_config
 from tests.conftest import make_subset
 
@@ -76,7 +77,7 @@ def test_bad_flags_are_one_line(argv, message, capsys):
 def test_help_lists_every_config_key_with_its_default_and_meaning():
     text = " ".join(build_parser().format_help().split())
     cfg = DinoConfig()
-    for section, f, _ in config_fields():
+    for section, f, _ in config_fields(DinoConfig):
         default = getattr(getattr(cfg, section), f.name)
         shown = flags._shown(default)
         assert f"--{f.name} " in text, f.name

@@ -52,7 +52,7 @@ class TrainTask:
 
     def job_config(self) -> Any:
         """The run's config, rebuilt in the job from what the user set (defaults fill in the rest)."""
-        from ssl_xcit.train.config import config_from_dict
+        from ssl_xcit.engine.config import config_from_dict
         from ssl_xcit.commands.train import FINETUNE, PRETRAIN
         schema = (FINETUNE if self.kind == "finetune" else PRETRAIN).schema
         return config_from_dict(self.config, schema=schema).validate()

@@ -164,7 +164,7 @@ def prepare_training(args: argparse.Namespace, words: list[str], tool: str | Non
                      train_fn: Callable[..., Any] | None = None) -> Prepared:
     """The job of a training command line (``tool``: None for pretraining, ``finetune``), its words
     read exactly as ``launch/train.py`` / ``launch/finetune.py`` read them."""
-    from ssl_xcit.train.config import ConfigError, user_values
+    from ssl_xcit.engine.config import ConfigError, user_values
     from ssl_xcit.commands.train import FINETUNE, PRETRAIN, parse_config
 
     command = FINETUNE if tool == "finetune" else PRETRAIN

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any, Callable
 from ssl_xcit.cli import ArgumentParser
 from ssl_xcit.finetune.config import FinetuneConfig
 from ssl_xcit.commands import flags
-from ssl_xcit.train.config import DinoConfig, find_recipe, load_config
+from ssl_xcit.engine.config import find_recipe, load_config
+from ssl_xcit.train.config import DinoConfig
 
 if TYPE_CHECKING:
     from ssl_xcit.engine.run import TrainResult

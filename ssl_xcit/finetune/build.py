@@ -27,7 +27,7 @@ from ssl_xcit.models.checkpoints import infer_arch, load_into, load_state_source
 from ssl_xcit.models.zoo import resolve_arch
 from ssl_xcit.train.build import place_models, state_dict_mismatch, training_loader, training_sampler
 from ssl_xcit.engine.checkpoint import CheckpointError
-from ssl_xcit.train.config import ConfigError, user_set_keys
+from ssl_xcit.engine.config import ConfigError, user_set_keys
 from ssl_xcit.engine.run import Run
 
 

@@ -57,7 +57,7 @@ def apply(cfg: Any, train_set: Any) -> str | None:
     if cfg.run.recipe != "auto" or len(train_set) >= AUTO_MAX_IMAGES:
         return None
     from ssl_xcit.models.zoo import resolve
-    from ssl_xcit.train.config import user_set_keys
+    from ssl_xcit.engine.config import user_set_keys
     facts = data_facts(train_set)
     chosen = choose(facts.images, facts.image_side, resolve(cfg.model.arch).arch.patch_size, cfg.optim.epochs,
                     pretrained=bool(cfg.model.pretrained_weights))
