@@ -96,7 +96,7 @@ def _layer(name: str, depth: int, n_ca: int = 2) -> int:
 
 def test_layer_decay_gives_each_block_the_documented_lr(cifar_small, tmp_path):
     from ssl_xcit.models import build_model
-    from ssl_xcit.train.step import apply_schedules
+    from ssl_xcit.engine.step import apply_schedules
     cfg = ft_config(cifar_small, tmp_path / "run", layer_decay=0.75)
     model = build_model("xcit_nano_12_p16", num_classes=10)
     opt = build_optimizer(cfg, model)

@@ -219,7 +219,7 @@ def test_the_unreadable_tallies_add_up_to_the_count_they_follow(cifar_small, tmp
     """"all 8 images tried of the 11 ... (10 x cannot identify, 1 x truncated)": the tallies were of a
     second look at all 11, which the message did not say. Each tally now follows the count it adds up to."""
     from ssl_xcit.data.folders import ImageFiles
-    from ssl_xcit.train.health import unreadable_message
+    from ssl_xcit.engine.unreadable import unreadable_message
     data = tmp_path / "eleven"
     data.mkdir()
     real = sorted((cifar_small / "train" / "cat").iterdir())

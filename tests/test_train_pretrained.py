@@ -170,7 +170,7 @@ def test_a_continued_run_records_the_file_and_resumes_bit_for_bit_without_it(cif
     first = train(tiny_config(cifar_small, pieces, pretrained_weights=weights, recipe="auto"),
                   stop_requested=stop_after_five)
     assert first.status == "stopped"
-    from ssl_xcit.evaluate.export import file_sha256
+    from ssl_xcit.atomic import file_sha256
     sha = file_sha256(weights)
     Path(weights).rename(tmp_path / "moved.pth")     # a resumed run does not read the file again
     capsys.readouterr()
@@ -206,7 +206,7 @@ def test_frozen_backbone_steps_leave_the_backbone_and_train_the_head(cifar_small
 
 def test_backbone_lr_scale_scales_the_backbone_groups_only(cifar_small, tmp_path):
     from ssl_xcit.train.build import build_optimizer
-    from ssl_xcit.train.step import apply_schedules
+    from ssl_xcit.engine.step import apply_schedules
     cfg = tiny_config(cifar_small, tmp_path / "run", backbone_lr_scale=0.1)
     student, _ = build_models(cfg)
     opt = build_optimizer(cfg, student)

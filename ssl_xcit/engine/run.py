@@ -41,7 +41,7 @@ from ssl_xcit.errors import UserError
 from ssl_xcit.evaluate.report import write_report_at_end_of_run
 from ssl_xcit.engine.checkpoint import (CHECKPOINT_NAME, CheckpointError, capture_rng_state, load_checkpoint,
                                        restore_rng_state, save_checkpoint)
-from ssl_xcit.train.health import unreadable_message, warn_if_mostly_unreadable
+from ssl_xcit.engine.unreadable import unreadable_message, warn_if_mostly_unreadable
 from ssl_xcit.engine.lock import LOCK_NAME, OutputDirLock
 from ssl_xcit.engine.logger import RunLogger
 
@@ -233,6 +233,19 @@ class Run:
         if self._saved is None and self.ckpt_path.exists():
             self._saved = load_checkpoint(self.ckpt_path, map_location="cpu")
         return self._saved
+
+    def pretrained_start(self, path: str, read: Callable[[], Any]) -> Any:
+        """The file a new run starts from (``read()``: read now), or, when the run resumes, the
+        facts its checkpoint recorded about it (so the run is the same without reading the file again)."""
+        if not path:
+            return None
+        saved = self.saved_state()
+        if saved is None:
+            return read()
+        if self.is_main:
+            print(f"[ssl_xcit] {self.ckpt_path} exists: resuming it; pretrained_weights={path} is not used again",
+                  flush=True)
+        return saved.get("pretrained")
 
     def resume(self) -> tuple[dict | None, dict | None]:
         """Load checkpoint.pth if there is one: everything that shapes the next step comes back.

@@ -45,7 +45,7 @@ from ssl_xcit import distributed as du
 from ssl_xcit.errors import UserError
 from ssl_xcit.commands import options
 from ssl_xcit.evaluate import backbone, datasets, runtime
-from ssl_xcit.atomic import atomic_write, atomic_write_json, check_writable, remove_orphans_in
+from ssl_xcit.atomic import atomic_write, atomic_write_json, check_writable, file_sha256, remove_orphans_in
 
 logger = logging.getLogger(__name__)
 
@@ -90,19 +90,6 @@ def shard_name(i: int) -> str:
     return f"shard-{i:05d}"
 
 
-def _sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file, streamed (about 1 s per GB): the identity of the checkpoint an export reads."""
-    return _sha256(Path(path))
-
-
 def weights_sha256(model: nn.Module) -> str:
     """sha256 over the model's state dict (names, dtypes, shapes, bytes): which weights the features
     come from, whatever file or object they were loaded from."""
@@ -115,7 +102,7 @@ def weights_sha256(model: nn.Module) -> str:
 
 
 def _file_record(path: Path) -> dict:
-    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def _write_npy(path: Path, arr: np.ndarray) -> None:
@@ -146,7 +133,7 @@ def shard_is_done(out_dir: Path, i: int, check_sha: bool = True) -> dict | None:
             p = out_dir / fname
             if not p.is_file() or p.stat().st_size != want["bytes"]:
                 return None
-            if check_sha and _sha256(p) != want["sha256"]:
+            if check_sha and file_sha256(p) != want["sha256"]:
                 return None
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -375,7 +362,7 @@ def load_exported(out_dir: str | os.PathLike, verify: bool = False) -> dict[str,
         stem = shard_name(rec["shard"])
         for fname, want in rec["files"].items():
             p = out_dir / fname
-            if not p.is_file() or p.stat().st_size != want["bytes"] or (verify and _sha256(p) != want["sha256"]):
+            if not p.is_file() or p.stat().st_size != want["bytes"] or (verify and file_sha256(p) != want["sha256"]):
                 raise RuntimeError(f"{p} is missing or changed since the export (size/checksum mismatch)")
         if "npy" in cfg["formats"]:
             for n in names:
