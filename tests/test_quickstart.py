@@ -17,7 +17,7 @@ import torch
 from ssl_xcit import cli
 from ssl_xcit.commands import quickstart as qs
 from ssl_xcit.cli import UsageError
-from ssl_xcit.commands.options import EvalInputError
+from ssl_xcit.evaluate.inputs import EvalInputError
 from ssl_xcit.commands.quickstart import DEFAULT_CONFIG, main as quickstart, parse_args, training_config
 from ssl_xcit.train.config import load_config
 from ssl_xcit.train.loop import train

@@ -244,7 +244,7 @@ def _rank_main(rank: int, port: int, data, out, weights):
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from ssl_xcit.commands.train import run_training
+    from ssl_xcit.engine.launch import run_training
     run_training(tiny_config(data, out, batch_size_per_gpu=2, max_steps=3, pretrained_weights=weights,
                              recipe="auto"))
 

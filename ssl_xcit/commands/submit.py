@@ -28,8 +28,11 @@ from submitit.core.utils import FailedJobError
 from ssl_xcit import cli
 from ssl_xcit.cluster.executor import (CLUSTERS, JobSpec, SubmitError, check_partition, choose_cluster,
                                        make_executor, render_sbatch, reword_sbatch_error)
-from ssl_xcit.cluster.tasks import EVAL_TOOLS, EvalTask, TrainTask
+from ssl_xcit.cluster.tasks import EvalTask, TrainTask
 from ssl_xcit.commands import options as eval_options
+
+# evaluation tools the launcher submits: name on the command line -> module with main(argv)
+EVAL_TOOLS = {name: module for name, (module, _parser, _checks) in eval_options.TOOLS.items()}
 
 PROG = cli.command_name("launch/submit.py")   # ssl-xcit-submit when installed and run as it
 
@@ -231,7 +234,7 @@ def prepare_eval(args: argparse.Namespace, tool: str, tool_argv: list[str], word
     job_dir = Path(args.job_dir or (Path(tool_out) / "slurm" if tool_out else Path("runs", "slurm", tool)))
     job_dir = job_dir.expanduser().resolve()
     spec = job_spec(args, default_name=tool)
-    return Prepared(EvalTask(tool, tool_argv), spec, job_dir, f"{tool} {' '.join(tool_argv)}".strip())
+    return Prepared(EvalTask(tool, tool_argv, EVAL_TOOLS[tool]), spec, job_dir, f"{tool} {' '.join(tool_argv)}".strip())
 
 
 def prepare(argv: list[str], train_fn: Callable[..., Any] | None = None) -> tuple[argparse.Namespace, Prepared]:

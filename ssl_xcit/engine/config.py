@@ -50,6 +50,18 @@ def need(cond: bool, msg: str) -> None:
 
 
 @dataclass
+class OptimConfigBase:
+    """The optimizer keys every loop has, first in its ``optim`` section (a loop's section subclasses
+    this, adds its own keys after these and may give these its own default)."""
+    epochs: int = config_field(100, "training epochs")
+    batch_size_per_gpu: int = config_field(64, "images per process (per GPU) and step")
+    lr: float = config_field(5e-4, "peak learning rate at a global batch of 256; scaled linearly")
+    min_lr: float = config_field(1e-6, "learning rate at the end of the cosine schedule")
+    warmup_epochs: int = config_field(10, "epochs of the linear learning-rate warm-up")
+    weight_decay: float = config_field(0.04, "weight decay")
+
+
+@dataclass
 class RunConfig:
     output_dir: str = config_field("runs/dino", "folder of config.yaml, log.jsonl, checkpoints (a run there resumes)")
     seed: int = config_field(0, "random seed (weights, data order, augmentations)")
@@ -74,6 +86,7 @@ class ConfigTree:
     (:class:`ssl_xcit.finetune.config.FinetuneConfig`) are both built by :func:`load_config`."""
 
     PATH_KEYS: tuple[str, ...] = ()    # the keys that name files or folders (see :func:`pin_paths`)
+    LOOP: str = ""                     # "module:function" of the loop that trains it (engine.launch.run_training)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

@@ -102,7 +102,7 @@ class _Counters:
     warned_unreadable: bool = False
 
 
-class Run:
+class Run(dist_utils.OnRank):
     """One training run's folder, position, guards and checkpoints (see the module docstring).
 
     Built by :meth:`open` (which locks the folder), given its data and what it trains by
@@ -133,10 +133,6 @@ class Run:
         self._weights_rms: float | None = None
         self._progress: Any = None
         self._saved: dict | None = None
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
     @property
     def epoch(self) -> int:

@@ -43,8 +43,8 @@ from torch.utils.data import Dataset
 
 from ssl_xcit import distributed as du
 from ssl_xcit.errors import UserError
-from ssl_xcit.commands import options
 from ssl_xcit.evaluate import backbone, datasets, runtime
+from ssl_xcit.evaluate.inputs import check_positive
 from ssl_xcit.atomic import atomic_write, atomic_write_json, check_writable, file_sha256, remove_orphans_in
 
 logger = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ class ExportConfig:
         if ("last_blocks" in self.outputs) != (self.n_last_blocks > 0):
             raise ExportError("'last_blocks' is exported exactly when n_last_blocks > 0 "
                              f"(outputs={self.outputs}, n_last_blocks={self.n_last_blocks})")
-        options.check_positive(self.shard_size, "--shard-size")
+        check_positive(self.shard_size, "--shard-size")
         if not self.formats or any(f not in FORMATS for f in self.formats):
             raise ExportError(f"--format must be npy, safetensors or both; got {self.formats}")
         if self.dtype not in DTYPES:
@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if args.batch_size is None:
         args.batch_size = 128
-    options.check_positive(args.batch_size, "--batch-size")
+    check_positive(args.batch_size, "--batch-size")
     if args.n_last_blocks < 0:
         raise ExportError(f"--n-last-blocks must be >= 0, got {args.n_last_blocks}")
     root = datasets.resolve_root(args.data_path)

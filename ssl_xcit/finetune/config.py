@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ssl_xcit.engine.config import (MAX_EPOCHS, ConfigTree, RunConfig, check_arch_name, check_finite, config_field,
-                                     need, user_set_keys, validate_run)
+from ssl_xcit.engine.config import (MAX_EPOCHS, ConfigTree, OptimConfigBase, RunConfig, check_arch_name,
+                                     check_finite, config_field, need, user_set_keys, validate_run)
 
 
 @dataclass
@@ -52,11 +52,7 @@ class MixupConfig:
 
 
 @dataclass
-class FinetuneOptimConfig:
-    epochs: int = config_field(100, "training epochs")
-    batch_size_per_gpu: int = config_field(64, "images per process (per GPU) and step")
-    lr: float = config_field(5e-4, "peak learning rate at a global batch of 256; scaled linearly")
-    min_lr: float = config_field(1e-6, "learning rate at the end of the cosine schedule")
+class FinetuneOptimConfig(OptimConfigBase):
     warmup_epochs: int = config_field(5, "epochs of the linear learning-rate warm-up")
     weight_decay: float = config_field(0.05, "AdamW weight decay (not on biases, norms, cls token, positional encoding)")
     layer_decay: float = config_field(0.75, "layer-wise lr decay: block i of L learns at lr x layer_decay^(L-i) (1: off)")
@@ -82,6 +78,7 @@ class FinetuneConfig(ConfigTree):
     eval: FinetuneEvalConfig = field(default_factory=FinetuneEvalConfig)
 
     PATH_KEYS = ("data.data_path", "run.output_dir", "model.pretrained_weights")
+    LOOP = "ssl_xcit.finetune.loop:train"
 
     def validate(self) -> "FinetuneConfig":
         """Cross-field checks with messages a user can act on."""

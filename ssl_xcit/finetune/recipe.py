@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ssl_xcit.train.recipe import AUTO_MAX_IMAGES, Choice, data_facts, set_unset
+from ssl_xcit.engine.recipe import AUTO_MAX_IMAGES, Choice, data_facts, set_unset
 
 WARMUP_FRACTION = 0.05   # DeiT: 5 of 100-300 epochs
 SHORT_RUN_EPOCHS = 10    # measured at 1 epoch (600 steps on CIFAR-10); 10 is a margin, not a measurement

@@ -11,9 +11,9 @@ import functools
 from dataclasses import dataclass, field
 
 from ssl_xcit.engine import config as config_loader
-from ssl_xcit.engine.config import (MAX_EPOCHS, ConfigError, ConfigTree, RunConfig, arch_patch_size,  # noqa: F401
-                                    check_arch_name, check_finite, config_field, find_recipe, need, recipes_dir,
-                                    user_set_keys, user_values, validate_run)
+from ssl_xcit.engine.config import (MAX_EPOCHS, ConfigError, ConfigTree, OptimConfigBase, RunConfig,  # noqa: F401
+                                    arch_patch_size, check_arch_name, check_finite, config_field, find_recipe, need,
+                                    recipes_dir, user_set_keys, user_values, validate_run)
 
 
 @dataclass
@@ -60,12 +60,7 @@ class DinoLossConfig:
 
 
 @dataclass
-class OptimConfig:
-    epochs: int = config_field(100, "training epochs")
-    batch_size_per_gpu: int = config_field(64, "images per process (per GPU) and step")
-    lr: float = config_field(5e-4, "peak learning rate at a global batch of 256; scaled linearly")
-    min_lr: float = config_field(1e-6, "learning rate at the end of the cosine schedule")
-    warmup_epochs: int = config_field(10, "epochs of the linear learning-rate warm-up")
+class OptimConfig(OptimConfigBase):
     weight_decay: float = config_field(0.04, "weight decay at the start (cosine schedule)")
     weight_decay_end: float = config_field(0.4, "weight decay at the end")
     clip_grad: float = config_field(3.0, "per-parameter gradient-norm clip (0 disables)")
@@ -101,6 +96,7 @@ class DinoConfig(ConfigTree):
 
     # the keys that name files or folders: made absolute where the command is typed
     PATH_KEYS = ("data.data_path", "run.output_dir", "eval.eval_data_path", "model.pretrained_weights")
+    LOOP = "ssl_xcit.train.loop:train"
 
     def validate(self) -> "DinoConfig":
         return validate(self)

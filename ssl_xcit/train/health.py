@@ -50,9 +50,8 @@ def warn_if_collapsed(values: dict, cfg: DinoConfig, step: int, logger: RunLogge
 
     The loss alone does not tell: a healthy small run sits near ln K (the quickstart: 0.98 ln K).
     Checked at log steps from ``COLLAPSE_FIRST_STEP`` on (the first steps move a fresh teacher
-    fast). Returns True when the caller need not check again: it warned now (console line,
-    RuntimeWarning, ``collapse_warning`` event), or this run's log.jsonl already holds a collapse
-    warning (a resumed run is not told twice). Nothing is changed or restarted.
+    fast). Returns True when the caller need not check again: it warned now (console line, RuntimeWarning,
+    ``collapse_warning`` event), or this run's log.jsonl already holds one (a resumed run is not told twice).
     """
     if not is_main or step < COLLAPSE_FIRST_STEP:
         return False
