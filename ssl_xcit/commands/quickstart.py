@@ -31,7 +31,7 @@ from ssl_xcit.train.config import find_recipe, load_config, recipes_dir
 if TYPE_CHECKING:  # torch loads only when the work starts: --help answers at once
     import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = recipes_dir() / "quickstart.yaml"
 # only a source checkout has the project's data folder beside it; an installed package reads --data
 DEFAULT_DATA: Path | None = (REPO.parent / "shared" / "data" / "cifar10.tar.gz"
