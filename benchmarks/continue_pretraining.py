@@ -106,7 +106,7 @@ def continue_run(arm: str, setting: str, seed: int, args, roots: dict, out: Path
 
 def knn(checkpoint: str, root: Path, args):
     import torch
-    from ssl_xcit.quickstart import knn_predictions
+    from ssl_xcit.commands.quickstart import knn_predictions
     preds, val_y = knn_predictions(checkpoint, root, args.crop, args.knn_train_images, args.knn_val_images, [20],
                                    torch.device("cpu"), num_workers=1)
     return preds[20], val_y
@@ -124,7 +124,7 @@ def evaluate(checkpoint: Path, roots: dict, args, cache: dict) -> dict:
 
 
 def table(results: dict, start: dict, args) -> str:
-    from ssl_xcit.quickstart import paired_gain
+    from ssl_xcit.commands.quickstart import paired_gain
     import torch
     lines = [f"k-NN top-1 (k=20, {args.knn_train_images} train / {args.knn_val_images} val images per domain, "
              f"{args.crop} px); continued {args.steps} steps; paired McNemar p of the change from the start",

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.start.is_file():
         sys.exit(f"{args.start} not found: run python launch/quickstart.py first, or pass --start")
     from benchmarks.continue_pretraining import unpack
-    from ssl_xcit.quickstart import paired_gain
+    from ssl_xcit.commands.quickstart import paired_gain
     import torch
     root = unpack(args.data, args.cache, args.name)
     args.start = args.start.resolve()

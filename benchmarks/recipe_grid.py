@@ -143,7 +143,7 @@ def _scores(feats) -> dict[str, float]:
 
 def run_one(name: str, overrides: list[str], args) -> dict:
     import torch
-    from ssl_xcit.quickstart import DEFAULT_CONFIG
+    from ssl_xcit.commands.quickstart import DEFAULT_CONFIG
     from ssl_xcit.train.config import load_config
     from ssl_xcit.train.loop import pick_device, train
     torch.set_num_threads(args.threads)

@@ -42,7 +42,7 @@ RECIPES = {
 
 def run_one(recipe: str, seed: int, args, root: Path, out: Path) -> dict:
     import torch
-    from ssl_xcit.quickstart import knn_predictions, paired_gain
+    from ssl_xcit.commands.quickstart import knn_predictions, paired_gain
     from ssl_xcit.train.config import load_config
     from ssl_xcit.train.loop import train
 

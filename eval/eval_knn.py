@@ -9,7 +9,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 from ssl_xcit import cli  # noqa: E402
-from ssl_xcit.evaluate.options import run_tool  # noqa: E402  (no torch: --help and bad input answer at once)
+from ssl_xcit.commands.options import run_tool  # noqa: E402  (no torch: --help and bad input answer at once)
 
 
 def main(argv: list[str]) -> object:

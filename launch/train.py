@@ -13,4 +13,4 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ssl_xcit import cli  # noqa: E402  (imports nothing heavy: --help answers before torch loads)
 
 if __name__ == "__main__":
-    sys.exit(cli.run("ssl_xcit.train.entry:main", prog="launch/train.py"))
+    sys.exit(cli.run("ssl_xcit.commands.train:main", prog="launch/train.py"))

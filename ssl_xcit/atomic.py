@@ -18,6 +18,7 @@ What is guaranteed, for every file written here (checkpoints, manifests, results
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import os
@@ -282,3 +283,13 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = No
         key, value = _first_non_finite(obj) or ("a value", float("nan"))
         raise NotJSONError(f"not writing {path}: {key} is {value}, which JSON cannot hold") from err
     return atomic_write_text(path, text)
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """sha256 of a file, streamed (about 1 s per GB): the identity of a checkpoint a run starts from
+    or an export reads, and of each file an export writes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

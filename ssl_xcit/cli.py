@@ -51,7 +51,7 @@ def reword(err: BaseException, hints: dict[str, str] | None = None) -> str:
 
 def own_words(err: BaseException, hints: dict[str, str] | None) -> BaseException:
     """``err`` itself, its message now in this command's words (:func:`reword`); for a command layer
-    that re-raises a library error (``ssl_xcit.evaluate.options.run_tool``)."""
+    that re-raises a library error (``ssl_xcit.commands.options.run_tool``)."""
     if getattr(err, "needs", None) is not None and getattr(err, "problem", None) is not None:
         err.args = (reword(err, hints),)
         err.problem = err.needs = None

@@ -1,7 +1,7 @@
 """The console commands of an installed ssl_xcit (``pip install .``): the ``launch/`` and ``eval/``
 scripts without a checkout, each named in ``[project.scripts]`` of ``pyproject.toml``.
 
-Every evaluation tool of :data:`ssl_xcit.evaluate.options.TOOLS` is a function of this module under
+Every evaluation tool of :data:`ssl_xcit.commands.options.TOOLS` is a function of this module under
 its own name (``eval_knn``, ``eval_linear``, ``export_features``, ...), so a tool registered there
 becomes a command with one line in ``pyproject.toml`` (``ssl-xcit-NAME = "ssl_xcit.console:TOOL"``).
 A command names itself in its help and errors; a known error is one line and exit status 2.
@@ -29,15 +29,15 @@ def _run(target: str, default: str) -> NoReturn:
 
 
 def train() -> NoReturn:
-    _run("ssl_xcit.train.entry:main", "ssl-xcit-train")
+    _run("ssl_xcit.commands.train:main", "ssl-xcit-train")
 
 
 def finetune() -> NoReturn:
-    _run("ssl_xcit.train.entry:finetune_main", "ssl-xcit-finetune")
+    _run("ssl_xcit.commands.train:finetune_main", "ssl-xcit-finetune")
 
 
 def quickstart() -> NoReturn:
-    _run("ssl_xcit.quickstart:main", "ssl-xcit-quickstart")
+    _run("ssl_xcit.commands.quickstart:main", "ssl-xcit-quickstart")
 
 
 def publish() -> NoReturn:
@@ -45,13 +45,13 @@ def publish() -> NoReturn:
 
 
 def submit() -> NoReturn:
-    from ssl_xcit.cluster.submit import main
+    from ssl_xcit.commands.submit import main
     _exit(main())
 
 
 def _tool(name: str) -> Callable[[], NoReturn]:
     def command() -> NoReturn:
-        from ssl_xcit.evaluate.options import run_tool
+        from ssl_xcit.commands.options import run_tool
         prog = cli.command_name(f"ssl-xcit-{name}")
         _exit(cli.run(lambda argv: run_tool(name, argv, prog=prog), prog=prog))
     command.__name__ = name
@@ -59,7 +59,7 @@ def _tool(name: str) -> Callable[[], NoReturn]:
 
 
 def __getattr__(name: str) -> Any:
-    from ssl_xcit.evaluate.options import TOOLS   # torch-free
+    from ssl_xcit.commands.options import TOOLS   # torch-free
     if name in TOOLS:
         return _tool(name)
     raise AttributeError(f"module 'ssl_xcit.console' has no command {name!r}")

@@ -23,16 +23,22 @@ class DeviceError(UserError, ValueError, RuntimeError):
     ``RuntimeError`` these were raised as before, so callers that catch those keep working."""
 
 
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    backend: str | None = None
+class OnRank:
+    """What runs on one rank of the job (the process group's description, a run, an evaluation):
+    rank 0 is the main process, which alone prints, writes and draws progress bars."""
+    rank: int
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+@dataclass(frozen=True)
+class DistInfo(OnRank):
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
 
     @property
     def enabled(self) -> bool:

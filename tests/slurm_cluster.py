@@ -134,7 +134,7 @@ class PacedTraining:
     step_s: float
 
     def __call__(self, cfg: Any, stop_requested: Callable[[], bool] | None = None) -> Any:
-        from ssl_xcit.train.entry import run_training
+        from ssl_xcit.engine.launch import run_training
 
         fresh = not (Path(cfg.run.output_dir) / "checkpoint.pth").exists()
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from ssl_xcit import cli
-from ssl_xcit.evaluate import options
+from ssl_xcit.commands import options
 
 REPO = Path(__file__).resolve().parents[1]
 ARCH = "xcit_nano_12_p16"
@@ -52,8 +52,8 @@ def test_help_answers_before_torch_loads_and_says_each_default_once(script, torc
 
 
 @pytest.mark.parametrize("parser", [options.knn_parser, options.linear_parser, options.export_parser,
-                                    options.classification_parser, "ssl_xcit.quickstart:build_parser",
-                                    "ssl_xcit.cluster.submit:build_parser"])
+                                    options.classification_parser, "ssl_xcit.commands.quickstart:build_parser",
+                                    "ssl_xcit.commands.submit:build_parser"])
 def test_every_option_says_its_default_at_most_once(parser):
     if isinstance(parser, str):
         module, _, name = parser.partition(":")

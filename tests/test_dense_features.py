@@ -140,7 +140,7 @@ def test_export_writes_dense_maps_equal_to_the_api(tmp_path):
 def test_export_at_each_images_own_size(tmp_path, capsys):
     from ssl_xcit import cli
     from ssl_xcit.evaluate import export
-    from ssl_xcit.evaluate.options import run_tool
+    from ssl_xcit.commands.options import run_tool
     data = _image_folder(tmp_path / "same", [(40, 60)] * 2)
     manifest = export.main(["--checkpoint", ARCH, "--data-path", str(data), "--out", str(tmp_path / "o1"),
                             "--dense-blocks", "11", "--num-workers", "0", "--no-progress"])

@@ -67,7 +67,7 @@ def test_train_with_device_cuda_on_a_cpu_machine_is_one_line(no_gpu, cifar_small
     """``launch/train.py ... device=cuda`` without a GPU: one line, exit status 2, nothing written."""
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as info:
-        cli.run("ssl_xcit.train.entry:main", tiny_overrides(cifar_small, out, device="cuda"), prog="launch/train.py")
+        cli.run("ssl_xcit.commands.train:main", tiny_overrides(cifar_small, out, device="cuda"), prog="launch/train.py")
     assert info.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == ["launch/train.py: error: device cuda was asked for but torch sees no CUDA GPU; use cpu or auto"]

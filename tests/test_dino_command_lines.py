@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from ssl_xcit import cli
-from ssl_xcit.train import flags
-from ssl_xcit.train.config import DinoConfig, config_fields, load_config, user_set_keys
-from ssl_xcit.train.entry import build_parser, parse_config
+from ssl_xcit.commands import flags
+from ssl_xcit.engine.config import config_fields
+from ssl_xcit.train.config import DinoConfig, load_config, user_set_keys
+from ssl_xcit.commands.train import build_parser, parse_config
 from tests.conftest import make_subset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,7 +69,7 @@ def test_dino_flags_and_key_value_give_the_same_config(tmp_path):
 ])
 def test_bad_flags_are_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as stop:
-        cli.run("ssl_xcit.train.entry:main", argv, prog="launch/train.py")
+        cli.run("ssl_xcit.commands.train:main", argv, prog="launch/train.py")
     err = capsys.readouterr().err
     assert stop.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
 
@@ -76,7 +77,7 @@ def test_bad_flags_are_one_line(argv, message, capsys):
 def test_help_lists_every_config_key_with_its_default_and_meaning():
     text = " ".join(build_parser().format_help().split())
     cfg = DinoConfig()
-    for section, f, _ in config_fields():
+    for section, f, _ in config_fields(DinoConfig):
         default = getattr(getattr(cfg, section), f.name)
         shown = flags._shown(default)
         assert f"--{f.name} " in text, f.name
@@ -172,7 +173,7 @@ def test_bad_dino_eval_flags_are_one_line(script, argv, message, capsys):
 
 # ------------------------------------------------------------------------------------------- SLURM
 def test_run_with_submitit_flags(tmp_path):
-    from ssl_xcit.cluster.submit import prepare
+    from ssl_xcit.commands.submit import prepare
     _, prep = prepare(["--nodes", "2", "--ngpus", "8", "--use_volta32", "--timeout", "2800", "--partition", "learnfair",
                        "--comment", "deadline", "--config", str(REPO / "configs" / "dino_xcit_small_12_p16.yaml"),
                        f"data_path={tmp_path}", f"output_dir={tmp_path / 'out'}"])
@@ -185,7 +186,7 @@ def test_run_with_submitit_takes_dinos_training_flags_and_recipe_names(tmp_path)
     """DINO's README: ``python run_with_submitit.py --nodes 2 --ngpus 8 --arch ... --data_path ...
     --output_dir ...``: the training words are read by launch/train.py's own code, so the job trains
     the config the same words give launch/train.py."""
-    from ssl_xcit.cluster.submit import prepare
+    from ssl_xcit.commands.submit import prepare
     from ssl_xcit.train.config import user_set_keys
     words = ["--arch", "xcit_small_12_p16", "--data_path", str(tmp_path), "--output_dir", str(tmp_path / "out"),
              "--epochs", "100", "--teacher_temp", "0.07"]

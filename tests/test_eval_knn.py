@@ -111,7 +111,7 @@ def test_cells_index_with_every_cell_probed_matches_float64_reference():
 
 
 def test_index_defaults_to_auto_which_is_exact_on_small_sets():
-    from ssl_xcit.evaluate import options
+    from ssl_xcit.commands import options
     assert options.knn_parser().parse_args([]).index == "auto"
     assert knn.IndexConfig(kind="auto").resolved(knn.AUTO_MIN_TRAIN - 1).kind == "flat"
 

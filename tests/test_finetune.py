@@ -16,7 +16,7 @@ from ssl_xcit.finetune.config import FinetuneConfig
 from ssl_xcit.finetune.data import LabelledDataError, check_labels, few_labels
 from ssl_xcit.finetune.loop import train
 from ssl_xcit.train.config import load_config
-from ssl_xcit.train.run import Run
+from ssl_xcit.engine.run import Run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,7 +96,7 @@ def _layer(name: str, depth: int, n_ca: int = 2) -> int:
 
 def test_layer_decay_gives_each_block_the_documented_lr(cifar_small, tmp_path):
     from ssl_xcit.models import build_model
-    from ssl_xcit.train.step import apply_schedules
+    from ssl_xcit.engine.step import apply_schedules
     cfg = ft_config(cifar_small, tmp_path / "run", layer_decay=0.75)
     model = build_model("xcit_nano_12_p16", num_classes=10)
     opt = build_optimizer(cfg, model)
@@ -234,7 +234,7 @@ def _one_line(capsys, argv: list[str]) -> str:
     from ssl_xcit import cli
     capsys.readouterr()
     with pytest.raises(SystemExit) as stop:
-        cli.run("ssl_xcit.train.entry:finetune_main", argv, prog="launch/finetune.py")
+        cli.run("ssl_xcit.commands.train:finetune_main", argv, prog="launch/finetune.py")
     err = capsys.readouterr().err.strip()
     assert stop.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
     return err
@@ -261,7 +261,7 @@ def test_bad_inputs_are_one_line(cifar_small, tmp_path, capsys):
 
 
 def test_dino_style_flags_and_key_values_make_the_same_config(tmp_path):
-    from ssl_xcit.train.entry import FINETUNE, parse_config
+    from ssl_xcit.commands.train import FINETUNE, parse_config
     a = parse_config(["--lr", "1e-3", "--data_path", str(tmp_path), "--layer_decay=0.65", "--model_ema"],
                      command=FINETUNE)
     b = parse_config(["lr=1e-3", f"data_path={tmp_path}", "layer_decay=0.65", "model_ema=true"], command=FINETUNE)
@@ -271,9 +271,9 @@ def test_dino_style_flags_and_key_values_make_the_same_config(tmp_path):
 def test_a_finetuning_job_through_submit_runs_the_command_line_s_config(cifar_small, tmp_path):
     import contextlib
     import io
-    from ssl_xcit.cluster.submit import prepare, submit
+    from ssl_xcit.commands.submit import prepare, submit
     from ssl_xcit.train.config import user_set_keys
-    from ssl_xcit.train.entry import FINETUNE, parse_config
+    from ssl_xcit.commands.train import FINETUNE, parse_config
     from tests.slurm_cluster import wait_until
     words = [f"data_path={cifar_small}", f"output_dir={tmp_path / 'job'}", "arch=xcit_nano_12_p16", "device=cpu",
              "num_workers=0", "labels_per_class=2", "batch_size_per_gpu=10", "epochs=1", "report=false"]
@@ -336,7 +336,7 @@ def _ddp_rank(rank: int, port: int, data: Path, out: Path) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from ssl_xcit.train.entry import run_training
+    from ssl_xcit.engine.launch import run_training
     run_training(ft_config(data, out, batch_size_per_gpu=4, max_steps=3, epochs=1))
 
 

@@ -17,7 +17,7 @@ import yaml
 from ssl_xcit.evaluate.features import extract_features
 from ssl_xcit.models import build_model
 from ssl_xcit.train.config import ConfigError, config_from_dict, load_config
-from ssl_xcit.train.logger import RunLogger
+from ssl_xcit.engine.logger import RunLogger
 from ssl_xcit.data.subsets import evenly_spread
 from ssl_xcit.train.monitor import KnnMonitor, evaluation_without_side_effects
 

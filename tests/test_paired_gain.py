@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from ssl_xcit.quickstart import paired_gain
+from ssl_xcit.commands.quickstart import paired_gain
 
 
 def binomial_half_upper_tail(n: int, k: int) -> float:

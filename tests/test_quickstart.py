@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ssl_xcit import cli, quickstart as qs
+from ssl_xcit import cli
+from ssl_xcit.commands import quickstart as qs
 from ssl_xcit.cli import UsageError
-from ssl_xcit.evaluate.options import EvalInputError
-from ssl_xcit.quickstart import DEFAULT_CONFIG, main as quickstart, parse_args, training_config
+from ssl_xcit.evaluate.inputs import EvalInputError
+from ssl_xcit.commands.quickstart import DEFAULT_CONFIG, main as quickstart, parse_args, training_config
 from ssl_xcit.train.config import load_config
 from ssl_xcit.train.loop import train
 from tests.conftest import make_subset

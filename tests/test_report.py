@@ -20,7 +20,7 @@ from ssl_xcit.evaluate.report import read_log, write_report, write_report_at_end
 from ssl_xcit.evaluate.report_attention import find_checkpoints
 from ssl_xcit.models import build_model
 from ssl_xcit.train.config import DinoConfig
-from ssl_xcit.train.logger import RunLogger
+from ssl_xcit.engine.logger import RunLogger
 
 ARCH = "xcit_nano_12_p8"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ssl_xcit.cluster.submit import main as submit_main, prepare, submit
+from ssl_xcit.commands.submit import main as submit_main, prepare, submit
 from ssl_xcit.train.config import config_from_dict, load_config, user_set_keys, user_values
 from ssl_xcit.train.loop import resolved_config
 from tests.conftest import make_subset
@@ -77,7 +77,7 @@ def test_paths_are_absolute_whatever_the_launcher(tmp_path, monkeypatch):
 def train_py_yaml(ninety, tmp_path_factory) -> str:
     """config.yaml of ``launch/train.py``'s main with the command (epochs=1: DINO's 10 warm-up epochs
     do not fit), run in this process."""
-    from ssl_xcit.train.entry import main
+    from ssl_xcit.commands.train import main
     out = tmp_path_factory.mktemp("train_py") / "run"
     assert main(command(ninety, out, 1)) == 0
     text = config_yaml(out)

@@ -414,7 +414,7 @@ def test_a_flat_image_folder_with_a_stray_tar_is_still_a_folder(tmp_path: Path):
 
 def test_quickstart_knn_on_a_shard_folder_equals_the_folder(cifar_small: Path, cifar_shards: Path):
     import torch
-    from ssl_xcit.quickstart import knn_predictions
+    from ssl_xcit.commands.quickstart import knn_predictions
     runs = [knn_predictions("xcit_nano_12_p16", root, crop=32, n_train=100, n_val=50, ks=[5],
                             device=torch.device("cpu"), num_workers=0, seed=1) for root in (cifar_small, cifar_shards)]
     (a, ya), (b, yb) = runs

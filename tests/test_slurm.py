@@ -24,7 +24,7 @@ from tests.slurm_cluster import (FakeTraining, PacedTraining, events, fake_event
                            local_slurm, wait_job_end, wait_until)
 from ssl_xcit.cluster import environment, stopping
 from ssl_xcit.cluster.stopping import REQUEUE, TERMINATE, StopRendezvous, StopSignals, decide
-from ssl_xcit.cluster.submit import main, prepare, split_tool, submit
+from ssl_xcit.commands.submit import main, prepare, split_tool, submit
 from ssl_xcit.cluster.tasks import EvalTask
 from tests.train_helpers import assert_same_weights, load_weights
 
@@ -174,7 +174,7 @@ def test_misspelt_tool_name_is_named_with_the_closest_tool(no_slurm_path, capsys
 def test_tool_words_are_checked_without_importing_torch(tmp_path):
     """The submitting node parses a tool's words with the torch-free parser (fast, no GPU stack)."""
     code = ("import sys\n"
-            "from ssl_xcit.cluster.submit import main\n"
+            "from ssl_xcit.commands.submit import main\n"
             "status = main(['--dry-run', '--job-dir', sys.argv[1], 'eval_knn', '--nb-knn', 'x'])\n"
             "assert status == 2, status\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n")

@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from ssl_xcit.train.sync_bn import CrossRankBatchNorm2d, convert_sync_batchnorm
+from ssl_xcit.engine.sync_bn import CrossRankBatchNorm2d, convert_sync_batchnorm
 
 
 def _free_port() -> int:

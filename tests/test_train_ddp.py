@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from ssl_xcit.train.entry import run_training
+from ssl_xcit.engine.launch import run_training
 from tests.train_helpers import assert_same_weights, load_weights, tiny_config
 
 STEPS = 3

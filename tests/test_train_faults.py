@@ -20,7 +20,7 @@ import torch
 
 from ssl_xcit.dino.loss import DINOLoss
 from ssl_xcit.errors import UserError
-from ssl_xcit.train.checkpoint import CheckpointError
+from ssl_xcit.engine.checkpoint import CheckpointError
 from ssl_xcit.train.loop import NonFiniteLossError, train
 from tests.train_helpers import tiny_config
 
@@ -89,7 +89,7 @@ def test_weights_that_are_not_finite_are_never_saved(cifar_small, tmp_path, monk
 
 HOLDER = """
 import sys, time
-from ssl_xcit.train.lock import OutputDirLock
+from ssl_xcit.engine.lock import OutputDirLock
 lock = OutputDirLock(sys.argv[1]).acquire()
 print("ready", flush=True)
 time.sleep(120)
@@ -120,7 +120,7 @@ def test_a_second_training_in_the_same_output_dir_is_refused_naming_the_holder(c
 
 
 def test_the_lock_is_released_when_the_run_ends_even_on_error(cifar_small, tmp_path):
-    from ssl_xcit.train.lock import OutputDirLock
+    from ssl_xcit.engine.lock import OutputDirLock
     out = tmp_path / "run"
     train(tiny_config(cifar_small, out, max_steps=1))
     with pytest.raises(CheckpointError):                         # a refused resume ...
@@ -133,7 +133,7 @@ def test_the_lock_is_released_when_the_run_ends_even_on_error(cifar_small, tmp_p
 def test_a_record_from_another_host_is_live_while_its_heartbeat_moves(tmp_path):
     """flock may not work across NFS hosts: a record naming another host blocks while it is
     refreshed, and is taken over once its heartbeat has stopped for ``stale_after_s``."""
-    from ssl_xcit.train.lock import LOCK_NAME, OutputDirLock, OutputDirLocked
+    from ssl_xcit.engine.lock import LOCK_NAME, OutputDirLock, OutputDirLocked
     (tmp_path / LOCK_NAME).write_text(json.dumps({"host": "node-other", "pid": 4242, "since": time.time() - 60}))
     fresh = OutputDirLock(tmp_path, stale_after_s=30.0, wait_s=0.0)
     with pytest.raises(OutputDirLocked, match="host node-other, pid 4242, since"):
@@ -219,7 +219,7 @@ def test_the_unreadable_tallies_add_up_to_the_count_they_follow(cifar_small, tmp
     """"all 8 images tried of the 11 ... (10 x cannot identify, 1 x truncated)": the tallies were of a
     second look at all 11, which the message did not say. Each tally now follows the count it adds up to."""
     from ssl_xcit.data.folders import ImageFiles
-    from ssl_xcit.train.health import unreadable_message
+    from ssl_xcit.engine.unreadable import unreadable_message
     data = tmp_path / "eleven"
     data.mkdir()
     real = sorted((cifar_small / "train" / "cat").iterdir())
@@ -260,7 +260,7 @@ def test_a_data_set_where_most_images_fail_is_flagged(cifar_small, tmp_path):
 
 def test_diverging_loss_warning_fires_once_with_the_knob(tmp_path):
     from ssl_xcit.train.health import warn_if_diverging
-    from ssl_xcit.train.logger import RunLogger
+    from ssl_xcit.engine.logger import RunLogger
     logger = RunLogger(tmp_path, enabled=True, tensorboard=False)
     ln_k = math.log(256)
     with warnings.catch_warnings():
@@ -351,7 +351,7 @@ def test_too_few_images_under_recipe_auto_names_a_key(cifar_small, tmp_path):
 def test_an_output_folder_that_cannot_be_written_is_one_line(cifar_small, output_dir, capsys):
     from ssl_xcit import cli
     with pytest.raises(SystemExit) as stop:   # launch/train.py's own path, in this process
-        cli.run("ssl_xcit.train.entry:main", [f"data_path={cifar_small}", f"output_dir={output_dir}",
+        cli.run("ssl_xcit.commands.train:main", [f"data_path={cifar_small}", f"output_dir={output_dir}",
                                                "arch=xcit_nano_12_p16", "device=cpu"], prog="launch/train.py")
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
@@ -359,7 +359,7 @@ def test_an_output_folder_that_cannot_be_written_is_one_line(cifar_small, output
 
 
 def test_log_jsonl_stays_strict_json_when_a_value_is_not_finite(tmp_path):
-    from ssl_xcit.train.logger import RunLogger
+    from ssl_xcit.engine.logger import RunLogger
     logger = RunLogger(tmp_path, tensorboard=False)
     logger.scalars(3, {"loss": float("nan"), "grad_norm": float("inf"), "lr": 0.1}, 0)
     line = (tmp_path / "log.jsonl").read_text().strip()

@@ -9,7 +9,7 @@ import torch
 from ssl_xcit.dino.loss import DINOLoss
 from ssl_xcit.train.health import warn_if_collapsed
 from ssl_xcit.train.loop import NonFiniteLossError, train
-from ssl_xcit.train.logger import RunLogger
+from ssl_xcit.engine.logger import RunLogger
 from tests.train_helpers import tiny_config
 
 
@@ -156,7 +156,7 @@ def test_resume_with_another_global_batch_continues_at_the_same_data_position(ci
 
 
 def test_resume_with_a_batch_that_splits_the_seen_images_is_a_clear_error(cifar_small, tmp_path):
-    from ssl_xcit.train.checkpoint import CheckpointError
+    from ssl_xcit.engine.checkpoint import CheckpointError
     out = tmp_path / "run"
     train(tiny_config(cifar_small, out, max_steps=1))                      # 4 images seen
     with pytest.raises(CheckpointError, match="6 steps per epoch.*8.*not a multiple of the new global batch 3"):
@@ -164,7 +164,7 @@ def test_resume_with_a_batch_that_splits_the_seen_images_is_a_clear_error(cifar_
 
 
 def test_resume_of_a_checkpoint_without_sampler_state_and_another_batch_is_refused(cifar_small, tmp_path):
-    from ssl_xcit.train.checkpoint import CheckpointError
+    from ssl_xcit.engine.checkpoint import CheckpointError
     out = tmp_path / "run"
     train(tiny_config(cifar_small, out, max_steps=1))
     state = torch.load(out / "checkpoint.pth", weights_only=True)

@@ -14,7 +14,7 @@ import yaml
 from ssl_xcit.train.build import build_dino
 from ssl_xcit.train.config import ConfigError, load_config
 from ssl_xcit.train.loop import build_models, train
-from ssl_xcit.train.run import Run
+from ssl_xcit.engine.run import Run
 from tests.train_helpers import assert_same_weights, load_weights, tiny_config, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,7 +146,7 @@ def test_another_arch_than_the_files_is_one_line_naming_both(cifar_small, tmp_pa
     base = tiny_config(cifar_small, tmp_path / "unused")
     _official_dino_file(base, tmp_path / "dino.pth")
     with pytest.raises(SystemExit) as stop:   # launch/train.py's own path, in this process
-        cli.run("ssl_xcit.train.entry:main", tiny_overrides(cifar_small, tmp_path / "run", arch="xcit_tiny_12_p16",
+        cli.run("ssl_xcit.commands.train:main", tiny_overrides(cifar_small, tmp_path / "run", arch="xcit_tiny_12_p16",
                                                              pretrained_weights=str(tmp_path / "dino.pth")),
                 prog="launch/train.py")
     err = capsys.readouterr().err
@@ -170,7 +170,7 @@ def test_a_continued_run_records_the_file_and_resumes_bit_for_bit_without_it(cif
     first = train(tiny_config(cifar_small, pieces, pretrained_weights=weights, recipe="auto"),
                   stop_requested=stop_after_five)
     assert first.status == "stopped"
-    from ssl_xcit.evaluate.export import file_sha256
+    from ssl_xcit.atomic import file_sha256
     sha = file_sha256(weights)
     Path(weights).rename(tmp_path / "moved.pth")     # a resumed run does not read the file again
     capsys.readouterr()
@@ -206,7 +206,7 @@ def test_frozen_backbone_steps_leave_the_backbone_and_train_the_head(cifar_small
 
 def test_backbone_lr_scale_scales_the_backbone_groups_only(cifar_small, tmp_path):
     from ssl_xcit.train.build import build_optimizer
-    from ssl_xcit.train.step import apply_schedules
+    from ssl_xcit.engine.step import apply_schedules
     cfg = tiny_config(cifar_small, tmp_path / "run", backbone_lr_scale=0.1)
     student, _ = build_models(cfg)
     opt = build_optimizer(cfg, student)
@@ -244,7 +244,7 @@ def _rank_main(rank: int, port: int, data, out, weights):
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from ssl_xcit.train.entry import run_training
+    from ssl_xcit.engine.launch import run_training
     run_training(tiny_config(data, out, batch_size_per_gpu=2, max_steps=3, pretrained_weights=weights,
                              recipe="auto"))
 
@@ -254,7 +254,7 @@ def test_a_continued_run_under_two_ddp_processes_and_a_submitted_job(cifar_small
     import torch.multiprocessing as mp
     from tests.test_train_ddp import _free_port
     from tests.slurm_cluster import wait_until
-    from ssl_xcit.cluster.submit import submit
+    from ssl_xcit.commands.submit import submit
     base = tiny_config(cifar_small, tmp_path / "unused")
     expected = _official_dino_file(base, tmp_path / "dino.pth")
     weights = str(tmp_path / "dino.pth")

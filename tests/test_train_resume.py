@@ -57,7 +57,7 @@ def test_random_bytes_as_checkpoint_get_the_one_readers_message(tmp_path):
     import random
 
     from ssl_xcit.models.checkpoints import CheckpointError as ModelsCheckpointError, read_checkpoint
-    from ssl_xcit.train.checkpoint import CheckpointError, load_checkpoint
+    from ssl_xcit.engine.checkpoint import CheckpointError, load_checkpoint
     assert CheckpointError is ModelsCheckpointError       # one class, re-exported by train.checkpoint
     noise = tmp_path / "checkpoint.pth"
     noise.write_bytes(random.Random(0).randbytes(4096))
@@ -72,7 +72,7 @@ def test_random_bytes_as_checkpoint_get_the_one_readers_message(tmp_path):
 
 
 def test_a_folder_is_named_as_a_folder_not_a_missing_checkpoint(cifar_small, tmp_path):
-    from ssl_xcit.train.checkpoint import CheckpointError, load_checkpoint
+    from ssl_xcit.engine.checkpoint import CheckpointError, load_checkpoint
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         load_checkpoint(tmp_path / "nothing.pth")
     (tmp_path / "run").mkdir()

@@ -61,7 +61,7 @@ def _fallback_handlers():
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGUSR2])
 def test_a_signal_stops_at_a_step_boundary_saves_and_the_run_resumes(cifar_small, tmp_path, capsys, sig):
-    from ssl_xcit.train.entry import main
+    from ssl_xcit.commands.train import main
     out = tmp_path / "run"
     argv = tiny_overrides(cifar_small, out, epochs=1, warmup_epochs=0)    # 6 steps, no periodic save
     with _fallback_handlers() as unhandled:
@@ -81,7 +81,7 @@ def test_a_signal_stops_at_a_step_boundary_saves_and_the_run_resumes(cifar_small
 
 
 def test_a_second_ctrl_c_exits_at_once(cifar_small, tmp_path):
-    from ssl_xcit.train.entry import main
+    from ssl_xcit.commands.train import main
     out = tmp_path / "run"
     done = threading.Event()
     with _fallback_handlers():      # (a SIGINT still on its way after main has returned lands here)
@@ -155,7 +155,7 @@ def test_config_errors_are_one_line_before_torch_loads(args, words):
 
 def test_a_missing_data_folder_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
-        cli.run("ssl_xcit.train.entry:main", tiny_overrides(tmp_path / "nothing_here", tmp_path / "run"),
+        cli.run("ssl_xcit.commands.train:main", tiny_overrides(tmp_path / "nothing_here", tmp_path / "run"),
                 prog="launch/train.py")
     assert info.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()

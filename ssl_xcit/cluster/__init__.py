@@ -6,9 +6,8 @@ from ssl_xcit.cluster.environment import TaskInfo, current_task, export_torch_en
 from ssl_xcit.cluster.executor import (JobSpec, SubmitError, choose_cluster, make_executor, render_sbatch,
                                        slurm_parameters)
 from ssl_xcit.cluster.stopping import Decision, StopRendezvous, StopSignals, decide
-from ssl_xcit.cluster.submit import main
-from ssl_xcit.cluster.tasks import EVAL_TOOLS, EvalTask, TrainTask
+from ssl_xcit.cluster.tasks import EvalTask, TrainTask
 
 __all__ = ["TaskInfo", "current_task", "export_torch_env", "master_port", "JobSpec", "SubmitError",
            "choose_cluster", "make_executor", "render_sbatch", "slurm_parameters", "Decision",
-           "StopRendezvous", "StopSignals", "decide", "main", "EVAL_TOOLS", "EvalTask", "TrainTask"]
+           "StopRendezvous", "StopSignals", "decide", "EvalTask", "TrainTask"]

@@ -1,4 +1,4 @@
-"""Stop-and-requeue: signals become a flag (:mod:`ssl_xcit.train.signals`), ranks agree through
+"""Stop-and-requeue: signals become a flag (:mod:`ssl_xcit.engine.signals`), ranks agree through
 files, rank 0 requeues once.
 
 Why not submitit's own handler: it calls ``checkpoint()`` inside the signal handler on rank 0 only
@@ -17,7 +17,7 @@ from pathlib import Path
 
 # the signal flags live with the training entry point, which plain runs use too (train/ imports
 # nothing of cluster/); re-exported here for the launcher and its tests
-from ssl_xcit.train.signals import HANGUP, INTERRUPT, REQUEUE, TERMINATE, StopSignals, requeue_signal  # noqa: F401
+from ssl_xcit.engine.signals import HANGUP, INTERRUPT, REQUEUE, TERMINATE, StopSignals, requeue_signal  # noqa: F401
 
 
 @dataclass(frozen=True)

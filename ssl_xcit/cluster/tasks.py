@@ -12,11 +12,7 @@ from submitit.core.utils import DelayedSubmission
 
 from ssl_xcit.cluster.environment import TaskInfo, export_torch_env
 from ssl_xcit.cluster.stopping import StopRendezvous, decide, rendezvous_folder
-from ssl_xcit.evaluate.options import TOOLS
-from ssl_xcit.train.signals import StopSignals
-
-# evaluation tools the launcher submits: name on the command line -> module with main(argv)
-EVAL_TOOLS = {name: module for name, (module, _parser, _checks) in TOOLS.items()}
+from ssl_xcit.engine.signals import StopSignals
 
 # exit status of a task whose job was requeued: it must end without a result file, or
 # submitit's job.result() would read this run's partial result while the job runs again
@@ -28,7 +24,7 @@ def _log(message: str) -> None:
 
 
 def _default_train(cfg: Any, stop_requested: Callable[[], bool]) -> Any:
-    from ssl_xcit.train.entry import run_training  # heavy import: only inside the job
+    from ssl_xcit.engine.launch import run_training  # heavy import: only inside the job
     return run_training(cfg, stop_requested=stop_requested)
 
 
@@ -52,9 +48,10 @@ class TrainTask:
 
     def job_config(self) -> Any:
         """The run's config, rebuilt in the job from what the user set (defaults fill in the rest)."""
-        from ssl_xcit.train.config import config_from_dict
-        from ssl_xcit.train.entry import FINETUNE, PRETRAIN
-        schema = (FINETUNE if self.kind == "finetune" else PRETRAIN).schema
+        from ssl_xcit.engine.config import config_from_dict
+        from ssl_xcit.finetune.config import FinetuneConfig
+        from ssl_xcit.train.config import DinoConfig
+        schema = FinetuneConfig if self.kind == "finetune" else DinoConfig
         return config_from_dict(self.config, schema=schema).validate()
 
     def __call__(self) -> Any:
@@ -122,14 +119,13 @@ class EvalTask(submitit.helpers.Checkpointable):
     starts over.
     """
 
-    def __init__(self, tool: str, argv: list[str]) -> None:
-        if tool not in EVAL_TOOLS:
-            raise ValueError(f"unknown evaluation tool {tool!r}; known: {', '.join(EVAL_TOOLS)}")
-        self.tool = tool
+    def __init__(self, tool: str, argv: list[str], module: str) -> None:
+        self.tool = tool              # the tool's name on the command line (eval_knn, ...)
         self.argv = list(argv)
+        self.module = module          # the module whose main(argv) runs it (the submit command's choice)
 
     def __call__(self) -> Any:
         export_torch_env()
-        module = importlib.import_module(EVAL_TOOLS[self.tool])
+        module = importlib.import_module(self.module)
         return module.main(self.argv)
 

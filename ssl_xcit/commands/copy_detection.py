@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> list[dict]:
     from ssl_xcit.atomic import atomic_write, atomic_write_json, atomic_write_text
     from ssl_xcit.evaluate import copy_detection as cd
     from ssl_xcit.evaluate.backbone import load_frozen_backbone
-    from ssl_xcit.evaluate.options import apply_patch_size, pick_device
+    from ssl_xcit.commands.options import apply_patch_size
+    from ssl_xcit.distributed import pick_device
     apply_patch_size(args)
     device, out = pick_device(args.device), Path(args.out)
     rows: list[dict] = []

@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> dict:
     from ssl_xcit.atomic import atomic_write_json
     from ssl_xcit.evaluate import retrieval
     from ssl_xcit.evaluate.backbone import load_frozen_backbone
-    from ssl_xcit.evaluate.options import apply_patch_size, pick_device
+    from ssl_xcit.commands.options import apply_patch_size
+    from ssl_xcit.distributed import pick_device
     apply_patch_size(args)
     try:
         retrieval.load_revisitop(args.data_path, args.dataset)       # the layout first, before the model

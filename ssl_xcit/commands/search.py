@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> dict:
         raise cli.UsageError(f"--k must be >= 1, got {args.k}")
     from ssl_xcit.atomic import check_writable
     from ssl_xcit.evaluate import search
-    from ssl_xcit.evaluate.options import pick_device
+    from ssl_xcit.distributed import pick_device
     out = args.out or search.default_out(args.features, args.query)
     try:
         check_writable(out)

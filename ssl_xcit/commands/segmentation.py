@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ssl_xcit.cli import ArgumentParser
-from ssl_xcit.evaluate import options
+from ssl_xcit.commands import options
 
 PROG = "eval_segmentation.py"
 

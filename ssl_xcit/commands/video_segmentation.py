@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from ssl_xcit.cli import ArgumentParser
-from ssl_xcit.evaluate import options
+from ssl_xcit.commands import options
 
 PROG = "eval_video_segmentation.py"
 

@@ -9,7 +9,6 @@ none needs another for its helpers.
 """
 from __future__ import annotations
 
-import os
 import random
 from typing import Any, Callable, Sequence
 
@@ -25,12 +24,6 @@ DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.Decompression
 # The normalisation of every ImageNet-trained network here (DINO, XCiT, timm): RGB mean and std.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def is_rank0() -> bool:
-    """Rank 0 of a torchrun/SLURM job, or a plain process, by the ``RANK`` variable: known before
-    any process group exists (listing a folder comes first), so only one rank draws progress bars."""
-    return os.environ.get("RANK", "0") in ("", "0")
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:

@@ -36,7 +36,8 @@ from torch.utils.data import Dataset
 
 from ssl_xcit.atomic import atomic_write_json
 # IMAGE_EXTENSIONS, load_rgb, read_size and run_seeded are this module's names too (callers import them here)
-from ssl_xcit.data.common import (DECODE_ERRORS, IMAGE_EXTENSIONS, is_rank0, load_rgb, parse_index,  # noqa: F401
+from ssl_xcit.ranks import is_rank0
+from ssl_xcit.data.common import (DECODE_ERRORS, IMAGE_EXTENSIONS, load_rgb, parse_index,  # noqa: F401
                                   read_size, run_seeded, selection)
 from ssl_xcit.locks import file_lock
 

@@ -54,7 +54,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ssl_xcit.atomic import atomic_write
-from ssl_xcit.data.common import (DECODE_ERRORS, IMAGE_EXTENSIONS, is_rank0, load_rgb, parse_index, read_size,
+from ssl_xcit.ranks import is_rank0
+from ssl_xcit.data.common import (DECODE_ERRORS, IMAGE_EXTENSIONS, load_rgb, parse_index, read_size,
                                   run_seeded, selection)
 from ssl_xcit.errors import UserError
 from ssl_xcit.locks import file_lock

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ssl_xcit.atomic import atomic_write_json
-from ssl_xcit.data.common import is_rank0
+from ssl_xcit.ranks import is_rank0
 from ssl_xcit.errors import UserError
 from ssl_xcit.locks import file_lock
 

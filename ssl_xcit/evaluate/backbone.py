@@ -16,7 +16,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from ssl_xcit.evaluate.options import EvalInputError
+from ssl_xcit.evaluate.inputs import EvalInputError
 
 OUTPUT_NAMES = ("cls", "last_blocks", "avgpool", "patch")
 

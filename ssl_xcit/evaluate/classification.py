@@ -23,10 +23,11 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from ssl_xcit.data.subsets import evenly_spread
 from ssl_xcit.data.folders import Batch, ImageFiles, collate_skip_corrupt
-from ssl_xcit.data.common import is_rank0
-from ssl_xcit.evaluate import options
+from ssl_xcit.ranks import is_rank0
+from ssl_xcit.commands import options
+from ssl_xcit.distributed import pick_device
 from ssl_xcit.evaluate.datasets import transform_for
-from ssl_xcit.evaluate.options import SPECIAL_CHECKPOINTS, EvalInputError  # noqa: F401 (SPECIAL_CHECKPOINTS re-exported)
+from ssl_xcit.evaluate.inputs import SPECIAL_CHECKPOINTS, EvalInputError, check_positive  # noqa: F401 (SPECIAL_CHECKPOINTS re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +142,8 @@ def _build_model(cfg: ClassificationConfig, n_dataset_classes: int):
 def run(cfg: ClassificationConfig) -> dict:
     """Library entry: evaluate and return the result dict (also printed as one line)."""
     options.check_model_name(cfg.model, "--model")  # unknown names fail before any data is touched
-    options.check_positive(cfg.batch_size, "--batch-size")
-    device = options.pick_device(cfg.device)  # before minutes of work: cuda without a GPU fails here
+    check_positive(cfg.batch_size, "--batch-size")
+    device = pick_device(cfg.device)  # before minutes of work: cuda without a GPU fails here
     root = resolve_val_root(cfg.data_path)
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     model = _build_model(cfg, len(classes))
@@ -175,7 +176,7 @@ def run(cfg: ClassificationConfig) -> dict:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> ClassificationConfig:
-    """The command line (torch-free parser and checks: :mod:`ssl_xcit.evaluate.options`)."""
+    """The command line (torch-free parser and checks: :mod:`ssl_xcit.commands.options`)."""
     a = options.parse("eval_classification", None if argv is None else list(argv))
     return ClassificationConfig(**{f.name: getattr(a, f.name) for f in fields(ClassificationConfig)})
 

@@ -9,7 +9,7 @@ import torch
 
 from ssl_xcit.data.common import IMAGENET_MEAN, IMAGENET_STD
 from ssl_xcit.evaluate.backbone import load_frozen_backbone
-from ssl_xcit.evaluate.options import EvalInputError, check_positive
+from ssl_xcit.evaluate.inputs import EvalInputError, check_positive
 from ssl_xcit.evaluate.runtime import EvalEnv
 
 
@@ -56,8 +56,9 @@ def transform_for(data_config: dict):
                           data_config.get("interpolation", "bicubic"))
 
 
-def train_transform(crop_size: int = 224):
-    """RandomResizedCrop + horizontal flip, DINO's linear-probe training transform."""
+def probe_train_transform(crop_size: int = 224):
+    """RandomResizedCrop + horizontal flip, DINO's linear-probe training transform (fine-tuning's, with
+    RandAugment and random erasing, is :func:`ssl_xcit.finetune.data.train_transform`)."""
     from torchvision import transforms as T
     check_positive(crop_size, "--crop-size")
     return T.Compose([T.RandomResizedCrop(crop_size), T.RandomHorizontalFlip(), T.ToTensor(),

@@ -45,8 +45,9 @@ from torch.utils.data import Dataset
 
 from ssl_xcit import distributed as du
 from ssl_xcit.errors import UserError, hinted
-from ssl_xcit.evaluate import backbone, datasets, options, runtime
-from ssl_xcit.atomic import atomic_write, atomic_write_json, check_writable, remove_orphans_in
+from ssl_xcit.evaluate import backbone, datasets, runtime
+from ssl_xcit.evaluate.inputs import check_positive
+from ssl_xcit.atomic import atomic_write, atomic_write_json, check_writable, file_sha256, remove_orphans_in
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ class ExportConfig:
         if ("last_blocks" in self.outputs) != (self.n_last_blocks > 0):
             raise ExportError("'last_blocks' is exported exactly when n_last_blocks > 0 "
                              f"(outputs={self.outputs}, n_last_blocks={self.n_last_blocks})")
-        options.check_positive(self.shard_size, "--shard-size")
+        check_positive(self.shard_size, "--shard-size")
         if not self.formats or any(f not in FORMATS for f in self.formats):
             raise ExportError(f"--format must be npy, safetensors or both; got {self.formats}")
         if self.dtype not in DTYPES:
@@ -108,19 +109,6 @@ def shard_name(i: int) -> str:
     return f"shard-{i:05d}"
 
 
-def _sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file, streamed (about 1 s per GB): the identity of the checkpoint an export reads."""
-    return _sha256(Path(path))
-
-
 def weights_sha256(model: nn.Module) -> str:
     """sha256 over the model's state dict (names, dtypes, shapes, bytes): which weights the features
     come from, whatever file or object they were loaded from."""
@@ -133,7 +121,7 @@ def weights_sha256(model: nn.Module) -> str:
 
 
 def _file_record(path: Path) -> dict:
-    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def _write_npy(path: Path, arr: np.ndarray) -> None:
@@ -164,7 +152,7 @@ def shard_is_done(out_dir: Path, i: int, check_sha: bool = True) -> dict | None:
             p = out_dir / fname
             if not p.is_file() or p.stat().st_size != want["bytes"]:
                 return None
-            if check_sha and _sha256(p) != want["sha256"]:
+            if check_sha and file_sha256(p) != want["sha256"]:
                 return None
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -251,6 +239,21 @@ def _remove_export(out_dir: Path) -> None:
             p.unlink()
 
 
+def _open_export(out_dir: Path, base: dict, overwrite: bool) -> None:
+    """Check an earlier export against ``base`` (or remove it with ``overwrite``), then lay out the
+    folder and its incomplete manifest on rank 0 while the other ranks wait."""
+    if not overwrite:
+        _check_existing(out_dir, base)  # on every rank, so all of them fail alike
+    if du.get_rank() == 0:
+        if overwrite:
+            _remove_export(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        remove_orphans_in(out_dir)  # temp files of killed writers (never a live writer's)
+        if not (out_dir / MANIFEST).is_file():
+            atomic_write_json(out_dir / MANIFEST, base, indent=2)
+    du.barrier()
+
+
 def export_features(model: nn.Module, dataset: Dataset, out_dir: str | os.PathLike, *,
                     outputs: Sequence[str] = ("cls",), n_last_blocks: int = 0, shard_size: int = 10000,
                     formats: Sequence[str] = ("npy",), dtype: str = "float32", batch_size: int = 128,
@@ -282,17 +285,8 @@ def export_features(model: nn.Module, dataset: Dataset, out_dir: str | os.PathLi
         raise ValueError("cannot export features of an empty dataset")
     out_dir = Path(out_dir)
     base = _manifest_base(cfg, dataset, weights_sha256(model))
-    if not overwrite:
-        _check_existing(out_dir, base)  # on every rank, so all of them fail alike
+    _open_export(out_dir, base, overwrite)
     rank, world = du.get_rank(), du.get_world_size()
-    if rank == 0:
-        if overwrite:
-            _remove_export(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        remove_orphans_in(out_dir)  # temp files of killed writers (never a live writer's)
-        if not (out_dir / MANIFEST).is_file():
-            atomic_write_json(out_dir / MANIFEST, base, indent=2)
-    du.barrier()
     model.to(device)
     n_shards = base["num_shards"]
     mine = [i for i in range(n_shards) if i % world == rank]
@@ -419,7 +413,7 @@ def load_exported(out_dir: str | os.PathLike, verify: bool = False) -> dict[str,
         stem = shard_name(rec["shard"])
         for fname, want in rec["files"].items():
             p = out_dir / fname
-            if not p.is_file() or p.stat().st_size != want["bytes"] or (verify and _sha256(p) != want["sha256"]):
+            if not p.is_file() or p.stat().st_size != want["bytes"] or (verify and file_sha256(p) != want["sha256"]):
                 raise RuntimeError(f"{p} is missing or changed since the export (size/checksum mismatch)")
         if "npy" in cfg["formats"]:
             for n in names:
@@ -439,9 +433,9 @@ def load_exported(out_dir: str | os.PathLike, verify: bool = False) -> dict[str,
 
 # --------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    """The command line: defined torch-free in :mod:`ssl_xcit.evaluate.options` (``--help`` and bad
+    """The command line: defined torch-free in :mod:`ssl_xcit.commands.options` (``--help`` and bad
     input answer before torch loads); add an option there."""
-    from ssl_xcit.evaluate.options import export_parser
+    from ssl_xcit.commands.options import export_parser
     return export_parser()
 
 
@@ -478,7 +472,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if args.batch_size is None:
         args.batch_size = 128
-    options.check_positive(args.batch_size, "--batch-size")
+    check_positive(args.batch_size, "--batch-size")
     if args.n_last_blocks < 0:
         raise ExportError(f"--n-last-blocks must be >= 0, got {args.n_last_blocks}")
     root = datasets.resolve_root(args.data_path)
@@ -490,7 +484,8 @@ def main(argv: list[str] | None = None) -> dict:
                           "(otherwise they would be exported as two classes)")
     check_writable(args.out)   # a read-only --out: one line now, not after the model and the images are read
     if args.dense_blocks is not None:
-        args.dense_blocks = options.parse_dense_blocks(args.dense_blocks)
+        from ssl_xcit.commands.options import parse_dense_blocks   # the tool's main, as export_parser above
+        args.dense_blocks = parse_dense_blocks(args.dense_blocks)
     if args.dtype is None:
         args.dtype = "float16" if args.dense_blocks else "float32"
     env = runtime.setup_env(args.device, args.seed)

@@ -23,10 +23,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ssl_xcit.evaluate import backbone, datasets, options, runtime
+from ssl_xcit.commands import options
+from ssl_xcit.evaluate import backbone, datasets, runtime
 from ssl_xcit.evaluate.knn_index import (AUTO_MIN_TRAIN, CellIndex, FeatureIndex,  # noqa: F401 (re-exported)
                                          IndexConfig, build_index, faiss_gpu_available)
-from ssl_xcit.evaluate.options import DEFAULT_KS, DEFAULT_TEMPERATURE, EvalInputError
+from ssl_xcit.evaluate.inputs import DEFAULT_KS, DEFAULT_TEMPERATURE, EvalInputError, check_positive
 from ssl_xcit.atomic import atomic_torch_save, atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ DUMP_META = "features.json"
 def weighted_votes(sims: np.ndarray | torch.Tensor, neighbor_labels: np.ndarray | torch.Tensor, num_classes: int,
                    temperature: float, valid: np.ndarray | torch.Tensor | None = None) -> torch.Tensor:
     """Class scores (Q, C) in float64: each neighbour adds ``exp(sim / T)`` to its class."""
-    options.check_positive(temperature, "temperature")
+    check_positive(temperature, "temperature")
     s = torch.as_tensor(sims, dtype=torch.float64)
     lab = torch.as_tensor(neighbor_labels, dtype=torch.long)
     w = torch.exp(s / temperature)
@@ -165,7 +166,7 @@ def load_dumped(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 # --------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    """The command line (torch-free, in :mod:`ssl_xcit.evaluate.options`)."""
+    """The command line (torch-free, in :mod:`ssl_xcit.commands.options`)."""
     return options.knn_parser()
 
 

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ssl_xcit.evaluate.options import EvalInputError, check_positive
+from ssl_xcit.evaluate.inputs import EvalInputError, check_positive
 
 KINDS = ("flat", "cells", "ivf", "hnsw", "auto")
 # auto: exact below this many train features, cells from here on (benchmarks/RESULTS.md)

@@ -34,8 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssl_xcit import distributed as du
-from ssl_xcit.evaluate import backbone, datasets, options, runtime
-from ssl_xcit.evaluate.options import DEFAULT_LR_GRID, DEFAULT_WD_GRID, EvalInputError
+from ssl_xcit.commands import options
+from ssl_xcit.evaluate import backbone, datasets, runtime
+from ssl_xcit.evaluate.inputs import DEFAULT_LR_GRID, DEFAULT_WD_GRID, EvalInputError, check_positive
 from ssl_xcit.atomic import atomic_torch_save, atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -121,8 +122,8 @@ def train_linear_heads(x: torch.Tensor, y: torch.Tensor, num_classes: int, lrs: 
         raise ValueError(f"features must be (N, D) with one label each, got {tuple(x.shape)} and {tuple(y.shape)}")
     if y.numel() and (y.min() < 0 or y.max() >= num_classes):
         raise ValueError(f"labels must lie in [0, {num_classes}); got [{int(y.min())}, {int(y.max())}]")
-    options.check_positive(epochs, "epochs")
-    options.check_positive(batch_size, "batch size")
+    check_positive(epochs, "epochs")
+    check_positive(batch_size, "batch size")
     from tqdm import tqdm
     dev, dtype = x.device, torch.float64 if x.dtype == torch.float64 else torch.float32
     n, d = x.shape
@@ -308,11 +309,23 @@ def _resume(ckpt_path: Path, fingerprint: dict, probe: nn.Module, optimizer, sch
     return state["epoch"], state["best"], state["last"], state["history"]
 
 
+def _new_probe(dim: int, num_classes: int, seed: int, env: runtime.EvalEnv) -> tuple[nn.Module, nn.Module]:
+    """The probe (its initial weights from ``seed`` only) and the probe as training calls it (DDP)."""
+    with torch.random.fork_rng(devices=[]):  # the initial probe depends on --seed only
+        torch.manual_seed(seed)
+        probe = LinearProbe(dim, num_classes).to(env.device)
+    ddp_probe: nn.Module = probe
+    if env.world_size > 1:
+        ddp_probe = nn.parallel.DistributedDataParallel(
+            probe, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    return probe, ddp_probe
+
+
 def full_linear_eval(args: argparse.Namespace, env: runtime.EvalEnv, out_dir: Path,
                      model: nn.Module | None = None) -> dict:
     """DINO's protocol; ``model`` (frozen) overrides ``--checkpoint`` (tests, notebooks)."""
     root = datasets.resolve_root(args.data_path)
-    train_ds = datasets.open_split(root, "train", datasets.train_transform(args.crop_size))
+    train_ds = datasets.open_split(root, "train", datasets.probe_train_transform(args.crop_size))
     val_ds = datasets.open_split(root, "val", datasets.eval_transform(args.crop_size, args.resize))
     classes = datasets.check_same_classes(train_ds, val_ds, root)
     model = _frozen_model(args, env, model)
@@ -320,13 +333,7 @@ def full_linear_eval(args: argparse.Namespace, env: runtime.EvalEnv, out_dir: Pa
     if n_last > 1:
         backbone.check_n_last_blocks(model, n_last)
     dim = backbone.embed_dim(model) * (n_last + int(args.avgpool_patchtokens))
-    with torch.random.fork_rng(devices=[]):  # the initial probe depends on --seed only
-        torch.manual_seed(args.seed)
-        probe = LinearProbe(dim, len(classes)).to(env.device)
-    ddp_probe: nn.Module = probe
-    if env.world_size > 1:
-        ddp_probe = nn.parallel.DistributedDataParallel(
-            probe, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    probe, ddp_probe = _new_probe(dim, len(classes), args.seed, env)
     lr = args.lr * args.batch_size * env.world_size / 256.0
     optimizer = torch.optim.SGD(probe.parameters(), lr=lr, momentum=0.9, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs, eta_min=0)
@@ -377,12 +384,12 @@ def full_linear_eval(args: argparse.Namespace, env: runtime.EvalEnv, out_dir: Pa
 
 # --------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    """The command line (torch-free, in :mod:`ssl_xcit.evaluate.options`)."""
+    """The command line (torch-free, in :mod:`ssl_xcit.commands.options`)."""
     return options.linear_parser()
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    """The checks of :mod:`ssl_xcit.evaluate.options`, and the batch size each mode defaults to."""
+    """The checks of :mod:`ssl_xcit.commands.options`, and the batch size each mode defaults to."""
     options.check_linear_args(args)
     if args.batch_size is None:
         args.batch_size = 128 if args.mode == "full" else 1024

@@ -13,21 +13,17 @@ import torch
 import torch.distributed as dist
 
 from ssl_xcit import distributed as du
-from ssl_xcit.evaluate.options import pick_device
+from ssl_xcit.distributed import pick_device
 
 
 @dataclass(frozen=True)
-class EvalEnv:
+class EvalEnv(du.OnRank):
     """Where this process runs: its device and its place among the ranks."""
 
     device: torch.device
     rank: int = 0
     world_size: int = 1
     owns_group: bool = False  # this tool started the process group, so it ends it
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 def setup_env(device: str = "auto", seed: int = 0) -> EvalEnv:

@@ -106,7 +106,7 @@ def read_pair(pair: Pair, size: tuple[int, int], binary: bool) -> tuple[torch.Te
     """The image resized to ``size`` (H, W), ImageNet-normalised, and its mask at its own size
     (class indices; ``binary``: every object index is 1, void stays 255)."""
     from PIL import Image
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    from ssl_xcit.data.common import IMAGENET_MEAN, IMAGENET_STD
     with Image.open(pair.image) as im:
         rgb = im.convert("RGB")
         hw = (rgb.height, rgb.width)
@@ -119,7 +119,7 @@ def read_pair(pair: Pair, size: tuple[int, int], binary: bool) -> tuple[torch.Te
     if binary:
         mask = np.where(mask == IGNORE, IGNORE, (mask > 0).astype(np.uint8)).astype(np.uint8)
     x = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    mean, std = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     return (x - mean) / std, mask
 
 

@@ -1,2 +1,3 @@
-"""Supervised fine-tuning of a (DINO-)pretrained XCiT into a classifier, on the run machinery
-pretraining has (:mod:`ssl_xcit.train.run`): ``launch/finetune.py``, :func:`ssl_xcit.finetune.loop.train`."""
+"""Supervised fine-tuning of a (DINO-)pretrained XCiT into a classifier, on the engine pretraining
+stands on (:mod:`ssl_xcit.engine`): ``launch/finetune.py``, :func:`ssl_xcit.finetune.loop.train`. Imports
+nothing of :mod:`ssl_xcit.train`."""

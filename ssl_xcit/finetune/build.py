@@ -1,7 +1,7 @@
 """The pieces of a fine-tuning run, built from its config: the labelled images (few-label subset,
 timm's transforms), the classifier (from any file ``load_backbone`` reads, or random for a
 baseline), its EMA, timm's AdamW with layer-wise lr decay, the lr schedule and timm's mixup/cutmix.
-:class:`Finetune` holds them and is what the run machinery (:mod:`ssl_xcit.train.run`)
+:class:`Finetune` holds them and is what the run machinery (:mod:`ssl_xcit.engine.run`)
 checkpoints and resumes; the loop that trains them is :mod:`ssl_xcit.finetune.loop`.
 """
 from __future__ import annotations
@@ -25,15 +25,16 @@ from ssl_xcit.finetune import recipe as recipe_rules
 from ssl_xcit.models import build_model
 from ssl_xcit.models.checkpoints import infer_arch, load_into, load_state_source
 from ssl_xcit.models.zoo import resolve_arch
-from ssl_xcit.train.build import place_models, state_dict_mismatch, training_loader, training_sampler
-from ssl_xcit.train.checkpoint import CheckpointError
-from ssl_xcit.train.config import ConfigError, user_set_keys
-from ssl_xcit.train.run import Run
+from ssl_xcit.engine.build import configured_steps, place_models, seed_this_rank, training_loader, training_sampler
+from ssl_xcit.engine.checkpoint import CheckpointError, require_parts, state_dict_mismatch
+from ssl_xcit.engine.step import make_scaler
+from ssl_xcit.engine.config import ConfigError, user_set_keys
+from ssl_xcit.engine.run import Run
 
 
 @dataclass
 class Finetune:
-    """What fine-tuning trains and on what: the run's :class:`~ssl_xcit.train.run.Trainable`."""
+    """What fine-tuning trains and on what: the run's :class:`~ssl_xcit.engine.run.Trainable`."""
     cfg: FinetuneConfig
     train_set: Any
     val_set: Any
@@ -70,9 +71,7 @@ class Finetune:
                 "best": dict(self.best), "classes": list(self.classes), "pretrained": self.pretrained}
 
     def check_fits(self, state: dict[str, Any], path: Path) -> None:
-        missing = [k for k in ("model", "optimizer") if k not in state]
-        if missing:
-            raise CheckpointError(f"{path} lacks {', '.join(missing)}: not a resumable fine-tuning checkpoint")
+        require_parts(state, path, ("model", "optimizer"), "fine-tuning")
         if list(state.get("classes", self.classes)) != list(self.classes):
             raise CheckpointError(f"{path} was fine-tuned on other classes ({len(state['classes'])}: "
                                   f"{', '.join(state['classes'][:4])} ...): resume on the same data, or use a new "
@@ -103,12 +102,11 @@ class Finetune:
 def build_finetune(cfg: FinetuneConfig, run: Run) -> Finetune:
     """Data, model (+ pretrained weights), EMA, optimizer, schedule and mixup, in a fixed order."""
     train_set, val_set = labelled_splits(cfg.data.data_path)
-    start = _pretrained_file(cfg, run)
+    start = run.pretrained_start(cfg.model.pretrained_weights, lambda: _read_start(cfg))
     recipe = recipe_rules.apply(cfg, train_set)
     train_set.select(few_labels(train_set.targets, cfg.data.train_fraction, cfg.data.labels_per_class, cfg.run.seed))
     sampler = training_sampler(train_set, cfg.optim.batch_size_per_gpu, run.world_size, run.rank, cfg.run.seed)
-    total_steps = cfg.optim.epochs * sampler.steps_per_epoch
-    total_steps = min(total_steps, cfg.run.max_steps) if cfg.run.max_steps else total_steps
+    total_steps = configured_steps(cfg, sampler.steps_per_epoch)
     model = build_model(cfg.model.arch, num_classes=len(train_set.classes), drop_path_rate=cfg.model.drop_path_rate,
                         img_size=cfg.data.input_size)
     pretrained = _load_pretrained(model, start, cfg, run) if start and "loaded" not in start else start
@@ -117,29 +115,20 @@ def build_finetune(cfg: FinetuneConfig, run: Run) -> Finetune:
     val_set.transform = transform_for(config)
     loader = training_loader(train_set, sampler, cfg.optim.batch_size_per_gpu, cfg.data.num_workers, run.device,
                              cfg.run.seed)
-    torch.manual_seed(cfg.run.seed + run.rank)   # from here per rank: drop-path masks differ across ranks
-    np.random.seed(cfg.run.seed + run.rank)      # and so do mixup's draws
+    seed_this_rank(cfg.run.seed, run.rank)   # from here per rank: drop-path masks and mixup's draws differ
     model, _, model_ddp = place_models(model, None, cfg.run, run)
     return Finetune(cfg=cfg, train_set=train_set, val_set=val_set, sampler=sampler, loader=loader, model=model,
                     model_ddp=model_ddp, ema=_ema(model, cfg), optimizer=build_optimizer(cfg, model),
-                    scaler=torch.amp.GradScaler(run.device.type) if cfg.run.precision == "fp16" else None,
+                    scaler=make_scaler(cfg.run.precision, run.device),
                     lr=lr_schedule(cfg, sampler.steps_per_epoch, run.world_size), mixup=_mixup(cfg, len(train_set.classes)),
                     criterion=_criterion(cfg), classes=list(train_set.classes), total_steps=total_steps,
                     recipe=recipe, pretrained=pretrained)
 
 
-def _pretrained_file(cfg: FinetuneConfig, run: Run) -> dict | None:
-    """The file a new run starts from (its facts; the weights are read when the model exists), or,
-    when the run resumes, what its checkpoint recorded (the file is not read again)."""
-    if not cfg.model.pretrained_weights:
-        return None
-    saved = run.saved_state()
-    if saved is not None:
-        if run.is_main:
-            print(f"[ssl_xcit] {run.ckpt_path} exists: resuming it; pretrained_weights="
-                  f"{cfg.model.pretrained_weights} is not used again", flush=True)
-        return saved.get("pretrained")
-    from ssl_xcit.evaluate.export import file_sha256
+def _read_start(cfg: FinetuneConfig) -> dict:
+    """The facts of the file a new run starts from (the weights are read when the model exists);
+    the file's arch is taken when the user set none."""
+    from ssl_xcit.atomic import file_sha256
     path = cfg.model.pretrained_weights
     weights = load_state_source(path, checkpoint_key=cfg.model.checkpoint_key)
     arch = resolve_arch(weights.arch) if weights.arch else infer_arch(weights.state_dict, path)

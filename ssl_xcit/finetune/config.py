@@ -1,4 +1,4 @@
-"""The fine-tuning config: one dataclass tree, built like pretraining's (:mod:`ssl_xcit.train.config`:
+"""The fine-tuning config: one dataclass tree, built by the engine's loader like pretraining's (:mod:`ssl_xcit.engine.config`:
 YAML + ``key=value`` overrides, plain or with their section, every name unique) and sharing its
 ``run`` section, so the output folder, seed, precision, device, logging, saving and ``recipe`` keys
 mean the same in both.
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ssl_xcit.train.config import (ConfigError, ConfigTree, RunConfig, check_arch_name, check_finite, config_field,
-                                    user_set_keys, validate_run)
+from ssl_xcit.engine.config import (MAX_EPOCHS, ConfigTree, OptimConfigBase, RunConfig, check_arch_name,
+                                     check_finite, config_field, need, user_set_keys, validate_run)
 
 
 @dataclass
@@ -52,11 +52,7 @@ class MixupConfig:
 
 
 @dataclass
-class FinetuneOptimConfig:
-    epochs: int = config_field(100, "training epochs")
-    batch_size_per_gpu: int = config_field(64, "images per process (per GPU) and step")
-    lr: float = config_field(5e-4, "peak learning rate at a global batch of 256; scaled linearly")
-    min_lr: float = config_field(1e-6, "learning rate at the end of the cosine schedule")
+class FinetuneOptimConfig(OptimConfigBase):
     warmup_epochs: int = config_field(5, "epochs of the linear learning-rate warm-up")
     weight_decay: float = config_field(0.05, "AdamW weight decay (not on biases, norms, cls token, positional encoding)")
     layer_decay: float = config_field(0.75, "layer-wise lr decay: block i of L learns at lr x layer_decay^(L-i) (1: off)")
@@ -82,14 +78,11 @@ class FinetuneConfig(ConfigTree):
     eval: FinetuneEvalConfig = field(default_factory=FinetuneEvalConfig)
 
     PATH_KEYS = ("data.data_path", "run.output_dir", "model.pretrained_weights")
+    LOOP = "ssl_xcit.finetune.loop:train"
 
     def validate(self) -> "FinetuneConfig":
         """Cross-field checks with messages a user can act on."""
         m, d, x, o, r, e = self.model, self.data, self.mixup, self.optim, self.run, self.eval
-
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise ConfigError(msg)
         check_finite(self)
         need(m.checkpoint_key in ("teacher", "student"), f"checkpoint_key must be teacher or student, got {m.checkpoint_key!r}")
         need(0.0 <= m.drop_path_rate < 1.0, f"drop_path_rate must be in [0, 1), got {m.drop_path_rate}")
@@ -105,7 +98,7 @@ class FinetuneConfig(ConfigTree):
         need(0.0 <= x.mixup_prob <= 1.0 and 0.0 <= x.mixup_switch_prob <= 1.0,
              "mixup_prob and mixup_switch_prob must be in [0, 1]")
         need(0.0 <= x.smoothing < 1.0, f"smoothing must be in [0, 1), got {x.smoothing}")
-        need(0 < o.epochs <= 10_000, f"epochs must be in [1, 10000], got {o.epochs}")
+        need(0 < o.epochs <= MAX_EPOCHS, f"epochs must be in [1, {MAX_EPOCHS}], got {o.epochs}")
         need(o.batch_size_per_gpu > 0, f"batch_size_per_gpu must be positive, got {o.batch_size_per_gpu}")
         need(o.lr > 0 and o.min_lr >= 0, "lr must be positive and min_lr non-negative")
         # a default warm-up longer than the run: recipe=auto chooses, or the warm-up is the run

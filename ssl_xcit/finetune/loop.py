@@ -1,5 +1,5 @@
 """The fine-tuning loop, readable top to bottom as DeiT's ``train_one_epoch`` and ``evaluate``: open
-the run (:class:`~ssl_xcit.train.run.Run`: the folder, its lock, logs, checkpoints, the NaN guard and
+the run (:class:`~ssl_xcit.engine.run.Run`: the folder, its lock, logs, checkpoints, the NaN guard and
 stop requests, shared with pretraining), build the pieces (:func:`~ssl_xcit.finetune.build.build_finetune`),
 resume if the folder holds a checkpoint, then the epochs: each step is mixup, forward and loss, a
 look at the loss on every rank before ``backward``, the update and the EMA; validation every
@@ -24,7 +24,7 @@ from ssl_xcit.evaluate.classification import topk_correct
 from ssl_xcit.finetune.build import Finetune, build_finetune, val_loader
 from ssl_xcit.finetune.config import FinetuneConfig
 from ssl_xcit.finetune.step import apply_update, forward_loss
-from ssl_xcit.train.run import Run, TrainResult
+from ssl_xcit.engine.run import Run, TrainResult
 
 BEST_NAME = "checkpoint_best.pth"
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ssl_xcit.train.recipe import AUTO_MAX_IMAGES, Choice, data_facts, set_unset
+from ssl_xcit.engine.recipe import AUTO_MAX_IMAGES, Choice, data_facts, set_unset
 
 WARMUP_FRACTION = 0.05   # DeiT: 5 of 100-300 epochs
 SHORT_RUN_EPOCHS = 10    # measured at 1 epoch (600 steps on CIFAR-10); 10 is a margin, not a measurement
@@ -57,7 +57,7 @@ def apply(cfg: Any, train_set: Any) -> str | None:
     if cfg.run.recipe != "auto" or len(train_set) >= AUTO_MAX_IMAGES:
         return None
     from ssl_xcit.models.zoo import resolve
-    from ssl_xcit.train.config import user_set_keys
+    from ssl_xcit.engine.config import user_set_keys
     facts = data_facts(train_set)
     chosen = choose(facts.images, facts.image_side, resolve(cfg.model.arch).arch.patch_size, cfg.optim.epochs,
                     pretrained=bool(cfg.model.pretrained_weights))

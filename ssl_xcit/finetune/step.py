@@ -1,5 +1,5 @@
 """One fine-tuning step as a function of (images, labels, state), in the two halves pretraining's
-step has (:mod:`ssl_xcit.train.step`): :func:`forward_loss` (mixup/cutmix, forward, loss; changes
+step has (:mod:`ssl_xcit.train.step`; the update itself is :mod:`ssl_xcit.engine.step`'s): :func:`forward_loss` (mixup/cutmix, forward, loss; changes
 nothing), then, once every rank has seen a finite loss, :func:`apply_update` (backward, clipping,
 the optimizer step, the EMA). No I/O, no host sync the caller does not ask for.
 """
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ssl_xcit.dino.ema import unwrap
-from ssl_xcit.train.step import apply_schedules, autocast_context
+from ssl_xcit.engine.step import apply_schedules, autocast_context, backward_and_step
 
 
 @dataclass
@@ -42,21 +42,14 @@ def apply_update(loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Op
     apply_schedules(optimizer, lr, 0.0)   # groups keep their own weight decay (apply_weight_decay False)
     optimizer.zero_grad(set_to_none=True)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-    else:
-        loss.backward()
-    if head_only:
-        for name, p in unwrap(model).named_parameters():
-            if not name.startswith("head."):
-                p.grad = None
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad) if clip_grad > 0 else None   # skips grad None
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
+
+    def on_gradients() -> torch.Tensor | None:
+        if head_only:
+            for name, p in unwrap(model).named_parameters():
+                if not name.startswith("head."):
+                    p.grad = None
+        return torch.nn.utils.clip_grad_norm_(params, clip_grad) if clip_grad > 0 else None   # skips grad None
+    grad_norm = backward_and_step(loss, optimizer, scaler, on_gradients)
     if ema is not None:
         ema.update(unwrap(model), step=step)
     return FinetuneStepOutput(grad_norm.detach() if grad_norm is not None else None)

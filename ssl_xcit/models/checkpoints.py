@@ -54,7 +54,7 @@ class CheckpointError(UserError, ValueError, RuntimeError):
     """A checkpoint that cannot be read or does not fit the model or run; the message names the file.
 
     The one class for every checkpoint error of the project (model loading here, a training's resume in
-    :mod:`ssl_xcit.train.checkpoint`, which re-exports it): a ``ValueError`` and a ``RuntimeError``,
+    :mod:`ssl_xcit.engine.checkpoint`, which re-exports it): a ``ValueError`` and a ``RuntimeError``,
     the two its callers caught before there was one.
     """
 
@@ -278,6 +278,16 @@ def _backbone_part(sd: Mapping[str, torch.Tensor]) -> tuple[dict, list[str]]:
     return kept, [k for k in sd if k.startswith("head.")]
 
 
+def _mmpretrain_part(obj: Mapping) -> tuple[dict, list[str]]:
+    """An mmpretrain file's backbone and classifier (``head.fc.``), and the names of what else it holds."""
+    sd = strip_prefixes(obj.get("state_dict", obj))
+    if not any(k.startswith("backbone.") for k in sd):
+        return sd, []
+    keep = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+    keep.update({k: v for k, v in sd.items() if k.startswith("head.fc.")})
+    return keep, [k for k in sd if not k.startswith(("backbone.", "head.fc."))]
+
+
 def extract_state_dict(obj: Any, format: str = "auto", checkpoint_key: str = "teacher",
                        source: str = "<checkpoint>") -> ExtractedWeights:
     """Unwrap a loaded checkpoint object and rename its keys to timm's naming."""
@@ -313,13 +323,7 @@ def extract_state_dict(obj: Any, format: str = "auto", checkpoint_key: str = "te
             model_cfg = cfg.get("model") if isinstance(cfg, Mapping) else None
             arch = model_cfg.get("arch") if isinstance(model_cfg, Mapping) else None
     elif fmt == "mmpretrain":
-        sd = obj.get("state_dict", obj)
-        sd = strip_prefixes(sd)
-        if any(k.startswith("backbone.") for k in sd):
-            keep = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
-            keep.update({k: v for k, v in sd.items() if k.startswith("head.fc.")})
-            dropped = [k for k in sd if not k.startswith(("backbone.", "head.fc."))]
-            sd = keep
+        sd, dropped = _mmpretrain_part(obj)
     elif fmt == "official":
         sd = strip_prefixes(obj.get("model", obj))
     else:  # dino_backbone, timm

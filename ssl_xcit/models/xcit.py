@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from ssl_xcit.data.common import IMAGENET_MEAN, IMAGENET_STD
 from timm.models.xcit import Xcit
 from torch.utils.checkpoint import checkpoint
 
@@ -71,8 +71,8 @@ class XCiT(Xcit):
         """Evaluation preprocessing of the published XCiT weights: bicubic resize of the short side
         to ``img_size`` (crop ratio 1.0), centre crop, ImageNet mean / std."""
         return {"input_size": (self.in_chans, *self.img_size), "interpolation": "bicubic",
-                "crop_pct": 1.0, "mean": tuple(IMAGENET_DEFAULT_MEAN),
-                "std": tuple(IMAGENET_DEFAULT_STD)}
+                "crop_pct": 1.0, "mean": IMAGENET_MEAN,
+                "std": IMAGENET_STD}
 
     # ------------------------------------------------------------------ checks
     def check_input(self, x: torch.Tensor) -> None:
@@ -86,8 +86,8 @@ class XCiT(Xcit):
             raise ValueError(f"{self.arch}: expected an image batch (B, {self.in_chans}, H, W), "
                              f"got {shape}")
         if not x.is_floating_point():
-            mean = tuple(IMAGENET_DEFAULT_MEAN)
-            std = tuple(IMAGENET_DEFAULT_STD)
+            mean = IMAGENET_MEAN
+            std = IMAGENET_STD
             raise TypeError(f"{self.arch}: expected a float image batch, got {x.dtype}; convert and "
                             f"normalise it first, e.g. x = (x.float() / 255 - mean) / std with the "
                             f"ImageNet mean {mean} and std {std} per channel")

@@ -1,7 +1,7 @@
 """DINO's pieces, built from the config in the order that fixes the RNG streams: the images and
 their multi-crop views, student and teacher (backbone + DINO head), the loss with its centre, the
 optimizer and the schedules, with ``recipe: auto``'s choices filled in first. :class:`Dino` holds
-them and is what the run machinery (:mod:`ssl_xcit.train.run`) checkpoints and resumes; the loop
+them and is what the run machinery (:mod:`ssl_xcit.engine.run`) checkpoints and resumes; the loop
 that trains them is :mod:`ssl_xcit.train.loop`.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ssl_xcit.data.folders import Batch, ImageFiles, collate_skip_corrupt
+from ssl_xcit.data.folders import Batch, ImageFiles
 from ssl_xcit.data.gpu_multicrop import BatchedMultiCrop
 from ssl_xcit.data.multicrop import DinoMultiCrop, MultiCropConfig
 from ssl_xcit.data.sampler import ResumableDistributedSampler
@@ -28,13 +28,14 @@ from ssl_xcit.dino.loss import DINOLoss
 from ssl_xcit.dino.multicrop import MultiCropForward
 from ssl_xcit.dino.optim import gradient_clip_groups, param_groups_for_weight_decay
 from ssl_xcit.dino.schedules import cosine_schedule
+from ssl_xcit.engine.build import configured_steps, place_models, seed_this_rank, training_loader, training_sampler
+from ssl_xcit.engine.checkpoint import CheckpointError, require_parts, state_dict_mismatch
+from ssl_xcit.engine.run import DataSetError, Run
+from ssl_xcit.engine.step import make_scaler
 from ssl_xcit.models import get_model
 from ssl_xcit.train import recipe as recipe_rules
-from ssl_xcit.train.checkpoint import CheckpointError
 from ssl_xcit.train.config import ConfigError, DinoConfig, user_set_keys, validate
 from ssl_xcit.train.pretrained import PretrainedFile, check_arch, load_into_dino, read_pretrained
-from ssl_xcit.train.run import DataSetError, Run, worker_ignores_stop_signals
-from ssl_xcit.train.sync_bn import convert_sync_batchnorm
 
 
 @dataclass
@@ -68,17 +69,6 @@ def open_training_images(cfg: DinoConfig) -> ImageFiles:
     if d.max_images and d.max_images < len(dataset):
         dataset.select(evenly_spread(len(dataset), d.max_images))   # every class kept, in proportion
     return dataset
-
-
-def training_sampler(dataset: Any, batch_size: int, world_size: int, rank: int, seed: int
-                     ) -> ResumableDistributedSampler:
-    """The resumable sampler over ``dataset``; fewer images than one global batch is one line."""
-    if len(dataset) < batch_size * world_size:
-        raise DataSetError(f"{len(dataset)} images are fewer than one global batch of {batch_size * world_size} "
-                           f"({world_size} process(es) x batch_size_per_gpu={batch_size}): lower batch_size_per_gpu "
-                           "or add images")
-    return ResumableDistributedSampler(len(dataset), batch_size, num_replicas=world_size, rank=rank,
-                                       shuffle=True, seed=seed)
 
 
 def build_models(cfg: DinoConfig) -> tuple[MultiCropForward, MultiCropForward]:
@@ -125,12 +115,6 @@ def resolved_config(cfg: DinoConfig, world_size: int = 1) -> DinoConfig:
         if cfg.model.pretrained_weights else None
     apply_recipe(cfg, dataset, configured_steps(cfg, sampler.steps_per_epoch), facts)
     return cfg
-
-
-def configured_steps(cfg: DinoConfig, steps_per_epoch: int) -> int:
-    """Optimizer steps of the run as configured: ``epochs`` of the sampler's steps, capped by max_steps."""
-    total = cfg.optim.epochs * steps_per_epoch
-    return min(total, cfg.run.max_steps) if cfg.run.max_steps else total
 
 
 def apply_recipe(cfg: DinoConfig, dataset: ImageFiles, steps: int, pretrained: dict | None = None) -> str | None:
@@ -195,7 +179,7 @@ def build_loss(cfg: DinoConfig) -> DINOLoss:
 
 @dataclass
 class Dino:
-    """What DINO trains and on what: the run's :class:`~ssl_xcit.train.run.Trainable`."""
+    """What DINO trains and on what: the run's :class:`~ssl_xcit.engine.run.Trainable`."""
     cfg: DinoConfig
     dataset: ImageFiles
     sampler: ResumableDistributedSampler
@@ -233,7 +217,7 @@ class Dino:
 
     def init_center_from_teacher(self, crops: list[torch.Tensor], precision: str) -> None:
         """``center_init: teacher``: the centre starts at the teacher's mean output on these crops."""
-        from ssl_xcit.train.step import autocast_context
+        from ssl_xcit.engine.step import autocast_context
         with torch.no_grad(), autocast_context(crops[0].device, precision):
             self.loss.init_center(self.teacher(crops[:2]))
 
@@ -246,9 +230,7 @@ class Dino:
 
     def check_fits(self, state: dict[str, Any], path: Path) -> None:
         """One line when the checkpoint's student/teacher do not fit this run's models (other arch, head)."""
-        missing = [k for k in ("student", "teacher", "optimizer", "dino_loss") if k not in state]
-        if missing:
-            raise CheckpointError(f"{path} lacks {', '.join(missing)}: not a resumable DINO training checkpoint")
+        require_parts(state, path, ("student", "teacher", "optimizer", "dino_loss"), "DINO training")
         saved_arch = state.get("config", {}).get("model", {}).get("arch", "unknown")
         for part, model in (("student", self.student), ("teacher", self.teacher)):
             mismatch = state_dict_mismatch(state[part], model.state_dict())
@@ -273,29 +255,14 @@ class Dino:
                 if t.is_floating_point()]
 
 
-def state_dict_mismatch(saved: dict, here: dict) -> str | None:
-    """What keeps ``saved`` from loading into a module whose state dict is ``here`` (None: it fits)."""
-    missing = [k for k in here if k not in saved]
-    unexpected = [k for k in saved if k not in here]
-    reshaped = [k for k in here if k in saved and tuple(saved[k].shape) != tuple(here[k].shape)]
-    if not (missing or unexpected or reshaped):
-        return None
-    parts = [f"{len(keys)} {what} (e.g. {keys[0]})" for keys, what in
-             ((missing, "missing"), (unexpected, "unexpected")) if keys]
-    if reshaped:
-        k = reshaped[0]
-        parts.append(f"{len(reshaped)} of another shape (e.g. {k}: saved {tuple(saved[k].shape)}, "
-                     f"here {tuple(here[k].shape)})")
-    return ", ".join(parts)
-
-
 def build_dino(cfg: DinoConfig, run: Run) -> Dino:
     """Data, models, loss, optimizer, scaler and schedules, in the order that fixes the RNG streams."""
     # ---- data: multi-crop views of unlabelled images; each sample seeded by its global position
     dataset = open_training_images(cfg)
     sampler = training_sampler(dataset, cfg.optim.batch_size_per_gpu, run.world_size, run.rank, cfg.run.seed)
     total_steps = configured_steps(cfg, sampler.steps_per_epoch)
-    pretrained = _pretrained_start(cfg, run)
+    pretrained = run.pretrained_start(cfg.model.pretrained_weights, lambda: read_pretrained(
+        cfg.model.pretrained_weights, cfg.model.pretrained_checkpoint_key))
     facts = pretrained.facts() if isinstance(pretrained, PretrainedFile) else pretrained
     recipe = apply_recipe(cfg, dataset, total_steps, facts)   # recipe=auto: values fit to these images and steps
     # augment=gpu: the loader decodes and draws each crop's parameters; the crops are made on the device
@@ -310,59 +277,11 @@ def build_dino(cfg: DinoConfig, run: Run) -> Dino:
         facts = {**facts, "loaded": load_into_dino(pretrained, student, teacher, loss)}
         if run.is_main:
             print(f"[ssl_xcit] pretrained_weights: {'; '.join(facts['loaded'])}", flush=True)
-    torch.manual_seed(cfg.run.seed + run.rank)   # from here per rank: stochastic depth masks differ across ranks
-    np.random.seed(cfg.run.seed + run.rank)
+    seed_this_rank(cfg.run.seed, run.rank)   # from here per rank: stochastic depth masks differ across ranks
     student, teacher, student_ddp = place_models(student, teacher, cfg.run, run)
     return Dino(cfg=cfg, dataset=dataset, sampler=sampler, loader=loader, student=student, teacher=teacher,
                 student_ddp=student_ddp, loss=loss.to(run.device), optimizer=build_optimizer(cfg, student),
-                scaler=torch.amp.GradScaler(run.device.type) if cfg.run.precision == "fp16" else None,
+                scaler=make_scaler(cfg.run.precision, run.device),
                 schedules=build_schedules(cfg, sampler.steps_per_epoch, run.world_size),
                 clip_groups=gradient_clip_groups(student), total_steps=total_steps,
                 device_augment=device_augment, recipe=recipe, pretrained=facts)
-
-
-def _pretrained_start(cfg: DinoConfig, run: Run) -> PretrainedFile | dict | None:
-    """The file a new run starts from (read now), or, when the run resumes, the facts its
-    checkpoint recorded (so the recipe is the same without reading the file again)."""
-    if not cfg.model.pretrained_weights:
-        return None
-    saved = run.saved_state()
-    if saved is None:
-        return read_pretrained(cfg.model.pretrained_weights, cfg.model.pretrained_checkpoint_key)
-    if run.is_main:
-        print(f"[ssl_xcit] {run.ckpt_path} exists: resuming it; pretrained_weights={cfg.model.pretrained_weights} "
-              "is not used again", flush=True)
-    return saved.get("pretrained")
-
-
-def training_loader(dataset: Any, sampler: ResumableDistributedSampler, batch_size: int, num_workers: int,
-                    device: torch.device, seed: int) -> DataLoader:
-    """The loader of a training run: unreadable images skipped and counted, workers that leave a
-    stop signal to the main process (:func:`~ssl_xcit.train.run.worker_ignores_stop_signals`)."""
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      collate_fn=collate_skip_corrupt, pin_memory=device.type == "cuda", drop_last=False,
-                      persistent_workers=False, worker_init_fn=worker_ignores_stop_signals,
-                      generator=torch.Generator().manual_seed(seed))  # keeps the global RNG untouched
-
-
-def place_models(student: nn.Module, teacher: nn.Module | None, run_cfg: Any, run: Run
-                 ) -> tuple[nn.Module, nn.Module | None, nn.Module]:
-    """SyncBatchNorm under DDP, the device, ``torch.compile`` when asked, and DDP around the student:
-    (student, teacher, the student as the step calls it)."""
-    models = [m for m in (student, teacher) if m is not None]
-    if run.world_size > 1 and run_cfg.sync_bn:
-        models = [convert_sync_batchnorm(m, run.device) for m in models]
-    for m in models:
-        m.to(run.device)
-        if run_cfg.compile:
-            # in place (nn.Module.compile), so state_dict keys stay plain; static shapes give one
-            # graph per crop resolution (global and local), each compiled once
-            getattr(m, "backbone", m).compile(dynamic=False)
-    student, teacher = models[0], (models[1] if teacher is not None else None)
-    student_ddp: nn.Module = student
-    if run.world_size > 1:
-        student_ddp = nn.parallel.DistributedDataParallel(
-            student, device_ids=[run.device.index] if run.device.type == "cuda" else None)
-    if teacher is not None:
-        teacher.train()  # DINO's teacher normalises with its own batch statistics
-    return student, teacher, student_ddp

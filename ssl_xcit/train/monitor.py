@@ -36,7 +36,7 @@ from ssl_xcit import distributed as du
 from ssl_xcit.data.subsets import evenly_spread
 from ssl_xcit.errors import UserError
 from ssl_xcit.train.config import ConfigError, DinoConfig
-from ssl_xcit.train.logger import RunLogger
+from ssl_xcit.engine.logger import RunLogger
 
 TEMPERATURE = 0.07
 

@@ -55,7 +55,7 @@ class PretrainedFile:
 
 def read_pretrained(path: str, checkpoint_key: str = "auto") -> PretrainedFile:
     """Read ``path`` once: its backbones, DINO heads and centre, and its sha256."""
-    from ssl_xcit.evaluate.export import file_sha256
+    from ssl_xcit.atomic import file_sha256
     obj = read_checkpoint(path)
     fmt = detect_format(obj, path)
     backbones, heads, center, spec = {}, {}, None, None

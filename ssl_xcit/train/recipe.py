@@ -17,11 +17,9 @@ loop prints, logs and writes into ``config.yaml``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any
 
-# From this many images on, DINO's own recipe is what works (ImageNet-1k has 1.28M).
-AUTO_MAX_IMAGES = 200_000
+from ssl_xcit.engine.recipe import AUTO_MAX_IMAGES, Choice, DataFacts, data_facts, set_unset  # noqa: F401
+
 # Prototypes per image: DINO uses 65,536 for 1.28M images, one per ~20; on small data as many
 # prototypes as images spread the teacher too thin (the grid: 256-4,096 on 6,400 images within 1 point).
 IMAGES_PER_PROTOTYPE = 16
@@ -35,19 +33,6 @@ KOLEO_WEIGHT = 0.05
 # below 0.975 the grid's 100-step runs lost (0.95: -2 points, 0.9: -3).
 EMA_WINDOW_FRACTION = 0.1
 MIN_MOMENTUM, MAX_MOMENTUM = 0.975, 0.996
-
-
-@dataclass(frozen=True)
-class DataFacts:
-    """What the rules read of the data: the number of images and the median shorter side (px)."""
-    images: int
-    image_side: int
-
-
-@dataclass(frozen=True)
-class Choice:
-    value: Any
-    reason: str
 
 
 def _pow2_between(x: float, lo: int, hi: int) -> int:
@@ -133,24 +118,7 @@ def lr_warmup(epochs: int) -> Choice:
 
 
 # ---------------------------------------------------------------- applying the choices to a config
-SAMPLE_FOR_SIZE = 64   # images whose size is read (evenly spread) for DataFacts.image_side
-
-
-def data_facts(dataset) -> DataFacts:
-    """The number of images and the median shorter side of ``SAMPLE_FOR_SIZE`` of them (evenly
-    spread; ones that fail to load are left out). Sizes come from the image headers where the
-    dataset can read them (``image_size``), so nothing is decoded."""
-    from ssl_xcit.data.subsets import evenly_spread
-    size_of = getattr(dataset, "image_size", None) or (lambda i: dataset.load(i).size)
-    sides = []
-    for i in dict.fromkeys(evenly_spread(len(dataset), SAMPLE_FOR_SIZE).tolist()):
-        try:
-            sides.append(min(size_of(i)))
-        except Exception:  # noqa: BLE001 - an unreadable image says nothing about the others' size
-            continue
-    side = int(sorted(sides)[len(sides) // 2]) if sides else 224
-    return DataFacts(images=len(dataset), image_side=side)
-
+# (the facts of the data and setting unset values: :mod:`ssl_xcit.engine.recipe`)
 
 def apply_auto(cfg, facts: DataFacts, steps: int, user_set: set[str],
                pretrained: dict | None = None) -> dict[str, Choice]:
@@ -219,17 +187,6 @@ def replan(cfg, steps: int, steps_per_epoch: int, user_set: set[str]) -> dict[st
 
 def _user_momentum(cfg, user_set: set[str]) -> float | None:
     return cfg.dino.momentum_teacher if "dino.momentum_teacher" in user_set else None
-
-
-def set_unset(cfg, chosen: dict[str, Choice], user_set: set[str]) -> dict[str, Choice]:
-    """Set each chosen value the user did not set, in place; returns what was set."""
-    applied = {}
-    for key, choice in chosen.items():
-        if key not in user_set:
-            section, name = key.split(".")
-            setattr(getattr(cfg, section), name, choice.value)
-            applied[key] = choice
-    return applied
 
 
 def describe(applied: dict[str, Choice], facts: DataFacts, steps: int) -> str:

@@ -9,7 +9,6 @@ them (``backward`` is collective). :func:`train_step` is both halves in a row.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +18,7 @@ from ssl_xcit.dino.ema import unwrap, update_teacher
 from ssl_xcit.dino.head import cancel_last_layer_gradients
 from ssl_xcit.dino.koleo import koleo_over_crops
 from ssl_xcit.dino.optim import gradient_clip_groups
+from ssl_xcit.engine.step import apply_schedules, autocast_context, backward_and_step
 
 
 @dataclass
@@ -41,22 +41,6 @@ class StepOutput:
     teacher_entropy: torch.Tensor
     teacher_kl_uniform: torch.Tensor
     koleo: torch.Tensor | None = None   # the KoLeo term (unweighted) when the step has one
-
-
-def autocast_context(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def apply_schedules(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
-    """Every group gets the lr (times its ``lr_scale``, e.g. a pretrained backbone's); groups that
-    decay (``weight_decay`` > 0 at build time) get the wd."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
-        if group.get("apply_weight_decay", True):
-            group["weight_decay"] = weight_decay
 
 
 def clip_gradients(groups: list[list[nn.Parameter]], max_norm: float) -> torch.Tensor:
@@ -111,19 +95,12 @@ def apply_update(loss: torch.Tensor, student: nn.Module, teacher: nn.Module, din
     optimizer.zero_grad(set_to_none=True)
     if clip_groups is None:
         clip_groups = gradient_clip_groups(unwrap(student))
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        grad_norm = clip_gradients(clip_groups, hp.clip_grad)
-        _cancel_frozen_gradients(unwrap(student), hp)
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        grad_norm = clip_gradients(clip_groups, hp.clip_grad)
-        _cancel_frozen_gradients(unwrap(student), hp)
-        optimizer.step()
 
+    def on_gradients() -> torch.Tensor:
+        grad_norm = clip_gradients(clip_groups, hp.clip_grad)
+        _cancel_frozen_gradients(unwrap(student), hp)
+        return grad_norm
+    grad_norm = backward_and_step(loss, optimizer, scaler, on_gradients)
     update_teacher(unwrap(student), teacher, hp.teacher_momentum)
     stats = dino_loss.last_stats
     return StepOutput(loss.detach(), grad_norm.detach(), stats["teacher_entropy"], stats["teacher_kl_uniform"],

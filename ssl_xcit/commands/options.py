@@ -11,35 +11,24 @@ DINO's flag names are aliases of ours (``--pretrained_weights`` is ``--checkpoin
 is ``--data-path``, ``--batch_size_per_gpu`` is ``--batch-size``, ...), so DINO's ``eval_knn.py`` and
 ``eval_linear.py`` command lines run as pasted; its process-group flags are accepted and ignored.
 
-Imports: the standard library, :mod:`ssl_xcit.cli` and the torch-free zoo name table only.
+Imports: the standard library, :mod:`ssl_xcit.cli`, :mod:`ssl_xcit.evaluate.inputs` and the torch-free
+zoo name table only.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
-import math
 import os
 from pathlib import Path
 from typing import Any, Callable
 
 from ssl_xcit.cli import ArgumentParser, bool_word, own_words
 from ssl_xcit.errors import UserError
+from ssl_xcit.evaluate.inputs import (DEFAULT_KS, DEFAULT_LR_GRID, DEFAULT_TEMPERATURE, DEFAULT_WD_GRID,  # noqa: F401
+                                      SPECIAL_CHECKPOINTS, EvalInputError, MissingPathError, check_non_negative,
+                                      check_positive)
 
-DEFAULT_KS = (10, 20, 100, 200)              # DINO's k-NN
-DEFAULT_TEMPERATURE = 0.07
-DEFAULT_LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
-DEFAULT_WD_GRID = (0.0, 1e-5, 1e-4)
-SPECIAL_CHECKPOINTS = ("pretrained", "none")  # eval_classification: published weights / random init
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-
-
-class EvalInputError(UserError, ValueError):
-    """A bad evaluation input (an option's value, a data folder, a checkpoint path); the message
-    says what to change. A ``ValueError`` too, which library callers already catch."""
-
-
-class MissingPathError(UserError, FileNotFoundError):
-    """A file or folder named on the command line does not exist."""
 
 
 # --------------------------------------------------------------------------------------------- flags
@@ -198,26 +187,6 @@ def classification_parser() -> argparse.ArgumentParser:
 
 
 # --------------------------------------------------------------------------------------------- checks
-def check_positive(value: int | float | None, name: str) -> None:
-    """``value`` is ``None`` (not given) or a finite number above 0 (nan and inf are refused)."""
-    if value is None:
-        return
-    if not math.isfinite(value):
-        raise EvalInputError(f"{name} must be a finite number, got {value}")
-    if value <= 0:
-        raise EvalInputError(f"{name} must be positive, got {value}")
-
-
-def check_non_negative(value: int | float | None, name: str) -> None:
-    """``value`` is ``None`` (not given) or a finite number >= 0 (nan and inf are refused)."""
-    if value is None:
-        return
-    if not math.isfinite(value):
-        raise EvalInputError(f"{name} must be a finite number, got {value}")
-    if value < 0:
-        raise EvalInputError(f"{name} must be >= 0, got {value}")
-
-
 def check_divisible(size: int, model: str, flag: str) -> None:
     """``size`` divides by the patch size of ``model`` (a zoo or arch name)."""
     from ssl_xcit.models.zoo import resolve  # the name table: no torch
@@ -231,16 +200,6 @@ def check_device(name: str) -> None:
     """auto, cpu, cuda or cuda:N (whether a GPU is there is known only once torch is loaded)."""
     if name not in ("auto", "cpu", "cuda") and not (name.startswith("cuda:") and name[5:].isdigit()):
         raise EvalInputError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
-
-
-def pick_device(name: str, local_rank: int | None = None):
-    """:func:`ssl_xcit.distributed.pick_device`, with "cuda but no GPU" as a one-line error."""
-    from ssl_xcit.distributed import pick_device as pick
-    check_device(name)
-    try:
-        return pick(name, local_rank)
-    except RuntimeError as err:  # cuda asked for, none visible
-        raise EvalInputError(f"--device {name}: {err}") from None
 
 
 def check_model_name(name: str, flag: str) -> None:
@@ -456,8 +415,17 @@ def parse(tool: str, argv: list[str] | None, check: bool = True, prog: str | Non
 def run_tool(tool: str, argv: list[str], prog: str | None = None) -> Any:
     """The command line of ``eval/<tool>.py`` (or of its console command ``prog``): answer ``--help``
     and bad input first, then import the tool (and torch) and run its ``main``."""
-    parse(tool, argv, prog=prog)
+    args = parse(tool, argv, prog=prog)
     try:
         return importlib.import_module(TOOLS[tool][0]).main(argv)
     except UserError as err:   # a library hint in this tool's words (or left out)
-        raise own_words(err, TOOL_HINTS.get(tool))
+        raise own_words(_device_words(err, getattr(args, "device", None)), TOOL_HINTS.get(tool))
+
+
+def _device_words(err: UserError, device: str | None) -> UserError:
+    """The device rule's error (:func:`ssl_xcit.distributed.pick_device`) naming this command's option."""
+    if type(err).__name__ != "DeviceError" or device is None:
+        return err
+    text = str(err)
+    err.args = (f"--{text}" if text.startswith("device must be") else f"--device {device}: {text}",)
+    return err

@@ -14,7 +14,6 @@ second Ctrl-C quits at once without saving. (SLURM jobs handle their signals in
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 from dataclasses import dataclass
@@ -22,11 +21,14 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ssl_xcit.cli import ArgumentParser
 from ssl_xcit.finetune.config import FinetuneConfig
-from ssl_xcit.train import flags
-from ssl_xcit.train.config import DinoConfig, find_recipe, load_config
+from ssl_xcit.commands import flags
+from ssl_xcit.engine.config import find_recipe, load_config
+from ssl_xcit.engine.launch import run_training
+from ssl_xcit.ranks import is_rank0
+from ssl_xcit.train.config import DinoConfig
 
 if TYPE_CHECKING:
-    from ssl_xcit.train.run import TrainResult
+    from ssl_xcit.engine.run import TrainResult
 
 _COMMON = ("Runs alone, or under torchrun for several GPUs/nodes; resumes from the checkpoint in output_dir "
            "when there is one. SIGTERM, SIGUSR2, SIGHUP or Ctrl-C save a checkpoint at the next step and exit "
@@ -37,48 +39,30 @@ _COMMON = ("Runs alone, or under torchrun for several GPUs/nodes; resumes from t
 
 @dataclass(frozen=True)
 class Command:
-    """A training command line: its config, default name, help, and the loop that runs it."""
+    """A training command line: its config (whose ``LOOP`` trains it), default name and help."""
     schema: type
     prog: str
     what: str
     example: str
-    loop: str            # "module:function" of ``train(cfg, stop_requested)``
 
 
 PRETRAIN = Command(DinoConfig, "launch/train.py", "DINO pretraining of an XCiT on a folder of images (no labels "
                    "needed).", "--config configs/quickstart.yaml data_path=../shared/data/cifar10.tar.gz "
                    "output_dir=runs/quick epochs=2 | {prog} --arch xcit_small_12_p16 --data_path /imagenet/train "
-                   "--output_dir out --epochs 100 (DINO's command line)", "ssl_xcit.train.loop:train")
+                   "--output_dir out --epochs 100 (DINO's command line)")
 FINETUNE = Command(FinetuneConfig, "launch/finetune.py", "Supervised fine-tuning of an XCiT (from any checkpoint "
                    "load_backbone reads: pretrained_weights=FILE, or random weights) on labelled train/ and val/ "
                    "class folders, with DeiT's recipe from timm.", "pretrained_weights=runs/quickstart/train/"
-                   "checkpoint.pth data_path=../shared/data/cifar10.tar.gz output_dir=runs/ft epochs=10",
-                   "ssl_xcit.finetune.loop:train")
+                   "checkpoint.pth data_path=../shared/data/cifar10.tar.gz output_dir=runs/ft epochs=10")
 
 
 def command_of(cfg: Any) -> Command:
     return FINETUNE if isinstance(cfg, FinetuneConfig) else PRETRAIN
 
 
-def run_training(cfg: DinoConfig | FinetuneConfig, stop_requested: Callable[[], bool] | None = None
-                 ) -> "TrainResult":
-    """Join the process group described by the environment (if any), train (the loop of the
-    config's kind: pretraining or fine-tuning), leave the group."""
-    import importlib
-    from ssl_xcit import distributed as dist_utils
-
-    module, name = command_of(cfg).loop.split(":")
-    train = getattr(importlib.import_module(module), name)
-    dist_utils.init_distributed(cfg.run.device)
-    try:
-        return train(cfg, stop_requested=stop_requested)
-    finally:
-        dist_utils.cleanup()
-
-
 def build_parser(prog: str | None = None, command: Command = PRETRAIN) -> argparse.ArgumentParser:
     """The command line's help: ``--config``, ``key=value`` overrides and one ``--key`` option per
-    config key with its meaning and default (:func:`ssl_xcit.train.flags.add_config_options`)."""
+    config key with its meaning and default (:func:`ssl_xcit.commands.flags.add_config_options`)."""
     prog = prog or command.prog
     parser = ArgumentParser(
         prog=prog, usage=f"{prog} [-h] [--config RECIPE] [--KEY VALUE ...] [key=value ...]",
@@ -114,11 +98,11 @@ def main(argv: list[str] | None = None, prog: str | None = None, command: Comman
     """
     prog = prog or command.prog
     cfg = parse_config(list(sys.argv[1:] if argv is None else argv), prog, command)
-    from ssl_xcit.train.signals import StopSignals
+    from ssl_xcit.engine.signals import StopSignals
 
-    is_rank0 = os.environ.get("RANK", "0") in ("", "0")   # data.common.is_rank0's rule; that module loads torch
+    main_rank = is_rank0()
     quiet: Callable[[str], None] = lambda _msg: None   # noqa: E731
-    signals = StopSignals(log=(lambda msg: print(msg, flush=True)) if is_rank0 else quiet, plain=True)
+    signals = StopSignals(log=(lambda msg: print(msg, flush=True)) if main_rank else quiet, plain=True)
     signals.install(interrupt=True)
     try:
         result = run_training(cfg, stop_requested=signals.stop_requested)
@@ -127,7 +111,7 @@ def main(argv: list[str] | None = None, prog: str | None = None, command: Comman
     if result.status != "stopped":
         return 0
     signum = signals.signums[0] if signals.signums else signal.SIGTERM
-    if is_rank0:
+    if main_rank:
         print(f"{prog}: stopped on {signal.Signals(signum).name}: {result.checkpoint} holds global "
               f"step {result.global_step}; run the same command to resume", file=sys.stderr, flush=True)
     return 128 + int(signum)

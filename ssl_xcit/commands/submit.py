@@ -5,7 +5,7 @@ local executor).
     python launch/submit.py [launcher options] finetune pretrained_weights=FILE data_path=DIR ...
     python launch/submit.py [launcher options] eval_knn --checkpoint ... --data-path ...
 
-Training's words are ``launch/train.py``'s, read by the same code (:func:`ssl_xcit.train.entry.parse_config`:
+Training's words are ``launch/train.py``'s, read by the same code (:func:`ssl_xcit.commands.train.parse_config`:
 recipes by name, ``key=value``, DINO's ``--key value``), mixed with the launcher's options; a tool's
 (``finetune``: ``launch/finetune.py``'s; an evaluation tool's) come after its name. Everything that
 can be wrong with the input is checked before anything is submitted, and reported as one line with
@@ -28,8 +28,11 @@ from submitit.core.utils import FailedJobError
 from ssl_xcit import cli
 from ssl_xcit.cluster.executor import (CLUSTERS, JobSpec, SubmitError, check_partition, choose_cluster,
                                        make_executor, render_sbatch, reword_sbatch_error)
-from ssl_xcit.cluster.tasks import EVAL_TOOLS, EvalTask, TrainTask
-from ssl_xcit.evaluate import options as eval_options
+from ssl_xcit.cluster.tasks import EvalTask, TrainTask
+from ssl_xcit.commands import options as eval_options
+
+# evaluation tools the launcher submits: name on the command line -> module with main(argv)
+EVAL_TOOLS = {name: module for name, (module, _parser, _checks) in eval_options.TOOLS.items()}
 
 PROG = cli.command_name("launch/submit.py")   # ssl-xcit-submit when installed and run as it
 
@@ -164,8 +167,8 @@ def prepare_training(args: argparse.Namespace, words: list[str], tool: str | Non
                      train_fn: Callable[..., Any] | None = None) -> Prepared:
     """The job of a training command line (``tool``: None for pretraining, ``finetune``), its words
     read exactly as ``launch/train.py`` / ``launch/finetune.py`` read them."""
-    from ssl_xcit.train.config import ConfigError, user_values
-    from ssl_xcit.train.entry import FINETUNE, PRETRAIN, parse_config
+    from ssl_xcit.engine.config import ConfigError, user_values
+    from ssl_xcit.commands.train import FINETUNE, PRETRAIN, parse_config
 
     command = FINETUNE if tool == "finetune" else PRETRAIN
     try:
@@ -231,7 +234,7 @@ def prepare_eval(args: argparse.Namespace, tool: str, tool_argv: list[str], word
     job_dir = Path(args.job_dir or (Path(tool_out) / "slurm" if tool_out else Path("runs", "slurm", tool)))
     job_dir = job_dir.expanduser().resolve()
     spec = job_spec(args, default_name=tool)
-    return Prepared(EvalTask(tool, tool_argv), spec, job_dir, f"{tool} {' '.join(tool_argv)}".strip())
+    return Prepared(EvalTask(tool, tool_argv, EVAL_TOOLS[tool]), spec, job_dir, f"{tool} {' '.join(tool_argv)}".strip())
 
 
 def prepare(argv: list[str], train_fn: Callable[..., Any] | None = None) -> tuple[argparse.Namespace, Prepared]:

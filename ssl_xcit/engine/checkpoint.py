@@ -75,3 +75,26 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if missing:   # what a run's own parts need (models, optimizer) each Trainable checks (check_fits)
         raise CheckpointError(f"{path} lacks {', '.join(missing)}: not a resumable training checkpoint")
     return state
+
+
+def require_parts(state: dict[str, Any], path: Path, parts: tuple[str, ...], what: str) -> None:
+    """One line when the checkpoint lacks a part this kind of run (``what``) resumes from."""
+    missing = [k for k in parts if k not in state]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}: not a resumable {what} checkpoint")
+
+
+def state_dict_mismatch(saved: dict, here: dict) -> str | None:
+    """What keeps ``saved`` from loading into a module whose state dict is ``here`` (None: it fits)."""
+    missing = [k for k in here if k not in saved]
+    unexpected = [k for k in saved if k not in here]
+    reshaped = [k for k in here if k in saved and tuple(saved[k].shape) != tuple(here[k].shape)]
+    if not (missing or unexpected or reshaped):
+        return None
+    parts = [f"{len(keys)} {what} (e.g. {keys[0]})" for keys, what in
+             ((missing, "missing"), (unexpected, "unexpected")) if keys]
+    if reshaped:
+        k = reshaped[0]
+        parts.append(f"{len(reshaped)} of another shape (e.g. {k}: saved {tuple(saved[k].shape)}, "
+                     f"here {tuple(here[k].shape)})")
+    return ", ".join(parts)

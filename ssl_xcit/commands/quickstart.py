@@ -25,13 +25,13 @@ from typing import TYPE_CHECKING
 
 from ssl_xcit.atomic import atomic_write_json, check_writable
 from ssl_xcit.cli import ArgumentParser
-from ssl_xcit.evaluate.options import EvalInputError, MissingPathError, check_data_path, check_output_folder
+from ssl_xcit.commands.options import EvalInputError, MissingPathError, check_data_path, check_output_folder
 from ssl_xcit.train.config import find_recipe, load_config, recipes_dir
 
 if TYPE_CHECKING:  # torch loads only when the work starts: --help answers at once
     import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = recipes_dir() / "quickstart.yaml"
 # only a source checkout has the project's data folder beside it; an installed package reads --data
 DEFAULT_DATA: Path | None = (REPO.parent / "shared" / "data" / "cifar10.tar.gz"
@@ -290,6 +290,23 @@ def main(argv: list[str] | None = None, prog: str = "launch/quickstart.py") -> d
               for k in trained_preds}
 
     n_train, n_val = next(iter(trained_preds.values())).n_train, len(val_y)    # used: at most the data's
+    scores = (trained, random_init, paired)
+    print(_summary(root, crop, n_train, n_val, scores, curve, cfg, out), flush=True)
+    print(_timing(t_train, elapsed, result, curve, out), flush=True)
+    report = {"arch": cfg.model.arch, "data": str(root), "steps": result.global_step,
+              "final_loss": result.last_loss if math.isfinite(result.last_loss) else None,   # null: diverged "train_minutes": t_train / 60, "total_minutes": elapsed / 60,
+              "knn_train_images": n_train, "knn_val_images": n_val,
+              "trained": {str(k): v for k, v in trained.items()},
+              "random": {str(k): v for k, v in random_init.items()},
+              "paired": {str(k): v for k, v in paired.items()},
+              "knn_curve": curve, "knn_curve_images": cfg.eval.eval_max_images if curve else 0}
+    atomic_write_json(out / "quickstart.json", report, indent=2)
+    return report
+
+
+def _summary(root: Path, crop: int, n_train: int, n_val: int, scores: tuple, curve: list, cfg, out: Path) -> str:
+    """The k-NN table: the trained teacher, the random backbone, the paired gain; and the curve while training."""
+    trained, random_init, paired = scores
     lines = [f"k-NN (DINO weighted vote, T=0.07) on {root.name}: {n_train:,} train images as "
              f"memory, {n_val:,} val images as queries, {crop}px",
              f"{'k':>5} {'trained teacher top-1':>22} {'random backbone top-1':>22} {'gain':>7} "
@@ -302,16 +319,10 @@ def main(argv: list[str] | None = None, prog: str = "launch/quickstart.py") -> d
                      f"{cfg.eval.eval_max_images} val images): "
                      + ", ".join(f"step {r['global_step']}: {r['top1']:.2f}" for r in curve)
                      + f" -> {out / 'train' / 'knn.png'}")
-    lines.append(f"training {t_train / 60:.1f} min ({result.global_step} steps, final loss "
-                 f"{result.last_loss:.3f}; k-NN while training {sum(r['seconds'] for r in curve) / 60:.1f} min "
-                 f"of it), total {elapsed / 60:.1f} min; report page {out / 'train' / 'report' / 'index.html'}")
-    print("\n".join(lines), flush=True)
-    report = {"arch": cfg.model.arch, "data": str(root), "steps": result.global_step,
-              "final_loss": result.last_loss if math.isfinite(result.last_loss) else None,   # null: diverged "train_minutes": t_train / 60, "total_minutes": elapsed / 60,
-              "knn_train_images": n_train, "knn_val_images": n_val,
-              "trained": {str(k): v for k, v in trained.items()},
-              "random": {str(k): v for k, v in random_init.items()},
-              "paired": {str(k): v for k, v in paired.items()},
-              "knn_curve": curve, "knn_curve_images": cfg.eval.eval_max_images if curve else 0}
-    atomic_write_json(out / "quickstart.json", report, indent=2)
-    return report
+    return "\n".join(lines)
+
+
+def _timing(t_train: float, elapsed: float, result, curve: list, out: Path) -> str:
+    return (f"training {t_train / 60:.1f} min ({result.global_step} steps, final loss "
+            f"{result.last_loss:.3f}; k-NN while training {sum(r['seconds'] for r in curve) / 60:.1f} min "
+            f"of it), total {elapsed / 60:.1f} min; report page {out / 'train' / 'report' / 'index.html'}")

@@ -2,7 +2,7 @@
 
 Why a flag: a handler that saved or requeued at once would act in the middle of a step, while the
 other ranks are elsewhere. The loop saves a consistent checkpoint at a step boundary that all ranks
-agree on (:meth:`ssl_xcit.train.run.Run.check_loss` all-reduces the flag); a plain run then exits
+agree on (:meth:`ssl_xcit.engine.run.Run.check_loss` all-reduces the flag); a plain run then exits
 with 128 + the signal number, a SLURM job reports and requeues (:mod:`ssl_xcit.cluster.stopping`).
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ class StopSignals:
     ``install(interrupt=True)`` (plain runs: ``launch/train.py``, torchrun, with ``plain=True``; and
     jobs) SIGINT (Ctrl-C) stops at the next step boundary too, and a second SIGINT raises
     ``KeyboardInterrupt`` at once (nothing saved). Data-loading workers ignore all of them
-    (:func:`ssl_xcit.train.run.worker_ignores_stop_signals`): a signal sent to the whole process
+    (:func:`ssl_xcit.engine.run.worker_ignores_stop_signals`): a signal sent to the whole process
     group is the main process's to act on.
     ``restore()`` puts back the handlers that were there before ``install``.
     """

@@ -6,8 +6,8 @@ bookkeeping, so both loops read as their algorithm and neither carries the other
 What a :class:`Run` owns:
 
 * **the output folder**: one run at a time (rank 0 holds ``train.lock``,
-  :mod:`ssl_xcit.train.lock`), ``config.yaml``, ``log.jsonl`` and TensorBoard
-  (:class:`~ssl_xcit.train.logger.RunLogger`). A start that fails before its logs open leaves the
+  :mod:`ssl_xcit.engine.lock`), ``config.yaml``, ``log.jsonl`` and TensorBoard
+  (:class:`~ssl_xcit.engine.logger.RunLogger`). A start that fails before its logs open leaves the
   folder as it found it: a folder it created is removed again.
 * **the position**: global step, steps per epoch, the epoch's batches from a
   :class:`~ssl_xcit.data.sampler.ResumableDistributedSampler` (exact resume mid-epoch, also on
@@ -19,7 +19,7 @@ What a :class:`Run` owns:
   checkpoint saved before is kept, not overwritten, so the command the error gives resumes from
   healthy weights.
 * **checkpoints**: written atomically by rank 0 with every rank's RNG state, read back through
-  :func:`~ssl_xcit.train.checkpoint.load_checkpoint`; what is trained is a :class:`Trainable`, which
+  :func:`~ssl_xcit.engine.checkpoint.load_checkpoint`; what is trained is a :class:`Trainable`, which
   gives its own part of the file and checks that a file fits before anything is loaded.
 """
 from __future__ import annotations
@@ -39,11 +39,11 @@ from ssl_xcit import distributed as dist_utils
 from ssl_xcit.data.folders import Batch
 from ssl_xcit.errors import UserError
 from ssl_xcit.evaluate.report import write_report_at_end_of_run
-from ssl_xcit.train.checkpoint import (CHECKPOINT_NAME, CheckpointError, capture_rng_state, load_checkpoint,
+from ssl_xcit.engine.checkpoint import (CHECKPOINT_NAME, CheckpointError, capture_rng_state, load_checkpoint,
                                        restore_rng_state, save_checkpoint)
-from ssl_xcit.train.health import unreadable_message, warn_if_mostly_unreadable
-from ssl_xcit.train.lock import LOCK_NAME, OutputDirLock
-from ssl_xcit.train.logger import RunLogger
+from ssl_xcit.engine.unreadable import unreadable_message, warn_if_mostly_unreadable
+from ssl_xcit.engine.lock import LOCK_NAME, OutputDirLock
+from ssl_xcit.engine.logger import RunLogger
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -102,7 +102,7 @@ class _Counters:
     warned_unreadable: bool = False
 
 
-class Run:
+class Run(dist_utils.OnRank):
     """One training run's folder, position, guards and checkpoints (see the module docstring).
 
     Built by :meth:`open` (which locks the folder), given its data and what it trains by
@@ -133,10 +133,6 @@ class Run:
         self._weights_rms: float | None = None
         self._progress: Any = None
         self._saved: dict | None = None
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
     @property
     def epoch(self) -> int:
@@ -233,6 +229,19 @@ class Run:
         if self._saved is None and self.ckpt_path.exists():
             self._saved = load_checkpoint(self.ckpt_path, map_location="cpu")
         return self._saved
+
+    def pretrained_start(self, path: str, read: Callable[[], Any]) -> Any:
+        """The file a new run starts from (``read()``: read now), or, when the run resumes, the
+        facts its checkpoint recorded about it (so the run is the same without reading the file again)."""
+        if not path:
+            return None
+        saved = self.saved_state()
+        if saved is None:
+            return read()
+        if self.is_main:
+            print(f"[ssl_xcit] {self.ckpt_path} exists: resuming it; pretrained_weights={path} is not used again",
+                  flush=True)
+        return saved.get("pretrained")
 
     def resume(self) -> tuple[dict | None, dict | None]:
         """Load checkpoint.pth if there is one: everything that shapes the next step comes back.

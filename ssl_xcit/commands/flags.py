@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ssl_xcit.cli import FALSE_WORDS, TRUE_WORDS, UsageError, bool_word
-from ssl_xcit.train.config import ConfigError, DinoConfig, config_fields
+from ssl_xcit.engine.config import ConfigError, config_fields
+from ssl_xcit.train.config import DinoConfig
 
 NULL_WORDS = ("null", "none", "auto")
 IGNORED = {"dist_url": "URL", "local_rank": "N"}   # DINO's process-group flags: the environment decides
