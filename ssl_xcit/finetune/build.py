@@ -103,6 +103,7 @@ class Finetune:
 def build_finetune(cfg: FinetuneConfig, run: Run) -> Finetune:
     """Data, model (+ pretrained weights), EMA, optimizer, schedule and mixup, in a fixed order."""
     train_set, val_set = labelled_splits(cfg.data.data_path)
+    _arch_of_saved_run(cfg, run)
     start = _pretrained_file(cfg, run)
     recipe = recipe_rules.apply(cfg, train_set)
     train_set.select(few_labels(train_set.targets, cfg.data.train_fraction, cfg.data.labels_per_class, cfg.run.seed))
@@ -126,6 +127,18 @@ def build_finetune(cfg: FinetuneConfig, run: Run) -> Finetune:
                     lr=lr_schedule(cfg, sampler.steps_per_epoch, run.world_size), mixup=_mixup(cfg, len(train_set.classes)),
                     criterion=_criterion(cfg), classes=list(train_set.classes), total_steps=total_steps,
                     recipe=recipe, pretrained=pretrained)
+
+
+def _arch_of_saved_run(cfg: FinetuneConfig, run: Run) -> None:
+    """On resume, the arch the run was built with (its checkpoint's config), when the command line
+    names none: a run started with no ``arch`` took its pretrained file's, and the same command (after
+    SIGTERM, kill -9 or a SLURM requeue) must rebuild that model, not the default one."""
+    saved = run.saved_state()
+    if saved is None or "model.arch" in user_set_keys(cfg):
+        return
+    arch = ((saved.get("config") or {}).get("model") or {}).get("arch") or (saved.get("pretrained") or {}).get("arch")
+    if arch:
+        cfg.model.arch = arch
 
 
 def _pretrained_file(cfg: FinetuneConfig, run: Run) -> dict | None:

