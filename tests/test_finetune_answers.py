@@ -48,3 +48,21 @@ def test_a_run_started_without_arch_resumes_with_the_same_command(cifar_small, d
     assert torch.load(out / "checkpoint.pth", weights_only=True)["config"]["model"]["arch"] == "xcit_nano_12_p16"
     again = train(no_arch_config(cifar_small, out, **words))
     assert again.status == "finished" and again.global_step == 5
+
+
+def test_a_freeze_as_long_as_the_run_is_refused_in_one_line(cifar_small, tmp_path, capsys):
+    from ssl_xcit import cli
+    out = tmp_path / "run"
+    words = [f"data_path={cifar_small}", f"output_dir={out}", "arch=xcit_nano_12_p16", "device=cpu",
+             "num_workers=0", "input_size=32", "labels_per_class=4", "batch_size_per_gpu=8", "epochs=1",
+             "recipe=off", "report=false", "tensorboard=false"]   # 40 images / 8: 5 steps
+    with pytest.raises(SystemExit) as stop:
+        cli.run("ssl_xcit.train.entry:finetune_main", [*words, "freeze_backbone_steps=5"], prog="launch/finetune.py")
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and len(err.splitlines()) == 1, err
+    assert "freeze_backbone_steps=5" in err and "5 steps" in err and "eval_linear" in err
+    assert not out.exists()
+    with pytest.raises(SystemExit) as stop:   # max_steps shortens the run: counted too
+        cli.run("ssl_xcit.train.entry:finetune_main", [*words, "freeze_backbone_steps=3", "max_steps=3"],
+                prog="launch/finetune.py")
+    assert stop.value.code == 2 and "covers the whole run (3 steps)" in capsys.readouterr().err

@@ -110,6 +110,7 @@ def build_finetune(cfg: FinetuneConfig, run: Run) -> Finetune:
     sampler = training_sampler(train_set, cfg.optim.batch_size_per_gpu, run.world_size, run.rank, cfg.run.seed)
     total_steps = cfg.optim.epochs * sampler.steps_per_epoch
     total_steps = min(total_steps, cfg.run.max_steps) if cfg.run.max_steps else total_steps
+    _check_freeze(cfg, total_steps)
     model = build_model(cfg.model.arch, num_classes=len(train_set.classes), drop_path_rate=cfg.model.drop_path_rate,
                         img_size=cfg.data.input_size)
     pretrained = _load_pretrained(model, start, cfg, run) if start and "loaded" not in start else start
@@ -127,6 +128,18 @@ def build_finetune(cfg: FinetuneConfig, run: Run) -> Finetune:
                     lr=lr_schedule(cfg, sampler.steps_per_epoch, run.world_size), mixup=_mixup(cfg, len(train_set.classes)),
                     criterion=_criterion(cfg), classes=list(train_set.classes), total_steps=total_steps,
                     recipe=recipe, pretrained=pretrained)
+
+
+def _check_freeze(cfg: FinetuneConfig, total_steps: int) -> None:
+    """Refuse a freeze that covers the whole run. Such a run never updates the backbone: it is a linear
+    probe (with augmentation and a schedule meant for fine-tuning) named fine-tuning, whose checkpoint
+    and card would claim a fine-tuned model. Refused rather than run, because the user asked for
+    fine-tuning and eval/eval_linear.py is the tool (cached features, lr sweep) for a probe."""
+    freeze = cfg.optim.freeze_backbone_steps
+    if freeze and freeze >= total_steps:
+        raise ConfigError(f"freeze_backbone_steps={freeze} covers the whole run ({total_steps} steps): the backbone "
+                          f"would never be fine-tuned; set freeze_backbone_steps below {total_steps} (e.g. "
+                          f"{max(1, total_steps // 5)}), or use eval/eval_linear.py for a linear probe")
 
 
 def _arch_of_saved_run(cfg: FinetuneConfig, run: Run) -> None:
