@@ -330,7 +330,8 @@ def test_head_only_steps_leave_the_pretrained_backbone_and_train_the_head(cifar_
     start = torch.load(dino / "checkpoint.pth", weights_only=True)["teacher"]
     ft = torch.load(out / "checkpoint.pth", weights_only=True)["model"]
     from ssl_xcit.models import build_model
-    params = {n for n, _ in build_model("xcit_nano_12_p16", num_classes=10).named_parameters()}
+    params = set(build_model("xcit_nano_12_p16", num_classes=10).state_dict())   # BatchNorm statistics too
+    assert any(k.endswith("running_mean") for k in params)
     for key in params - {"head.weight", "head.bias"}:
         assert torch.equal(ft[key], start[f"backbone.{key}"]), key
     assert not torch.equal(ft["head.weight"], initial_head)

@@ -23,7 +23,7 @@ from ssl_xcit.atomic import atomic_write
 from ssl_xcit.evaluate.classification import topk_correct
 from ssl_xcit.finetune.build import Finetune, build_finetune, val_loader
 from ssl_xcit.finetune.config import FinetuneConfig
-from ssl_xcit.finetune.step import apply_update, forward_loss
+from ssl_xcit.finetune.step import apply_update, forward_loss, hold_backbone_norm_stats
 from ssl_xcit.train.run import Run, TrainResult
 
 BEST_NAME = "checkpoint_best.pth"
@@ -63,11 +63,13 @@ def train_one_epoch(run: Run, ft: Finetune, val, stop_requested: Callable[[], bo
         epoch, lr = run.epoch, float(ft.lr[run.global_step])
         images = batch.images.to(run.device, non_blocking=True)
         labels = batch.labels.to(run.device, non_blocking=True)
+        head_only = run.global_step < cfg.optim.freeze_backbone_steps
+        hold_backbone_norm_stats(ft.model_ddp, frozen=head_only)
         loss = forward_loss(images, labels, ft.model_ddp, ft.criterion, ft.mixup, cfg.run.precision)
         loss_value = loss.item()
         stop_here = run.check_loss(loss_value, stop_requested)   # before backward: no update from a bad loss
         out = apply_update(loss, ft.model_ddp, ft.optimizer, ft.scaler, lr, cfg.optim.clip_grad, ft.ema,
-                           run.global_step, head_only=run.global_step < cfg.optim.freeze_backbone_steps)
+                           run.global_step, head_only=head_only)
         run.step_done(loss_value, len(batch), lr=lr)
         if run.log_due():
             values = {"loss": loss_value, "lr": lr}
