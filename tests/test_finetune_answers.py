@@ -66,3 +66,38 @@ def test_a_freeze_as_long_as_the_run_is_refused_in_one_line(cifar_small, tmp_pat
         cli.run("ssl_xcit.train.entry:finetune_main", [*words, "freeze_backbone_steps=3", "max_steps=3"],
                 prog="launch/finetune.py")
     assert stop.value.code == 2 and "covers the whole run (3 steps)" in capsys.readouterr().err
+
+
+# ---- publishing: the documented lines, a fine-tuned classifier
+
+def _documented_lines() -> list[str]:
+    """The local-dir line exactly as README.md and ``python -m ssl_xcit.publish --help`` write it."""
+    import re
+    from ssl_xcit.publish.__main__ import build_parser
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    lines = re.findall(r'`(timm\.create_model\("local-dir:hub/s12"[^`]*)`', readme)
+    lines += [m.replace("OUT_DIR", "hub/s12") for m in
+              re.findall(r"(timm\.create_model\('local-dir:OUT_DIR'[^)]*\))", build_parser().description)]
+    assert len(lines) == 2, lines
+    return lines
+
+
+def test_the_documented_timm_line_loads_the_published_weights(dino_ckpt, tmp_path, capsys):
+    """As written in the README and --help: without pretrained=True timm builds random weights."""
+    import os
+    import subprocess
+    import sys
+    from ssl_xcit import cli, load_backbone
+    from ssl_xcit.publish.__main__ import main as publish_main
+    cli.run(publish_main, [str(dino_ckpt), str(tmp_path / "hub" / "s12")], prog="python -m ssl_xcit.publish")
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    torch.save(x, tmp_path / "x.pt")
+    with torch.no_grad():
+        ref = load_backbone(dino_ckpt)(x)
+    for i, line in enumerate(_documented_lines()):
+        script = (f"import timm, torch\nmodel = {line}\nmodel.eval()\n"
+                  f"with torch.no_grad():\n    torch.save(model(torch.load('x.pt')), 'y{i}.pt')\n")
+        proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "1"}, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert (torch.load(tmp_path / f"y{i}.pt", weights_only=True) - ref).abs().max().item() <= 1e-5, line

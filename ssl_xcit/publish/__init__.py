@@ -1,7 +1,8 @@
 """Publish a backbone where people load models: a folder timm and the Hugging Face Hub read.
 
 ``publish(CHECKPOINT, OUT_DIR)`` writes the layout timm loads from the Hub or a local folder
-(``timm.create_model("hf-hub:USER/NAME")``, ``timm.create_model("local-dir:OUT_DIR")``):
+(``timm.create_model("hf-hub:USER/NAME", pretrained=True)``, ``timm.create_model("local-dir:OUT_DIR",
+pretrained=True)``; without ``pretrained=True`` timm builds random weights):
 
 * ``model.safetensors``: the backbone (no head) in timm's key names, checked by a strict load into
   timm's own ``Xcit`` and by comparing its features with ours (the file must give the features

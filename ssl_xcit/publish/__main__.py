@@ -19,8 +19,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         prog=prog,
         description="Publish a backbone in the layout timm reads: model.safetensors (timm's key names), "
                     "config.json (timm's pretrained_cfg) and a model card README.md written from the run "
-                    "folder. Loads with timm.create_model('local-dir:OUT_DIR') or, once pushed, "
-                    "timm.create_model('hf-hub:REPO_ID').")
+                    "folder. Loads with timm.create_model('local-dir:OUT_DIR', pretrained=True) or, once pushed, "
+                    "timm.create_model('hf-hub:REPO_ID', pretrained=True) (without pretrained=True timm "
+                    "builds random weights).")
     p.add_argument("checkpoint", help="a training checkpoint (this project's or DINO's) or any backbone file "
                                       "ssl_xcit.load_backbone reads")
     p.add_argument("out_dir", help="new or empty folder to write (the whole folder is what gets uploaded)")
