@@ -101,3 +101,62 @@ def test_the_documented_timm_line_loads_the_published_weights(dino_ckpt, tmp_pat
                               env={**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "1"}, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert (torch.load(tmp_path / f"y{i}.pt", weights_only=True) - ref).abs().max().item() <= 1e-5, line
+
+
+@pytest.fixture(scope="module")
+def finetuned(cifar_small, dino_ckpt, tmp_path_factory) -> Path:
+    """A 5-step fine-tuning run from the DINO checkpoint, validated at its end."""
+    out = tmp_path_factory.mktemp("ft")
+    train(no_arch_config(cifar_small, out, pretrained_weights=str(dino_ckpt)))
+    return out
+
+
+def _publish_cli(capsys, *argv) -> tuple[int, str, str]:
+    from ssl_xcit import cli
+    from ssl_xcit.publish.__main__ import main as publish_main
+    capsys.readouterr()
+    try:
+        cli.run(publish_main, [str(a) for a in argv], prog="python -m ssl_xcit.publish",
+                hints={"keep_head": "publish it without --keep-head"})
+        code = 0
+    except SystemExit as stop:
+        code = stop.code
+    got = capsys.readouterr()
+    return code, got.out, got.err
+
+
+def test_a_fine_tuned_classifier_is_published_as_one_with_a_card_that_says_so(finetuned, dino_ckpt, cifar_small,
+                                                                               tmp_path, capsys):
+    import timm
+    from ssl_xcit.models import build_model
+    out = tmp_path / "clf"
+    assert _publish_cli(capsys, finetuned / "checkpoint.pth", out, "--keep-head")[0] == 0
+    saved = torch.load(finetuned / "checkpoint.pth", weights_only=True)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["num_classes"] == 10 and cfg["label_names"] == saved["classes"]
+    ours = build_model("xcit_nano_12_p16", num_classes=10).eval()
+    ours.load_state_dict(saved["model"])
+    theirs = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (theirs(x) - ours(x)).abs().max().item() <= 1e-5       # the logits, head included
+    card = (out / "README.md").read_text()
+    (last_val,) = [e for e in map(json.loads, (finetuned / "log.jsonl").read_text().splitlines())
+                   if e["event"] == "val"][-1:]
+    assert "fine-tuned" in card and f"{last_val['top1']:.2f}% top-1" in card
+    assert str(dino_ckpt) in card and str(cifar_small) in card and "4 labelled images per class" in card
+    for wrong in ("pretrained without labels", "no labels used", "global crops None", "DINO self-supervised"):
+        assert wrong not in card, wrong
+    assert "image-classification" in card and "logits = model" in card
+    mode = lambda name: (out / name).stat().st_mode & 0o777   # noqa: E731
+    assert mode("model.safetensors") == mode("config.json") == mode("README.md")
+
+
+def test_a_fine_tuned_backbone_and_a_head_that_is_not_there(finetuned, dino_ckpt, tmp_path, capsys):
+    out = tmp_path / "backbone"
+    assert _publish_cli(capsys, finetuned / "checkpoint.pth", out)[0] == 0
+    assert json.loads((out / "config.json").read_text())["num_classes"] == 0
+    card = (out / "README.md").read_text()
+    assert "classifier head removed" in card and "no labels used" not in card
+    code, _, err = _publish_cli(capsys, dino_ckpt, tmp_path / "dino_head", "--keep-head")
+    assert code == 2 and "no classifier head" in err and "without --keep-head" in err and len(err.splitlines()) == 1

@@ -35,6 +35,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                    help="then upload the folder to this Hugging Face Hub repository (needs huggingface_hub and a "
                         "login); nothing touches the network without it")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
+    p.add_argument("--keep-head", action="store_true",
+                   help="publish a fine-tuned checkpoint's classifier (its head and class names), not only its "
+                        "backbone")
     p.add_argument("--allow-pickle", action="store_true",
                    help="read a checkpoint that needs unpickling code (trusted files only)")
     return p
@@ -51,7 +54,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
         hub_api()                 # before minutes of work, not after
     done = publish(args.checkpoint, args.out_dir, checkpoint_key="student" if args.student else "teacher",
                    license=args.license, repo_id=args.push_to_hub, img_size=args.img_size,
-                   allow_pickle=args.allow_pickle)
+                   allow_pickle=args.allow_pickle, keep_head=args.keep_head)
     print(f"{done.folder}: model.safetensors, config.json, README.md ({done.timm_name}; timm's features match "
           f"ours to {done.max_abs_diff:.1e})")
     if args.push_to_hub:
@@ -61,4 +64,4 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main, prog=PROG))
+    sys.exit(cli.run(main, prog=PROG, hints={"keep_head": "publish it without --keep-head"}))
