@@ -160,3 +160,17 @@ def test_a_fine_tuned_backbone_and_a_head_that_is_not_there(finetuned, dino_ckpt
     assert "classifier head removed" in card and "no labels used" not in card
     code, _, err = _publish_cli(capsys, dino_ckpt, tmp_path / "dino_head", "--keep-head")
     assert code == 2 and "no classifier head" in err and "without --keep-head" in err and len(err.splitlines()) == 1
+
+
+def test_continuing_dino_from_a_fine_tuned_checkpoint_says_it_has_one_network(finetuned, cifar_small, tmp_path,
+                                                                              capsys):
+    from tests.train_helpers import tiny_config
+    from ssl_xcit.train.loop import train as pretrain
+    capsys.readouterr()
+    pretrain(tiny_config(cifar_small, tmp_path / "dino2", max_steps=1,
+                         pretrained_weights=str(finetuned / "checkpoint.pth")))
+    said = capsys.readouterr().out
+    assert "backbones from ssl_xcit file" in said and "student from its student" not in said
+    saved = torch.load(finetuned / "checkpoint.pth", weights_only=True)["model"]
+    start = torch.load(tmp_path / "dino2" / "checkpoint.pth", weights_only=True)
+    assert start["global_step"] == 1 and saved["cls_token"].shape == (1, 1, 128)
