@@ -174,3 +174,21 @@ def test_continuing_dino_from_a_fine_tuned_checkpoint_says_it_has_one_network(fi
     saved = torch.load(finetuned / "checkpoint.pth", weights_only=True)["model"]
     start = torch.load(tmp_path / "dino2" / "checkpoint.pth", weights_only=True)
     assert start["global_step"] == 1 and saved["cls_token"].shape == (1, 1, 128)
+
+
+# ---- launch/submit.py checks the start file like the data
+
+@pytest.mark.parametrize("tool", [["finetune"], []])
+def test_a_dry_run_names_the_files_arch_and_refuses_a_missing_file(tool, dino_ckpt, cifar_small, tmp_path, capsys):
+    from ssl_xcit.cluster.submit import main
+    base = ["--dry-run", *tool, f"data_path={cifar_small}", f"output_dir={tmp_path / 'run'}"]
+    assert main([*base, f"pretrained_weights={dino_ckpt}"]) == 0
+    out = capsys.readouterr().out
+    assert "xcit_nano_12_p16 into" in out and "xcit_small_12_p16" not in out.split("\n")[0]
+    assert main([*base, f"pretrained_weights={tmp_path / 'nope.pth'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pretrained_weights" in err and "nope.pth does not exist" in err
+    assert main([*base, f"pretrained_weights={dino_ckpt}", "arch=xcit_tiny_12_p16"]) == 2
+    err = capsys.readouterr().err
+    assert "xcit_nano_12_p16" in err and "xcit_tiny_12_p16" in err
+    assert not (tmp_path / "run").exists()
