@@ -192,3 +192,27 @@ def test_a_dry_run_names_the_files_arch_and_refuses_a_missing_file(tool, dino_ck
     err = capsys.readouterr().err
     assert "xcit_nano_12_p16" in err and "xcit_tiny_12_p16" in err
     assert not (tmp_path / "run").exists()
+
+
+# ---- command lines: one line that names the flag
+
+@pytest.mark.parametrize("entry, argv, flag", [
+    ("ssl_xcit.train.entry:main", ["--norm_last_layer", "maybe"], "--norm_last_layer"),
+    ("ssl_xcit.train.entry:main", ["--use_bn_in_head", "maybe", "epochs=1"], "--use_bn_in_head"),
+    ("ssl_xcit.train.entry:main", ["--use_fp16", "perhaps"], "--use_fp16"),
+    ("ssl_xcit.train.entry:finetune_main", ["--model_ema", "maybe"], "--model_ema"),
+])
+def test_a_bad_boolean_flag_value_names_the_flag_and_its_values(entry, argv, flag, capsys):
+    from ssl_xcit import cli
+    with pytest.raises(SystemExit) as stop:
+        cli.run(entry, argv, prog="launch/x.py")
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and len(err.splitlines()) == 1, err
+    assert flag in err and "true" in err and "false" in err and repr(argv[1]) in err
+
+
+def test_a_boolean_flag_still_takes_no_value_before_an_override():
+    from ssl_xcit.train.entry import parse_config
+    cfg = parse_config(["--norm_last_layer", "epochs=3", "--use_fp16", "--use_bn_in_head", "false"])
+    assert cfg.model.norm_last_layer is True and cfg.optim.epochs == 3
+    assert cfg.run.precision == "fp16" and cfg.model.use_bn_in_head is False
