@@ -216,3 +216,16 @@ def test_a_boolean_flag_still_takes_no_value_before_an_override():
     cfg = parse_config(["--norm_last_layer", "epochs=3", "--use_fp16", "--use_bn_in_head", "false"])
     assert cfg.model.norm_last_layer is True and cfg.optim.epochs == 3
     assert cfg.run.precision == "fp16" and cfg.model.use_bn_in_head is False
+
+
+def test_an_input_size_the_patches_do_not_tile_is_one_line(cifar_small, dino_ckpt, tmp_path, capsys):
+    from ssl_xcit import cli
+    base = [f"data_path={cifar_small}", f"output_dir={tmp_path / 'out'}", "device=cpu", "num_workers=0",
+            "input_size=30", "max_steps=1"]
+    for extra in ([], [f"pretrained_weights={dino_ckpt}"]):   # the default arch; the file's (known when built)
+        with pytest.raises(SystemExit) as stop:
+            cli.run("ssl_xcit.train.entry:finetune_main", [*base, *extra], prog="launch/finetune.py")
+        err = capsys.readouterr().err.strip()
+        assert stop.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+        assert "input_size=30 is not divisible by the patch size 16" in err
+    assert not (tmp_path / "out").exists()

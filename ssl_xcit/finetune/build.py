@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from ssl_xcit.data.folders import collate_skip_corrupt
 from ssl_xcit.dino.schedules import cosine_schedule
 from ssl_xcit.evaluate.datasets import transform_for
-from ssl_xcit.finetune.config import FinetuneConfig
+from ssl_xcit.finetune.config import FinetuneConfig, check_input_size
 from ssl_xcit.finetune.data import few_labels, labelled_splits, train_transform
 from ssl_xcit.finetune import recipe as recipe_rules
 from ssl_xcit.models import build_model
@@ -111,6 +111,7 @@ def build_finetune(cfg: FinetuneConfig, run: Run) -> Finetune:
     total_steps = cfg.optim.epochs * sampler.steps_per_epoch
     total_steps = min(total_steps, cfg.run.max_steps) if cfg.run.max_steps else total_steps
     _check_freeze(cfg, total_steps)
+    check_input_size(cfg)   # the arch is known now (a file's, or the run's on resume)
     model = build_model(cfg.model.arch, num_classes=len(train_set.classes), drop_path_rate=cfg.model.drop_path_rate,
                         img_size=cfg.data.input_size)
     pretrained = _load_pretrained(model, start, cfg, run) if start and "loaded" not in start else start
