@@ -229,3 +229,29 @@ def test_an_input_size_the_patches_do_not_tile_is_one_line(cifar_small, dino_ckp
         assert stop.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
         assert "input_size=30 is not divisible by the patch size 16" in err
     assert not (tmp_path / "out").exists()
+
+
+# ---- the fine-tuning report page names what a classifier has
+
+def test_a_fine_tuning_report_titles_its_loss_and_attention_as_a_classifiers(finetuned, tmp_path, monkeypatch):
+    import shutil
+    from ssl_xcit.evaluate import attention_plots
+    from ssl_xcit.evaluate.report import write_report
+    run = tmp_path / "ft"
+    shutil.copytree(finetuned, run)
+    choices = ("recipe: auto chose these for 40 labelled images of median side 32 px (a value you set always wins):\n"
+               "  optim.lr: 0.004  # a short run <needs> more\n  mixup.mixup: 0.0  # a short run never over-fits")
+    with open(run / "log.jsonl", "a") as log:
+        log.write(json.dumps({"event": "recipe_auto", "time": 1.0, "choices": choices}) + "\n")
+    titles = []
+    real_save = attention_plots.save_figure
+
+    def keep_title(fig, path, **kw):
+        titles.append(fig._suptitle.get_text() if fig._suptitle else "")
+        return real_save(fig, path, **kw)
+    monkeypatch.setattr(attention_plots, "save_figure", keep_title)
+    page = write_report(run).read_text()
+    assert "DINO loss" not in page and "Cross-entropy loss" in page
+    assert titles and titles[-1].startswith("model's mean class-attention") and "teacher" not in titles[-1]
+    assert ("<ul><li>optim.lr: 0.004  # a short run &lt;needs&gt; more</li><li>mixup.mixup: 0.0  # a short run never "
+            "over-fits</li></ul>") in page

@@ -44,9 +44,10 @@ def _marks(ax, events: Sequence[dict]) -> None:
             ax.axvline(e["global_step"], color="0.5", ls="--", lw=0.8)
 
 
-def plot_curves(records: Sequence[dict], out_dir: str | Path, out_dim: int | None = None
-                ) -> list[tuple[str, Path]]:
-    """The training figures of :data:`FIGURES` that have data: ``[(title, png path)]``."""
+def plot_curves(records: Sequence[dict], out_dir: str | Path, out_dim: int | None = None,
+                loss_title: str = "DINO loss") -> list[tuple[str, Path]]:
+    """The training figures of :data:`FIGURES` that have data: ``[(title, png path)]``; ``loss_title``
+    names the loss the run minimises (a fine-tuning run's is a cross-entropy, not DINO's)."""
     plt = pyplot()
     out_dir = Path(out_dir)
     train = [r for r in records if r.get("event") == "train"]
@@ -54,6 +55,7 @@ def plot_curves(records: Sequence[dict], out_dir: str | Path, out_dim: int | Non
     warnings = [e for e in events if e.get("event") == "collapse_warning"]
     written = []
     for stem, title, keys in FIGURES:
+        title = loss_title if stem == "loss" else title
         keys = [(k, label) for k, label in keys if _series(train, k)[0].size]
         if not keys:
             continue
