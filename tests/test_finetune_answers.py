@@ -255,3 +255,32 @@ def test_a_fine_tuning_report_titles_its_loss_and_attention_as_a_classifiers(fin
     assert titles and titles[-1].startswith("model's mean class-attention") and "teacher" not in titles[-1]
     assert ("<ul><li>optim.lr: 0.004  # a short run &lt;needs&gt; more</li><li>mixup.mixup: 0.0  # a short run never "
             "over-fits</li></ul>") in page
+
+
+# ---- evaluation tools: workers sized to the machine
+
+def test_the_evaluation_tools_default_workers_fit_the_machine(monkeypatch):
+    import os
+    from ssl_xcit.evaluate import options
+    from ssl_xcit.evaluate.classification import ClassificationConfig
+    from ssl_xcit.evaluate.options import default_workers
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})      # a 2-core machine
+    assert default_workers() == 2 and default_workers(8) == 2
+    assert ClassificationConfig(model="m", checkpoint="none", data_path="d").num_workers == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)))
+    assert default_workers() == 4 and default_workers(8) == 8
+    assert options.default_workers.__module__ == "ssl_xcit.evaluate.options"
+
+
+def test_eval_knn_on_this_machine_gives_no_dataloader_worker_warning(cifar_small, tmp_path):
+    """PyTorch warns when the workers exceed its suggested maximum (the usable cores)."""
+    import subprocess
+    import sys
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-W", "always", str(repo / "eval" / "eval_knn.py"), "--checkpoint",
+                           "xcit_nano_12_p16", "--data-path", str(cifar_small), "--crop-size", "32",
+                           "--output-dir", str(tmp_path / "knn"), "--nb-knn", "5"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**__import__("os").environ, "PYTHONPATH": str(repo)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "worker processes in total" not in proc.stderr and "suggested max number of worker" not in proc.stderr
