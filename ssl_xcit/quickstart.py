@@ -254,13 +254,37 @@ def paired_gain(hits_a: torch.Tensor, hits_b: torch.Tensor) -> dict[str, float]:
             "n_discordant": n, "p_value": tail / 2 ** n}
 
 
+def train_or_stop(cfg, prog: str):
+    """Train as ``launch/train.py`` does: SIGTERM, SIGHUP, SIGUSR2 or Ctrl-C (to the process or its
+    whole group: a terminal, ``timeout``, a closing session) save the step and end with one line and
+    status 128 + the signal, and the same command resumes the run and then scores it; a second
+    Ctrl-C quits at once. (Without this the default handlers killed the quickstart mid-step: no
+    checkpoint, no line, the lock left behind.)"""
+    import signal
+
+    from ssl_xcit.train.loop import train
+    from ssl_xcit.train.signals import StopSignals
+    signals = StopSignals(log=lambda msg: print(msg, flush=True), plain=True)
+    signals.install(interrupt=True)
+    try:
+        result = train(cfg, stop_requested=signals.stop_requested)
+    finally:
+        signals.restore()
+    if result.status == "stopped":
+        signum = signals.signums[0] if signals.signums else signal.SIGTERM
+        print(f"{prog}: stopped on {signal.Signals(signum).name}: {result.checkpoint} holds global step "
+              f"{result.global_step}; run the same command to resume (then the k-NN comparison runs)",
+              file=sys.stderr, flush=True)
+        raise SystemExit(128 + int(signum))
+    return result
+
+
 def main(argv: list[str] | None = None, prog: str = "launch/quickstart.py") -> dict:
     args = parse_args(argv, prog)
     check_writable(args.output)   # a read-only --output: one line before any download or training
     import yaml
     from ssl_xcit.distributed import pick_device
     from ssl_xcit.train.build import open_training_images
-    from ssl_xcit.train.loop import train
 
     t0 = time.perf_counter()
     root = data_root(args)
@@ -271,7 +295,7 @@ def main(argv: list[str] | None = None, prog: str = "launch/quickstart.py") -> d
     n_images = len(open_training_images(cfg))    # what the run trains on: max_images of the folder, or all
     print(f"[quickstart] DINO pretraining of {cfg.model.arch} on {root / 'train'} "
           f"({n_images:,} images, {cfg.optim.epochs} epochs) -> {out / 'train'}", flush=True)
-    result = train(cfg)     # with the k-NN monitor's points and, at the end, the report page
+    result = train_or_stop(cfg, prog)     # with the k-NN monitor's points and, at the end, the report page
     t_train = time.perf_counter() - t0
     curve = knn_curve(out / "train")
 
@@ -307,7 +331,8 @@ def main(argv: list[str] | None = None, prog: str = "launch/quickstart.py") -> d
                  f"of it), total {elapsed / 60:.1f} min; report page {out / 'train' / 'report' / 'index.html'}")
     print("\n".join(lines), flush=True)
     report = {"arch": cfg.model.arch, "data": str(root), "steps": result.global_step,
-              "final_loss": result.last_loss if math.isfinite(result.last_loss) else None,   # null: diverged "train_minutes": t_train / 60, "total_minutes": elapsed / 60,
+              "final_loss": result.last_loss if math.isfinite(result.last_loss) else None,   # null: diverged
+              "train_minutes": t_train / 60, "total_minutes": elapsed / 60,
               "knn_train_images": n_train, "knn_val_images": n_val,
               "trained": {str(k): v for k, v in trained.items()},
               "random": {str(k): v for k, v in random_init.items()},
