@@ -34,3 +34,50 @@ def test_sigterm_to_the_quickstarts_group_saves_and_the_same_command_finishes(ci
     assert f"resumed from {out / 'train' / 'checkpoint.pth'} at global step {step}" in again.stdout
     report = json.loads((out / "quickstart.json").read_text())
     assert report["steps"] == 50 and report["train_minutes"] > 0 and "5" in report["trained"]
+
+
+# ---- on the user's own images: CIFAR-10's cost, said once, and a k-NN sized to the classes
+
+def _folder(root: Path, side: int, classes: int, per_class: int = 2) -> Path:
+    from PIL import Image
+    import numpy as np
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            d = root / split / f"c{c:03d}"
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    return root
+
+
+def test_on_larger_images_the_quickstart_keeps_cifars_crop_and_a_budget_and_says_why(tmp_path):
+    from ssl_xcit.quickstart import QUICKSTART_BUDGET_MINUTES, QUICKSTART_CROP, parse_args, training_config
+    data = _folder(tmp_path / "big", 96, 3, per_class=12)
+    args = parse_args(["--data", str(data)])
+    cfg = training_config(args, data, tmp_path / "out")
+    assert cfg.data.global_crops_size == QUICKSTART_CROP == cfg.eval.eval_crop_size   # the k-NN at the same size
+    assert cfg.optim.time_budget_minutes == QUICKSTART_BUDGET_MINUTES
+    said = " ".join(args.chosen)
+    assert "median side 96 px" in said and "9x less compute" in said and "5-minute training budget" in said
+    mine = parse_args(["--data", str(data), "global_crops_size=64", "max_steps=10"])
+    cfg = training_config(mine, data, tmp_path / "out")
+    assert (cfg.data.global_crops_size, cfg.optim.time_budget_minutes, cfg.run.max_steps) == (64, 0.0, 10)
+    assert len(mine.chosen) == 0                              # what the user set wins, and nothing is said
+    small = _folder(tmp_path / "small", 32, 3, per_class=12)
+    args = parse_args(["--data", str(small)])
+    assert training_config(args, small, tmp_path / "out").optim.time_budget_minutes == 0 and not args.chosen
+
+
+def test_the_knn_grows_with_the_classes_unless_given(tmp_path):
+    from ssl_xcit.quickstart import parse_args, size_knn
+    many = _folder(tmp_path / "many", 8, 150, per_class=1)
+    args = parse_args(["--data", str(many)])
+    said = size_knn(args, many)
+    assert (args.knn_train_images, args.knn_val_images) == (15_000, 3_000) and len(said) == 2
+    args = parse_args(["--data", str(many), "--knn-val-images", "500"])
+    size_knn(args, many)
+    assert (args.knn_train_images, args.knn_val_images) == (15_000, 500)
+    few = _folder(tmp_path / "few", 8, 10, per_class=1)
+    args = parse_args(["--data", str(few)])
+    assert size_knn(args, few) == [] and (args.knn_train_images, args.knn_val_images) == (10_000, 2_000)
