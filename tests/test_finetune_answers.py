@@ -4,6 +4,8 @@ fine-tuned classifier, bad flag values and input sizes, BatchNorm statistics whi
 from __future__ import annotations
 
 import json
+
+import numpy as np
 from pathlib import Path
 
 import pytest
@@ -284,3 +286,26 @@ def test_eval_knn_on_this_machine_gives_no_dataloader_worker_warning(cifar_small
                           env={**__import__("os").environ, "PYTHONPATH": str(repo)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "worker processes in total" not in proc.stderr and "suggested max number of worker" not in proc.stderr
+
+
+# ---- a run's length, however given, is what recipe: auto and the schedule plan for
+
+def test_max_steps_is_the_length_recipe_auto_and_the_lr_schedule_plan_for(cifar_small, tmp_path):
+    from ssl_xcit.finetune.build import build_finetune
+    from ssl_xcit.finetune.recipe import SHORT_RUN_LR
+    from ssl_xcit.train.run import Run
+    words = [f"data_path={cifar_small}", f"output_dir={tmp_path / 'run'}", "arch=xcit_nano_12_p16", "num_workers=0",
+             "labels_per_class=4", "batch_size_per_gpu=8", "device=cpu"]     # 40 images: 5 steps an epoch
+
+    def built(*extra):
+        cfg = load_config(None, [*words, *extra], schema=FinetuneConfig)
+        return build_finetune(cfg, Run(cfg, 0, 1, torch.device("cpu")))
+    by_steps, by_epochs = built("max_steps=10"), built("epochs=2")     # the same 10 steps, said two ways
+    for ft in (by_steps, by_epochs):
+        o, x = ft.cfg.optim, ft.cfg.mixup
+        assert (x.mixup, x.cutmix, ft.cfg.data.reprob, o.lr, o.warmup_epochs) == (0.0, 0.0, 0.0, SHORT_RUN_LR, 0)
+        assert ft.total_steps == 10 and len(ft.lr) == 10
+    assert "max_steps=10 ends it before epochs=100" in by_steps.recipe
+    np.testing.assert_allclose(by_steps.lr, by_epochs.lr, rtol=1e-12)       # one cosine over the 10 steps
+    base = SHORT_RUN_LR * 8 / 256
+    assert by_steps.lr[0] == pytest.approx(base) and by_steps.lr[-1] < 0.05 * base   # ends where the run ends

@@ -105,7 +105,7 @@ def build_finetune(cfg: FinetuneConfig, run: Run) -> Finetune:
     train_set, val_set = labelled_splits(cfg.data.data_path)
     _arch_of_saved_run(cfg, run)
     start = _pretrained_file(cfg, run)
-    recipe = recipe_rules.apply(cfg, train_set)
+    recipe = recipe_rules.apply(cfg, train_set, _run_epochs(cfg, train_set, run.world_size))
     train_set.select(few_labels(train_set.targets, cfg.data.train_fraction, cfg.data.labels_per_class, cfg.run.seed))
     sampler = training_sampler(train_set, cfg.optim.batch_size_per_gpu, run.world_size, run.rank, cfg.run.seed)
     total_steps = cfg.optim.epochs * sampler.steps_per_epoch
@@ -126,9 +126,21 @@ def build_finetune(cfg: FinetuneConfig, run: Run) -> Finetune:
     return Finetune(cfg=cfg, train_set=train_set, val_set=val_set, sampler=sampler, loader=loader, model=model,
                     model_ddp=model_ddp, ema=_ema(model, cfg), optimizer=build_optimizer(cfg, model),
                     scaler=torch.amp.GradScaler(run.device.type) if cfg.run.precision == "fp16" else None,
-                    lr=lr_schedule(cfg, sampler.steps_per_epoch, run.world_size), mixup=_mixup(cfg, len(train_set.classes)),
+                    lr=lr_schedule(cfg, sampler.steps_per_epoch, run.world_size, total_steps),
+                    mixup=_mixup(cfg, len(train_set.classes)),
                     criterion=_criterion(cfg), classes=list(train_set.classes), total_steps=total_steps,
                     recipe=recipe, pretrained=pretrained)
+
+
+def _run_epochs(cfg: FinetuneConfig, train_set: Any, world_size: int) -> float:
+    """The run's length in passes over its labelled images, however it is given: ``epochs``, or
+    ``max_steps`` when that ends the run sooner (a user's "250 steps" is a 4-epoch run on 4,000
+    labels, and recipe: auto must plan for that, not for the 100 epochs it will never reach)."""
+    if not cfg.run.max_steps:
+        return float(cfg.optim.epochs)
+    labelled = len(few_labels(train_set.targets, cfg.data.train_fraction, cfg.data.labels_per_class, cfg.run.seed))
+    steps_per_epoch = max(1, labelled // (cfg.optim.batch_size_per_gpu * world_size))
+    return min(float(cfg.optim.epochs), cfg.run.max_steps / steps_per_epoch)
 
 
 def _check_freeze(cfg: FinetuneConfig, total_steps: int) -> None:
@@ -205,11 +217,16 @@ def build_optimizer(cfg: FinetuneConfig, model: nn.Module) -> torch.optim.Optimi
     return optimizer
 
 
-def lr_schedule(cfg: FinetuneConfig, steps_per_epoch: int, world_size: int) -> np.ndarray:
-    """Cosine from ``lr`` (per 256 images, scaled to the global batch) to ``min_lr``, after a linear warm-up."""
+def lr_schedule(cfg: FinetuneConfig, steps_per_epoch: int, world_size: int, total_steps: int | None = None
+                ) -> np.ndarray:
+    """Cosine from ``lr`` (per 256 images, scaled to the global batch) to ``min_lr``, after a linear
+    warm-up, laid over the steps the run makes (``total_steps``: ``max_steps`` when it ends the run
+    before ``epochs`` do, so the cosine ends where the run ends instead of being cut mid-warm-up)."""
     o = cfg.optim
     base_lr = o.lr * o.batch_size_per_gpu * world_size / 256.0
-    return cosine_schedule(base_lr, o.min_lr, o.epochs, steps_per_epoch, warmup_epochs=min(o.warmup_epochs, o.epochs))
+    total = total_steps or o.epochs * steps_per_epoch
+    warmup = min(min(o.warmup_epochs, o.epochs) * steps_per_epoch, total)
+    return cosine_schedule(base_lr, o.min_lr, total, 1, warmup_epochs=warmup)
 
 
 def _ema(model: nn.Module, cfg: FinetuneConfig):
