@@ -309,3 +309,16 @@ def test_max_steps_is_the_length_recipe_auto_and_the_lr_schedule_plan_for(cifar_
     np.testing.assert_allclose(by_steps.lr, by_epochs.lr, rtol=1e-12)       # one cosine over the 10 steps
     base = SHORT_RUN_LR * 8 / 256
     assert by_steps.lr[0] == pytest.approx(base) and by_steps.lr[-1] < 0.05 * base   # ends where the run ends
+
+
+def test_dino_training_says_once_that_max_steps_stops_it_inside_its_schedule(cifar_small, tmp_path, capsys):
+    from tests.train_helpers import tiny_config
+    from ssl_xcit.train.loop import train as pretrain
+    capsys.readouterr()
+    pretrain(tiny_config(cifar_small, tmp_path / "cut", max_steps=2, epochs=2, warmup_epochs=1))   # 6 a epoch
+    said = capsys.readouterr().out
+    assert said.count("max_steps=2 stops the run at 17% of the 12 steps") == 1 and "inside the lr warm-up" in said
+    events = [json.loads(line) for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
+    assert [e["planned_steps"] for e in events if e["event"] == "schedule_cut"] == [12]
+    pretrain(tiny_config(cifar_small, tmp_path / "whole", epochs=1, max_steps=6))
+    assert "stops the run at" not in capsys.readouterr().out       # max_steps = the schedules' length: silent
