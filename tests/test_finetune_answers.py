@@ -322,3 +322,30 @@ def test_dino_training_says_once_that_max_steps_stops_it_inside_its_schedule(cif
     assert [e["planned_steps"] for e in events if e["event"] == "schedule_cut"] == [12]
     pretrain(tiny_config(cifar_small, tmp_path / "whole", epochs=1, max_steps=6))
     assert "stops the run at" not in capsys.readouterr().out       # max_steps = the schedules' length: silent
+
+
+def test_the_starts_linear_probe_stands_beside_every_validation(cifar_small, tmp_path, capsys):
+    import shutil
+    from tests.train_helpers import tiny_config
+    from ssl_xcit.evaluate.report import write_report
+    from ssl_xcit.train.loop import train as pretrain
+    dino = tmp_path / "dino"
+    pretrain(tiny_config(cifar_small, dino, max_steps=1))
+    start = dino / "checkpoint.pth"
+    (dino / "linear.json").write_text(json.dumps({"tool": "linear", "checkpoint": str(start), "checkpoint_key": "teacher",
+                                                  "top1": 31.5, "mode": "cached", "num_train": 200, "num_val": 100,
+                                                  "data_path": str(cifar_small)}))
+    out = tmp_path / "ft"
+    capsys.readouterr()
+    train(no_arch_config(cifar_small, out, pretrained_weights=str(start)))
+    said = capsys.readouterr().out
+    assert "the start's linear probe: top-1 31.50%" in said
+    (val,) = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if '"event": "val"' in line]
+    assert val["start_probe_top1"] == 31.5
+    assert f"the start's linear probe 31.50% ({val['top1'] - 31.5:+.2f})" in said
+    assert "the start&#x27;s linear probe: 31.50%" in write_report(out).read_text()   # html-escaped
+    other = tmp_path / "other"          # a probe of another file is not this start's: not shown
+    shutil.copytree(dino, other)
+    capsys.readouterr()
+    train(no_arch_config(cifar_small, tmp_path / "ft2", pretrained_weights=str(other / "checkpoint.pth")))
+    assert "linear probe" not in capsys.readouterr().out

@@ -184,6 +184,10 @@ def _val_section(records: list[dict], out: Path) -> list[str]:
     caption = (f"last: top-1 {val[-1].get('top1', float('nan')):.2f}% at global step {val[-1].get('global_step')}; "
                f"best: {best.get('top1', float('nan')):.2f}% at global step {best.get('global_step')} "
                "(checkpoint_best.pth)")
+    probe = val[-1].get("start_probe_top1")
+    if isinstance(probe, (int, float)):   # the baseline fine-tuning must pass to have paid
+        caption += (f"; the start's linear probe: {probe:.2f}% (last {val[-1].get('top1', float('nan')) - probe:+.2f}, "
+                    f"best {best.get('top1', float('nan')) - probe:+.2f})")
     return ["<h2>Validation</h2>", figure_html(plot_accuracy(val, out / "val.png", "val", "validation accuracy"),
                                                caption)]
 

@@ -103,6 +103,9 @@ def plot_accuracy(records: Sequence[dict], path: str | Path, event: str, title: 
             order = np.argsort(steps, kind="stable")
             ax.plot(steps[order], values[order], style, ms=4, lw=1.4,
                     label=key.replace("top", "top-").replace("ema_", "EMA "))
+    probe = rows[-1].get("start_probe_top1") if rows else None
+    if isinstance(probe, (int, float)):   # a fine-tuning run's baseline: its start's linear probe
+        ax.axhline(probe, color="tab:red", ls="--", lw=1, label=f"start's linear probe {probe:.2f}")
     ax.set_xlabel("global step")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title, fontsize=10)

@@ -187,7 +187,35 @@ def _pretrained_file(cfg: FinetuneConfig, run: Run) -> dict | None:
     elif resolve_arch(cfg.model.arch) != arch:
         raise ConfigError(f"pretrained_weights {path} holds an {arch} backbone, this run's arch is {cfg.model.arch}: "
                           f"set arch={arch} (or leave arch unset to take the file's)")
-    return {"path": path, "sha256": file_sha256(path), "format": weights.format, "arch": arch, "weights": weights}
+    facts = {"path": path, "sha256": file_sha256(path), "format": weights.format, "arch": arch, "weights": weights}
+    probe = start_probe(path, cfg.model.checkpoint_key)
+    if probe is not None:
+        facts["probe"] = probe
+        if run.is_main:
+            print(f"[ssl_xcit] the start's linear probe: top-1 {probe['top1']:.2f}% ({probe['on']}): fine-tuning "
+                  "pays where its val top-1 passes it", flush=True)
+    return facts
+
+
+def start_probe(path: str, checkpoint_key: str = "teacher") -> dict | None:
+    """The linear probe of the start, when ``eval/eval_linear.py`` left one beside it (``linear.json``
+    measuring this very file and network): the baseline a fine-tuning result must beat to have paid,
+    shown beside every validation. ``None`` when there is none (nothing is guessed)."""
+    import json
+    from ssl_xcit.evaluate.linear import RESULT_NAME
+    found = Path(path).resolve().parent / RESULT_NAME
+    try:
+        r = json.loads(found.read_text())
+    except (OSError, ValueError):
+        return None
+    same = (isinstance(r, dict) and isinstance(r.get("top1"), (int, float))
+            and Path(str(r.get("checkpoint", ""))).resolve() == Path(path).resolve()
+            and r.get("checkpoint_key", checkpoint_key) in (checkpoint_key, None))
+    if not same:
+        return None
+    on = (f"{r.get('mode', '?')} mode, {r.get('num_train', '?')} train / {r.get('num_val', '?')} val images of "
+          f"{r.get('data_path', '?')}; {found}")
+    return {"top1": float(r["top1"]), "on": on, "file": str(found)}
 
 
 def _load_pretrained(model: nn.Module, start: dict, cfg: FinetuneConfig, run: Run) -> dict:

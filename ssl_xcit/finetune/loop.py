@@ -110,9 +110,14 @@ def validate(run: Run, ft: Finetune, val) -> bool:
         if ft.ema is not None:
             ema = accuracy(ft.ema.module, val, run.device)
             scores.update(ema_top1=ema["top1"], ema_top5=ema["top5"])
+    probe = (ft.pretrained or {}).get("probe")
+    if probe:   # the start's own linear probe beside every result: did fine-tuning pay?
+        scores["start_probe_top1"] = probe["top1"]
     run.logger.scalars(run.global_step, scores, (run.global_step - 1) // run.steps_per_epoch, group="val")
     if run.is_main:
         ema_text = f"; EMA {scores['ema_top1']:.2f}%" if ft.ema is not None else ""
+        if probe:
+            ema_text += f"; the start's linear probe {probe['top1']:.2f}% ({scores['top1'] - probe['top1']:+.2f})"
         print(f"[ssl_xcit] val at step {run.global_step}: top-1 {scores['top1']:.2f}%, top-5 {scores['top5']:.2f}% "
               f"({scores['images']} images){ema_text}", flush=True)
     if scores["top1"] <= ft.best.get("top1", -1.0):
