@@ -185,6 +185,8 @@ def training_config(args: argparse.Namespace, root: Path, out: Path):
     paths = [f"data_path={root / 'train'}", f"output_dir={out / 'train'}"]
     fitted, args.chosen = fit_to_data(args, load_config(args.config, [*paths, *args.overrides]))
     paths += fitted    # before the user's overrides: a key=value the user gives wins
+    for line in args.chosen:
+        print(f"[quickstart] chose {line}", flush=True)
     cfg = load_config(args.config, [*paths, *args.overrides])
     if not args.monitor_every_steps:
         return cfg
@@ -234,6 +236,7 @@ def size_knn(args: argparse.Namespace, root: Path) -> list[str]:
             if per_class * classes > default:
                 said.append(f"k-NN {flag.split('_')[1]} images: {getattr(args, flag):,} ({per_class} a class for "
                             f"{classes} classes; --{flag.replace('_', '-')} sets it)")
+                print(f"[quickstart] chose {said[-1]}", flush=True)
     return said
 
 
@@ -346,12 +349,10 @@ def main(argv: list[str] | None = None, prog: str = "launch/quickstart.py") -> d
 
     t0 = time.perf_counter()
     root = data_root(args)
-    chosen = size_knn(args, root)
+    size_knn(args, root)
     check_knn_k(args, root)
     out = Path(args.output)
     cfg = training_config(args, root, out)
-    for line in [*args.chosen, *chosen]:
-        print(f"[quickstart] chose {line}", flush=True)
 
     n_images = len(open_training_images(cfg))    # what the run trains on: max_images of the folder, or all
     print(f"[quickstart] DINO pretraining of {cfg.model.arch} on {root / 'train'} "
