@@ -26,7 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from ssl_xcit.quickstart import paired_gain  # noqa: E402
+from ssl_xcit.commands.quickstart import paired_gain  # noqa: E402
 
 
 def run_tool(script: str, args: list[str], log: Path) -> dict:

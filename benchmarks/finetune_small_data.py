@@ -39,7 +39,7 @@ def finetune(start: str, fraction: float, seed: int, args, root: Path, out: Path
     steps_per_epoch = max(1, int(images * fraction) // args.batch)
     weights = [f"pretrained_weights={args.start}"] if start == "dino" else [f"arch={args.arch}"]
     overrides = [f"data_path={root}", f"output_dir={out}", f"seed={seed}", f"train_fraction={fraction}",
-                 f"epochs={-(-args.steps // steps_per_epoch)}", f"max_steps={args.steps}",
+                 *([] if args.steps_only else [f"epochs={-(-args.steps // steps_per_epoch)}"]), f"max_steps={args.steps}",
                  f"batch_size_per_gpu={args.batch}", f"input_size={args.input_size}", "precision=fp32",
                  "num_workers=1", "eval_every_epochs=0", "max_val_images=0", "tensorboard=false", "report=false",
                  "log_every_steps=50", *weights, *args.overrides]
@@ -107,6 +107,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=REPO / "runs" / "finetune_bench")
     p.add_argument("--cache", type=Path, default=Path("/tmp/ssl_xcit_bench_data"))
     p.add_argument("--no-linear", action="store_true")
+    p.add_argument("--steps-only", action="store_true",
+                   help="give the length as max_steps alone (a user's '250 steps'; epochs stays at its default)")
+    p.add_argument("--tag", default="", help="appended to the run folders (e.g. a recipe variant's name)")
     p.add_argument("--starts", nargs="+", default=["dino", "random"], choices=["dino", "random"])
     p.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every fine-tuning run")
     args = p.parse_args(argv)
@@ -120,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     rows, features = [], {}
     for fraction in args.fractions:
         for seed in args.seeds:
-            tag = f"{args.name}_{args.input_size}px_{args.steps}steps_labels{fraction:g}_s{seed}"
+            tag = f"{args.name}_{args.input_size}px_{args.steps}steps_labels{fraction:g}_s{seed}{args.tag}"
             res = {s: hits(finetune(s, fraction, seed, args, root, args.out / f"{tag}_{s}"), root, args)
                    for s in args.starts}
             if len(res) < 2:

@@ -319,13 +319,19 @@ def test_head_only_steps_leave_the_pretrained_backbone_and_train_the_head(cifar_
     pretrain(tiny_config(cifar_small, dino, max_steps=1))
     out = tmp_path / "run"
     cfg = ft_config(cifar_small, out, pretrained_weights=str(dino / "checkpoint.pth"), freeze_backbone_steps=3,
-                    max_steps=3, epochs=1, drop_path_rate=0.0)
+                    max_steps=4, epochs=1, drop_path_rate=0.0)   # a freeze as long as the run is refused
     initial_head = _built(cfg).model.state_dict()["head.weight"]    # the same seed draws the same head
-    train(cfg)
+    calls = {"n": 0}
+
+    def stop_after_three() -> bool:
+        calls["n"] += 1
+        return calls["n"] == 3
+    assert train(cfg, stop_requested=stop_after_three).status == "stopped"   # saved at step 3, still frozen
     start = torch.load(dino / "checkpoint.pth", weights_only=True)["teacher"]
     ft = torch.load(out / "checkpoint.pth", weights_only=True)["model"]
     from ssl_xcit.models import build_model
-    params = {n for n, _ in build_model("xcit_nano_12_p16", num_classes=10).named_parameters()}
+    params = set(build_model("xcit_nano_12_p16", num_classes=10).state_dict())   # BatchNorm statistics too
+    assert any(k.endswith("running_mean") for k in params)
     for key in params - {"head.weight", "head.bias"}:
         assert torch.equal(ft[key], start[f"backbone.{key}"]), key
     assert not torch.equal(ft["head.weight"], initial_head)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ssl_xcit.evaluate import knn
-from ssl_xcit.evaluate.knn_index import (AUTO_MIN_TRAIN, FLOAT32_BUDGET, CellIndex, FeatureIndex, IndexConfig,
+from ssl_xcit.evaluate.knn_index import (AUTO_MIN_TRAIN, AutoIndex, FLOAT32_BUDGET, CellIndex, FeatureIndex, IndexConfig,
                                          build_index)
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "knn.py"
@@ -176,7 +176,33 @@ def test_auto_is_exact_below_the_threshold_and_cells_from_it():
     assert isinstance(build_index(small, IndexConfig(kind="auto")), FeatureIndex)
     big = torch.nn.functional.normalize(torch.randn(AUTO_MIN_TRAIN, 8), dim=1)
     index = build_index(big, IndexConfig(kind="auto"))
-    assert isinstance(index, CellIndex) and index.ntotal == AUTO_MIN_TRAIN
+    assert isinstance(index, AutoIndex) and isinstance(index.cells, CellIndex) and index.ntotal == AUTO_MIN_TRAIN
+
+
+def _clusters(n: int, d: int, centres: int, spread: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    c = torch.nn.functional.normalize(torch.randn(centres, d, generator=g), dim=1)
+    x = c[torch.arange(n) % centres] + spread * torch.randn(n, d, generator=g) / math.sqrt(d)
+    return torch.nn.functional.normalize(x, dim=1)
+
+
+@pytest.mark.parametrize("spread, want", [(0.05, "cells"), (3.0, "flat")])
+def test_auto_searches_with_cells_only_when_the_calibrated_probes_read_little(monkeypatch, spread, want):
+    """Tight clusters: few cells hold a query's neighbours, cells search. Features that cluster
+    poorly (near-uniform on the sphere): the probes would read most rows, exact faiss searches.
+    Either way the neighbours are the exact ones (float64 brute force)."""
+    import ssl_xcit.evaluate.knn_index as ki
+    monkeypatch.setattr(ki, "AUTO_MIN_TRAIN", 8_000)
+    both = _clusters(8_500, 32, 100, spread, 0)
+    xt, xq = both[:8_000], both[8_000:]
+    index = build_index(xt, IndexConfig(kind="auto"))
+    sims, ids = index.search(xq, 10)
+    share = index.probed_share(xq, 10)
+    assert index.chosen == want and (share <= ki.AUTO_MAX_PROBED) == (want == "cells"), share
+    assert f"{share:.1%}" in index.reason
+    exact = (xq.double() @ xt.double().T).topk(10, dim=1)
+    assert _recall(ids, exact.indices.numpy()) >= 0.999
+    np.testing.assert_allclose(sims[:, 0], exact.values[:, 0].numpy(), atol=1e-5)
 
 
 def test_cells_hold_float16_residuals_and_report_their_bytes(clustered):

@@ -106,6 +106,9 @@ class _Reader:
         if nxt.lower() in words:
             self.i += 1
             return _bool_word(nxt, flag, nullable)
+        if nxt and not nxt.startswith("-") and "=" not in nxt:   # not an override, not a flag: a bad value
+            self.i += 1
+            return _bool_word(nxt, flag, nullable)
         return "true"
 
     def key_value(self, flag: str, name: str, inline: str | None) -> str:

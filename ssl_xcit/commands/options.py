@@ -43,6 +43,17 @@ def add_backbone_args(parser: argparse.ArgumentParser, required: bool = True) ->
                    help="which network of a DINO checkpoint to evaluate (default: teacher, as DINO)")
 
 
+def default_workers(cap: int = 4) -> int:
+    """Data-loading workers sized to the CPUs this process may use (its affinity, as PyTorch counts
+    them): at most ``cap``, never more than the cores, so a 2-core machine gets 2 and no DataLoader
+    warning that the workers exceed the suggested maximum."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):   # no affinity on this platform
+        usable = os.cpu_count() or 1
+    return max(1, min(cap, usable))
+
+
 def add_data_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     g = parser.add_argument_group("data")
     g.add_argument("--data-path", "--data_path", required=required, default=None,
@@ -52,7 +63,8 @@ def add_data_args(parser: argparse.ArgumentParser, required: bool = True) -> Non
                    help="shorter side before the crop (default: crop*256/224, i.e. 256 for 224, as DINO)")
     g.add_argument("--batch-size", "--batch_size_per_gpu", type=int, default=None,
                    help="images per process (per GPU) and step")
-    g.add_argument("--num-workers", "--num_workers", type=int, default=4, help="data-loading worker processes")
+    g.add_argument("--num-workers", "--num_workers", type=int, default=default_workers(),
+                   help="data-loading worker processes (default: 4, at most the usable CPU cores)")
 
 
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
@@ -171,8 +183,8 @@ def classification_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="images per step")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--limit", type=int, default=None, help="evaluate N evenly spaced images")
-    p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="data-loading worker processes")
+    p.add_argument("--num-workers", type=int, default=default_workers(8),
+                   help="data-loading worker processes (default: 8, at most the usable CPU cores)")
     p.add_argument("--img-size", type=int, default=None, help="override the model's resolution")
     p.add_argument("--num-classes", type=int, default=None,
                    help="head size with --checkpoint none (default: number of class folders)")

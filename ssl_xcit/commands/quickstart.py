@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING
 
 from ssl_xcit.atomic import atomic_write_json, check_writable
 from ssl_xcit.cli import ArgumentParser
-from ssl_xcit.commands.options import EvalInputError, MissingPathError, check_data_path, check_output_folder
+from ssl_xcit.commands.options import (EvalInputError, MissingPathError, check_data_path, check_output_folder,
+                                       default_workers)
 from ssl_xcit.train.config import find_recipe, load_config, recipes_dir
 
 if TYPE_CHECKING:  # torch loads only when the work starts: --help answers at once
@@ -41,6 +42,17 @@ DEFAULT_DATA: Path | None = (REPO.parent / "shared" / "data" / "cifar10.tar.gz"
 DOWNLOAD_MARKER = ".ssl_xcit_complete"
 WHAT_TO_PASS = ("pass --data PATH (an ImageFolder root with train/ and val/ class folders, or a .tar.gz of "
                 "one), or put CIFAR-10's archive at {archive}")
+
+
+# On the user's own images the quickstart keeps CIFAR-10's cost, so that the README's minutes hold:
+# crops of CIFAR-10's side (the compute per step scales with the tokens: 224-px crops cost 49x), and a
+# training budget of the minutes the CIFAR-10 run's training takes on 2 cores, which stops a run whose
+# images are slow to decode. The k-NN grows with the classes: 10,000 / 2,000 images is 50 / 10 a class
+# at 200 classes, too few for a gain to stand out from the noise.
+QUICKSTART_CROP = 32
+QUICKSTART_BUDGET_MINUTES = 5.0
+KNN_TRAIN, KNN_TRAIN_PER_CLASS = 10_000, 100
+KNN_VAL, KNN_VAL_PER_CLASS = 2_000, 20
 
 
 class DataDownloadError(EvalInputError):
@@ -66,9 +78,11 @@ def build_parser(prog: str = "launch/quickstart.py") -> argparse.ArgumentParser:
     p.add_argument("--config", default="quickstart",
                    help="training recipe: a file, or a packaged recipe's name (default: quickstart)")
     p.add_argument("--output", default="runs/quickstart", help="output folder (resumes if it holds a run)")
-    p.add_argument("--knn-train-images", type=int, default=10000,
-                   help="train images in the k-NN memory bank (evenly spread over classes)")
-    p.add_argument("--knn-val-images", type=int, default=2000, help="val images queried")
+    p.add_argument("--knn-train-images", type=int, default=None,
+                   help=f"train images in the k-NN memory bank (evenly spread over classes; default "
+                        f"{KNN_TRAIN:,}, or {KNN_TRAIN_PER_CLASS} a class when that is more)")
+    p.add_argument("--knn-val-images", type=int, default=None,
+                   help=f"val images queried (default {KNN_VAL:,}, or {KNN_VAL_PER_CLASS} a class when that is more)")
     p.add_argument("--knn-k", type=int, nargs="+", default=[20], help="numbers of neighbours")
     p.add_argument("--monitor-every-steps", type=int, default=50,
                    help="k-NN of the teacher while training every N steps, and before the first (0: off)")
@@ -94,14 +108,14 @@ def check_args(args: argparse.Namespace) -> None:
     """The k-NN numbers, the data and the recipe, checked before torch loads and before minutes of
     training rather than after."""
     for flag in ("knn_train_images", "knn_val_images"):
-        if getattr(args, flag) <= 0:
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise EvalInputError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if args.monitor_every_steps < 0 or args.monitor_images <= 0:
         raise EvalInputError(f"--monitor-every-steps must be >= 0 and --monitor-images positive, got "
                              f"{args.monitor_every_steps} and {args.monitor_images}")
     if any(k <= 0 for k in args.knn_k):
         raise EvalInputError(f"--knn-k values must be positive, got {' '.join(map(str, args.knn_k))}")
-    if max(args.knn_k) > args.knn_train_images:
+    if args.knn_train_images is not None and max(args.knn_k) > args.knn_train_images:
         raise EvalInputError(f"--knn-k {max(args.knn_k)} exceeds the {args.knn_train_images} k-NN train images "
                              "(--knn-train-images)")
     args.source, args.source_path = choose_data(args)
@@ -169,6 +183,10 @@ def training_config(args: argparse.Namespace, root: Path, out: Path):
     monitor on ``root``'s train/ and val/ at the final k-NN's resolution (crop = resize = the global
     crop). The user's ``key=value`` overrides come last, so ``eval_*=`` keys win."""
     paths = [f"data_path={root / 'train'}", f"output_dir={out / 'train'}"]
+    fitted, args.chosen = fit_to_data(args, load_config(args.config, [*paths, *args.overrides]))
+    paths += fitted    # before the user's overrides: a key=value the user gives wins
+    for line in args.chosen:
+        print(f"[quickstart] chose {line}", flush=True)
     cfg = load_config(args.config, [*paths, *args.overrides])
     if not args.monitor_every_steps:
         return cfg
@@ -177,6 +195,49 @@ def training_config(args: argparse.Namespace, root: Path, out: Path):
     monitor = [f"eval_data_path={root}", f"eval_every_steps={args.monitor_every_steps}",
                f"eval_max_images={args.monitor_images}", f"eval_crop_size={crop}", f"eval_resize={crop}"]
     return load_config(args.config, [*paths, *monitor, *args.overrides])
+
+
+def fit_to_data(args: argparse.Namespace, cfg) -> tuple[list[str], list[str]]:
+    """On the user's images larger than CIFAR-10's (``--data``): overrides that keep the quickstart's
+    cost (crops of ``QUICKSTART_CROP`` px, a ``QUICKSTART_BUDGET_MINUTES`` training budget) for the
+    keys the user left unset, and the lines that say so and why."""
+    if getattr(args, "source", "data") != "data":
+        return [], []
+    from ssl_xcit.train.build import open_training_images
+    from ssl_xcit.train.recipe import data_facts
+    from ssl_xcit.train.config import user_set_keys
+    side = data_facts(open_training_images(cfg)).image_side
+    if side <= QUICKSTART_CROP:
+        return [], []
+    mine = user_set_keys(load_config(None, args.overrides))
+    fitted, said = [], []
+    if "data.global_crops_size" not in mine:
+        fitted.append(f"global_crops_size={QUICKSTART_CROP}")
+        said.append(f"global crops of {QUICKSTART_CROP} px, not your images' median side {side} px: CIFAR-10's cost "
+                    f"per step, which the README's minutes were measured at ({(side // QUICKSTART_CROP) ** 2}x less "
+                    f"compute than full size; global_crops_size={side} trains at full size, slower)")
+    if not mine & {"optim.time_budget_minutes", "optim.epochs", "run.max_steps"}:
+        fitted.append(f"time_budget_minutes={QUICKSTART_BUDGET_MINUTES:g}")
+        said.append(f"a {QUICKSTART_BUDGET_MINUTES:g}-minute training budget (the CIFAR-10 run's training time on 2 "
+                    "cores): the run plans its steps from its own pace, so images that are slow to decode end it "
+                    "sooner, not later (time_budget_minutes=, epochs= or max_steps= sets the length)")
+    return fitted, said
+
+
+def size_knn(args: argparse.Namespace, root: Path) -> list[str]:
+    """The k-NN's memory and queries, unless given: the defaults, or more with many classes (at least
+    ``KNN_TRAIN_PER_CLASS`` / ``KNN_VAL_PER_CLASS`` a class), so a gain stands out from the noise."""
+    classes = sum(1 for p in (root / "train").iterdir() if p.is_dir())
+    said = []
+    for flag, default, per_class in (("knn_train_images", KNN_TRAIN, KNN_TRAIN_PER_CLASS),
+                                     ("knn_val_images", KNN_VAL, KNN_VAL_PER_CLASS)):
+        if getattr(args, flag) is None:
+            setattr(args, flag, max(default, per_class * classes))
+            if per_class * classes > default:
+                said.append(f"k-NN {flag.split('_')[1]} images: {getattr(args, flag):,} ({per_class} a class for "
+                            f"{classes} classes; --{flag.replace('_', '-')} sets it)")
+                print(f"[quickstart] chose {said[-1]}", flush=True)
+    return said
 
 
 def check_knn_k(args: argparse.Namespace, root: Path) -> None:
@@ -254,16 +315,41 @@ def paired_gain(hits_a: torch.Tensor, hits_b: torch.Tensor) -> dict[str, float]:
             "n_discordant": n, "p_value": tail / 2 ** n}
 
 
+def train_or_stop(cfg, prog: str):
+    """Train as ``launch/train.py`` does: SIGTERM, SIGHUP, SIGUSR2 or Ctrl-C (to the process or its
+    whole group: a terminal, ``timeout``, a closing session) save the step and end with one line and
+    status 128 + the signal, and the same command resumes the run and then scores it; a second
+    Ctrl-C quits at once. (Without this the default handlers killed the quickstart mid-step: no
+    checkpoint, no line, the lock left behind.)"""
+    import signal
+
+    from ssl_xcit.train.loop import train
+    from ssl_xcit.train.signals import StopSignals
+    signals = StopSignals(log=lambda msg: print(msg, flush=True), plain=True)
+    signals.install(interrupt=True)
+    try:
+        result = train(cfg, stop_requested=signals.stop_requested)
+    finally:
+        signals.restore()
+    if result.status == "stopped":
+        signum = signals.signums[0] if signals.signums else signal.SIGTERM
+        print(f"{prog}: stopped on {signal.Signals(signum).name}: {result.checkpoint} holds global step "
+              f"{result.global_step}; run the same command to resume (then the k-NN comparison runs)",
+              file=sys.stderr, flush=True)
+        raise SystemExit(128 + int(signum))
+    return result
+
+
 def main(argv: list[str] | None = None, prog: str = "launch/quickstart.py") -> dict:
     args = parse_args(argv, prog)
     check_writable(args.output)   # a read-only --output: one line before any download or training
     import yaml
     from ssl_xcit.distributed import pick_device
     from ssl_xcit.train.build import open_training_images
-    from ssl_xcit.train.loop import train
 
     t0 = time.perf_counter()
     root = data_root(args)
+    size_knn(args, root)
     check_knn_k(args, root)
     out = Path(args.output)
     cfg = training_config(args, root, out)
@@ -271,7 +357,7 @@ def main(argv: list[str] | None = None, prog: str = "launch/quickstart.py") -> d
     n_images = len(open_training_images(cfg))    # what the run trains on: max_images of the folder, or all
     print(f"[quickstart] DINO pretraining of {cfg.model.arch} on {root / 'train'} "
           f"({n_images:,} images, {cfg.optim.epochs} epochs) -> {out / 'train'}", flush=True)
-    result = train(cfg)     # with the k-NN monitor's points and, at the end, the report page
+    result = train_or_stop(cfg, prog)     # with the k-NN monitor's points and, at the end, the report page
     t_train = time.perf_counter() - t0
     curve = knn_curve(out / "train")
 
@@ -279,7 +365,7 @@ def main(argv: list[str] | None = None, prog: str = "launch/quickstart.py") -> d
     used = yaml.safe_load((out / "train" / "config.yaml").read_text())    # what the run used (recipe=auto)
     crop = used["data"]["global_crops_size"]
     common = dict(root=root, crop=crop, n_train=args.knn_train_images, n_val=args.knn_val_images,
-                  ks=args.knn_k, device=device, num_workers=cfg.data.num_workers)
+                  ks=args.knn_k, device=device, num_workers=default_workers())   # training is over: every core
     print("[quickstart] k-NN of the trained teacher and of the random backbone it started from", flush=True)
     trained_preds, val_y = knn_predictions(str(result.checkpoint), **common)
     # seed = the training seed: the random backbone is the trained teacher's own starting point
@@ -294,7 +380,8 @@ def main(argv: list[str] | None = None, prog: str = "launch/quickstart.py") -> d
     print(_summary(root, crop, n_train, n_val, scores, curve, cfg, out), flush=True)
     print(_timing(t_train, elapsed, result, curve, out), flush=True)
     report = {"arch": cfg.model.arch, "data": str(root), "steps": result.global_step,
-              "final_loss": result.last_loss if math.isfinite(result.last_loss) else None,   # null: diverged "train_minutes": t_train / 60, "total_minutes": elapsed / 60,
+              "final_loss": result.last_loss if math.isfinite(result.last_loss) else None,   # null: diverged
+              "train_minutes": t_train / 60, "total_minutes": elapsed / 60,
               "knn_train_images": n_train, "knn_val_images": n_val,
               "trained": {str(k): v for k, v in trained.items()},
               "random": {str(k): v for k, v in random_init.items()},

@@ -97,9 +97,15 @@ TOOL_NAMES = ("finetune", *EVAL_TOOLS)
 def split_tool(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
     """(launcher and training words, tool name or None, the tool's own words)."""
     for i, word in enumerate(argv):
-        if word in TOOL_NAMES and not (i > 0 and argv[i - 1].startswith("-")):
+        if word in TOOL_NAMES and not (i > 0 and _takes_next(argv[i - 1])):
             return argv[:i], word, argv[i + 1:]
     return argv, None, []
+
+
+def _takes_next(word: str) -> bool:
+    """Whether ``word`` is an option whose value is the next word: not a launcher's on/off flag
+    (``--dry-run finetune ...``: the tool), not ``--name=value``."""
+    return word.startswith("-") and "=" not in word and word not in _FLAG_OPTIONS
 
 
 def split_launcher(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -123,7 +129,7 @@ def check_no_unknown_tool(argv: list[str]) -> None:
     without --config): name it, and the closest tool, instead of failing later on a misleading
     config error."""
     for i, word in enumerate(argv):
-        if word.startswith("-") or "=" in word or (i > 0 and argv[i - 1].startswith("-")):
+        if word.startswith("-") or "=" in word or (i > 0 and _takes_next(argv[i - 1])):
             continue
         close = difflib.get_close_matches(word, list(TOOL_NAMES), n=1, cutoff=0.6)
         hint = (f"did you mean '{close[0]}'?" if close else
@@ -179,6 +185,7 @@ def prepare_training(args: argparse.Namespace, words: list[str], tool: str | Non
         raise SubmitError("config error: data_path is not set (set it in the YAML or add data_path=...)")
     if not _data_path_exists(cfg.data.data_path):
         raise SubmitError(f"config error: data_path {cfg.data.data_path} does not exist on this machine")
+    arch = _arch_to_train(cfg)
     output_dir = Path(cfg.run.output_dir)   # load_config made the paths absolute: the job may start elsewhere
     job_dir = Path(args.job_dir).expanduser().resolve() if args.job_dir else output_dir / "slurm"
     kind = tool or "dino"
@@ -187,7 +194,28 @@ def prepare_training(args: argparse.Namespace, words: list[str], tool: str | Non
     # does, so recipe=auto chooses there exactly what it would choose here
     task = TrainTask(config=user_values(cfg), kind=kind, max_requeues=spec.max_requeues, train_fn=train_fn)
     what = "fine-tuning" if tool else "training"
-    return Prepared(task, spec, job_dir, f"{what} {cfg.model.arch} into {output_dir}")
+    return Prepared(task, spec, job_dir, f"{what} {arch} into {output_dir}")
+
+
+def _arch_to_train(cfg: Any) -> str:
+    """The arch the job will build: with ``pretrained_weights`` and no ``arch``, the file's (as the run
+    takes it). The file is checked here, like ``data_path``: a job that waits in the queue for hours
+    must not fail at its first second on a missing or unreadable file, or on a wrong ``arch``."""
+    from ssl_xcit.errors import UserError
+    from ssl_xcit.train.config import user_set_keys
+    from ssl_xcit.train.pretrained import check_arch, read_pretrained
+    path = cfg.model.pretrained_weights
+    if not path:
+        return cfg.model.arch
+    if not Path(path).is_file():
+        raise SubmitError(f"config error: pretrained_weights {path} does not exist on this machine")
+    try:
+        facts = read_pretrained(path).facts()
+        if "model.arch" in user_set_keys(cfg):
+            check_arch(facts, cfg.model.arch)
+    except UserError as err:
+        raise SubmitError(f"config error: {err}") from None
+    return facts["arch"] if "model.arch" not in user_set_keys(cfg) else cfg.model.arch
 
 
 def _data_path_exists(text: str) -> bool:

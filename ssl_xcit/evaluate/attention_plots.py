@@ -109,10 +109,12 @@ def write_image_maps(maps: AttentionMaps, out_dir: str | Path, title: str = "") 
     return files
 
 
-def evolution_figure(rows: Sequence[tuple[str, Sequence[AttentionMaps]]], path: str | Path) -> Path:
+def evolution_figure(rows: Sequence[tuple[str, Sequence[AttentionMaps]]], path: str | Path,
+                     network: str = "teacher") -> Path:
     """Checkpoints (rows, oldest first) x images (columns): the image, then each checkpoint's mean
     map blended over it, so the maps can be seen to sharpen as training goes; each cell names the
-    map's peak (1.0x is flat), as the colours span each map's own range."""
+    map's peak (1.0x is flat), as the colours span each map's own range. ``network``: whose maps
+    (a DINO run's teacher, a fine-tuning run's model: a classifier has no teacher)."""
     plt = pyplot()
     if not rows or not rows[0][1]:
         raise ValueError("evolution_figure needs at least one checkpoint with one image")
@@ -133,7 +135,7 @@ def evolution_figure(rows: Sequence[tuple[str, Sequence[AttentionMaps]]], path: 
             axes[i, j].text(0.03, 0.04, f"{_peak(m.mean):.2f}x", transform=axes[i, j].transAxes, fontsize=7,
                             color="white", bbox=dict(facecolor="black", alpha=0.5, pad=1, lw=0))
         axes[i, 0].set_ylabel(label, fontsize=8)
-    fig.suptitle("teacher's mean class-attention map per checkpoint (each map its own colour range; "
+    fig.suptitle(f"{network}'s mean class-attention map per checkpoint (each map its own colour range; "
                  "corner: peak as a multiple of a flat map)", fontsize=8)
     return save_figure(fig, path, dpi=100)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Sequence
 
@@ -40,7 +40,7 @@ class ClassificationConfig:
     batch_size: int = 64
     device: str = "auto"
     limit: int | None = None
-    num_workers: int = 4
+    num_workers: int = field(default_factory=options.default_workers)   # at most the usable cores
     img_size: int | None = None
     num_classes: int | None = None  # only for --checkpoint none; otherwise the checkpoint's head
     checkpoint_key: str = "teacher"

@@ -117,12 +117,16 @@ def knn_classifier(train_features: torch.Tensor, train_labels: torch.Tensor, val
                    val_labels: torch.Tensor, ks: Sequence[int] = DEFAULT_KS,
                    temperature: float = DEFAULT_TEMPERATURE, num_classes: int | None = None,
                    index_cfg: IndexConfig = IndexConfig(), query_batch: int = 1000,
-                   normalize: bool = True) -> dict[int, dict[str, float]]:
-    """DINO's weighted k-NN: ``{k: {"top1": %, "top5": %}}``."""
+                   normalize: bool = True, used: dict | None = None) -> dict[int, dict[str, float]]:
+    """DINO's weighted k-NN: ``{k: {"top1": %, "top5": %}}``. ``used``, when given, receives the
+    index kind that searched (``auto``: flat or cells, and why)."""
     if normalize:
         train_features, val_features = l2_normalize(train_features), l2_normalize(val_features)
     index = build_index(train_features, index_cfg)
     preds = knn_predict(index, train_labels, val_features, val_labels, ks, temperature, num_classes, query_batch)
+    if used is not None:
+        used["kind"] = getattr(index, "chosen", None) or index_cfg.resolved(len(train_features)).kind
+        used["reason"] = getattr(index, "reason", None)
     return {k: {"top1": p.top1_acc, "top5": p.top5_acc} for k, p in preds.items()}
 
 
@@ -225,11 +229,12 @@ def main(argv: list[str] | None = None) -> dict:
         use_gpu = env.device.type == "cuda" and args.use_cuda is not False
         index_cfg = IndexConfig(**{**index_cfg.__dict__, "use_gpu": use_gpu})
         classes = meta.get("classes") or None
+        used: dict = {}
         results = knn_classifier(feats["train_features"], feats["train_labels"],
                                  feats["val_features"], feats["val_labels"], args.nb_knn,
                                  args.temperature, len(classes) if classes else None, index_cfg,
-                                 args.query_batch, normalize=not meta.get("normalized", False))
-        used_index = index_cfg.resolved(len(feats["train_labels"])).kind  # auto -> flat or cells
+                                 args.query_batch, normalize=not meta.get("normalized", False), used=used)
+        used_index = used["kind"]   # auto -> flat or cells, by size and the calibrated probes
         out_dir = Path(args.output_dir) if args.output_dir else (
             runtime.default_output_dir(args.checkpoint) if args.checkpoint else Path(args.load_features))
         report = {
@@ -240,6 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
             "data_path": meta.get("data_path", args.data_path and str(args.data_path)),
             "crop_size": meta.get("crop_size"), "resize": meta.get("resize"),
             "temperature": args.temperature, "index": used_index, "index_requested": args.index,
+            "index_reason": used.get("reason"),
             "fp16_features": args.fp16_features,
             "num_train": len(feats["train_labels"]), "num_val": len(feats["val_labels"]),
             "num_classes": len(classes) if classes else int(max(feats["train_labels"].max(),

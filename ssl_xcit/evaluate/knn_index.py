@@ -24,8 +24,11 @@ Kinds (``IndexConfig.kind``):
 
   Pure torch, so it runs on the CPU or a GPU.
 * ``ivf`` / ``hnsw`` -- faiss's approximate indexes (IVF-Flat, HNSW), kept for comparison.
-* ``auto`` -- ``flat`` below :data:`AUTO_MIN_TRAIN` train features, ``cells`` from there on
-  (measurements in ``benchmarks/RESULTS.md``, "k-NN at scale").
+* ``auto`` -- ``flat`` below :data:`AUTO_MIN_TRAIN` train features; from there on the cells are
+  built and calibrated on the queries, and ``cells`` searches only when the calibrated probes read at
+  most :data:`AUTO_MAX_PROBED` of the train features, else exact ``flat`` does (:class:`AutoIndex`).
+  Why measured, not by size alone: ``cells`` wins by how well the features cluster, which only the
+  calibration tells (measurements in ``benchmarks/RESULTS.md``, "k-NN at scale").
 
 Every index answers ``search(queries, k) -> (similarities, train ids)``, best first, id -1 where
 fewer than ``k`` neighbours were found, and ``nbytes`` (the memory of the stored train features).
@@ -41,8 +44,11 @@ import torch
 from ssl_xcit.evaluate.inputs import EvalInputError, check_positive
 
 KINDS = ("flat", "cells", "ivf", "hnsw", "auto")
-# auto: exact below this many train features, cells from here on (benchmarks/RESULTS.md)
+# auto: exact below this many train features; from here on cells when the calibrated probes read at
+# most AUTO_MAX_PROBED of the rows (benchmarks/RESULTS.md: cells' cell-by-cell products do ~4x less
+# work per second than faiss's exact scan, plus the build and calibration: 2% probed won 3x, 38% lost 2x)
 AUTO_MIN_TRAIN = 100_000
+AUTO_MAX_PROBED = 0.10
 # cells: residuals are stored in float32 up to this many bytes, in float16 above
 FLOAT32_BUDGET = 1 << 30
 
@@ -335,8 +341,60 @@ def build_index(train_features: torch.Tensor | np.ndarray, cfg: IndexConfig = In
     n = train_features.shape[0]
     if n == 0:
         raise EvalInputError("no train features to index (no readable train image?)")
+    if cfg.kind == "auto" and n >= AUTO_MIN_TRAIN:
+        return AutoIndex(train_features, cfg, add_batch, seed)
     cfg = cfg.resolved(n)
     if cfg.kind == "cells":
         device = torch.device("cuda") if cfg.use_gpu and torch.cuda.is_available() else torch.device("cpu")
         return _cell_index(train_features, cfg, seed, device)
     return _faiss_index(train_features, cfg, add_batch, seed)
+
+
+class AutoIndex:
+    """``auto`` from :data:`AUTO_MIN_TRAIN` features on: the cells, calibrated on the first search's
+    queries; when their probes would read more than :data:`AUTO_MAX_PROBED` of the train features
+    (features that cluster poorly), an exact faiss index is built and searches instead, since
+    reading that much cell by cell is slower than one exact scan. ``chosen`` says which searched
+    and ``reason`` why (the k-NN tool reports them)."""
+
+    def __init__(self, train_features, cfg: IndexConfig, add_batch: int, seed: int) -> None:
+        self._features, self._add_batch, self._seed = train_features, add_batch, seed
+        self._cfg = IndexConfig(**{**cfg.__dict__, "kind": "cells"})
+        device = torch.device("cuda") if cfg.use_gpu and torch.cuda.is_available() else torch.device("cpu")
+        self.cells: CellIndex = _cell_index(train_features, self._cfg, seed, device)
+        self.flat: FeatureIndex | None = None
+        self.chosen, self.reason = "cells", "not searched yet"
+
+    @property
+    def ntotal(self) -> int:
+        return self.cells.ntotal
+
+    @property
+    def nbytes(self) -> int:
+        return self.cells.nbytes if self.flat is None else self.flat.nbytes
+
+    def probed_share(self, queries, k: int) -> float:
+        """The share of the stored rows the calibrated probes read, averaged over the queries'
+        calibration sample (cells differ in size: counted in rows, not cells)."""
+        c = self.cells
+        q = torch.as_tensor(queries).to(c.data.device, torch.float32)
+        nprobe = min(c.nprobe or c.calibrate(q, k), c.nlist)
+        c.nprobe = nprobe          # the search uses the calibrated value: not calibrated twice
+        sample = q[torch.randperm(len(q), generator=torch.Generator().manual_seed(c.seed))[:256].to(q.device)]
+        probe = (sample @ c.centroids.T).topk(nprobe, dim=1).indices
+        sizes = (c.offsets[1:] - c.offsets[:-1]).double()
+        return float(sizes[probe].sum(dim=1).mean() / c.ntotal)
+
+    def search(self, queries, k: int, batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+        """Decided on the first search (its queries calibrate the cells), then kept."""
+        if self.reason == "not searched yet":
+            share = self.probed_share(queries, k)
+            if share > AUTO_MAX_PROBED:
+                self.chosen = "flat"
+                self.flat = _faiss_index(self._features, IndexConfig(**{**self._cfg.__dict__, "kind": "flat"}),
+                                         self._add_batch, self._seed)
+            self.reason = (f"the calibrated probes read {share:.1%} of the train features "
+                           f"({'more' if self.chosen == 'flat' else 'at most'} than {AUTO_MAX_PROBED:.0%})")
+        if self.flat is not None:
+            return self.flat.search(queries, k, batch_size)
+        return self.cells.search(queries, k, batch_size)

@@ -82,6 +82,22 @@ def _status(records: list[dict]) -> str:
     return f"running or interrupted (last logged global step {max(steps)})" if steps else "no progress logged yet"
 
 
+def _details(record: dict) -> str:
+    """An event's fields as escaped HTML: ``key=value`` pairs, and a multi-line value (recipe: auto's
+    choices, one per line with its reason) as a list, one item a line, not one run-on paragraph."""
+    plain, lists = [], []
+    for k, v in record.items():
+        if k in ("event", "time"):
+            continue
+        lines = [line.strip() for line in v.splitlines() if line.strip()] if isinstance(v, str) else []
+        if len(lines) > 1:
+            items = "".join(f"<li>{html.escape(line)}</li>" for line in lines[1:])
+            lists.append(f"{html.escape(k)}: {html.escape(lines[0])}<ul>{items}</ul>")
+        else:
+            plain.append(f"{k}={v}")
+    return html.escape(", ".join(plain)) + "".join(lists)
+
+
 def _event_rows(records: list[dict]) -> str:
     rows = []
     for r in records:
@@ -89,10 +105,9 @@ def _event_rows(records: list[dict]) -> str:
         if name in ("train", "knn", "val"):
             continue
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["time"])) if isinstance(r.get("time"), (int, float)) else ""
-        details = ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("event", "time"))
         cls = ' class="warn"' if "warning" in str(name) else ""
         rows.append(f"<tr{cls}><td>{html.escape(when)}</td><td>{html.escape(str(name))}</td>"
-                    f"<td>{html.escape(details)}</td></tr>")
+                    f"<td>{_details(r)}</td></tr>")
     return "<table><tr><th>time (UTC)</th><th>event</th><th>details</th></tr>" + "".join(rows) + "</table>" \
         if rows else "<p class=note>no events logged yet</p>"
 
@@ -138,7 +153,8 @@ def write_report(output_dir: str | Path, out_dir: str | Path | None = None, imag
     if not log_path.is_file():
         parts.append("<p class=note>no log.jsonl yet: the run has not started logging</p>")
     else:
-        figs = plot_curves(log.records, out, model_cfg.get("out_dim"))
+        figs = plot_curves(log.records, out, model_cfg.get("out_dim"),
+                           "Cross-entropy loss (labels; mixup/cutmix targets when on)" if finetuning else "DINO loss")
         parts += [figure_html(p, t) for t, p in figs] or ["<p class=note>no training records in log.jsonl yet</p>"]
         if log.bad_lines:
             parts.append(f"<p class=note>{log.bad_lines} unreadable line(s) of log.jsonl skipped "
@@ -168,6 +184,10 @@ def _val_section(records: list[dict], out: Path) -> list[str]:
     caption = (f"last: top-1 {val[-1].get('top1', float('nan')):.2f}% at global step {val[-1].get('global_step')}; "
                f"best: {best.get('top1', float('nan')):.2f}% at global step {best.get('global_step')} "
                "(checkpoint_best.pth)")
+    probe = val[-1].get("start_probe_top1")
+    if isinstance(probe, (int, float)):   # the baseline fine-tuning must pass to have paid
+        caption += (f"; the start's linear probe: {probe:.2f}% (last {val[-1].get('top1', float('nan')) - probe:+.2f}, "
+                    f"best {best.get('top1', float('nan')) - probe:+.2f})")
     return ["<h2>Validation</h2>", figure_html(plot_accuracy(val, out / "val.png", "val", "validation accuracy"),
                                                caption)]
 

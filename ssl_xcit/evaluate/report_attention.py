@@ -89,7 +89,7 @@ def read_pictures(paths: Sequence[Path]) -> tuple[list, list[str]]:
 
 
 def attention_evolution(checkpoints: Sequence[Path], pictures: Sequence, image_size: int | None,
-                        out_path: Path, start: tuple[str, int] | None = None
+                        out_path: Path, start: tuple[str, int] | None = None, network: str = "teacher"
                         ) -> tuple[Path | None, list[str], list[str]]:
     """The teacher's mean map of ``pictures`` (decoded RGB images) for each checkpoint, one row per
     distinct global step.
@@ -132,7 +132,7 @@ def attention_evolution(checkpoints: Sequence[Path], pictures: Sequence, image_s
             maps = [attention_maps(model, t[None], pictures=[pic])[0] for t, pic in loaded]
         rows.append((label, maps))
         labels.append(label.replace("\n", " "))
-    return (evolution_figure(rows, out_path) if rows and loaded else None), labels, skipped
+    return (evolution_figure(rows, out_path, network) if rows and loaded else None), labels, skipped
 
 
 def _prepared(pictures: Sequence, image_size: int | None, model) -> list:
@@ -178,7 +178,8 @@ def attention_section(output_dir: Path, out: Path, config: dict, images: Sequenc
     data = config.get("data") or {}
     size = data.get("global_crops_size") or data.get("input_size")   # DINO's crops, a fine-tuning run's input
     start = _start(config)
-    path, labels, skipped = attention_evolution(checkpoints, pictures, size, out / "attention.png", start)
+    network = "model" if "mixup" in config else "teacher"   # a fine-tuning run's config has a mixup section
+    path, labels, skipped = attention_evolution(checkpoints, pictures, size, out / "attention.png", start, network)
     notes = skipped_note + "".join(f"<p class=note>unreadable checkpoint skipped: {html.escape(s)}</p>"
                                    for s in skipped)
     if path is None:

@@ -44,9 +44,10 @@ def _marks(ax, events: Sequence[dict]) -> None:
             ax.axvline(e["global_step"], color="0.5", ls="--", lw=0.8)
 
 
-def plot_curves(records: Sequence[dict], out_dir: str | Path, out_dim: int | None = None
-                ) -> list[tuple[str, Path]]:
-    """The training figures of :data:`FIGURES` that have data: ``[(title, png path)]``."""
+def plot_curves(records: Sequence[dict], out_dir: str | Path, out_dim: int | None = None,
+                loss_title: str = "DINO loss") -> list[tuple[str, Path]]:
+    """The training figures of :data:`FIGURES` that have data: ``[(title, png path)]``; ``loss_title``
+    names the loss the run minimises (a fine-tuning run's is a cross-entropy, not DINO's)."""
     plt = pyplot()
     out_dir = Path(out_dir)
     train = [r for r in records if r.get("event") == "train"]
@@ -54,6 +55,7 @@ def plot_curves(records: Sequence[dict], out_dir: str | Path, out_dim: int | Non
     warnings = [e for e in events if e.get("event") == "collapse_warning"]
     written = []
     for stem, title, keys in FIGURES:
+        title = loss_title if stem == "loss" else title
         keys = [(k, label) for k, label in keys if _series(train, k)[0].size]
         if not keys:
             continue
@@ -101,6 +103,9 @@ def plot_accuracy(records: Sequence[dict], path: str | Path, event: str, title: 
             order = np.argsort(steps, kind="stable")
             ax.plot(steps[order], values[order], style, ms=4, lw=1.4,
                     label=key.replace("top", "top-").replace("ema_", "EMA "))
+    probe = rows[-1].get("start_probe_top1") if rows else None
+    if isinstance(probe, (int, float)):   # a fine-tuning run's baseline: its start's linear probe
+        ax.axhline(probe, color="tab:red", ls="--", lw=1, label=f"start's linear probe {probe:.2f}")
     ax.set_xlabel("global step")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title, fontsize=10)

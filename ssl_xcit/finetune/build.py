@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from ssl_xcit.data.folders import collate_skip_corrupt
 from ssl_xcit.dino.schedules import cosine_schedule
 from ssl_xcit.evaluate.datasets import transform_for
-from ssl_xcit.finetune.config import FinetuneConfig
+from ssl_xcit.finetune.config import FinetuneConfig, check_input_size
 from ssl_xcit.finetune.data import few_labels, labelled_splits, train_transform
 from ssl_xcit.finetune import recipe as recipe_rules
 from ssl_xcit.models import build_model
@@ -102,11 +102,14 @@ class Finetune:
 def build_finetune(cfg: FinetuneConfig, run: Run) -> Finetune:
     """Data, model (+ pretrained weights), EMA, optimizer, schedule and mixup, in a fixed order."""
     train_set, val_set = labelled_splits(cfg.data.data_path)
-    start = run.pretrained_start(cfg.model.pretrained_weights, lambda: _read_start(cfg))
-    recipe = recipe_rules.apply(cfg, train_set)
+    _arch_of_saved_run(cfg, run)
+    start = run.pretrained_start(cfg.model.pretrained_weights, lambda: _read_start(cfg, run))
+    recipe = recipe_rules.apply(cfg, train_set, _run_epochs(cfg, train_set, run.world_size))
     train_set.select(few_labels(train_set.targets, cfg.data.train_fraction, cfg.data.labels_per_class, cfg.run.seed))
     sampler = training_sampler(train_set, cfg.optim.batch_size_per_gpu, run.world_size, run.rank, cfg.run.seed)
     total_steps = configured_steps(cfg, sampler.steps_per_epoch)
+    _check_freeze(cfg, total_steps)
+    check_input_size(cfg)   # the arch is known now (a file's, or the run's on resume)
     model = build_model(cfg.model.arch, num_classes=len(train_set.classes), drop_path_rate=cfg.model.drop_path_rate,
                         img_size=cfg.data.input_size)
     pretrained = _load_pretrained(model, start, cfg, run) if start and "loaded" not in start else start
@@ -120,12 +123,48 @@ def build_finetune(cfg: FinetuneConfig, run: Run) -> Finetune:
     return Finetune(cfg=cfg, train_set=train_set, val_set=val_set, sampler=sampler, loader=loader, model=model,
                     model_ddp=model_ddp, ema=_ema(model, cfg), optimizer=build_optimizer(cfg, model),
                     scaler=make_scaler(cfg.run.precision, run.device),
-                    lr=lr_schedule(cfg, sampler.steps_per_epoch, run.world_size), mixup=_mixup(cfg, len(train_set.classes)),
+                    lr=lr_schedule(cfg, sampler.steps_per_epoch, run.world_size, total_steps),
+                    mixup=_mixup(cfg, len(train_set.classes)),
                     criterion=_criterion(cfg), classes=list(train_set.classes), total_steps=total_steps,
                     recipe=recipe, pretrained=pretrained)
 
 
-def _read_start(cfg: FinetuneConfig) -> dict:
+def _run_epochs(cfg: FinetuneConfig, train_set: Any, world_size: int) -> float:
+    """The run's length in passes over its labelled images, however it is given: ``epochs``, or
+    ``max_steps`` when that ends the run sooner (a user's "250 steps" is a 4-epoch run on 4,000
+    labels, and recipe: auto must plan for that, not for the 100 epochs it will never reach)."""
+    if not cfg.run.max_steps:
+        return float(cfg.optim.epochs)
+    labelled = len(few_labels(train_set.targets, cfg.data.train_fraction, cfg.data.labels_per_class, cfg.run.seed))
+    steps_per_epoch = max(1, labelled // (cfg.optim.batch_size_per_gpu * world_size))
+    return min(float(cfg.optim.epochs), cfg.run.max_steps / steps_per_epoch)
+
+
+def _check_freeze(cfg: FinetuneConfig, total_steps: int) -> None:
+    """Refuse a freeze that covers the whole run. Such a run never updates the backbone: it is a linear
+    probe (with augmentation and a schedule meant for fine-tuning) named fine-tuning, whose checkpoint
+    and card would claim a fine-tuned model. Refused rather than run, because the user asked for
+    fine-tuning and eval/eval_linear.py is the tool (cached features, lr sweep) for a probe."""
+    freeze = cfg.optim.freeze_backbone_steps
+    if freeze and freeze >= total_steps:
+        raise ConfigError(f"freeze_backbone_steps={freeze} covers the whole run ({total_steps} steps): the backbone "
+                          f"would never be fine-tuned; set freeze_backbone_steps below {total_steps} (e.g. "
+                          f"{max(1, total_steps // 5)}), or use eval/eval_linear.py for a linear probe")
+
+
+def _arch_of_saved_run(cfg: FinetuneConfig, run: Run) -> None:
+    """On resume, the arch the run was built with (its checkpoint's config), when the command line
+    names none: a run started with no ``arch`` took its pretrained file's, and the same command (after
+    SIGTERM, kill -9 or a SLURM requeue) must rebuild that model, not the default one."""
+    saved = run.saved_state()
+    if saved is None or "model.arch" in user_set_keys(cfg):
+        return
+    arch = ((saved.get("config") or {}).get("model") or {}).get("arch") or (saved.get("pretrained") or {}).get("arch")
+    if arch:
+        cfg.model.arch = arch
+
+
+def _read_start(cfg: FinetuneConfig, run: Run) -> dict:
     """The facts of the file a new run starts from (the weights are read when the model exists);
     the file's arch is taken when the user set none."""
     from ssl_xcit.atomic import file_sha256
@@ -137,7 +176,35 @@ def _read_start(cfg: FinetuneConfig) -> dict:
     elif resolve_arch(cfg.model.arch) != arch:
         raise ConfigError(f"pretrained_weights {path} holds an {arch} backbone, this run's arch is {cfg.model.arch}: "
                           f"set arch={arch} (or leave arch unset to take the file's)")
-    return {"path": path, "sha256": file_sha256(path), "format": weights.format, "arch": arch, "weights": weights}
+    facts = {"path": path, "sha256": file_sha256(path), "format": weights.format, "arch": arch, "weights": weights}
+    probe = start_probe(path, cfg.model.checkpoint_key)
+    if probe is not None:
+        facts["probe"] = probe
+        if run.is_main:
+            print(f"[ssl_xcit] the start's linear probe: top-1 {probe['top1']:.2f}% ({probe['on']}): fine-tuning "
+                  "pays where its val top-1 passes it", flush=True)
+    return facts
+
+
+def start_probe(path: str, checkpoint_key: str = "teacher") -> dict | None:
+    """The linear probe of the start, when ``eval/eval_linear.py`` left one beside it (``linear.json``
+    measuring this very file and network): the baseline a fine-tuning result must beat to have paid,
+    shown beside every validation. ``None`` when there is none (nothing is guessed)."""
+    import json
+    from ssl_xcit.evaluate.linear import RESULT_NAME
+    found = Path(path).resolve().parent / RESULT_NAME
+    try:
+        r = json.loads(found.read_text())
+    except (OSError, ValueError):
+        return None
+    same = (isinstance(r, dict) and isinstance(r.get("top1"), (int, float))
+            and Path(str(r.get("checkpoint", ""))).resolve() == Path(path).resolve()
+            and r.get("checkpoint_key", checkpoint_key) in (checkpoint_key, None))
+    if not same:
+        return None
+    on = (f"{r.get('mode', '?')} mode, {r.get('num_train', '?')} train / {r.get('num_val', '?')} val images of "
+          f"{r.get('data_path', '?')}; {found}")
+    return {"top1": float(r["top1"]), "on": on, "file": str(found)}
 
 
 def _load_pretrained(model: nn.Module, start: dict, cfg: FinetuneConfig, run: Run) -> dict:
@@ -167,11 +234,16 @@ def build_optimizer(cfg: FinetuneConfig, model: nn.Module) -> torch.optim.Optimi
     return optimizer
 
 
-def lr_schedule(cfg: FinetuneConfig, steps_per_epoch: int, world_size: int) -> np.ndarray:
-    """Cosine from ``lr`` (per 256 images, scaled to the global batch) to ``min_lr``, after a linear warm-up."""
+def lr_schedule(cfg: FinetuneConfig, steps_per_epoch: int, world_size: int, total_steps: int | None = None
+                ) -> np.ndarray:
+    """Cosine from ``lr`` (per 256 images, scaled to the global batch) to ``min_lr``, after a linear
+    warm-up, laid over the steps the run makes (``total_steps``: ``max_steps`` when it ends the run
+    before ``epochs`` do, so the cosine ends where the run ends instead of being cut mid-warm-up)."""
     o = cfg.optim
     base_lr = o.lr * o.batch_size_per_gpu * world_size / 256.0
-    return cosine_schedule(base_lr, o.min_lr, o.epochs, steps_per_epoch, warmup_epochs=min(o.warmup_epochs, o.epochs))
+    total = total_steps or o.epochs * steps_per_epoch
+    warmup = min(min(o.warmup_epochs, o.epochs) * steps_per_epoch, total)
+    return cosine_schedule(base_lr, o.min_lr, total, 1, warmup_epochs=warmup)
 
 
 def _ema(model: nn.Module, cfg: FinetuneConfig):

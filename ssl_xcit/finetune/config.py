@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ssl_xcit.engine.config import (MAX_EPOCHS, ConfigTree, OptimConfigBase, RunConfig, check_arch_name,
-                                     check_finite, config_field, need, user_set_keys, validate_run)
+from ssl_xcit.engine.config import (MAX_EPOCHS, ConfigError, ConfigTree, OptimConfigBase, RunConfig, arch_patch_size,
+                                     check_arch_name, check_finite, config_field, need, user_set_keys, validate_run)
 
 
 @dataclass
@@ -112,4 +112,15 @@ class FinetuneConfig(ConfigTree):
         need(e.eval_batch_size > 0, f"eval_batch_size must be positive, got {e.eval_batch_size}")
         validate_run(r)
         check_arch_name(m.arch)
+        if not m.pretrained_weights or "model.arch" in user_set_keys(self):   # else the file's arch, not known yet
+            check_input_size(self)
         return self
+
+
+def check_input_size(cfg: FinetuneConfig) -> None:
+    """One line, not the model's traceback, for an input the arch's patches do not tile."""
+    patch = arch_patch_size(cfg.model.arch)
+    size = cfg.data.input_size
+    if patch and size % patch:
+        raise ConfigError(f"input_size={size} is not divisible by the patch size {patch} of {cfg.model.arch}: use a "
+                          f"multiple of {patch} (e.g. {max(patch, size // patch * patch)})")

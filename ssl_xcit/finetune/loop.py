@@ -23,7 +23,7 @@ from ssl_xcit.atomic import atomic_write
 from ssl_xcit.evaluate.classification import topk_correct
 from ssl_xcit.finetune.build import Finetune, build_finetune, val_loader
 from ssl_xcit.finetune.config import FinetuneConfig
-from ssl_xcit.finetune.step import apply_update, forward_loss
+from ssl_xcit.finetune.step import apply_update, forward_loss, hold_backbone_norm_stats
 from ssl_xcit.engine.run import Run, TrainResult
 
 BEST_NAME = "checkpoint_best.pth"
@@ -63,11 +63,13 @@ def train_one_epoch(run: Run, ft: Finetune, val, stop_requested: Callable[[], bo
         epoch, lr = run.epoch, float(ft.lr[run.global_step])
         images = batch.images.to(run.device, non_blocking=True)
         labels = batch.labels.to(run.device, non_blocking=True)
+        head_only = run.global_step < cfg.optim.freeze_backbone_steps
+        hold_backbone_norm_stats(ft.model_ddp, frozen=head_only)
         loss = forward_loss(images, labels, ft.model_ddp, ft.criterion, ft.mixup, cfg.run.precision)
         loss_value = loss.item()
         stop_here = run.check_loss(loss_value, stop_requested)   # before backward: no update from a bad loss
         out = apply_update(loss, ft.model_ddp, ft.optimizer, ft.scaler, lr, cfg.optim.clip_grad, ft.ema,
-                           run.global_step, head_only=run.global_step < cfg.optim.freeze_backbone_steps)
+                           run.global_step, head_only=head_only)
         run.step_done(loss_value, len(batch), lr=lr)
         if run.log_due():
             values = {"loss": loss_value, "lr": lr}
@@ -108,9 +110,14 @@ def validate(run: Run, ft: Finetune, val) -> bool:
         if ft.ema is not None:
             ema = accuracy(ft.ema.module, val, run.device)
             scores.update(ema_top1=ema["top1"], ema_top5=ema["top5"])
+    probe = (ft.pretrained or {}).get("probe")
+    if probe:   # the start's own linear probe beside every result: did fine-tuning pay?
+        scores["start_probe_top1"] = probe["top1"]
     run.logger.scalars(run.global_step, scores, (run.global_step - 1) // run.steps_per_epoch, group="val")
     if run.is_main:
         ema_text = f"; EMA {scores['ema_top1']:.2f}%" if ft.ema is not None else ""
+        if probe:
+            ema_text += f"; the start's linear probe {probe['top1']:.2f}% ({scores['top1'] - probe['top1']:+.2f})"
         print(f"[ssl_xcit] val at step {run.global_step}: top-1 {scores['top1']:.2f}%, top-5 {scores['top5']:.2f}% "
               f"({scores['images']} images){ema_text}", flush=True)
     if scores["top1"] <= ft.best.get("top1", -1.0):

@@ -27,20 +27,21 @@ SHORT_RUN_EPOCHS = 10    # measured at 1 epoch (600 steps on CIFAR-10); 10 is a 
 SHORT_RUN_LR = 4e-3      # per 256 images, as ``optim.lr``: the best of 5e-4 / 4e-3 in the measurement above
 
 
-def choose(images: int, image_side: int, patch_size: int, epochs: int, pretrained: bool = True
+def choose(images: int, image_side: int, patch_size: int, epochs: float, pretrained: bool = True
            ) -> dict[str, Choice]:
     """The values ``recipe: auto`` chooses for ``images`` labelled images of median side ``image_side``
-    (``pretrained``: the run starts from pretrained weights, not random ones)."""
+    (``pretrained``: the run starts from pretrained weights, not random ones) and a run of ``epochs``
+    passes over them (fractional when ``max_steps`` ends it: the length it really has)."""
     side = max(2 * patch_size, patch_size * round(min(image_side, 224) / patch_size))
     c = {"data.input_size": Choice(side, f"the images' median side {image_side} px (at most 224), a multiple of the "
                                          f"patch {patch_size}: upsampling small images costs compute, not information"),
          "optim.warmup_epochs": Choice(int(round(WARMUP_FRACTION * epochs)),
-                                       f"{WARMUP_FRACTION:.0%} of the {epochs} epochs, as DeiT's 5 of 100")}
+                                       f"{WARMUP_FRACTION:.0%} of the {epochs:g} epochs, as DeiT's 5 of 100")}
     if not pretrained:
         c["optim.layer_decay"] = Choice(1.0, "random weights: every layer must learn, none has anything to keep "
                                              "(DeiT from scratch uses no layer decay)")
     if epochs < SHORT_RUN_EPOCHS:
-        short = f"a short run ({epochs} epochs < {SHORT_RUN_EPOCHS})"
+        short = f"a short run ({epochs:.3g} epochs < {SHORT_RUN_EPOCHS})"
         for key in ("mixup.mixup", "mixup.cutmix", "data.reprob"):
             c[key] = Choice(0.0, f"{short} never reaches the over-fitting that mixup, cutmix and random erasing "
                                  "fight: they only slow it (measured: see ssl_xcit/finetune/recipe.py)")
@@ -51,20 +52,24 @@ def choose(images: int, image_side: int, patch_size: int, epochs: int, pretraine
     return c
 
 
-def apply(cfg: Any, train_set: Any) -> str | None:
+def apply(cfg: Any, train_set: Any, run_epochs: float | None = None) -> str | None:
     """Set the chosen values the user left unset, in place; returns them with their reasons
-    (``None``: nothing chosen, e.g. ``recipe: off`` or ``AUTO_MAX_IMAGES`` images or more)."""
+    (``None``: nothing chosen, e.g. ``recipe: off`` or ``AUTO_MAX_IMAGES`` images or more).
+    ``run_epochs``: the run's length in epochs when ``max_steps`` ends it before ``epochs``."""
     if cfg.run.recipe != "auto" or len(train_set) >= AUTO_MAX_IMAGES:
         return None
     from ssl_xcit.models.zoo import resolve
     from ssl_xcit.engine.config import user_set_keys
     facts = data_facts(train_set)
-    chosen = choose(facts.images, facts.image_side, resolve(cfg.model.arch).arch.patch_size, cfg.optim.epochs,
+    epochs = cfg.optim.epochs if run_epochs is None else run_epochs
+    chosen = choose(facts.images, facts.image_side, resolve(cfg.model.arch).arch.patch_size, epochs,
                     pretrained=bool(cfg.model.pretrained_weights))
     applied = set_unset(cfg, chosen, user_set_keys(cfg))
     cfg.validate()
     if not applied:
         return None
-    head = (f"recipe: auto chose these for {facts.images:,} labelled images of median side {facts.image_side} px "
-            "(a value you set always wins; recipe=off keeps the values as written):")
+    length = (f", a run of {epochs:.3g} epochs (max_steps={cfg.run.max_steps} ends it before epochs={cfg.optim.epochs})"
+              if epochs != cfg.optim.epochs else "")
+    head = (f"recipe: auto chose these for {facts.images:,} labelled images of median side {facts.image_side} px"
+            f"{length} (a value you set always wins; recipe=off keeps the values as written):")
     return "\n".join([head] + [f"  {k}: {c.value}  # {c.reason}" for k, c in applied.items()])

@@ -19,6 +19,16 @@ class FinetuneStepOutput:
     grad_norm: torch.Tensor | None   # global gradient norm before clipping (when clipping)
 
 
+def hold_backbone_norm_stats(model: nn.Module, frozen: bool) -> None:
+    """While the backbone is frozen (``freeze_backbone_steps``), its BatchNorm layers (XCiT's conv
+    stem and LPI) use and keep their running statistics (eval mode): frozen means the file's backbone
+    is untouched, buffers included, so the head fits the very features the start has. Train mode
+    comes back with the first step that updates the backbone."""
+    for name, module in unwrap(model).named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not name.startswith("head"):
+            module.train(not frozen)
+
+
 def forward_loss(images: torch.Tensor, labels: torch.Tensor, model: nn.Module, criterion: nn.Module,
                  mixup=None, precision: str = "fp32") -> torch.Tensor:
     """Mix the batch (timm's Mixup draws from NumPy's global RNG: a checkpoint restores it), then

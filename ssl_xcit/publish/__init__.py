@@ -1,7 +1,8 @@
 """Publish a backbone where people load models: a folder timm and the Hugging Face Hub read.
 
 ``publish(CHECKPOINT, OUT_DIR)`` writes the layout timm loads from the Hub or a local folder
-(``timm.create_model("hf-hub:USER/NAME")``, ``timm.create_model("local-dir:OUT_DIR")``):
+(``timm.create_model("hf-hub:USER/NAME", pretrained=True)``, ``timm.create_model("local-dir:OUT_DIR",
+pretrained=True)``; without ``pretrained=True`` timm builds random weights):
 
 * ``model.safetensors``: the backbone (no head) in timm's key names, checked by a strict load into
   timm's own ``Xcit`` and by comparing its features with ours (the file must give the features
@@ -67,16 +68,16 @@ def _data_config(facts_config: dict, img_size: int | None) -> dict:
     """What the weights were evaluated with: the run's k-NN resolution and DINO's resize ratio."""
     from ssl_xcit.evaluate.datasets import IMAGENET_MEAN, IMAGENET_STD, resize_for
     ev, data = facts_config.get("eval", {}), facts_config.get("data", {})
-    crop = img_size or ev.get("eval_crop_size") or data.get("global_crops_size") or 224
+    crop = img_size or ev.get("eval_crop_size") or data.get("global_crops_size") or data.get("input_size") or 224
     resize = resize_for(crop, ev.get("eval_resize") or None)
     return {"input_size": (3, crop, crop), "crop_pct": round(crop / resize, 4), "interpolation": "bicubic",
             "mean": tuple(IMAGENET_MEAN), "std": tuple(IMAGENET_STD)}
 
 
-def _timm_model(name: str, state_dict: dict, img_size: int):
+def _timm_model(name: str, state_dict: dict, img_size: int, num_classes: int = 0):
     """timm's own XCiT holding the weights, loaded strictly: a key timm would not read fails here."""
     import timm
-    model = timm.create_model(name, pretrained=False, num_classes=0, img_size=img_size)
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=img_size)
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as err:
@@ -98,15 +99,17 @@ def _compare(ours, theirs, img_size: int) -> float:
     return diff
 
 
-def _write_config(model, path: Path, data_config: dict, license: str, notes: list[str]) -> None:
+def _write_config(model, path: Path, data_config: dict, license: str, notes: list[str],
+                  label_names: list[str] | None = None) -> None:
     """timm's ``save_config_for_hf``, then this run's licence and notes in place of the ones timm's
-    registry carries for its own (supervised) weights."""
+    registry carries for its own (supervised) weights; a kept classifier head's class names as
+    timm's ``label_names``."""
     from timm.models._hub import save_config_for_hf
 
     from ssl_xcit.atomic import atomic_write_text
     with tempfile.TemporaryDirectory() as tmp:
-        save_config_for_hf(model, str(Path(tmp) / CONFIG), data_config={k: v for k, v in data_config.items()
-                                                                         if k != "input_size"})
+        save_config_for_hf(model, str(Path(tmp) / CONFIG), model_config={"label_names": label_names or None},
+                           data_config={k: v for k, v in data_config.items() if k != "input_size"})
         cfg = json.loads((Path(tmp) / CONFIG).read_text())
     pretrained = cfg["pretrained_cfg"]
     for key in ("tag", "hf_hub_id", "url", "file", "source", "paper_ids", "paper_name", "origin_url"):
@@ -116,20 +119,41 @@ def _write_config(model, path: Path, data_config: dict, license: str, notes: lis
 
 
 def _write_weights(model, path: Path) -> None:
+    """The weights, readable by all like the folder's other files (an atomic write's temporary file
+    is created 0600; an upload or a shared model folder wants 0644, as config.json and README.md)."""
     from safetensors.torch import save_file
 
     from ssl_xcit.atomic import atomic_write
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def _classifier_head(raw: Any, weights: Any, keep_head: bool, path: Path) -> tuple[int, list[str] | None]:
+    """(num_classes, class names) of what is published: a backbone (0, None) unless ``keep_head``,
+    which needs a classifier head in the file (a fine-tuned checkpoint's, or a timm classifier's)."""
+    if not keep_head:
+        return 0, None
+    head = weights.state_dict.get("head.weight")
+    if head is None or head.ndim != 2:
+        from ssl_xcit.errors import hinted
+        raise hinted(PublishError, f"{path} holds no classifier head (a DINO checkpoint's head is a projection for "
+                     "its loss, not a classifier)", "publish it without keep_head=True", needs="keep_head")
+    classes = raw.get("classes") if isinstance(raw, dict) else None
+    names = [str(c) for c in classes] if isinstance(classes, (list, tuple)) and len(classes) == head.shape[0] else None
+    return int(head.shape[0]), names
 
 
 def publish(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, checkpoint_key: str = "teacher",
             license: str = "unknown", repo_id: str | None = None, img_size: int | None = None,
-            allow_pickle: bool = False) -> Published:
+            allow_pickle: bool = False, keep_head: bool = False) -> Published:
     """Write ``model.safetensors``, ``config.json`` and ``README.md`` of the backbone in ``checkpoint``
     (the teacher of a DINO training checkpoint unless ``checkpoint_key='student'``; any format
     :func:`ssl_xcit.load_backbone` reads) into ``out_dir``. ``img_size``: the resolution recorded in the
-    config (default: the run's k-NN resolution, else 224). ``repo_id`` only shapes the card's snippet."""
+    config (default: the run's k-NN resolution, else 224). ``repo_id`` only shapes the card's snippet.
+    ``keep_head``: publish the classifier (head and class names) of a fine-tuned checkpoint."""
     from ssl_xcit.atomic import atomic_write_text
     from ssl_xcit.models.checkpoints import (extract_state_dict, infer_arch, load_into, read_checkpoint,
                                              require_checkpoint_file)
@@ -141,20 +165,23 @@ def publish(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, checkp
     raw = read_checkpoint(path, allow_pickle=allow_pickle)
     weights = extract_state_dict(raw, checkpoint_key=checkpoint_key, source=str(path))
     arch = weights.arch or infer_arch(weights.state_dict, str(path))
-    ours = build_model(arch, num_classes=0).eval()
+    num_classes, label_names = _classifier_head(raw, weights, keep_head, path)
+    ours = build_model(arch, num_classes=num_classes).eval()
     load_into(ours, weights, strict=True)
     facts = gather(path, raw, weights, checkpoint_key)
-    facts.arch = ours.arch
+    facts.arch, facts.head_kept = ours.arch, bool(num_classes)
     data_config = _data_config(facts.config, img_size)
     size = data_config["input_size"][-1]
     name = timm_name(ours.arch, size)
-    theirs = _timm_model(name, ours.state_dict(), size)
+    theirs = _timm_model(name, ours.state_dict(), size, num_classes)
     diff = _compare(ours, theirs, size)
     folder.mkdir(parents=True, exist_ok=True)
     _write_weights(theirs, folder / WEIGHTS)
-    notes = [f"DINO self-supervised pretraining with ssl_xcit: the {checkpoint_key} backbone of {path.name}"]
-    _write_config(theirs, folder / CONFIG, data_config, license, notes)
-    atomic_write_text(folder / CARD, model_card(facts, name, license, repo_id, data_config))
+    notes = [(f"supervised fine-tuning with ssl_xcit: the {'classifier' if num_classes else 'backbone'} of "
+              f"{path.name}") if facts.kind == "finetune" else
+             f"DINO self-supervised pretraining with ssl_xcit: the {checkpoint_key} backbone of {path.name}"]
+    _write_config(theirs, folder / CONFIG, data_config, license, notes, label_names)
+    atomic_write_text(folder / CARD, model_card(facts, name, license, repo_id, data_config, raw))
     return Published(folder, name, diff)
 
 

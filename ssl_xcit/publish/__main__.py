@@ -19,8 +19,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         prog=prog,
         description="Publish a backbone in the layout timm reads: model.safetensors (timm's key names), "
                     "config.json (timm's pretrained_cfg) and a model card README.md written from the run "
-                    "folder. Loads with timm.create_model('local-dir:OUT_DIR') or, once pushed, "
-                    "timm.create_model('hf-hub:REPO_ID').")
+                    "folder. Loads with timm.create_model('local-dir:OUT_DIR', pretrained=True) or, once pushed, "
+                    "timm.create_model('hf-hub:REPO_ID', pretrained=True) (without pretrained=True timm "
+                    "builds random weights).")
     p.add_argument("checkpoint", help="a training checkpoint (this project's or DINO's) or any backbone file "
                                       "ssl_xcit.load_backbone reads")
     p.add_argument("out_dir", help="new or empty folder to write (the whole folder is what gets uploaded)")
@@ -34,6 +35,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                    help="then upload the folder to this Hugging Face Hub repository (needs huggingface_hub and a "
                         "login); nothing touches the network without it")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
+    p.add_argument("--keep-head", action="store_true",
+                   help="publish a fine-tuned checkpoint's classifier (its head and class names), not only its "
+                        "backbone")
     p.add_argument("--allow-pickle", action="store_true",
                    help="read a checkpoint that needs unpickling code (trusted files only)")
     return p
@@ -50,7 +54,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
         hub_api()                 # before minutes of work, not after
     done = publish(args.checkpoint, args.out_dir, checkpoint_key="student" if args.student else "teacher",
                    license=args.license, repo_id=args.push_to_hub, img_size=args.img_size,
-                   allow_pickle=args.allow_pickle)
+                   allow_pickle=args.allow_pickle, keep_head=args.keep_head)
     print(f"{done.folder}: model.safetensors, config.json, README.md ({done.timm_name}; timm's features match "
           f"ours to {done.max_abs_diff:.1e})")
     if args.push_to_hub:
@@ -60,4 +64,4 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main, prog=PROG))
+    sys.exit(cli.run(main, prog=PROG, hints={"keep_head": "publish it without --keep-head"}))

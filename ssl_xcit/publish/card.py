@@ -38,6 +38,9 @@ class RunFacts:
     end: dict = field(default_factory=dict)          # its last finished / stopped event
     knn_curve: list[dict] = field(default_factory=list)
     results: list[dict] = field(default_factory=list)   # evaluation result files, with path and date
+    kind: str = "dino"                               # the checkpoint's kind: dino | finetune
+    head_kept: bool = False                          # a classifier head is published with the backbone
+    val: dict = field(default_factory=dict)          # a fine-tuning run's last val event (log.jsonl)
 
 
 def _read_log(folder: Path) -> list[dict]:
@@ -78,7 +81,36 @@ def gather(checkpoint: Path, raw: Any, weights: Any, checkpoint_key: str) -> Run
     facts.knn_curve = [r for r in records if r.get("event") == "knn"
                        and (facts.global_step is None or r.get("global_step", 0) <= facts.global_step)]
     facts.results = _result_files(folder)
+    if isinstance(raw, dict) and raw.get("kind") == "finetune":
+        facts.kind = "finetune"
+        vals = [r for r in records if r.get("event") == "val"
+                and (facts.global_step is None or r.get("global_step", 0) <= facts.global_step)]
+        facts.val = vals[-1] if vals else {}
     return facts
+
+
+def _finetune_lines(f: RunFacts, raw_best: dict, start: dict | None, classes: list) -> list[str]:
+    """What a fine-tuned classifier is: its data, its start, its length, its val top-1 (read from the
+    checkpoint and log.jsonl, never assumed)."""
+    data, optim = f.config.get("data", {}), f.config.get("optim", {})
+    labels = (f"{data['labels_per_class']} labelled images per class" if data.get("labels_per_class")
+              else f"{data.get('train_fraction', 1.0):.0%} of the labelled train images")
+    images = f", {f.start['images']:,} images" if isinstance(f.start.get("images"), int) else ""
+    origin = (f"`{start.get('path')}` ({start.get('format')}, sha256 {str(start.get('sha256', ''))[:12]}…; "
+              f"{start.get('loaded', '?')})" if start else "random weights (no pretrained_weights: a baseline)")
+    val = f.val
+    top1 = (f"{val['top1']:.2f}% top-1, {val.get('top5', float('nan')):.2f}% top-5 on {val.get('images', '?')} val "
+            f"images at step {val.get('global_step')}" if isinstance(val.get("top1"), (int, float)) else
+            "no validation recorded")
+    best = (f"; best {raw_best['top1']:.2f}% at step {raw_best.get('global_step')}"
+            if isinstance(raw_best.get("top1"), (int, float)) else "")
+    return [f"- **Method**: supervised fine-tuning (labels, cross-entropy) with ssl_xcit's `launch/finetune.py`.",
+            f"- **Fine-tuned on**: `{data.get('data_path', '?')}` train/, {labels}{images}, "
+            f"{len(classes) or '?'} classes ({', '.join(map(str, classes[:10]))}{' …' if len(classes) > 10 else ''}).",
+            f"- **Started from**: {origin}.",
+            f"- **Validation** (`{data.get('data_path', '?')}` val/): {top1}{best}.",
+            f"- **Length**: {f.global_step if f.global_step is not None else '?'} optimizer steps at "
+            f"{data.get('input_size')} px, batch {optim.get('batch_size_per_gpu')} per process."]
 
 
 def _training_lines(f: RunFacts) -> list[str]:
@@ -143,24 +175,44 @@ def _figure_lines(f: RunFacts) -> list[str]:
     return ["| evaluation | top-1 | top-5 | on | date |", "|---|---|---|---|---|", *lines]
 
 
-def model_card(f: RunFacts, timm_name: str, license: str, repo_id: str | None, data_config: dict) -> str:
-    """The ``README.md`` text: Hub metadata, how to load, how it was trained, every figure found."""
+def _what_it_is(f: RunFacts, timm_name: str) -> tuple[str, str, str]:
+    """(title tag, the card's first words, the output line of the snippet) for what the file is."""
+    if f.kind != "finetune":
+        return ("DINO", f"An XCiT backbone (`{timm_name}` in timm, no classifier head: the model returns the image's "
+                        "normed CLS feature) pretrained without labels by DINO with ssl_xcit.",
+                "features = model(transform(image).unsqueeze(0))   # (1, num_features)")
+    if f.head_kept:
+        return ("fine-tuned classifier", f"An XCiT classifier (`{timm_name}` in timm, with its classifier head; "
+                "class names in `config.json`'s `label_names`) fine-tuned with labels by ssl_xcit.",
+                "logits = model(transform(image).unsqueeze(0))   # (1, num_classes)")
+    return ("fine-tuned backbone", f"The backbone of an XCiT classifier fine-tuned with labels by ssl_xcit (`{timm_name}` "
+            "in timm, classifier head removed: the model returns the image's normed CLS feature).",
+            "features = model(transform(image).unsqueeze(0))   # (1, num_features)")
+
+
+def model_card(f: RunFacts, timm_name: str, license: str, repo_id: str | None, data_config: dict,
+               raw: Any = None) -> str:
+    """The ``README.md`` text: Hub metadata, how to load, how it was trained, every figure found
+    (``raw``: the loaded checkpoint, for a fine-tuned one's start, classes and best validation)."""
     source = f"hf-hub:{repo_id}" if repo_id else "local-dir:/path/to/this/folder"
-    title = repo_id.split("/")[-1] if repo_id else f"{f.arch or timm_name} (DINO, ssl_xcit)"
+    tag, what, use = _what_it_is(f, timm_name)
+    title = repo_id.split("/")[-1] if repo_id else f"{f.arch or timm_name} ({tag}, ssl_xcit)"
     size = data_config["input_size"][-1]
+    raw = raw if isinstance(raw, dict) else {}
     front = {"library_name": "timm", "license": license,
-             "tags": ["image-feature-extraction", "timm", "ssl_xcit", "dino", "xcit"]}
+             "tags": ["image-classification" if f.head_kept else "image-feature-extraction", "timm", "ssl_xcit",
+                      "fine-tuned" if f.kind == "finetune" else "dino", "xcit"]}
+    training = (_finetune_lines(f, raw.get("best") or {}, raw.get("pretrained"), list(raw.get("classes") or []))
+                if f.kind == "finetune" else _training_lines(f))
     parts = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {title}", "",
-             f"An XCiT backbone (`{timm_name}` in timm, no classifier head: the model returns the image's "
-             "normed CLS feature) pretrained without labels by DINO with ssl_xcit. Weights in timm's key names "
+             f"{what} Weights in timm's key names "
              f"(`model.safetensors`); preprocessing in `config.json`: {size} px, bicubic resize, centre crop "
              f"ratio {data_config['crop_pct']:.3f}, ImageNet mean/std.", "",
              "## Use", "", "```python", "import timm", "",
              f'model = timm.create_model("{source}", pretrained=True).eval()',
              "cfg = timm.data.resolve_data_config({}, model=model)",
-             "transform = timm.data.create_transform(**cfg)",
-             "features = model(transform(image).unsqueeze(0))   # (1, num_features)", "```", "",
-             "## Training", "", *_training_lines(f), "",
+             "transform = timm.data.create_transform(**cfg)", use, "```", "",
+             "## Training", "", *training, "",
              "## Evaluation", "", *_figure_lines(f), ""]
     if f.config:
         parts += ["## Config", "", "The run's full configuration (`config.yaml`):", "", "```yaml",

@@ -44,6 +44,8 @@ def train(cfg: DinoConfig, stop_requested: Callable[[], bool] | None = None) -> 
         # every rank: under torchrun each embeds a shard of the k-NN images (a bad eval_data_path stops here too)
         monitor = KnnMonitor.from_config(cfg, run.steps_per_epoch, run.device)
         run.open_logs(dino.config_text(), resumed, dino.recipe, arch=cfg.model.arch)
+        if budget is None:
+            _say_schedule_cut(cfg, run)
         if monitor is not None:
             monitor.logger = run.logger
             monitor.before_training(dino.teacher.backbone, run.global_step)   # step 0 only: the random start
@@ -109,6 +111,22 @@ def _log_step(run: Run, dino: Dino, hp: StepHParams, out, loss_value: float, epo
                                                        run.is_main, lr=cfg.optim.lr):
         warned.add("diverging")
         run.mark_diverging(f"its loss passed {values['loss']:.3g} at global step {run.global_step}")
+
+
+def _say_schedule_cut(cfg: DinoConfig, run: Run) -> None:
+    """``max_steps`` below ``epochs``' steps stops the run part-way through schedules laid over the
+    epochs (DINO's meaning: a cap, e.g. for a smoke test or a slot): said once at the start, with the
+    share and whether the lr is still warming up, so nobody reads a stopped run as a finished one.
+    (``time_budget_minutes`` is the way to plan the schedules for a shorter run.)"""
+    planned = cfg.optim.epochs * run.steps_per_epoch
+    if not cfg.run.max_steps or cfg.run.max_steps >= planned or not run.is_main:
+        return
+    warmup = min(cfg.optim.warmup_epochs, cfg.optim.epochs) * run.steps_per_epoch
+    where = "inside the lr warm-up" if cfg.run.max_steps <= warmup else "before the cosines end"
+    print(f"[ssl_xcit] max_steps={cfg.run.max_steps} stops the run at {cfg.run.max_steps / planned:.0%} of the "
+          f"{planned:,} steps its schedules are laid over (epochs={cfg.optim.epochs}), {where}: lower epochs "
+          "(or use time_budget_minutes) to plan the schedules for the shorter run", flush=True)
+    run.logger.event("schedule_cut", max_steps=cfg.run.max_steps, planned_steps=planned, in_warmup=cfg.run.max_steps <= warmup)
 
 
 def _no_budget() -> dict:

@@ -59,7 +59,7 @@ def read_pretrained(path: str, checkpoint_key: str = "auto") -> PretrainedFile:
     obj = read_checkpoint(path)
     fmt = detect_format(obj, path)
     backbones, heads, center, spec = {}, {}, None, None
-    if fmt in ("dino", "ssl_xcit"):
+    if fmt in ("dino", "ssl_xcit") and obj.get("kind") != "finetune":   # a fine-tuned classifier: one network
         for part in ("student", "teacher"):
             source = part if checkpoint_key == "auto" else checkpoint_key
             backbones[part] = extract_state_dict(obj, fmt, source, path).state_dict
