@@ -324,7 +324,7 @@ def train_or_stop(cfg, prog: str):
     import signal
 
     from ssl_xcit.train.loop import train
-    from ssl_xcit.train.signals import StopSignals
+    from ssl_xcit.engine.signals import StopSignals
     signals = StopSignals(log=lambda msg: print(msg, flush=True), plain=True)
     signals.install(interrupt=True)
     try:
