@@ -10,6 +10,13 @@ and cached (float16), so training the head costs no backbone pass.
 Data: ``train/`` and ``val/`` folders each with an ``images/`` + ``masks/`` pair (PNG class indices,
 255 ignored: ADE / VOC style), or a DAVIS folder (frames and their masks; foreground/background,
 split by sequence).
+
+Loss: DINOv2's plain cross-entropy by default (``class_weights="none"``), made for ADE's 150 classes.
+``class_weights="balanced"`` weights each class by 1 / its pixel share of the train masks (chosen a
+priori, not on the val split): on a fg/bg split with a small foreground (DAVIS: 6.5 % of the train
+pixels) the plain loss's best linear rule is "all background", and mIoU, which counts each class
+the same, then measures nothing but that. It is not the default because on DAVIS it did not change
+the verdict (benchmarks/RESULTS.md, "Dense features") and the default stays DINOv2's protocol.
 """
 from __future__ import annotations
 
