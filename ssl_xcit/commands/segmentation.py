@@ -30,6 +30,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=16, help="feature maps per step")
     g.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (decayed linearly to 0)")
     g.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
+    g.add_argument("--class-weights", choices=("none", "balanced"), default="none",
+                   help="none: plain cross-entropy (DINOv2); balanced: each class weighted by 1 / its pixel share "
+                        "of the train masks, so a small foreground is not learnt away")
     g.add_argument("--train-sequences", nargs="+", default=None, help="DAVIS: training sequences")
     g.add_argument("--val-sequences", nargs="+", default=None,
                    help="DAVIS: validation sequences (default: the second half of the list; the first half trains)")
@@ -68,7 +71,8 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> dict:
     model = backbone.load_frozen_backbone(args.checkpoint, args.arch, args.checkpoint_key, env.device, seed=args.seed)
     settings = seg.ProbeSettings(n_blocks=args.n_blocks, image_size=tuple(args.image_size),
                                  num_classes=args.num_classes, steps=args.steps, batch_size=args.batch_size,
-                                 lr=args.lr, weight_decay=args.weight_decay, seed=args.seed)
+                                 lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
+                                 class_weights=args.class_weights)
     source = {"checkpoint": str(args.checkpoint), "arch": getattr(model, "arch", None),
               "checkpoint_key": args.checkpoint_key, "seed": args.seed}
     res = seg.evaluate_segmentation_probe(model, args.data_path, out, settings, args.train_sequences,

@@ -10,6 +10,13 @@ and cached (float16), so training the head costs no backbone pass.
 Data: ``train/`` and ``val/`` folders each with an ``images/`` + ``masks/`` pair (PNG class indices,
 255 ignored: ADE / VOC style), or a DAVIS folder (frames and their masks; foreground/background,
 split by sequence).
+
+Loss: DINOv2's plain cross-entropy by default (``class_weights="none"``), made for ADE's 150 classes.
+``class_weights="balanced"`` weights each class by 1 / its pixel share of the train masks (chosen a
+priori, not on the val split): on a fg/bg split with a small foreground (DAVIS: 6.5 % of the train
+pixels) the plain loss's best linear rule is "all background", and mIoU, which counts each class
+the same, then measures nothing but that. It is not the default because on DAVIS it did not change
+the verdict (benchmarks/RESULTS.md, "Dense features") and the default stays DINOv2's protocol.
 """
 from __future__ import annotations
 
@@ -187,11 +194,26 @@ def linear_head(dim: int, num_classes: int) -> nn.Module:
     return nn.Sequential(nn.BatchNorm2d(dim), nn.Conv2d(dim, num_classes, kernel_size=1))
 
 
+def balanced_weights(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per-class loss weights 1 / (K * f_k), f_k the class's pixel share of the train targets (255 left
+    out) and K the number of classes that occur; 0 for a class that never occurs. Each present class
+    then carries the same share of the loss, as in mIoU, where each class counts the same whatever its
+    area: a fg/bg split with a small foreground otherwise lets an "all background" head score well
+    on the loss and near 0 on the foreground IoU."""
+    counts = torch.bincount(targets[targets != IGNORE].long().flatten(), minlength=num_classes)[:num_classes]
+    counts = counts.double()
+    present = counts > 0
+    weights = torch.zeros(num_classes, dtype=torch.float64)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return weights.float()
+
+
 def train_head(feats: torch.Tensor, targets: torch.Tensor, num_classes: int, steps: int = 1000,
                batch_size: int = 16, lr: float = 1e-3, weight_decay: float = 1e-4, seed: int = 0,
-               progress: bool = True) -> nn.Module:
+               progress: bool = True, class_weights: torch.Tensor | None = None) -> nn.Module:
     """The head trained on cached features: AdamW, lr decayed linearly to 0 (poly, power 1), logits
-    upsampled bilinearly to the target size, cross-entropy ignoring 255."""
+    upsampled bilinearly to the target size, cross-entropy ignoring 255 (weighted per class by
+    ``class_weights`` when given: see ``balanced_weights``)."""
     from tqdm import tqdm
     g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
@@ -204,7 +226,7 @@ def train_head(feats: torch.Tensor, targets: torch.Tensor, num_classes: int, ste
         idx = torch.randint(0, feats.shape[0], (min(batch_size, feats.shape[0]),), generator=g)
         logits = head(feats[idx].float())
         up = F.interpolate(logits, size=targets.shape[-2:], mode="bilinear", align_corners=False)
-        loss = F.cross_entropy(up, targets[idx].long(), ignore_index=IGNORE)
+        loss = F.cross_entropy(up, targets[idx].long(), weight=class_weights, ignore_index=IGNORE)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -249,6 +271,7 @@ def score_head(head: nn.Module, feats: torch.Tensor, masks: Sequence[torch.Tenso
 
 # ----------------------------------------------------------------------------- the evaluation
 RESULT_FILE = "segmentation.json"
+CLASS_WEIGHTS = ("none", "balanced")
 
 
 @dataclass
@@ -261,6 +284,7 @@ class ProbeSettings:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     seed: int = 0
+    class_weights: str = "none"        # "none": DINOv2's plain cross-entropy; "balanced": see balanced_weights
 
 
 def _cached_split(maps: PatchMaps, pairs: list[Pair], size: tuple[int, int], binary: bool, path: Path,
@@ -289,6 +313,16 @@ def _num_classes(settings: ProbeSettings, kind: str, train: dict, val: dict) -> 
     return n
 
 
+def _check_class_weights(settings: ProbeSettings) -> None:
+    if settings.class_weights not in CLASS_WEIGHTS:
+        raise SegmentationInputError(f"class_weights={settings.class_weights!r}: give one of "
+                                     f"{', '.join(CLASS_WEIGHTS)}")
+
+
+def _loss_weights(settings: ProbeSettings, targets: torch.Tensor, num_classes: int) -> torch.Tensor | None:
+    return balanced_weights(targets, num_classes) if settings.class_weights == "balanced" else None
+
+
 def evaluate_segmentation_probe(model: nn.Module, data_path: str | Path, output_dir: str | Path,
                                 settings: ProbeSettings | None = None, train_sequences: Sequence[str] | None = None,
                                 val_sequences: Sequence[str] | None = None, device: torch.device | str = "cpu",
@@ -301,6 +335,7 @@ def evaluate_segmentation_probe(model: nn.Module, data_path: str | Path, output_
     from ssl_xcit.atomic import atomic_write_json
     from ssl_xcit.evaluate.export import weights_sha256
     settings = settings or ProbeSettings()
+    _check_class_weights(settings)
     train_pairs, val_pairs, kind = split_pairs(data_path, train_sequences, val_sequences)
     t0 = time.perf_counter()
     maps = PatchMaps(model, settings.n_blocks).eval().to(device)
@@ -316,11 +351,14 @@ def evaluate_segmentation_probe(model: nn.Module, data_path: str | Path, output_
                         progress, "val features")
     t_feat = time.perf_counter() - t0
     n_classes = _num_classes(settings, kind, train, val)
+    weights = _loss_weights(settings, train["targets"], n_classes)
     head = train_head(train["feats"], train["targets"], n_classes, settings.steps, settings.batch_size,
-                      settings.lr, settings.weight_decay, settings.seed, progress)
+                      settings.lr, settings.weight_decay, settings.seed, progress, weights)
     scores = score_head(head, val["feats"], val["masks"], n_classes)
     scores["per_image_mIoU"] = [None if math.isnan(v) else v for v in scores["per_image_mIoU"]]
-    result = {**scores, "num_classes": n_classes, "data": kind, "input_size": [h, w], "notes": [note] if note else [],
+    result = {**scores, "num_classes": n_classes, "data": kind,
+              "loss_weights": None if weights is None else weights.tolist(), "input_size": [h, w],
+              "notes": [note] if note else [],
               "train_images": len(train_pairs), "val_images": [str(p.image) for p in val_pairs],
               "train_groups": sorted({p.group for p in train_pairs} - {""}),
               "val_groups": sorted({p.group for p in val_pairs} - {""}),
