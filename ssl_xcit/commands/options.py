@@ -288,8 +288,10 @@ def apply_patch_size(args: argparse.Namespace) -> None:
             raise EvalInputError(f"--patch_size {patch} does not match --arch: {err}") from None
 
 
-def _check_sources(args: argparse.Namespace, splits: tuple[str, ...]) -> None:
-    """The names and paths, after the numbers: a bad number is reported whatever the paths."""
+def check_sources(args: argparse.Namespace, splits: tuple[str, ...]) -> None:
+    """The names and paths, after the numbers: a bad number is reported whatever the paths (every
+    tool that loads a backbone and reads a data folder: k-NN, linear, export, classification, the
+    dense tools)."""
     for flag in ("output_dir", "dump_features", "out"):
         check_output_folder(getattr(args, flag, None), "--" + flag.replace("_", "-"))
     apply_patch_size(args)
@@ -314,7 +316,7 @@ def check_knn_args(args: argparse.Namespace) -> None:
     if any(k <= 0 for k in args.nb_knn):
         raise EvalInputError(f"--nb-knn values must be positive, got {' '.join(map(str, args.nb_knn))}")
     if not args.load_features:
-        _check_sources(args, ("train", "val"))
+        check_sources(args, ("train", "val"))
     else:
         check_output_folder(args.output_dir, "--output-dir")
 
@@ -330,7 +332,7 @@ def check_linear_args(args: argparse.Namespace) -> None:
         check_positive(lr, "--lr-grid values")
     if not 0.0 < args.holdout < 1.0:
         raise EvalInputError(f"--holdout must be in (0, 1), got {args.holdout}")
-    _check_sources(args, ("train", "val"))
+    check_sources(args, ("train", "val"))
 
 
 def check_export_args(args: argparse.Namespace) -> None:
@@ -344,7 +346,7 @@ def check_export_args(args: argparse.Namespace) -> None:
         args.dense_blocks = parse_dense_blocks(args.dense_blocks)
     elif args.dense_size is not None:
         raise EvalInputError("--dense-size is used with --dense-blocks only")
-    _check_sources(args, ())
+    check_sources(args, ())
     root = Path(args.data_path).expanduser()
     if root.is_dir():
         if args.split and not (root / args.split).is_dir():

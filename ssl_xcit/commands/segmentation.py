@@ -47,12 +47,7 @@ def check_args(args: argparse.Namespace) -> None:
     if len(args.image_size) not in (1, 2) or min(args.image_size) <= 0:
         raise options.EvalInputError(f"--image-size takes one positive size or two (H W), got "
                                      f"{' '.join(map(str, args.image_size))}")
-    options.check_output_folder(args.output_dir, "--output-dir")
-    options.apply_patch_size(args)
-    if args.arch is not None:
-        options.check_model_name(args.arch, "--arch")
-    options.check_checkpoint(args.checkpoint)
-    options.check_data_path(args.data_path)
+    options.check_sources(args, ())
 
 
 def main(argv: list[str] | None = None, prog: str = PROG) -> dict:

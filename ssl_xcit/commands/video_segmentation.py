@@ -61,12 +61,7 @@ def check_args(args: argparse.Namespace) -> None:
                                      f"got {' '.join(map(str, args.scale_size))}")
     if args.features is not None and args.features != "final" and not args.features.lstrip("-").isdigit():
         raise options.EvalInputError(f"--features {args.features!r}: give 'final' or an XCA block index")
-    options.check_output_folder(args.output_dir, "--output-dir")
-    options.apply_patch_size(args)
-    if args.arch is not None:
-        options.check_model_name(args.arch, "--arch")
-    options.check_checkpoint(args.checkpoint)
-    options.check_data_path(args.data_path)
+    options.check_sources(args, ())
 
 
 def main(argv: list[str] | None = None, prog: str = PROG) -> dict:
