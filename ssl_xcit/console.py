@@ -44,6 +44,30 @@ def publish() -> NoReturn:
     _run("ssl_xcit.publish.__main__:main", "ssl-xcit-publish")
 
 
+def search() -> NoReturn:
+    _run("ssl_xcit.commands.search:main", "ssl-xcit-search")
+
+
+def find_duplicates() -> NoReturn:
+    _run("ssl_xcit.commands.find_duplicates:main", "ssl-xcit-find-duplicates")
+
+
+def copy_detection() -> NoReturn:
+    _run("ssl_xcit.commands.copy_detection:main", "ssl-xcit-copy-detection")
+
+
+def image_retrieval() -> NoReturn:
+    _run("ssl_xcit.commands.image_retrieval:main", "ssl-xcit-image-retrieval")
+
+
+def video_segmentation() -> NoReturn:
+    _run("ssl_xcit.commands.video_segmentation:main", "ssl-xcit-video-segmentation")
+
+
+def segmentation() -> NoReturn:
+    _run("ssl_xcit.commands.segmentation:main", "ssl-xcit-segmentation")
+
+
 def submit() -> NoReturn:
     from ssl_xcit.commands.submit import main
     _exit(main())

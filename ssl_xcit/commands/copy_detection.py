@@ -8,7 +8,6 @@ The work is :mod:`ssl_xcit.evaluate.copy_detection`.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from ssl_xcit import cli
@@ -111,10 +110,3 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> list[dict]:
         raise cli.own_words(err, HINTS)
     print(cd.results_table(rows))
     return rows
-
-
-def console() -> None:
-    """The ``ssl-xcit-copy-detection`` console command."""
-    prog = cli.command_name("ssl-xcit-copy-detection")
-    cli.run(lambda argv: main(argv, prog), prog=prog)
-    sys.exit(0)

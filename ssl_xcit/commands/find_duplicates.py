@@ -5,7 +5,6 @@ The parser is torch-free; the work is :func:`ssl_xcit.evaluate.duplicates.find_d
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 from ssl_xcit import cli
@@ -67,10 +66,3 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> dict:
         print(f"a cleaned set keeps {len(result['kept'])} of {result['images']} images: {written['keep']}")
     print("results: " + ", ".join(str(p) for p in written.values()))
     return result
-
-
-def console() -> None:
-    """The ``ssl-xcit-find-duplicates`` console command."""
-    prog = cli.command_name("ssl-xcit-find-duplicates")
-    cli.run(lambda argv: main(argv, prog), prog=prog)
-    sys.exit(0)

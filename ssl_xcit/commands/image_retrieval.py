@@ -5,7 +5,6 @@ Oxford / Paris, with DINO's flags (``--data_path --dataset roxford5k|rparis6k --
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from ssl_xcit import cli
@@ -64,12 +63,6 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> dict:
         atomic_write_json(Path(args.out), {**res, "checkpoint": args.checkpoint}, indent=2)
     return res
 
-
-def console() -> None:
-    """The ``ssl-xcit-image-retrieval`` console command."""
-    prog = cli.command_name("ssl-xcit-image-retrieval")
-    cli.run(lambda argv: main(argv, prog), prog=prog)
-    sys.exit(0)
 
 
 if __name__ == "__main__":  # pragma: no cover

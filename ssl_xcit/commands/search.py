@@ -5,7 +5,6 @@ The parser is torch-free (``--help`` and a bad number answer at once); the work 
 """
 from __future__ import annotations
 
-import sys
 
 from ssl_xcit import cli
 from ssl_xcit.errors import UserError
@@ -77,10 +76,3 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> dict:
     _print(result)
     print("results: " + ", ".join(str(p) for p in written.values()))
     return result
-
-
-def console() -> None:
-    """The ``ssl-xcit-search`` console command."""
-    prog = cli.command_name("ssl-xcit-search")
-    cli.run(lambda argv: main(argv, prog), prog=prog)
-    sys.exit(0)

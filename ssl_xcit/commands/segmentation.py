@@ -77,13 +77,3 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> dict:
     print(f"mIoU {res['mIoU']:.4f} (per class: {per}) on {len(res['val_images'])} val images, "
           f"{res['seconds']['total']:.0f} s; {out / seg.RESULT_FILE}")
     return res
-
-
-def console() -> None:
-    """The installed command ``ssl-xcit-segmentation``."""
-    import sys
-
-    from ssl_xcit import cli
-    prog = cli.command_name("ssl-xcit-segmentation")
-    cli.run(lambda argv: main(argv, prog=prog), prog=prog)
-    sys.exit(0)

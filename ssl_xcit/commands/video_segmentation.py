@@ -92,13 +92,3 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> dict:
           f"{len(result['sequences'])} sequences, {result['seconds']['total']:.0f} s; "
           f"{out / vs.RESULT_FILE}")
     return result
-
-
-def console() -> None:
-    """The installed command ``ssl-xcit-video-segmentation``."""
-    import sys
-
-    from ssl_xcit import cli
-    prog = cli.command_name("ssl-xcit-video-segmentation")
-    cli.run(lambda argv: main(argv, prog=prog), prog=prog)
-    sys.exit(0)
