@@ -6,6 +6,7 @@ checkpoints and resumes; the loop that trains them is :mod:`ssl_xcit.finetune.lo
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,13 +23,15 @@ from ssl_xcit.evaluate.datasets import transform_for
 from ssl_xcit.finetune.config import FinetuneConfig, check_input_size
 from ssl_xcit.finetune.data import few_labels, labelled_splits, train_transform
 from ssl_xcit.finetune import recipe as recipe_rules
+from ssl_xcit.finetune.budget import FinetuneBudget, planned_steps, step_seconds
+from ssl_xcit.engine.budget import TimeBudget
 from ssl_xcit.models import build_model
 from ssl_xcit.models.checkpoints import infer_arch, load_into, load_state_source
 from ssl_xcit.models.zoo import resolve_arch
 from ssl_xcit.engine.build import configured_steps, place_models, seed_this_rank, training_loader, training_sampler
 from ssl_xcit.engine.checkpoint import CheckpointError, require_parts, state_dict_mismatch
 from ssl_xcit.engine.step import make_scaler
-from ssl_xcit.engine.config import ConfigError, user_set_keys
+from ssl_xcit.engine.config import MAX_EPOCHS, ConfigError, user_set_keys
 from ssl_xcit.engine.run import Run
 
 
@@ -53,6 +56,7 @@ class Finetune:
     recipe: str | None = None
     pretrained: dict | None = None        # the file fine-tuned from: path, sha256, format, what loaded
     best: dict = field(default_factory=dict)   # the best validation so far: top1, top5, global_step
+    budget: FinetuneBudget | None = None  # time_budget_minutes: the clock and its plans
 
     def config_text(self) -> str:
         text = self.cfg.to_yaml()
@@ -68,7 +72,8 @@ class Finetune:
         return {"model": self.model.state_dict(), "ema": self.ema.module.state_dict() if self.ema else None,
                 "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else {},
-                "best": dict(self.best), "classes": list(self.classes), "pretrained": self.pretrained}
+                "best": dict(self.best), "classes": list(self.classes), "pretrained": self.pretrained,
+                "trained_seconds": self.budget.clock.elapsed if self.budget is not None else None}
 
     def check_fits(self, state: dict[str, Any], path: Path) -> None:
         require_parts(state, path, ("model", "optimizer"), "fine-tuning")
@@ -104,7 +109,11 @@ def build_finetune(cfg: FinetuneConfig, run: Run) -> Finetune:
     train_set, val_set = labelled_splits(cfg.data.data_path)
     _arch_of_saved_run(cfg, run)
     start = run.pretrained_start(cfg.model.pretrained_weights, lambda: _read_start(cfg, run))
+    budget = _open_budget(cfg, run)   # a saved plan sets max_steps: the recipe below is the one the run had
+    snapshot = copy.deepcopy(cfg)
     recipe = recipe_rules.apply(cfg, train_set, _run_epochs(cfg, train_set, run.world_size))
+    if budget is not None and budget.clock.planned_steps is None:
+        recipe = _plan_budget(cfg, snapshot, run, train_set)
     train_set.select(few_labels(train_set.targets, cfg.data.train_fraction, cfg.data.labels_per_class, cfg.run.seed))
     sampler = training_sampler(train_set, cfg.optim.batch_size_per_gpu, run.world_size, run.rank, cfg.run.seed)
     total_steps = configured_steps(cfg, sampler.steps_per_epoch)
@@ -126,7 +135,44 @@ def build_finetune(cfg: FinetuneConfig, run: Run) -> Finetune:
                     lr=lr_schedule(cfg, sampler.steps_per_epoch, run.world_size, total_steps),
                     mixup=_mixup(cfg, len(train_set.classes)),
                     criterion=_criterion(cfg), classes=list(train_set.classes), total_steps=total_steps,
-                    recipe=recipe, pretrained=pretrained)
+                    recipe=recipe, pretrained=pretrained, budget=budget)
+
+
+def _open_budget(cfg: FinetuneConfig, run: Run) -> FinetuneBudget | None:
+    """The run's clock with ``time_budget_minutes``; on resume, the plan and time its checkpoint saved."""
+    if cfg.optim.time_budget_minutes <= 0:
+        return None
+    saved = run.saved_state()
+    planned = ((saved or {}).get("config") or {}).get("run", {}).get("max_steps") or None
+    if planned:
+        cfg.run.max_steps = planned
+        cfg.optim.epochs = max(cfg.optim.epochs, (saved["config"].get("optim") or {}).get("epochs", 0))
+    spent = float((saved or {}).get("trained_seconds") or 0.0)
+    return FinetuneBudget(TimeBudget(cfg.optim.time_budget_minutes, spent, planned_steps=planned))
+
+
+def _plan_budget(cfg: FinetuneConfig, snapshot: FinetuneConfig, run: Run, train_set: Any) -> str | None:
+    """The steps the budget holds at the pace of this model on this machine (timed on a throwaway
+    copy at the chosen input size), then ``recipe: auto`` applied again, from the config as given,
+    for a run of that length. Returns the recipe's text."""
+    state = torch.random.get_rng_state()   # the run draws the same numbers as without a budget
+    probe = build_model(cfg.model.arch, num_classes=len(train_set.classes), img_size=cfg.data.input_size)
+    seconds = step_seconds(probe, cfg.optim.batch_size_per_gpu, cfg.data.input_size, len(train_set.classes),
+                           run.device, cfg.run.precision)
+    torch.random.set_rng_state(state)
+    labelled = len(few_labels(train_set.targets, cfg.data.train_fraction, cfg.data.labels_per_class, cfg.run.seed))
+    per_epoch = max(1, labelled // (cfg.optim.batch_size_per_gpu * run.world_size))
+    max_epochs = cfg.optim.epochs if "optim.epochs" in user_set_keys(cfg) else MAX_EPOCHS
+    steps = planned_steps(cfg.optim.time_budget_minutes, seconds, per_epoch, max_epochs)
+    for section in ("model", "data", "mixup", "optim"):   # the first pass's length-dependent choices undone
+        setattr(cfg, section, copy.deepcopy(getattr(snapshot, section)))
+    cfg.run.max_steps = steps
+    cfg.optim.epochs = max(cfg.optim.epochs, -(-steps // per_epoch))
+    if run.is_main:
+        print(f"[ssl_xcit] time budget {cfg.optim.time_budget_minutes:g} min: about {steps:,} steps fit ("
+              f"{seconds:.3f} s a step measured here before the run); recipe: auto plans for them, and the "
+              "run plans again from its real pace", flush=True)
+    return recipe_rules.apply(cfg, train_set, _run_epochs(cfg, train_set, run.world_size))
 
 
 def _run_epochs(cfg: FinetuneConfig, train_set: Any, world_size: int) -> float:
@@ -231,7 +277,27 @@ def build_optimizer(cfg: FinetuneConfig, model: nn.Module) -> torch.optim.Optimi
                                     layer_decay=layer_decay)
     for group in optimizer.param_groups:
         group["apply_weight_decay"] = False   # constant weight decay (DeiT): the lr alone is scheduled
+    if cfg.optim.backbone_lr_scale < 1.0:
+        scale_backbone_lr(optimizer, model, cfg.optim.backbone_lr_scale)
     return optimizer
+
+
+def scale_backbone_lr(optimizer: torch.optim.Optimizer, model: nn.Module, scale: float) -> None:
+    """Split each param group into its head and backbone parameters, the backbone's ``lr_scale``
+    multiplied by ``scale`` (LP-FT: the fitted head adapts at the full lr while the pretrained
+    features move slowly). Groups keep their order, so a checkpoint's optimizer state fits."""
+    head = {id(p) for p in model.get_classifier().parameters()}
+    groups = []
+    for group in optimizer.param_groups:
+        for is_head in (True, False):
+            params = [p for p in group["params"] if (id(p) in head) == is_head]
+            if params:
+                g = {**group, "params": params}
+                g["lr_scale"] = group.get("lr_scale", 1.0) * (1.0 if is_head else scale)
+                groups.append(g)
+    optimizer.param_groups.clear()
+    for g in groups:
+        optimizer.add_param_group(g)
 
 
 def lr_schedule(cfg: FinetuneConfig, steps_per_epoch: int, world_size: int, total_steps: int | None = None

@@ -18,6 +18,9 @@ from ssl_xcit.engine.config import (MAX_EPOCHS, ConfigError, ConfigTree, OptimCo
                                      check_arch_name, check_finite, config_field, need, user_set_keys, validate_run)
 
 
+HEAD_INITS = ("random", "probe")
+
+
 @dataclass
 class FinetuneModelConfig:
     arch: str = config_field("xcit_small_12_p16", "any name get_model accepts (with pretrained_weights and no arch: the file's)")
@@ -59,6 +62,10 @@ class FinetuneOptimConfig(OptimConfigBase):
     clip_grad: float = config_field(0.0, "global gradient-norm clip (0: off)")
     freeze_backbone_steps: int = config_field(0, "steps in which only the new classifier head learns (linear probe, "
                                                  "then fine-tune)")
+    time_budget_minutes: float = config_field(0.0, ">0: train this long; recipe=auto and the lr schedule plan for it")
+    head_init: str = config_field("random", "the classifier head's start: random | probe (fitted on the frozen "
+                                            "start's features first, as the cached linear probe: LP-FT)")
+    backbone_lr_scale: float = config_field(1.0, "the backbone's lr as a fraction of the head's (LP-FT: below 1)")
 
 
 @dataclass
@@ -108,6 +115,14 @@ class FinetuneConfig(ConfigTree):
         need(0.0 < o.layer_decay <= 1.0, f"layer_decay must be in (0, 1], got {o.layer_decay}")
         need(o.clip_grad >= 0, f"clip_grad must be >= 0, got {o.clip_grad}")
         need(o.freeze_backbone_steps >= 0, f"freeze_backbone_steps must be >= 0, got {o.freeze_backbone_steps}")
+        need(o.time_budget_minutes >= 0, f"time_budget_minutes must be >= 0, got {o.time_budget_minutes}")
+        need(not (o.time_budget_minutes > 0 and "run.max_steps" in user_set_keys(self)),
+             "set one length: time_budget_minutes or max_steps, not both")
+        need(o.head_init in HEAD_INITS, f"head_init must be one of {' | '.join(HEAD_INITS)}, got {o.head_init!r}")
+        need(o.head_init != "probe" or bool(m.pretrained_weights),
+             "head_init=probe fits the head on the pretrained start's features: set pretrained_weights "
+             "(random weights have nothing to probe)")
+        need(0.0 < o.backbone_lr_scale <= 1.0, f"backbone_lr_scale must be in (0, 1], got {o.backbone_lr_scale}")
         need(e.eval_every_epochs >= 0 and e.eval_every_steps >= 0, "eval_every_epochs and eval_every_steps must be >= 0")
         need(e.eval_batch_size > 0, f"eval_batch_size must be positive, got {e.eval_batch_size}")
         validate_run(r)

@@ -23,6 +23,7 @@ from ssl_xcit.atomic import atomic_write
 from ssl_xcit.evaluate.classification import topk_correct
 from ssl_xcit.finetune.build import Finetune, build_finetune, val_loader
 from ssl_xcit.finetune.config import FinetuneConfig
+from ssl_xcit.finetune.probe_head import fit_probe_head
 from ssl_xcit.finetune.step import apply_update, forward_loss, hold_backbone_norm_stats
 from ssl_xcit.engine.run import Run, TrainResult
 
@@ -40,6 +41,10 @@ def train(cfg: FinetuneConfig, stop_requested: Callable[[], bool] | None = None)
         run.open_logs(ft.config_text(), resumed, ft.recipe, arch=cfg.model.arch, classes=len(ft.classes),
                       val_images=len(ft.val_set))
         val = val_loader(ft, run)
+        if resumed is None and cfg.optim.head_init == "probe":
+            fit_head_first(run, ft, val)
+        if ft.budget is not None:
+            ft.budget.clock.start()
         while run.global_step < run.total_steps:
             if train_one_epoch(run, ft, val, stop_requested):
                 return run.stopped()
@@ -71,6 +76,8 @@ def train_one_epoch(run: Run, ft: Finetune, val, stop_requested: Callable[[], bo
         out = apply_update(loss, ft.model_ddp, ft.optimizer, ft.scaler, lr, cfg.optim.clip_grad, ft.ema,
                            run.global_step, head_only=head_only)
         run.step_done(loss_value, len(batch), lr=lr)
+        if ft.budget is not None:
+            ft.budget.after_step(run, ft)   # plans the run's length from its pace; stops it at the budget
         if run.log_due():
             values = {"loss": loss_value, "lr": lr}
             if out.grad_norm is not None:
@@ -124,6 +131,24 @@ def validate(run: Run, ft: Finetune, val) -> bool:
         return False
     ft.best = {"top1": scores["top1"], "top5": scores["top5"], "global_step": run.global_step}
     return True
+
+
+def fit_head_first(run: Run, ft: Finetune, val) -> None:
+    """LP-FT's first half (:mod:`ssl_xcit.finetune.probe_head`): the head fitted on the frozen
+    start's features, then scored on the val images exactly as every later validation is: that
+    score is the start's linear probe measured the same way, shown beside each result after it."""
+    with run.untimed():
+        fitted = fit_probe_head(ft.model, ft.train_set, ft.val_set.transform, len(ft.classes), run.device,
+                                seed=ft.cfg.run.seed, num_workers=min(ft.cfg.data.num_workers, 2))
+        if ft.ema is not None:
+            ft.ema.set(ft.model)   # the EMA starts from the fitted head too
+        scores = accuracy(ft.model, val, run.device)
+    probe = {"top1": scores["top1"], "on": f"the fitted head at step 0, the same {scores['images']} val images"}
+    ft.pretrained = {**(ft.pretrained or {}), "probe": probe, "head_fit": fitted.selected}
+    run.logger.event("head_fitted", images=fitted.images, top1=scores["top1"], top5=scores["top5"], **fitted.selected)
+    if run.is_main:
+        print(f"[ssl_xcit] {fitted.describe()}; its val top-1 {scores['top1']:.2f}% ({scores['images']} images)",
+              flush=True)
 
 
 def keep_best(run: Run) -> None:

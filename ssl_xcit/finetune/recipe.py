@@ -24,6 +24,7 @@ from ssl_xcit.engine.recipe import AUTO_MAX_IMAGES, Choice, data_facts, set_unse
 
 WARMUP_FRACTION = 0.05   # DeiT: 5 of 100-300 epochs
 SHORT_RUN_EPOCHS = 10    # measured at 1 epoch (600 steps on CIFAR-10); 10 is a margin, not a measurement
+LPFT_BACKBONE_LR_SCALE = 0.1   # measured: see the module doc
 SHORT_RUN_LR = 4e-3      # per 256 images, as ``optim.lr``: the best of 5e-4 / 4e-3 in the measurement above
 
 
@@ -37,6 +38,12 @@ def choose(images: int, image_side: int, patch_size: int, epochs: float, pretrai
                                          f"patch {patch_size}: upsampling small images costs compute, not information"),
          "optim.warmup_epochs": Choice(int(round(WARMUP_FRACTION * epochs)),
                                        f"{WARMUP_FRACTION:.0%} of the {epochs:g} epochs, as DeiT's 5 of 100")}
+    if pretrained:
+        c["optim.head_init"] = Choice("probe", "a pretrained start: the head is fitted on its frozen features first "
+                                               "(LP-FT), so step 0 is the start's linear probe, not a random head "
+                                               "whose first gradients undo what pretraining learned")
+        c["optim.backbone_lr_scale"] = Choice(LPFT_BACKBONE_LR_SCALE, "the fitted head adapts at the full lr while "
+                                              "the pretrained features move at a tenth of it (LP-FT)")
     if not pretrained:
         c["optim.layer_decay"] = Choice(1.0, "random weights: every layer must learn, none has anything to keep "
                                              "(DeiT from scratch uses no layer decay)")
