@@ -247,3 +247,15 @@ def test_dinos_loop_reads_in_under_120_lines():
     tree = _modules()["ssl_xcit.train.loop"]
     lines = sum(n.end_lineno - n.lineno + 1 for n in tree.body if isinstance(n, ast.FunctionDef))
     assert lines <= 120, lines
+
+
+def test_collaborators_are_passed_in_not_attached_from_outside():
+    """A run's checkpoint extras and a logger are given where the object is made (or through a method
+    named for the wiring, ``Run.wire_checkpoint_extras``), never set on another object's attribute
+    (``run.checkpoint_extras = ...``, ``monitor.logger = run.logger``: issue 32)."""
+    attached = [f"{m}:{n.lineno} {ast.unparse(t)}" for m, tree in _modules().items() for n in ast.walk(tree)
+                if isinstance(n, (ast.Assign, ast.AnnAssign))
+                for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
+                if isinstance(t, ast.Attribute) and t.attr.lstrip("_") in ("checkpoint_extras", "logger")
+                and not (isinstance(t.value, ast.Name) and t.value.id in ("self", "cls"))]
+    assert attached == []
