@@ -23,3 +23,19 @@ def hinted(error_type: type, problem: str, hint: str, needs: str) -> UserError:
     err = error_type(f"{problem}; {hint}")
     err.problem, err.hint, err.needs = problem, hint, needs
     return err
+
+
+SETTING = "{setting}"
+
+
+def named(error_type: type, message: str, setting: str) -> UserError:
+    """``error_type(message)`` about one setting, where :data:`SETTING` in ``message`` stands for it.
+
+    Library code names the Python parameter (``setting``: "crop_size 40 is not divisible by ...");
+    a command line puts its own option there instead (:func:`ssl_xcit.cli.reword` with ``flags``:
+    "--crop-size 40 is not divisible by ..."), so each layer speaks its caller's words. Build
+    ``message`` with ``{{setting}}`` in an f-string (or with :data:`SETTING`).
+    """
+    err = error_type(message.replace(SETTING, setting))
+    err.template, err.setting = message, setting
+    return err

@@ -150,8 +150,7 @@ def test_the_engine_stands_below_the_loops_and_the_commands():
 # Namespace) beside their functions, and so import the command layer: the four evaluation tools, and
 # the `python -m` commands make_shards, report and publish (issue 32, left for a next step; this list
 # may only shrink)
-TOOL_MAINS_IN_THE_LIBRARY = {"ssl_xcit.evaluate.knn", "ssl_xcit.evaluate.linear", "ssl_xcit.evaluate.export",
-                             "ssl_xcit.evaluate.classification", "ssl_xcit.data.make_shards",
+TOOL_MAINS_IN_THE_LIBRARY = {"ssl_xcit.evaluate.export", "ssl_xcit.evaluate.classification", "ssl_xcit.data.make_shards",
                              "ssl_xcit.evaluate.report", "ssl_xcit.publish.__main__"}
 
 
@@ -176,9 +175,7 @@ def _code_strings(tree: ast.Module) -> list[ast.Constant]:
 # library modules that still spell a command-line flag in a code string (a message or a parser of a
 # `python -m` command): issue 32's list to empty, measured when the rule came in; none may join it
 FLAGS_STILL_IN = {"ssl_xcit.cluster.executor", "ssl_xcit.cluster.stopping", "ssl_xcit.data.make_shards",
-                  "ssl_xcit.evaluate.backbone", "ssl_xcit.evaluate.classification", "ssl_xcit.evaluate.datasets",
-                  "ssl_xcit.evaluate.export", "ssl_xcit.evaluate.knn", "ssl_xcit.evaluate.knn_index",
-                  "ssl_xcit.evaluate.linear", "ssl_xcit.evaluate.report", "ssl_xcit.evaluate.report_attention",
+                  "ssl_xcit.evaluate.classification", "ssl_xcit.evaluate.export", "ssl_xcit.evaluate.report", "ssl_xcit.evaluate.report_attention",
                   "ssl_xcit.publish.__main__"}
 
 

@@ -271,7 +271,7 @@ def test_the_evaluation_tools_default_workers_fit_the_machine(monkeypatch):
     assert ClassificationConfig(model="m", checkpoint="none", data_path="d").num_workers == 2
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)))
     assert default_workers() == 4 and default_workers(8) == 8
-    assert options.default_workers.__module__ == "ssl_xcit.commands.options"
+    assert options.default_workers.__module__ == "ssl_xcit.evaluate.inputs"   # torch-free, below the commands
 
 
 def test_eval_knn_on_this_machine_gives_no_dataloader_worker_warning(cifar_small, tmp_path):

@@ -293,7 +293,7 @@ def test_parse_size():
 
 def test_knn_tool_gives_the_same_figures_on_shards_as_on_the_folder(cifar_small: Path, cifar_shards: Path,
                                                                    tmp_path: Path):
-    from ssl_xcit.evaluate import knn
+    from ssl_xcit.commands import knn
 
     def run(data: Path, out: Path) -> dict:
         return knn.main(["--checkpoint", "xcit_nano_12_p16", "--data-path", str(data), "--crop-size", "32",
