@@ -23,7 +23,7 @@ import os
 import sys
 from typing import Any, Callable, NoReturn, Sequence
 
-from ssl_xcit.errors import SETTING, UserError
+from ssl_xcit.errors import UserError, fill
 
 DEBUG_ENV = "SSL_XCIT_DEBUG"
 USER_ERROR_EXIT = 2
@@ -45,8 +45,7 @@ def reword(err: BaseException, hints: dict[str, str] | None = None, flags: dict[
     by this command's option, ``flags[err.setting]``, when it has one; any other error keeps its message."""
     setting, template = getattr(err, "setting", None), getattr(err, "template", None)
     if setting is not None and template is not None:
-        flag = (flags or {}).get(setting)
-        return template.replace(SETTING, flag) if flag else str(err)
+        return fill(template, getattr(err, "settings", (setting,)), flags) if setting in (flags or {}) else str(err)
     needs = getattr(err, "needs", None)
     if needs is None or getattr(err, "problem", None) is None:
         return str(err)

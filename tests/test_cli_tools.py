@@ -66,14 +66,23 @@ def test_every_option_says_its_default_at_most_once(parser):
             assert len(re.findall(r"\(default\b", text)) <= 1, (action.option_strings, text)
 
 
-def test_export_parser_matches_the_tool():
-    """eval/export_features.py checks its words with the torch-free parser before export.main parses
-    them again: both must know the same options (export.build_parser delegates; keep it so)."""
-    from ssl_xcit.evaluate import export
+# options the command layer turns into something else before the library sees them: --no-progress and
+# --no-verify (progress, verify), DINO's --patch_size (folded into the arch), DINO's ignored words
+COMMAND_ONLY = {"help", "no_progress", "no_verify", "patch_size", "dino_ignored", "num_labels"}
 
-    def flags(p):
-        return sorted(s for a in p._actions for s in a.option_strings)
-    assert flags(options.export_parser()) == flags(export.build_parser())
+
+@pytest.mark.parametrize("tool, module, settings", [
+    ("eval_knn", "knn", "KnnSettings"), ("eval_linear", "linear", "LinearSettings"),
+    ("export_features", "export", "ExportSettings"), ("eval_classification", "classification", "ClassificationConfig")])
+def test_every_option_of_a_tool_reaches_its_library_settings(tool, module, settings):
+    """A tool's options fill the library's parameters by name (options.settings): an option with no field
+    of that name would be dropped without a word, so each one must have its field."""
+    import dataclasses
+    import importlib
+    fields = {f.name for f in dataclasses.fields(getattr(importlib.import_module(f"ssl_xcit.evaluate.{module}"),
+                                                         settings))}
+    dests = {a.dest for a in options.TOOLS[tool][1]()._actions}
+    assert dests - COMMAND_ONLY <= fields, sorted(dests - COMMAND_ONLY - fields)
 
 
 # ------------------------------------------------------------------------------ one line, exit status 2
