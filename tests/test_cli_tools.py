@@ -228,6 +228,38 @@ def test_nb_knn_larger_than_the_train_set_fails_before_extraction(cifar_small, c
     assert "--nb-knn 500 exceeds the 200 train images" in line, line
 
 
+def test_runtime_library_errors_name_the_tools_flags(cifar_small, tiny_features, capsys, tmp_path):
+    """Errors the library raises once the work has begun name Python parameters (errors.named/hinted);
+    each tool's command line says its own flags instead."""
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "trainfeat.pth").write_bytes(b"")
+    line = _one_line_error(capsys, lambda: cli.run(_tool_main("eval/eval_knn.py"), ["--load-features", str(half)],
+                                                   prog="eval_knn"), "eval_knn")
+    assert "lacks" in line and "give --load-features a folder written by --dump-features" in line, line
+    line = _one_line_error(capsys, lambda: cli.run(_tool_main("eval/eval_knn.py"),
+                                                   ["--load-features", str(tiny_features), "--nb-knn", "500"],
+                                                   prog="eval_knn"), "eval_knn")
+    assert "--nb-knn 500 exceeds the" in line and "nb_knn" not in line, line
+    argv = ["--checkpoint", ARCH, "--data-path", str(cifar_small), "--mode", "full", "--crop-size", "32",
+            "--batch-size", "50", "--num-workers", "0", "--device", "cpu", "--epochs", "2", "--lr", "1e38",
+            "--no-progress", "--output-dir", str(tmp_path / "lin")]
+    with pytest.raises(SystemExit):   # full mode lists the folders with a progress bar even so: the last line
+        cli.run(_tool_main("eval/eval_linear.py"), argv, prog="eval_linear")
+    line = capsys.readouterr().err.strip().splitlines()[-1].split("\r")[-1].strip()
+    assert "the linear probe diverged in epoch 0" in line and line.endswith("; lower --lr"), line
+
+
+@pytest.fixture
+def tiny_features(tmp_path):
+    """A dump of 4 train and 2 val features, as --dump-features writes it."""
+    from ssl_xcit.evaluate.knn import dump_features
+    folder = tmp_path / "feats"
+    dump_features(folder, torch.eye(4), torch.tensor([0, 1, 0, 1]), torch.eye(4)[:2], torch.tensor([0, 1]),
+                  {"classes": ["a", "b"], "normalized": True})
+    return folder
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 @pytest.mark.parametrize("script, argv", [
     ("eval/eval_knn.py", ["--checkpoint", ARCH, "--data-path", "DATA", "--device", "cuda"]),

@@ -4,8 +4,10 @@ need no model or data loaded.
 Why a module of its own: ``--help``, a mistyped option, a missing data folder or a checkpoint path
 that is a folder must be answered in a fraction of a second, not after the 5-10 s that importing
 torch takes. ``eval/*.py`` (through :func:`run_tool`) and ``launch/submit.py`` (to check a tool's
-words before submitting) use the parsers here; each tool's ``main(argv)`` parses with the same
-parser and runs the same checks, so a library caller gets the same errors.
+words before submitting) use the parsers here; each tool's ``main(argv)`` (``ssl_xcit/commands/knn.py``,
+``linear.py``, ``export.py``, ``classification.py``) parses and checks with them, fills the library's
+settings (:func:`settings`: the fields of the same names) and says a library error in its own words
+(:func:`in_own_words`: ``hinted`` roles by ``TOOL_HINTS``, ``named`` parameters by the parser's flags).
 
 DINO's flag names are aliases of ours (``--pretrained_weights`` is ``--checkpoint``, ``--data_path``
 is ``--data-path``, ``--batch_size_per_gpu`` is ``--batch-size``, ...), so DINO's ``eval_knn.py`` and
