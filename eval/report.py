@@ -2,7 +2,8 @@
 """A run's report page: ``python eval/report.py OUTPUT_DIR`` writes ``OUTPUT_DIR/report/index.html``.
 
 The curves of log.jsonl, the k-NN curve, collapse warnings and events, the config, and the teacher's
-attention maps of a few fixed images per checkpoint. The code is ``ssl_xcit.evaluate.report`` (the command line: ``ssl_xcit.commands.report``).
+attention maps of a few fixed images per checkpoint. The code is ``ssl_xcit.evaluate.report`` (the command
+line: ``ssl_xcit.commands.report``).
 """
 import sys
 from pathlib import Path

@@ -72,7 +72,8 @@ def flags_of(parser: argparse.ArgumentParser) -> dict[str, str]:
     return {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings and a.dest != "help"}
 
 
-def describe(err: BaseException, hints: dict[str, str] | None = None, flags: dict[str, str] | None = None) -> str | None:
+def describe(err: BaseException, hints: dict[str, str] | None = None,
+             flags: dict[str, str] | None = None) -> str | None:
     """The one-line message for a known error, or ``None`` when ``err`` is a bug to show in full.
     ``hints``, ``flags``: the command's words for the settings a library error may name (:func:`reword`)."""
     if isinstance(err, UserError):  # one line even when the message quotes a multi-line library error

@@ -97,7 +97,8 @@ def test_a_library_error_about_a_setting_names_the_parameter_and_a_command_its_f
         assert str(err) == "one task per GPU: tasks_per_node (2) must equal gpus_per_node (8)"
     flags = {"tasks_per_node": "--tasks-per-node", "gpus_per_node": "--gpus-per-node"}
     for words, expected in ((flags, "one task per GPU: --tasks-per-node (2) must equal --gpus-per-node (8)"),
-                            ({"other": "--other"}, "one task per GPU: tasks_per_node (2) must equal gpus_per_node (8)")):
+                            ({"other": "--other"},
+                             "one task per GPU: tasks_per_node (2) must equal gpus_per_node (8)")):
         with pytest.raises(SystemExit):
             cli.run(bad, [], prog="demo", flags=words)
         assert capsys.readouterr().err == f"demo: error: {expected}\n"

@@ -33,7 +33,7 @@ import json
 import logging
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -482,8 +482,6 @@ def _file_version(checkpoint: str) -> tuple | None:
 
 def _source_folder(s: ExportSettings) -> Path:
     """The folder to export, checked before the model and the images are read."""
-    if s.batch_size is None:
-        s.batch_size = 128
     check_positive(s.batch_size, "batch_size")
     if s.n_last_blocks < 0:
         raise named(ExportError, f"{SETTING} must be >= 0, got {s.n_last_blocks}", "n_last_blocks")
@@ -495,8 +493,6 @@ def _source_folder(s: ExportSettings) -> Path:
         raise hinted(ExportError, f"{root} holds train/ and val/", "pass split='train' or split='val' (otherwise "
                      "they would be exported as two classes)", needs="split")
     check_writable(s.out)   # a read-only folder: one line now, not after the model and the images are read
-    if s.dtype is None:
-        s.dtype = "float16" if s.dense_blocks else "float32"
     return folder
 
 
@@ -504,6 +500,8 @@ def export_folder(s: ExportSettings) -> dict:
     """Export ``s``'s backbone features of the images in ``s.data_path`` (``/s.split``) to ``s.out``
     (resumed when an interrupted export of the same model and settings is there); the manifest
     (``{}`` on ranks other than 0)."""
+    s = replace(s, batch_size=128 if s.batch_size is None else s.batch_size,   # the caller's settings stay
+                dtype=s.dtype or ("float16" if s.dense_blocks else "float32"))
     folder = _source_folder(s)
     env = runtime.setup_env(s.device, s.seed)
     try:

@@ -13,6 +13,7 @@ results do not depend on the sort implementation.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
@@ -241,8 +242,7 @@ def _features(s: KnnSettings, env: runtime.EvalEnv) -> tuple[dict[str, torch.Ten
 def evaluate_knn(s: KnnSettings) -> dict:
     """DINO's weighted k-NN of ``s``'s backbone on ``s.data_path``'s train/ and val/ (or on loaded
     features); ``knn.json`` written to ``s.output_dir`` and returned (``{}`` on ranks other than 0)."""
-    if s.batch_size is None:
-        s.batch_size = 128
+    s = dataclasses.replace(s, batch_size=128 if s.batch_size is None else s.batch_size)   # the caller's stays
     env = runtime.setup_env(s.device, s.seed)
     try:
         feats, meta = _features(s, env)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -401,10 +401,10 @@ def full_linear_eval(s: LinearSettings, env: runtime.EvalEnv, out_dir: Path,
 
 # --------------------------------------------------------------------------------------------- the tool
 def with_defaults(s: LinearSettings) -> LinearSettings:
-    """``s`` with the batch size each mode defaults to (128 full, as DINO; 1024 cached)."""
-    if s.batch_size is None:
-        s.batch_size = 128 if s.mode == "full" else 1024
-    return s
+    """``s`` with the batch size each mode defaults to (128 full, as DINO; 1024 cached); a copy."""
+    if s.batch_size is not None:
+        return s
+    return replace(s, batch_size=128 if s.mode == "full" else 1024)
 
 
 def _cached(s: LinearSettings, env: runtime.EvalEnv) -> dict | None:
