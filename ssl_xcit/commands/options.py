@@ -396,7 +396,7 @@ TOOLS: dict[str, tuple[str, Callable[[], argparse.ArgumentParser], Callable[[arg
 _ARCH = "pass --arch NAME (a zoo architecture, e.g. xcit_small_12_p16)"
 TOOL_HINTS: dict[str, dict[str, str]] = {
     "eval_knn": {"arch": _ARCH, "load_features": "give --load-features a folder written by --dump-features"},
-    "eval_linear": {"arch": _ARCH, "output_dir": "use another --output-dir", "lr": "lower --lr"},
+    "eval_linear": {"arch": _ARCH, "output_dir": "or use another --output-dir", "lr": "lower --lr"},
     "export_features": {"arch": _ARCH, "dense_size": "pass --dense-size H W",
                         "start_over": "use another --out folder, or --overwrite to start this export over",
                         "split": "pass --split train or --split val (otherwise they would be exported as two "
