@@ -23,7 +23,7 @@ import os
 import sys
 from typing import Any, Callable, NoReturn, Sequence
 
-from ssl_xcit.errors import UserError
+from ssl_xcit.errors import UserError, fill
 
 DEBUG_ENV = "SSL_XCIT_DEBUG"
 USER_ERROR_EXIT = 2
@@ -38,10 +38,14 @@ def _debug_requested(argv: list[str]) -> tuple[bool, list[str]]:
     return debug, argv
 
 
-def reword(err: BaseException, hints: dict[str, str] | None = None) -> str:
+def reword(err: BaseException, hints: dict[str, str] | None = None, flags: dict[str, str] | None = None) -> str:
     """``err``'s message as a command line says it: an error made by :func:`ssl_xcit.errors.hinted`
     loses the library's hint (a Python argument) and gets ``hints[err.needs]``, this command's own words
-    for that setting, when it has one; any other error keeps its message."""
+    for that setting, when it has one; an error made by :func:`ssl_xcit.errors.named` names the setting
+    by this command's option, ``flags[err.setting]``, when it has one; any other error keeps its message."""
+    setting, template = getattr(err, "setting", None), getattr(err, "template", None)
+    if setting is not None and template is not None:
+        return fill(template, getattr(err, "settings", (setting,)), flags) if setting in (flags or {}) else str(err)
     needs = getattr(err, "needs", None)
     if needs is None or getattr(err, "problem", None) is None:
         return str(err)
@@ -49,20 +53,31 @@ def reword(err: BaseException, hints: dict[str, str] | None = None) -> str:
     return f"{err.problem}; {own}" if own else err.problem
 
 
-def own_words(err: BaseException, hints: dict[str, str] | None) -> BaseException:
+def own_words(err: BaseException, hints: dict[str, str] | None, flags: dict[str, str] | None = None) -> BaseException:
     """``err`` itself, its message now in this command's words (:func:`reword`); for a command layer
     that re-raises a library error (``ssl_xcit.commands.options.run_tool``)."""
-    if getattr(err, "needs", None) is not None and getattr(err, "problem", None) is not None:
+    if getattr(err, "setting", None) is not None and getattr(err, "template", None) is not None:
+        err.args = (reword(err, hints, flags),)
+        err.setting = err.template = None
+    elif getattr(err, "needs", None) is not None and getattr(err, "problem", None) is not None:
         err.args = (reword(err, hints),)
         err.problem = err.needs = None
     return err
 
 
-def describe(err: BaseException, hints: dict[str, str] | None = None) -> str | None:
+def flags_of(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """A parser's options by the Python name they fill (``dest`` -> its first spelling, e.g.
+    ``crop_size`` -> ``--crop-size``): its words for a library error about that parameter
+    (:func:`ssl_xcit.errors.named`)."""
+    return {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings and a.dest != "help"}
+
+
+def describe(err: BaseException, hints: dict[str, str] | None = None,
+             flags: dict[str, str] | None = None) -> str | None:
     """The one-line message for a known error, or ``None`` when ``err`` is a bug to show in full.
-    ``hints``: the command's words for the settings a library error may need (:func:`reword`)."""
+    ``hints``, ``flags``: the command's words for the settings a library error may name (:func:`reword`)."""
     if isinstance(err, UserError):  # one line even when the message quotes a multi-line library error
-        return "; ".join(line.strip() for line in reword(err, hints).splitlines() if line.strip())
+        return "; ".join(line.strip() for line in reword(err, hints, flags).splitlines() if line.strip())
     if isinstance(err, OSError):
         where = err.filename if err.filename is not None else None
         if err.errno == errno.ENOSPC:
@@ -75,11 +90,13 @@ def describe(err: BaseException, hints: dict[str, str] | None = None) -> str | N
 
 
 def run(main: Callable[[list[str]], Any] | str, argv: Sequence[str] | None = None, prog: str | None = None,
-        hints: dict[str, str] | None = None) -> Any:
+        hints: dict[str, str] | None = None, flags: dict[str, str] | None = None) -> Any:
     """Call ``main(argv)``; turn a known error into one line on stderr and ``SystemExit(2)``.
 
     ``hints``: this command's own words for a setting a library error needs (role -> text, e.g.
     ``{"allow_pickle": "pass --allow-pickle"}``); a library hint the command has no words for is left out.
+    ``flags``: this command's option for a Python parameter a library error names (``{"crop_size":
+    "--crop-size"}``, :func:`flags_of`).
 
     ``main`` may be ``"package.module:function"``, imported here, so that heavy imports happen
     after the command line has been checked by a light parser if the module is written that way.
@@ -99,7 +116,7 @@ def run(main: Callable[[list[str]], Any] | str, argv: Sequence[str] | None = Non
         print(f"{prog}: interrupted", file=sys.stderr)
         raise SystemExit(INTERRUPTED_EXIT) from None
     except Exception as err:  # noqa: BLE001 - sorted into known errors (one line) and bugs (re-raised)
-        message = describe(err, hints)
+        message = describe(err, hints, flags)
         if message is None or debug:
             raise
         print(f"{prog}: error: {message}", file=sys.stderr)

@@ -41,7 +41,7 @@ def quickstart() -> NoReturn:
 
 
 def publish() -> NoReturn:
-    _run("ssl_xcit.publish.__main__:main", "ssl-xcit-publish")
+    _run("ssl_xcit.commands.publish:main", "ssl-xcit-publish")
 
 
 def search() -> NoReturn:

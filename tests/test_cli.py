@@ -80,3 +80,33 @@ def test_usage_mistakes_are_one_line(script, argv):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and ": error: " in lines[0] and "--help" in lines[0], proc.stderr
+
+
+def test_a_library_error_about_a_setting_names_the_parameter_and_a_command_its_flag(capsys):
+    """errors.named: the library's message names its Python parameters; cli.run with ``flags`` puts the
+    command's options in their places (each one, also a second setting), and without an option for the
+    setting the message stays the library's."""
+    from ssl_xcit.errors import SETTING, named
+
+    def bad(argv):
+        raise named(UserError, f"one task per GPU: {SETTING} (2) must equal {{gpus_per_node}} (8)",
+                    "tasks_per_node", "gpus_per_node")
+    try:
+        bad([])
+    except UserError as err:
+        assert str(err) == "one task per GPU: tasks_per_node (2) must equal gpus_per_node (8)"
+    flags = {"tasks_per_node": "--tasks-per-node", "gpus_per_node": "--gpus-per-node"}
+    for words, expected in ((flags, "one task per GPU: --tasks-per-node (2) must equal --gpus-per-node (8)"),
+                            ({"other": "--other"},
+                             "one task per GPU: tasks_per_node (2) must equal gpus_per_node (8)")):
+        with pytest.raises(SystemExit):
+            cli.run(bad, [], prog="demo", flags=words)
+        assert capsys.readouterr().err == f"demo: error: {expected}\n"
+
+
+def test_flags_of_a_parser_are_its_first_spellings_by_destination():
+    p = cli.ArgumentParser(prog="demo")
+    p.add_argument("--crop-size", "--crop_size", type=int)
+    p.add_argument("--timeout", dest="timeout_min", type=int)
+    p.add_argument("path")
+    assert cli.flags_of(p) == {"crop_size": "--crop-size", "timeout_min": "--timeout"}

@@ -66,14 +66,23 @@ def test_every_option_says_its_default_at_most_once(parser):
             assert len(re.findall(r"\(default\b", text)) <= 1, (action.option_strings, text)
 
 
-def test_export_parser_matches_the_tool():
-    """eval/export_features.py checks its words with the torch-free parser before export.main parses
-    them again: both must know the same options (export.build_parser delegates; keep it so)."""
-    from ssl_xcit.evaluate import export
+# options the command layer turns into something else before the library sees them: --no-progress and
+# --no-verify (progress, verify), DINO's --patch_size (folded into the arch), DINO's ignored words
+COMMAND_ONLY = {"help", "no_progress", "no_verify", "patch_size", "dino_ignored", "num_labels"}
 
-    def flags(p):
-        return sorted(s for a in p._actions for s in a.option_strings)
-    assert flags(options.export_parser()) == flags(export.build_parser())
+
+@pytest.mark.parametrize("tool, module, settings", [
+    ("eval_knn", "knn", "KnnSettings"), ("eval_linear", "linear", "LinearSettings"),
+    ("export_features", "export", "ExportSettings"), ("eval_classification", "classification", "ClassificationConfig")])
+def test_every_option_of_a_tool_reaches_its_library_settings(tool, module, settings):
+    """A tool's options fill the library's parameters by name (options.settings): an option with no field
+    of that name would be dropped without a word, so each one must have its field."""
+    import dataclasses
+    import importlib
+    fields = {f.name for f in dataclasses.fields(getattr(importlib.import_module(f"ssl_xcit.evaluate.{module}"),
+                                                         settings))}
+    dests = {a.dest for a in options.TOOLS[tool][1]()._actions}
+    assert dests - COMMAND_ONLY <= fields, sorted(dests - COMMAND_ONLY - fields)
 
 
 # ------------------------------------------------------------------------------ one line, exit status 2
@@ -217,6 +226,38 @@ def test_nb_knn_larger_than_the_train_set_fails_before_extraction(cifar_small, c
     line = _one_line_error(capsys, lambda: cli.run(_tool_main("eval/eval_knn.py"), argv, prog="eval_knn"),
                            "eval_knn")
     assert "--nb-knn 500 exceeds the 200 train images" in line, line
+
+
+def test_runtime_library_errors_name_the_tools_flags(cifar_small, tiny_features, capsys, tmp_path):
+    """Errors the library raises once the work has begun name Python parameters (errors.named/hinted);
+    each tool's command line says its own flags instead."""
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "trainfeat.pth").write_bytes(b"")
+    line = _one_line_error(capsys, lambda: cli.run(_tool_main("eval/eval_knn.py"), ["--load-features", str(half)],
+                                                   prog="eval_knn"), "eval_knn")
+    assert "lacks" in line and "give --load-features a folder written by --dump-features" in line, line
+    line = _one_line_error(capsys, lambda: cli.run(_tool_main("eval/eval_knn.py"),
+                                                   ["--load-features", str(tiny_features), "--nb-knn", "500"],
+                                                   prog="eval_knn"), "eval_knn")
+    assert "--nb-knn 500 exceeds the" in line and "nb_knn" not in line, line
+    argv = ["--checkpoint", ARCH, "--data-path", str(cifar_small), "--mode", "full", "--crop-size", "32",
+            "--batch-size", "50", "--num-workers", "0", "--device", "cpu", "--epochs", "2", "--lr", "1e38",
+            "--no-progress", "--output-dir", str(tmp_path / "lin")]
+    with pytest.raises(SystemExit):   # full mode lists the folders with a progress bar even so: the last line
+        cli.run(_tool_main("eval/eval_linear.py"), argv, prog="eval_linear")
+    line = capsys.readouterr().err.strip().splitlines()[-1].split("\r")[-1].strip()
+    assert "the linear probe diverged in epoch 0" in line and line.endswith("; lower --lr"), line
+
+
+@pytest.fixture
+def tiny_features(tmp_path):
+    """A dump of 4 train and 2 val features, as --dump-features writes it."""
+    from ssl_xcit.evaluate.knn import dump_features
+    folder = tmp_path / "feats"
+    dump_features(folder, torch.eye(4), torch.tensor([0, 1, 0, 1]), torch.eye(4)[:2], torch.tensor([0, 1]),
+                  {"classes": ["a", "b"], "normalized": True})
+    return folder
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")

@@ -146,19 +146,43 @@ def test_the_engine_stands_below_the_loops_and_the_commands():
     assert _arrows(("ssl_xcit.engine",), ("ssl_xcit.train", "ssl_xcit.finetune", "ssl_xcit.cluster") + COMMAND_LAYER) == []
 
 
-# library modules that still hold a command's main(argv) (a command line read into an argparse
-# Namespace) beside their functions, and so import the command layer: the four evaluation tools, and
-# the `python -m` commands make_shards, report and publish (issue 32, left for a next step; this list
-# may only shrink)
-TOOL_MAINS_IN_THE_LIBRARY = {"ssl_xcit.evaluate.knn", "ssl_xcit.evaluate.linear", "ssl_xcit.evaluate.export",
-                             "ssl_xcit.evaluate.classification", "ssl_xcit.data.make_shards",
-                             "ssl_xcit.evaluate.report", "ssl_xcit.publish.__main__"}
+def _is_command(module: str) -> bool:
+    """The command layer, and a package's ``__main__`` (``python -m ssl_xcit.publish``): a command line."""
+    return _in(module, COMMAND_LAYER) or module.endswith(".__main__")
+
+
+def _main_guarded(tree: ast.Module) -> set[int]:
+    """The ids of the nodes under a module's ``if __name__ == "__main__":``: the module's ``python -m``
+    entry, which hands over to the command layer (``python -m ssl_xcit.data.make_shards``)."""
+    guards = [n for n in tree.body if isinstance(n, ast.If) and ast.unparse(n.test) in (
+        "__name__ == '__main__'", "'__main__' == __name__")]
+    return {id(inner) for g in guards for stmt in g.body for inner in ast.walk(stmt)}
 
 
 def test_the_library_never_imports_the_command_layer():
-    assert _arrows(lambda m: not _in(m, COMMAND_LAYER) and m not in TOOL_MAINS_IN_THE_LIBRARY, COMMAND_LAYER) == []
-    still = {m for m in TOOL_MAINS_IN_THE_LIBRARY if _arrows(lambda name: name == m, COMMAND_LAYER)}
-    assert still == TOOL_MAINS_IN_THE_LIBRARY, f"moved out: take {sorted(TOOL_MAINS_IN_THE_LIBRARY - still)} off the list"
+    """Parsers, flags and main(argv) are the command layer's; the library takes Python parameters (a
+    command module reads its command line into them: ssl_xcit/commands/knn.py over evaluate/knn.py)."""
+    modules = _modules()
+    arrows = [f"{m}: from {imp.module} import {a.name}" for m, tree in modules.items() if not _is_command(m)
+              for imp in _imports(tree) if id(imp) not in _main_guarded(tree) for a in imp.names
+              if _in(imp.module, COMMAND_LAYER) or _in(f"{imp.module}.{a.name}", COMMAND_LAYER)]
+    assert arrows == []
+
+
+def test_a_main_guard_or_a_main_module_only_hands_over_to_a_command():
+    """All that may sit in a ``__main__.py`` or under a library module's ``if __name__ == "__main__":``:
+    an import from the command layer's package and one call (no parser, no flag of its own)."""
+    for m, tree in _modules().items():
+        if m.endswith(".__main__"):
+            entry = {id(n) for n in ast.walk(tree)}
+        elif not _is_command(m):
+            entry = _main_guarded(tree)
+        else:
+            continue
+        calls = [ast.unparse(n) for n in ast.walk(tree) if isinstance(n, ast.Call) and id(n) in entry]
+        assert len(calls) <= 1, (m, calls)
+        imported = [imp.module for imp in _imports(tree) if id(imp) in entry]
+        assert all(_in(i, ("ssl_xcit.commands",)) for i in imported), (m, imported)
 
 
 _FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*")
@@ -173,23 +197,12 @@ def _code_strings(tree: ast.Module) -> list[ast.Constant]:
             and id(n) not in docstrings]
 
 
-# library modules that still spell a command-line flag in a code string (a message or a parser of a
-# `python -m` command): issue 32's list to empty, measured when the rule came in; none may join it
-FLAGS_STILL_IN = {"ssl_xcit.cluster.executor", "ssl_xcit.cluster.stopping", "ssl_xcit.data.make_shards",
-                  "ssl_xcit.evaluate.backbone", "ssl_xcit.evaluate.classification", "ssl_xcit.evaluate.datasets",
-                  "ssl_xcit.evaluate.export", "ssl_xcit.evaluate.knn", "ssl_xcit.evaluate.knn_index",
-                  "ssl_xcit.evaluate.linear", "ssl_xcit.evaluate.report", "ssl_xcit.evaluate.report_attention",
-                  "ssl_xcit.publish.__main__"}
-
-
 def test_no_flag_text_in_library_code():
     """Flags are the command layer's words: a library module says what a Python caller passes
     (errors a setting can fix: ssl_xcit.errors.hinted, which the command layer words as its flag)."""
     found = {m: sorted({f.group(0) for c in _code_strings(tree) for f in _FLAG.finditer(c.value)})
-             for m, tree in _modules().items() if not _in(m, COMMAND_LAYER)}
-    found = {m: flags for m, flags in found.items() if flags}
-    assert sorted(set(found) - FLAGS_STILL_IN) == [], {m: found[m] for m in set(found) - FLAGS_STILL_IN}
-    assert sorted(FLAGS_STILL_IN - set(found)) == [], "clean now: take it off FLAGS_STILL_IN"
+             for m, tree in _modules().items() if not _is_command(m)}
+    assert {m: flags for m, flags in found.items() if flags} == {}
 
 
 def _functions() -> list[tuple[str, ast.FunctionDef]]:
@@ -247,3 +260,15 @@ def test_dinos_loop_reads_in_under_120_lines():
     tree = _modules()["ssl_xcit.train.loop"]
     lines = sum(n.end_lineno - n.lineno + 1 for n in tree.body if isinstance(n, ast.FunctionDef))
     assert lines <= 120, lines
+
+
+def test_collaborators_are_passed_in_not_attached_from_outside():
+    """A run's checkpoint extras and a logger are given where the object is made (or through a method
+    named for the wiring, ``Run.wire_checkpoint_extras``), never set on another object's attribute
+    (``run.checkpoint_extras = ...``, ``monitor.logger = run.logger``: issue 32)."""
+    attached = [f"{m}:{n.lineno} {ast.unparse(t)}" for m, tree in _modules().items() for n in ast.walk(tree)
+                if isinstance(n, (ast.Assign, ast.AnnAssign))
+                for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
+                if isinstance(t, ast.Attribute) and t.attr.lstrip("_") in ("checkpoint_extras", "logger")
+                and not (isinstance(t.value, ast.Name) and t.value.id in ("self", "cls"))]
+    assert attached == []

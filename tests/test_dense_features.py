@@ -79,7 +79,7 @@ def test_bad_requests_say_what_is_valid():
 def test_timm_features_only_on_a_published_folder_gives_the_same_maps(tmp_path, capsys):
     import timm
     from ssl_xcit import cli
-    from ssl_xcit.publish.__main__ import main as publish_main
+    from ssl_xcit.commands.publish import main as publish_main
     torch.manual_seed(1)
     model = get_model(ARCH, num_classes=0).eval()
     torch.save(model.state_dict(), tmp_path / "backbone.pth")
@@ -113,12 +113,13 @@ def test_export_writes_dense_maps_equal_to_the_api(tmp_path):
     import numpy as np
     from PIL import Image
 
+    from ssl_xcit.commands import export as export_command
     from ssl_xcit.evaluate import datasets, export
     data = _image_folder(tmp_path / "imgs", [(40, 60)] * 3)
     out = tmp_path / "out"
     argv = ["--checkpoint", ARCH, "--data-path", str(data), "--out", str(out), "--dense-blocks", "3,final",
             "--dense-size", "32", "48", "--num-workers", "0", "--no-progress"]
-    manifest = export.main(argv)
+    manifest = export_command.main(argv)
     assert manifest["config"]["dtype"] == "float16" and manifest["arrays"]["dense3"]["row_shape"] == [128, 2, 3]
     got = export.load_exported(out)
     assert got["dense3"].shape == got["densefinal"].shape == (3, 128, 2, 3) and got["dense3"].dtype == np.float16
@@ -132,17 +133,17 @@ def test_export_writes_dense_maps_equal_to_the_api(tmp_path):
         want = DenseFeatures(model, (3, FINAL))(x)
     assert np.abs(got["dense3"].astype(np.float32) - want[0].numpy()).max() < 2e-2 * (1 + want[0].abs().max().item())
     assert np.abs(got["densefinal"].astype(np.float32) - want[1].numpy()).max() < 2e-2 * (1 + want[1].abs().max().item())
-    assert export.main(argv)["complete"]                           # resumed: nothing to do, same manifest
+    assert export_command.main(argv)["complete"]                           # resumed: nothing to do, same manifest
     with pytest.raises(export.ExportError, match="other settings"):
-        export.main([a if a != "3,final" else "5" for a in argv])
+        export_command.main([a if a != "3,final" else "5" for a in argv])
 
 
 def test_export_at_each_images_own_size(tmp_path, capsys):
     from ssl_xcit import cli
-    from ssl_xcit.evaluate import export
+    from ssl_xcit.commands import export as export_command
     from ssl_xcit.commands.options import run_tool
     data = _image_folder(tmp_path / "same", [(40, 60)] * 2)
-    manifest = export.main(["--checkpoint", ARCH, "--data-path", str(data), "--out", str(tmp_path / "o1"),
+    manifest = export_command.main(["--checkpoint", ARCH, "--data-path", str(data), "--out", str(tmp_path / "o1"),
                             "--dense-blocks", "11", "--num-workers", "0", "--no-progress"])
     assert manifest["arrays"]["dense11"]["row_shape"] == [128, 2, 3]          # 40x60 cropped to 32x48
     data = _image_folder(tmp_path / "mixed", [(40, 60), (48, 48)])

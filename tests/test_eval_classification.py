@@ -13,7 +13,8 @@ import timm
 import torch
 from PIL import Image
 
-from ssl_xcit.evaluate.classification import main, spread_subset, topk_correct
+from ssl_xcit.commands.classification import main
+from ssl_xcit.evaluate.classification import spread_subset, topk_correct
 
 REPO = Path(__file__).resolve().parents[1]
 MEAN = np.array([0.485, 0.456, 0.406])
@@ -82,7 +83,7 @@ def test_spread_subset_covers_all_classes():
     idx = spread_subset(100, 10)  # 10 classes x 10 images, ImageFolder order
     assert len(idx) == 10 and sorted({i // 10 for i in idx}) == list(range(10))
     assert spread_subset(100, None) is None and spread_subset(100, 500) is None
-    with pytest.raises(ValueError, match="--limit"):
+    with pytest.raises(ValueError, match="limit must be positive"):   # the library names its parameter
         spread_subset(100, 0)
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssl_xcit.commands import linear as linear_command, options
 from ssl_xcit.evaluate import backbone, linear, runtime
 from conftest import make_subset
 
@@ -101,11 +102,11 @@ def test_bad_arguments_raise():
         linear.train_linear_heads(torch.zeros(4, 2), torch.zeros(4, dtype=torch.long), 2, [0.1], [], 1, 2)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\)"):
         linear.train_linear_heads(torch.zeros(4, 2), torch.full((4,), 3), 2, [0.1], [0.0], 1, 2)
-    with pytest.raises(ValueError, match="--holdout"):
+    with pytest.raises(ValueError, match="holdout must be in"):   # the library names its parameter
         linear.cached_linear_eval(torch.zeros(4, 2), torch.zeros(4, dtype=torch.long), torch.zeros(1, 2),
                                   torch.zeros(1, dtype=torch.long), 2, linear.CachedConfig(holdout=1.5))
     with pytest.raises(ValueError, match="--epochs must be positive"):
-        linear.main(["--checkpoint", ARCH, "--data-path", ".", "--epochs", "0"])
+        linear_command.main(["--checkpoint", ARCH, "--data-path", ".", "--epochs", "0"])
 
 
 def test_probe_input_uses_last_cls_tokens():
@@ -128,10 +129,12 @@ def tiny_folder(cifar_root, tmp_path_factory):
 
 
 def _full_args(data, out, epochs=1, extra=()):
-    return linear.build_parser().parse_args(
-        ["--checkpoint", ARCH, "--data-path", str(data), "--mode", "full", "--crop-size", "32",
-         "--batch-size", "8", "--num-workers", "0", "--device", "cpu", "--output-dir", str(out),
-         "--epochs", str(epochs), "--no-progress", "--lr", "0.5", *extra])
+    """The library's settings as the command line fills them."""
+    args = options.parse("eval_linear", ["--checkpoint", ARCH, "--data-path", str(data), "--mode", "full",
+                                         "--crop-size", "32", "--batch-size", "8", "--num-workers", "0",
+                                         "--device", "cpu", "--output-dir", str(out), "--epochs", str(epochs),
+                                         "--no-progress", "--lr", "0.5", *extra], check=False)
+    return linear.with_defaults(options.settings(linear.LinearSettings, args))
 
 
 def test_full_mode_never_changes_the_backbone(tiny_folder, tmp_path):
@@ -139,7 +142,6 @@ def test_full_mode_never_changes_the_backbone(tiny_folder, tmp_path):
     model = backbone.load_frozen_backbone(ARCH)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     args = _full_args(tiny_folder, tmp_path, extra=["--n-last-blocks", "2", "--avgpool-patchtokens"])
-    linear._check_args(args)
     res = linear.full_linear_eval(args, env, tmp_path, model=model)
     after = model.state_dict()
     assert before.keys() == after.keys()
@@ -201,14 +203,15 @@ def test_full_mode_says_its_weight_decay_and_stops_when_the_probe_diverges(tiny_
                                   env, tmp_path / "wd")
     assert "weight decay 0.001" in res["protocol"] and "no weight decay" not in res["protocol"]
     assert "no weight decay" in linear.full_protocol(0.0)
-    with pytest.raises(linear.EvalInputError, match=r"diverged in epoch \d \(train loss (nan|inf)\): lower --lr"):
+    with pytest.raises(linear.EvalInputError, match=r"diverged in epoch \d \(train loss (nan|inf)\): lr 1e\+38, "
+                                                    r"scaled to .*; pass a lower lr"):
         linear.full_linear_eval(_full_args(tiny_folder, tmp_path / "lr", epochs=3, extra=["--lr", "1e38"]),
                                 env, tmp_path / "lr")
 
 
 # ------------------------------------------------------------------------------------------- CLI
 def test_cli_cached_mode_on_real_images(cifar_small, tmp_path):
-    report = linear.main(["--checkpoint", ARCH, "--data-path", str(cifar_small), "--crop-size", "32",
+    report = linear_command.main(["--checkpoint", ARCH, "--data-path", str(cifar_small), "--crop-size", "32",
                           "--num-workers", "0", "--device", "cpu", "--output-dir", str(tmp_path),
                           "--epochs", "3", "--batch-size", "64", "--lr-grid", "0.01", "1.0", "--wd-grid", "0",
                           "--no-progress"])
@@ -221,7 +224,7 @@ def test_cli_cached_mode_on_real_images(cifar_small, tmp_path):
 
 
 def test_cli_full_mode_writes_best_and_last(tiny_folder, tmp_path):
-    report = linear.main(["--checkpoint", ARCH, "--data-path", str(tiny_folder), "--mode", "full",
+    report = linear_command.main(["--checkpoint", ARCH, "--data-path", str(tiny_folder), "--mode", "full",
                           "--crop-size", "32", "--batch-size", "8", "--num-workers", "0", "--device", "cpu",
                           "--output-dir", str(tmp_path), "--epochs", "2", "--no-progress"])
     saved = json.loads((tmp_path / "linear.json").read_text())

@@ -75,7 +75,7 @@ def test_a_freeze_as_long_as_the_run_is_refused_in_one_line(cifar_small, tmp_pat
 def _documented_lines() -> list[str]:
     """The local-dir line exactly as README.md and ``python -m ssl_xcit.publish --help`` write it."""
     import re
-    from ssl_xcit.publish.__main__ import build_parser
+    from ssl_xcit.commands.publish import build_parser
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     lines = re.findall(r'`(timm\.create_model\("local-dir:hub/s12"[^`]*)`', readme)
     lines += [m.replace("OUT_DIR", "hub/s12") for m in
@@ -90,7 +90,7 @@ def test_the_documented_timm_line_loads_the_published_weights(dino_ckpt, tmp_pat
     import subprocess
     import sys
     from ssl_xcit import cli, load_backbone
-    from ssl_xcit.publish.__main__ import main as publish_main
+    from ssl_xcit.commands.publish import main as publish_main
     cli.run(publish_main, [str(dino_ckpt), str(tmp_path / "hub" / "s12")], prog="python -m ssl_xcit.publish")
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     torch.save(x, tmp_path / "x.pt")
@@ -115,7 +115,7 @@ def finetuned(cifar_small, dino_ckpt, tmp_path_factory) -> Path:
 
 def _publish_cli(capsys, *argv) -> tuple[int, str, str]:
     from ssl_xcit import cli
-    from ssl_xcit.publish.__main__ import main as publish_main
+    from ssl_xcit.commands.publish import main as publish_main
     capsys.readouterr()
     try:
         cli.run(publish_main, [str(a) for a in argv], prog="python -m ssl_xcit.publish",
@@ -271,7 +271,7 @@ def test_the_evaluation_tools_default_workers_fit_the_machine(monkeypatch):
     assert ClassificationConfig(model="m", checkpoint="none", data_path="d").num_workers == 2
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)))
     assert default_workers() == 4 and default_workers(8) == 8
-    assert options.default_workers.__module__ == "ssl_xcit.commands.options"
+    assert options.default_workers.__module__ == "ssl_xcit.evaluate.inputs"   # torch-free, below the commands
 
 
 def test_eval_knn_on_this_machine_gives_no_dataloader_worker_warning(cifar_small, tmp_path):

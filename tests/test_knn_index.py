@@ -221,11 +221,12 @@ def test_cells_hold_float16_residuals_and_report_their_bytes(clustered):
 
 
 def test_bad_cells_settings_are_one_line_errors():
-    with pytest.raises(ValueError, match="--index must be one of"):
+    # the library names its parameters (a command line its options: tests/test_cli_tools.py)
+    with pytest.raises(ValueError, match="kind must be one of"):
         IndexConfig(kind="ivfpq")
-    with pytest.raises(ValueError, match="--nprobe"):
+    with pytest.raises(ValueError, match="nprobe must be positive"):
         IndexConfig(kind="cells", nprobe=0)
-    with pytest.raises(ValueError, match="--nlist 50 exceeds the 20"):
+    with pytest.raises(ValueError, match="nlist 50 exceeds the 20"):
         build_index(torch.randn(20, 4), IndexConfig(kind="cells", nlist=50))
 
 

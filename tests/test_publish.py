@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from ssl_xcit import cli, load_backbone
-from ssl_xcit.publish.__main__ import main as publish_main
+from ssl_xcit.commands.publish import main as publish_main
 from ssl_xcit.train.loop import train
 from tests.train_helpers import tiny_config
 

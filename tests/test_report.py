@@ -119,7 +119,7 @@ def test_a_folder_that_is_not_a_run_is_refused_in_one_line(tmp_path, capsys):
     photos.mkdir()
     (photos / "holiday.jpg").write_bytes(b"x")
     with pytest.raises(SystemExit) as stop:
-        cli.run("ssl_xcit.evaluate.report:main", [str(photos)], prog="report.py")
+        cli.run("ssl_xcit.commands.report:main", [str(photos)], prog="report.py")
     captured = capsys.readouterr()
     assert stop.value.code == 2 and captured.err.count("\n") == 1, captured.err
     assert f"{photos} is not a training run's output_dir (no config.yaml, log.jsonl or checkpoint*.pth" in captured.err
@@ -167,7 +167,7 @@ def test_unreadable_images_are_skipped_for_the_attention_maps(tmp_path, cifar_sm
     assert "attention.png" in _img_sources(page)
     assert f"1 unreadable image(s) skipped: {data / '0000_broken.jpg'}" in page
     good = next(p for p in sorted(data.iterdir()) if p.name != "0000_broken.jpg")
-    out = cli.run("ssl_xcit.evaluate.report:main", [str(run), "--images", str(good), str(data / "0000_broken.jpg"),
+    out = cli.run("ssl_xcit.commands.report:main", [str(run), "--images", str(good), str(data / "0000_broken.jpg"),
                                                     "--out", str(tmp_path / "page")], prog="report.py")
     page = out.read_text()
     assert "attention.png" in _img_sources(page) and "1 unreadable image(s) skipped" in page
@@ -199,9 +199,10 @@ def test_read_log_and_checkpoint_order(tmp_path):
 
 
 def test_report_command_line(tmp_path, capsys):
-    report = pytest.importorskip("ssl_xcit.evaluate.report")
+    pytest.importorskip("ssl_xcit.evaluate.report")
+    from ssl_xcit.commands import report
     with pytest.raises(SystemExit) as stop:
-        cli.run("ssl_xcit.evaluate.report:main", [str(tmp_path / "nowhere")], prog="report.py")
+        cli.run("ssl_xcit.commands.report:main", [str(tmp_path / "nowhere")], prog="report.py")
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "nowhere" in err

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ssl_xcit.commands import make_shards as make_shards_command
 from ssl_xcit.data import make_shards as ms
 from ssl_xcit.data.folders import ImageFiles, collate_skip_corrupt
 from ssl_xcit.data.shards import ShardError, ShardImages, expand_braces, looks_like_shards
@@ -218,7 +219,7 @@ def test_make_shards_command_line_errors_are_one_line(tmp_path: Path, capsys):
                         ([str(tmp_path), str(tmp_path / "o"), "--shard-size", "big"], "--shard-size"), \
                         ([str(tmp_path), str(tmp_path / "o"), "--quality", "0"], "--quality: quality must be"):
         with pytest.raises(SystemExit) as exc:
-            cli.run("ssl_xcit.data.make_shards:main", argv, prog="make_shards")
+            cli.run("ssl_xcit.commands.make_shards:main", argv, prog="make_shards")
         err = capsys.readouterr().err
         assert exc.value.code == 2 and err.count("\n") == 1 and needle in err, err
     with pytest.raises(ms.MakeShardsError) as exc:    # the library speaks in its arguments, not in flags
@@ -244,7 +245,8 @@ def test_a_second_make_shards_into_the_same_dest_is_refused_naming_the_first(cif
     first.flush()
     try:
         with pytest.raises(SystemExit) as exc:
-            cli.run(ms.main, [str(src), str(dest), "--shard-size", "100KB", "--no-progress"], prog="make_shards")
+            cli.run(make_shards_command.main, [str(src), str(dest), "--shard-size", "100KB", "--no-progress"],
+                    prog="make_shards")
         err = capsys.readouterr().err
         assert exc.value.code == 2 and err.count("\n") == 1, err
         assert f"{dest} is in use by another make_shards (host {socket.gethostname()}, pid {os.getpid()}, since" \
@@ -280,7 +282,8 @@ def test_a_damaged_index_names_its_shard_and_make_shards_rebuilds_it(cifar_small
     command = message.split("rebuild it with: ", 1)[1].split(" (", 1)[0]
     assert command == f"python -m ssl_xcit.data.make_shards {src} {dest}"
     before = {p.name: p.stat().st_mtime_ns for p in dest.glob("shard-*.tar")}
-    cli.run(ms.main, [*shlex.split(command)[3:], "--shard-size", "100KB", "--no-progress"], prog="make_shards")
+    cli.run(make_shards_command.main, [*shlex.split(command)[3:], "--shard-size", "100KB", "--no-progress"],
+            prog="make_shards")
     assert idx.read_bytes() == good                      # the same index again
     assert (dest / "shard-000000.tar").stat().st_mtime_ns == before["shard-000000.tar"]   # the whole one kept
     rebuilt = ShardImages(dest)
@@ -293,10 +296,11 @@ def test_parse_size():
 
 def test_knn_tool_gives_the_same_figures_on_shards_as_on_the_folder(cifar_small: Path, cifar_shards: Path,
                                                                    tmp_path: Path):
+    from ssl_xcit.commands import knn as knn_command
     from ssl_xcit.evaluate import knn
 
     def run(data: Path, out: Path) -> dict:
-        return knn.main(["--checkpoint", "xcit_nano_12_p16", "--data-path", str(data), "--crop-size", "32",
+        return knn_command.main(["--checkpoint", "xcit_nano_12_p16", "--data-path", str(data), "--crop-size", "32",
                          "--batch-size", "100", "--num-workers", "0", "--device", "cpu", "--output-dir", str(out),
                          "--nb-knn", "5", "20", "--no-progress", "--dump-features", str(out / "feats")])
     on_folder, on_shards = run(cifar_small, tmp_path / "folder"), run(cifar_shards, tmp_path / "shards")
@@ -423,10 +427,11 @@ def test_quickstart_knn_on_a_shard_folder_equals_the_folder(cifar_small: Path, c
 
 def test_export_tool_on_shards_gives_the_folders_features_labels_and_paths(cifar_small: Path, cifar_shards: Path,
                                                                           tmp_path: Path):
+    from ssl_xcit.commands import export as export_command
     from ssl_xcit.evaluate import export
 
     def run(data: Path, out: Path) -> dict:
-        export.main(["--checkpoint", "xcit_nano_12_p16", "--data-path", str(data), "--split", "val", "--out",
+        export_command.main(["--checkpoint", "xcit_nano_12_p16", "--data-path", str(data), "--split", "val", "--out",
                      str(out), "--crop-size", "32", "--num-workers", "0", "--device", "cpu", "--no-progress"])
         return export.load_exported(out)
     a, b = run(cifar_small, tmp_path / "folder"), run(cifar_shards, tmp_path / "shards")

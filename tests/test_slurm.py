@@ -224,7 +224,7 @@ def test_signals_only_set_a_flag():
 @pytest.mark.parametrize("reasons, done, max_requeues, with_ckpt, requeue, words", [
     ({REQUEUE}, 0, 2, True, True, "requeue 1 of at most 2"),
     ({REQUEUE, TERMINATE}, 1, 2, True, True, "requeue 2 of at most 2"),
-    ({REQUEUE}, 2, 2, True, False, "--max-requeues=2 reached"),
+    ({REQUEUE}, 2, 2, True, False, "max_requeues=2 reached"),   # the job says the launcher's flag (below)
     ({TERMINATE}, 0, 2, True, False, "stopped on SIGTERM, not requeued"),
     ({REQUEUE}, 0, 2, False, False, "no checkpoint was written"),
 ])

@@ -18,7 +18,7 @@ import submitit
 from submitit.slurm import slurm as submitit_slurm
 
 import ssl_xcit
-from ssl_xcit.errors import UserError
+from ssl_xcit.errors import SETTING, UserError, named
 
 CLUSTERS = ("auto", "slurm", "local")
 
@@ -43,23 +43,21 @@ class JobSpec:
     job_name: str = "ssl_xcit"
     signal_delay_s: int = 90          # the warning signal comes this long before the time limit
     max_requeues: int = 20
-    additional: dict[str, Any] = field(default_factory=dict)   # --slurm key=value pass-through
+    additional: dict[str, Any] = field(default_factory=dict)   # more sbatch parameters, passed through
 
     def __post_init__(self) -> None:
-        flag = {"timeout_min": "--timeout", "signal_delay_s": "--signal-delay"}   # launch/submit.py's names
+        """Each bad value named by its field (launch/submit.py says its own flag: ssl_xcit.errors.named)."""
         for name in ("nodes", "tasks_per_node", "timeout_min"):
             if getattr(self, name) < 1:
-                raise SubmitError(f"{flag.get(name, '--' + name.replace('_', '-'))} must be at least 1, "
-                                  f"got {getattr(self, name)}")
+                raise named(SubmitError, f"{SETTING} must be at least 1, got {getattr(self, name)}", name)
         for name in ("gpus_per_node", "max_requeues", "signal_delay_s"):
             if getattr(self, name) < 0:
-                raise SubmitError(f"{flag.get(name, '--' + name.replace('_', '-'))} must be >= 0, "
-                                  f"got {getattr(self, name)}")
+                raise named(SubmitError, f"{SETTING} must be >= 0, got {getattr(self, name)}", name)
         if self.cpus_per_task is not None and self.cpus_per_task < 1:
-            raise SubmitError(f"--cpus-per-task must be at least 1, got {self.cpus_per_task}")
+            raise named(SubmitError, f"{SETTING} must be at least 1, got {self.cpus_per_task}", "cpus_per_task")
         if self.gpus_per_node and self.tasks_per_node != self.gpus_per_node:
-            raise SubmitError(f"one task per GPU: --tasks-per-node ({self.tasks_per_node}) must equal "
-                              f"--gpus-per-node ({self.gpus_per_node}) or be left out")
+            raise named(SubmitError, f"one task per GPU: {SETTING} ({self.tasks_per_node}) must equal "
+                        f"{{gpus_per_node}} ({self.gpus_per_node}) or be left out", "tasks_per_node", "gpus_per_node")
 
     @property
     def num_tasks(self) -> int:
@@ -76,7 +74,7 @@ def setup_lines() -> list[str]:
 
 
 def slurm_parameters(spec: JobSpec) -> dict[str, Any]:
-    """The spec in ``SlurmExecutor`` parameter names (``--slurm`` extras win over our own)."""
+    """The spec in ``SlurmExecutor`` parameter names (the ``additional`` extras win over our own)."""
     params: dict[str, Any] = {
         "job_name": spec.job_name,
         "time": spec.timeout_min,
@@ -114,14 +112,14 @@ def render_sbatch(spec: JobSpec, folder: Path) -> str:
 def choose_cluster(cluster: str) -> str:
     """``auto``: SLURM when its client is installed, else submitit's local executor."""
     if cluster not in CLUSTERS:
-        raise SubmitError(f"--cluster must be one of {', '.join(CLUSTERS)}, got {cluster!r}")
+        raise named(SubmitError, f"{SETTING} must be one of {', '.join(CLUSTERS)}, got {cluster!r}", "cluster")
     if cluster == "auto":
         cluster = "slurm" if (shutil.which("sbatch") or shutil.which("srun")) else "local"
     if cluster == "slurm":
         for tool in ("sbatch", "srun"):
             if shutil.which(tool) is None:
-                raise SubmitError(f"'{tool}' is not on the PATH: this machine cannot submit SLURM jobs "
-                                  "(run on a SLURM login node, or use --cluster local to run here)")
+                raise named(SubmitError, f"'{tool}' is not on the PATH: this machine cannot submit SLURM jobs "
+                            f"(run on a SLURM login node, or use {SETTING} local to run here)", "cluster")
     return cluster
 
 
@@ -149,13 +147,14 @@ def check_partition(partition: str | None) -> None:
 def make_executor(spec: JobSpec, folder: Path, cluster: str) -> submitit.AutoExecutor:
     """An ``AutoExecutor`` pinned to ``cluster`` ('slurm' or 'local'), configured from the spec."""
     if cluster == "local" and spec.nodes != 1:
-        raise SubmitError(f"--cluster local runs on this machine only: --nodes must be 1, got {spec.nodes}")
+        raise named(SubmitError, f"{SETTING} local runs on this machine only: {{nodes}} must be 1, got {spec.nodes}",
+                    "cluster", "nodes")
     folder.mkdir(parents=True, exist_ok=True)
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster,
                                      slurm_max_num_timeout=spec.max_requeues)
     if cluster == "slurm":
         # every SLURM parameter under its slurm_ name: the executor then holds exactly what
-        # render_sbatch shows for --dry-run
+        # render_sbatch shows for a dry run
         executor.update_parameters(**{f"slurm_{k}": v for k, v in slurm_parameters(spec).items()})
     else:
         # the local executor sends the warning signal 30 s before the time limit (not settable)

@@ -27,8 +27,9 @@ class Decision:
 
 
 def decide(reasons: set[str], requeues_done: int, max_requeues: int,
-           checkpoint: Path | None) -> Decision:
-    """Requeue only for the warning signal, with a checkpoint on disk, while requeues are left."""
+           checkpoint: Path | None, limit_name: str = "max_requeues") -> Decision:
+    """Requeue only for the warning signal, with a checkpoint on disk, while requeues are left.
+    ``limit_name``: the submitter's word for ``max_requeues`` (launch/submit.py's option)."""
     where = f"checkpoint: {checkpoint}" if checkpoint else "no checkpoint was written"
     if REQUEUE not in reasons:
         names = {TERMINATE: "SIGTERM", HANGUP: "SIGHUP", INTERRUPT: "SIGINT"}
@@ -37,7 +38,7 @@ def decide(reasons: set[str], requeues_done: int, max_requeues: int,
     if checkpoint is None or not Path(checkpoint).is_file():
         return Decision(False, f"stopped but not requeued: {where}, a new run would start from scratch")
     if requeues_done >= max_requeues:
-        return Decision(False, f"stopped and NOT requeued: --max-requeues={max_requeues} reached "
+        return Decision(False, f"stopped and NOT requeued: {limit_name}={max_requeues} reached "
                                f"({requeues_done} requeues done); {where}; submit again with the same "
                                "output_dir to continue")
     return Decision(True, f"requeueing (requeue {requeues_done + 1} of at most {max_requeues}); {where}")

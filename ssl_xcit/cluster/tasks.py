@@ -42,6 +42,7 @@ class TrainTask:
     config: dict[str, Any]
     kind: str = "dino"                # "dino" (pretraining) or "finetune": which config and loop
     max_requeues: int = 20
+    max_requeues_name: str = "max_requeues"   # the submitter's word for the limit, said when it is reached
     requeues_done: int = 0
     gather_timeout_s: float = 60.0    # rank 0 waits this long for the other ranks to report
     train_fn: Callable[..., Any] | None = field(default=None, repr=False)
@@ -85,7 +86,7 @@ class TrainTask:
                  f"{self.gather_timeout_s:.0f}s; rank 0 saved the checkpoint, deciding without them")
         checkpoint = getattr(result, "checkpoint", None)
         decision = decide(reasons, self.requeues_done, self.max_requeues,
-                          Path(checkpoint) if checkpoint else None)
+                          Path(checkpoint) if checkpoint else None, self.max_requeues_name)
         rv.publish(decision)
         _log(f"[cluster] {decision.message}")
         if not decision.requeue:

@@ -107,6 +107,6 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> list[dict]:
             png = cd.results_png(rows)
             atomic_write(out / "results.png", lambda tmp: Path(tmp).write_bytes(png))
     except UserError as err:
-        raise cli.own_words(err, HINTS)
+        raise cli.own_words(err, HINTS, cli.flags_of(build_parser(prog)))
     print(cd.results_table(rows))
     return rows

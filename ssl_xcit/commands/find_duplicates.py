@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> dict:
         result = duplicates.find_duplicates(args.features, args.threshold, args.top_pairs, args.descriptor,
                                             args.index, args.keep, progress=not args.no_progress)
     except UserError as err:
-        raise cli.own_words(err, HINTS)
+        raise cli.own_words(err, HINTS, cli.flags_of(build_parser(prog)))
     written = duplicates.write_duplicates(result, out, html_page=not args.no_html)
     print(duplicates.text_histogram(result["histogram"]))
     t = result["timing"]

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> dict:
         res = retrieval.evaluate_retrieval(model, args.data_path, args.dataset, args.imsize, args.multiscale, device,
                                            progress=not args.no_progress)
     except UserError as err:
-        raise cli.own_words(err, HINTS)
+        raise cli.own_words(err, HINTS, cli.flags_of(build_parser(prog)))
     print(f">> {args.dataset}: mAP M: {res['mAP_M']:.2f}, H: {res['mAP_H']:.2f}")
     print(f">> {args.dataset}: mP@k[1 5 10] M: {[round(res[f'mP@{k}_M'], 2) for k in (1, 5, 10)]}, "
           f"H: {[round(res[f'mP@{k}_H'], 2) for k in (1, 5, 10)]}")

@@ -4,8 +4,10 @@ need no model or data loaded.
 Why a module of its own: ``--help``, a mistyped option, a missing data folder or a checkpoint path
 that is a folder must be answered in a fraction of a second, not after the 5-10 s that importing
 torch takes. ``eval/*.py`` (through :func:`run_tool`) and ``launch/submit.py`` (to check a tool's
-words before submitting) use the parsers here; each tool's ``main(argv)`` parses with the same
-parser and runs the same checks, so a library caller gets the same errors.
+words before submitting) use the parsers here; each tool's ``main(argv)`` (``ssl_xcit/commands/knn.py``,
+``linear.py``, ``export.py``, ``classification.py``) parses and checks with them, fills the library's
+settings (:func:`settings`: the fields of the same names) and says a library error in its own words
+(:func:`in_own_words`: ``hinted`` roles by ``TOOL_HINTS``, ``named`` parameters by the parser's flags).
 
 DINO's flag names are aliases of ours (``--pretrained_weights`` is ``--checkpoint``, ``--data_path``
 is ``--data-path``, ``--batch_size_per_gpu`` is ``--batch-size``, ...), so DINO's ``eval_knn.py`` and
@@ -23,10 +25,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ssl_xcit.cli import ArgumentParser, bool_word, own_words
+from ssl_xcit.cli import flags_of as own_flags
 from ssl_xcit.errors import UserError
 from ssl_xcit.evaluate.inputs import (DEFAULT_KS, DEFAULT_LR_GRID, DEFAULT_TEMPERATURE, DEFAULT_WD_GRID,  # noqa: F401
                                       SPECIAL_CHECKPOINTS, EvalInputError, MissingPathError, check_non_negative,
-                                      check_positive)
+                                      check_positive, default_workers)
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
@@ -41,17 +44,6 @@ def add_backbone_args(parser: argparse.ArgumentParser, required: bool = True) ->
     g.add_argument("--arch", default=None, help="architecture, when the checkpoint does not name it")
     g.add_argument("--checkpoint-key", "--checkpoint_key", default="teacher", choices=("teacher", "student"),
                    help="which network of a DINO checkpoint to evaluate (default: teacher, as DINO)")
-
-
-def default_workers(cap: int = 4) -> int:
-    """Data-loading workers sized to the CPUs this process may use (its affinity, as PyTorch counts
-    them): at most ``cap``, never more than the cores, so a 2-core machine gets 2 and no DataLoader
-    warning that the workers exceed the suggested maximum."""
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):   # no affinity on this platform
-        usable = os.cpu_count() or 1
-    return max(1, min(cap, usable))
 
 
 def add_data_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -388,12 +380,12 @@ def check_classification_args(args: argparse.Namespace) -> None:
 
 
 # --------------------------------------------------------------------------------------------- tools
-# command-line name -> (module with main(argv), parser, checks)
+# command-line name -> (command module with main(argv, prog), parser, checks)
 TOOLS: dict[str, tuple[str, Callable[[], argparse.ArgumentParser], Callable[[argparse.Namespace], None]]] = {
-    "eval_knn": ("ssl_xcit.evaluate.knn", knn_parser, check_knn_args),
-    "eval_linear": ("ssl_xcit.evaluate.linear", linear_parser, check_linear_args),
-    "export_features": ("ssl_xcit.evaluate.export", export_parser, check_export_args),
-    "eval_classification": ("ssl_xcit.evaluate.classification", classification_parser,
+    "eval_knn": ("ssl_xcit.commands.knn", knn_parser, check_knn_args),
+    "eval_linear": ("ssl_xcit.commands.linear", linear_parser, check_linear_args),
+    "export_features": ("ssl_xcit.commands.export", export_parser, check_export_args),
+    "eval_classification": ("ssl_xcit.commands.classification", classification_parser,
                             check_classification_args),
 }
 
@@ -403,14 +395,25 @@ TOOLS: dict[str, tuple[str, Callable[[], argparse.ArgumentParser], Callable[[arg
 # of its message: a hint names only what can be typed into that command.
 _ARCH = "pass --arch NAME (a zoo architecture, e.g. xcit_small_12_p16)"
 TOOL_HINTS: dict[str, dict[str, str]] = {
-    "eval_knn": {"arch": _ARCH},
-    "eval_linear": {"arch": _ARCH},
-    "export_features": {"arch": _ARCH, "dense_size": "pass --dense-size H W"},
+    "eval_knn": {"arch": _ARCH, "load_features": "give --load-features a folder written by --dump-features"},
+    "eval_linear": {"arch": _ARCH, "output_dir": "or use another --output-dir", "lr": "lower --lr"},
+    "export_features": {"arch": _ARCH, "dense_size": "pass --dense-size H W",
+                        "start_over": "use another --out folder, or --overwrite to start this export over",
+                        "split": "pass --split train or --split val (otherwise they would be exported as two "
+                                 "classes)"},
     "eval_classification": {
         "allow_pickle": "if you trust the file, pass --allow-pickle",
         "format": "pass --format with one of them",
         "download": "or pass --download to fetch them (uses the network)",
     },
+}
+# A library error about one Python parameter (ssl_xcit.errors.named) says it with the option that fills
+# it: the parser's own (same name, ssl_xcit.cli.flags_of), or these where the library's name differs.
+TOOL_FLAGS: dict[str, dict[str, str]] = {
+    "eval_knn": {"kind": "--index", "ks": "--nb-knn"},
+    "eval_linear": {},
+    "export_features": {"formats": "--format"},
+    "eval_classification": {"model": "--model"},
 }
 
 
@@ -426,14 +429,35 @@ def parse(tool: str, argv: list[str] | None, check: bool = True, prog: str | Non
     return args
 
 
-def run_tool(tool: str, argv: list[str], prog: str | None = None) -> Any:
-    """The command line of ``eval/<tool>.py`` (or of its console command ``prog``): answer ``--help``
-    and bad input first, then import the tool (and torch) and run its ``main``."""
-    args = parse(tool, argv, prog=prog)
+def settings(cls: type, args: argparse.Namespace, **more: Any) -> Any:
+    """The library's parameters (the dataclass ``cls``) from a parsed command line: each field the
+    option of the same name fills, ``progress`` from ``--no-progress``; ``more`` wins."""
+    import dataclasses
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    if "progress" in names and hasattr(args, "no_progress"):
+        values["progress"] = not args.no_progress
+    return cls(**{**values, **more})
+
+
+def tool_flags(tool: str) -> dict[str, str]:
+    """``tool``'s option for each Python parameter a library error may name."""
+    return {**own_flags(TOOLS[tool][1]()), **TOOL_FLAGS.get(tool, {})}
+
+
+def in_own_words(tool: str, args: argparse.Namespace, work: Callable[[], Any]) -> Any:
+    """``work()`` (the library call of ``tool``), a library error said in this tool's words: its hints
+    for a setting's role, its options for a Python parameter, its ``--device``."""
     try:
-        return importlib.import_module(TOOLS[tool][0]).main(argv)
-    except UserError as err:   # a library hint in this tool's words (or left out)
-        raise own_words(_device_words(err, getattr(args, "device", None)), TOOL_HINTS.get(tool))
+        return work()
+    except UserError as err:
+        raise own_words(_device_words(err, getattr(args, "device", None)), TOOL_HINTS.get(tool), tool_flags(tool))
+
+
+def run_tool(tool: str, argv: list[str], prog: str | None = None) -> Any:
+    """The command line of ``eval/<tool>.py`` (or of its console command ``prog``): its command
+    module's ``main``, which answers ``--help`` and bad input before it imports torch."""
+    return importlib.import_module(TOOLS[tool][0]).main(argv, prog=prog)
 
 
 def _device_words(err: UserError, device: str | None) -> UserError:

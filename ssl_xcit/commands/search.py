@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> dict:
                                       pick_device(args.device), args.index, args.rebuild_index,
                                       progress=not args.no_progress)
     except UserError as err:
-        raise cli.own_words(err, HINTS)
+        raise cli.own_words(err, HINTS, cli.flags_of(build_parser(prog)))
     written = search.write_search_results(result, out, html_page=not args.no_html)
     _print(result)
     print("results: " + ", ".join(str(p) for p in written.values()))

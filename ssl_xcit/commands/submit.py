@@ -192,7 +192,8 @@ def prepare_training(args: argparse.Namespace, words: list[str], tool: str | Non
     spec = job_spec(args, default_name=f"{kind}_{output_dir.name}")
     # what the user set, not the resolved values: the job rebuilds the config as launch/train.py
     # does, so recipe=auto chooses there exactly what it would choose here
-    task = TrainTask(config=user_values(cfg), kind=kind, max_requeues=spec.max_requeues, train_fn=train_fn)
+    task = TrainTask(config=user_values(cfg), kind=kind, max_requeues=spec.max_requeues, train_fn=train_fn,
+                     max_requeues_name="--max-requeues")
     what = "fine-tuning" if tool else "training"
     return Prepared(task, spec, job_dir, f"{what} {arch} into {output_dir}")
 
@@ -342,10 +343,15 @@ def _run(argv: list[str]) -> int:
     return 0
 
 
+# the launcher's option for each JobSpec field a library error names (ssl_xcit.errors.named); the
+# parser's own where the names agree
+FLAGS = {**cli.flags_of(build_parser()), "timeout_min": "--timeout", "signal_delay_s": "--signal-delay"}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry: returns the exit status; a known error is one line on stderr and status 2
     (:func:`ssl_xcit.cli.run`: ``--debug`` shows its traceback)."""
     try:
-        return cli.run(_run, argv, prog=PROG)
+        return cli.run(_run, argv, prog=PROG, flags=FLAGS)
     except SystemExit as stop:  # cli.run's status for a known error or ^C; argparse's 0 after --help
         return stop.code if isinstance(stop.code, int) else 1

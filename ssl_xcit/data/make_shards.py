@@ -24,7 +24,6 @@ up) and stores JPEG at ``--quality``.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -306,30 +305,6 @@ def make_shards(src: str | os.PathLike, dest: str | os.PathLike, shard_size: int
                                           resize, quality, progress) for split in splits_of(root)}
 
 
-def main(argv: list[str] | None = None) -> dict[str, dict]:
-    p = argparse.ArgumentParser(prog="python -m ssl_xcit.data.make_shards",
-                                description="Write WebDataset-style tar shards (with an index and a manifest) "
-                                            "from an image folder or archive; resumable.")
-    p.add_argument("src", help="ImageFolder, flat folder, root with train/ (and val/), or .tar/.tar.gz")
-    p.add_argument("dest", help="output folder (DEST/train and DEST/val for a root with train/)")
-    p.add_argument("--shard-size", default="1GB", help="target shard size, e.g. 1GB, 500MB (default: %(default)s)")
-    p.add_argument("--resize", type=int, default=None, help="scale the shorter side down to this many px")
-    p.add_argument("--quality", type=int, default=90, help="JPEG quality with --resize (default: %(default)s)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = p.parse_args(argv)
-    try:
-        result = make_shards(args.src, args.dest, args.shard_size, args.resize, args.quality, not args.no_progress)
-    except MakeShardsError as e:
-        if not e.option:
-            raise
-        raise MakeShardsError(f"--{e.option.replace('_', '-')}: {e}") from None
-    for split, m in result.items():
-        where = Path(args.dest) / split if split != "." else Path(args.dest)
-        print(f"{where}: {m['images']} images in {len(m['shards'])} shards, {len(m['classes'])} classes, "
-              f"{m['skipped']} unreadable skipped")
-    return result
-
-
-if __name__ == "__main__":
-    from ssl_xcit import cli
-    cli.run(main, prog="python -m ssl_xcit.data.make_shards")
+if __name__ == "__main__":   # the command line is the command layer's (its parser, its flags)
+    from ssl_xcit.commands.make_shards import run_as_script
+    run_as_script()

@@ -128,7 +128,7 @@ class Run(dist_utils.OnRank):
         self.dataset: Any = None
         self.sampler: Any = None
         self.trainable: Trainable | None = None
-        self.checkpoint_extras: Callable[[], dict[str, Any]] = dict   # more of the loop's state (time budget)
+        self._checkpoint_extras: Callable[[], dict[str, Any]] | None = None   # more of the loop's state (budget)
         self.diverged: str | None = None      # why the run counts as diverging (checkpoints then kept)
         self._weights_rms: float | None = None
         self._progress: Any = None
@@ -190,6 +190,20 @@ class Run(dist_utils.OnRank):
         """What the run trains and on what: the position's epochs are the sampler's."""
         self.trainable, self.dataset, self.sampler = trainable, dataset, sampler
         self.steps_per_epoch, self.total_steps = sampler.steps_per_epoch, total_steps
+
+    def wire_checkpoint_extras(self, provider: Callable[[], dict[str, Any]]) -> None:
+        """More of the loop's state in every checkpoint (DINO's time budget), given once: the budget is
+        made from the attached run, so it cannot be passed to the run's constructor."""
+        if self._checkpoint_extras is not None:
+            raise RuntimeError("the checkpoint extras of this run are wired already")
+        self._checkpoint_extras = provider
+
+    def scalars(self, step: int, values: dict[str, float], epoch: int, group: str = "train") -> None:
+        """One progress record into the run's logs once they are open (nothing before): the k-NN monitor
+        is built before the logs open (a bad eval_data_path must stop the start first) and is given the
+        run as its logger."""
+        if self.logger is not None:
+            self.logger.scalars(step, values, epoch, group=group)
 
     def open_logs(self, config_text: str, resumed: dict | None, choices: str | None = None,
                   **start_fields: Any) -> None:
@@ -502,7 +516,7 @@ class Run(dist_utils.OnRank):
             torch.distributed.all_gather_object(gathered, rng_states[0])
             rng_states = gathered
         gs, spe = self.global_step, self.steps_per_epoch
-        return {"kind": self.kind, **self.trainable.state_dict(), **self.checkpoint_extras(),
+        return {"kind": self.kind, **self.trainable.state_dict(), **(self._checkpoint_extras or dict)(),
                 "epoch": gs // spe, "global_step": gs, "steps_per_epoch": spe, "rng": rng_states,
                 "config": self.cfg.to_dict(),
                 # the data position in sampler terms, so a run with another global batch can resume

@@ -16,6 +16,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
+from ssl_xcit.errors import SETTING, named
 from ssl_xcit.evaluate.inputs import EvalInputError
 
 OUTPUT_NAMES = ("cls", "last_blocks", "avgpool", "patch")
@@ -36,9 +37,9 @@ def load_frozen_backbone(checkpoint: str, arch: str | None = None, checkpoint_ke
         model = load_backbone(checkpoint, arch=arch, checkpoint_key=checkpoint_key)
     patch = getattr(model, "patch_size", None)
     if crop_size is not None and isinstance(patch, int) and crop_size % patch:
-        raise EvalInputError(f"--crop-size {crop_size} is not divisible by the patch size {patch} of "
-                             f"{getattr(model, 'arch', type(model).__name__)}: use a multiple of {patch} "
-                             f"(e.g. {max(patch, crop_size // patch * patch)})")
+        raise named(EvalInputError, f"{SETTING} {crop_size} is not divisible by the patch size {patch} of "
+                    f"{getattr(model, 'arch', type(model).__name__)}: use a multiple of {patch} "
+                    f"(e.g. {max(patch, crop_size // patch * patch)})", "crop_size")
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -81,13 +82,13 @@ def max_last_blocks(model: nn.Module) -> int:
 
 
 def check_n_last_blocks(model: nn.Module, n: int) -> None:
-    """``--n-last-blocks n`` fits the backbone: checked once it is loaded, before any image is read (the
+    """``n_last_blocks=n`` fits the backbone: checked once it is loaded, before any image is read (the
     forward pass would otherwise fail on the first batch, with a traceback)."""
     most = max_last_blocks(model)
     if not 1 <= n <= most:
         arch = getattr(model, "arch", type(model).__name__)
-        raise EvalInputError(f"--n-last-blocks {n}: this backbone ({arch}) has {most} block(s) carrying a CLS "
-                             f"token (XCiT: its class-attention blocks), so give at most {most}")
+        raise named(EvalInputError, f"{SETTING} {n}: this backbone ({arch}) has {most} block(s) carrying a CLS "
+                    f"token (XCiT: its class-attention blocks), so give at most {most}", "n_last_blocks")
 
 
 def backbone_outputs(model: nn.Module, images: torch.Tensor, names: Iterable[str],

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -24,10 +24,11 @@ from torch.utils.data import DataLoader, Subset
 from ssl_xcit.data.subsets import evenly_spread
 from ssl_xcit.data.folders import Batch, ImageFiles, collate_skip_corrupt
 from ssl_xcit.ranks import is_rank0
-from ssl_xcit.commands import options
+from ssl_xcit.errors import SETTING, named
 from ssl_xcit.distributed import pick_device
 from ssl_xcit.evaluate.datasets import transform_for
-from ssl_xcit.evaluate.inputs import SPECIAL_CHECKPOINTS, EvalInputError, check_positive  # noqa: F401 (SPECIAL_CHECKPOINTS re-exported)
+from ssl_xcit.evaluate.inputs import (SPECIAL_CHECKPOINTS, EvalInputError, MissingPathError,  # noqa: F401 (re-exported)
+                                      check_positive, default_workers)
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +36,14 @@ log = logging.getLogger(__name__)
 @dataclass
 class ClassificationConfig:
     model: str
-    checkpoint: str  # a file, 'pretrained' (published weights of --model) or 'none' (random)
+    checkpoint: str  # a file, 'pretrained' (published weights of the model) or 'none' (random)
     data_path: str
     batch_size: int = 64
     device: str = "auto"
     limit: int | None = None
-    num_workers: int = field(default_factory=options.default_workers)   # at most the usable cores
+    num_workers: int = field(default_factory=default_workers)   # at most the usable cores
     img_size: int | None = None
-    num_classes: int | None = None  # only for --checkpoint none; otherwise the checkpoint's head
+    num_classes: int | None = None  # only for checkpoint 'none'; otherwise the checkpoint's head
     checkpoint_key: str = "teacher"
     format: str = "auto"
     allow_pickle: bool = False
@@ -53,22 +54,22 @@ def resolve_val_root(path: str | os.PathLike) -> Path:
     """``path`` itself when it holds class folders, or ``path/val`` (an ImageNet-style root)."""
     root = Path(path).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f"--data-path {root}: folder not found")
+        raise named(MissingPathError, f"{SETTING} {root}: folder not found", "data_path")
     if (root / "val").is_dir():
         return root / "val"
     if not any(p.is_dir() for p in root.iterdir()):
-        raise EvalInputError(f"--data-path {root}: no class folders (expected <root>/<class>/<image> "
-                         "or <root>/val/<class>/<image>)")
+        raise named(EvalInputError, f"{SETTING} {root}: no class folders (expected <root>/<class>/<image> "
+                    "or <root>/val/<class>/<image>)", "data_path")
     return root
 
 
 def spread_subset(n_total: int, limit: int | None) -> list[int] | None:
-    """Evenly spaced indices so that a ``--limit`` look still covers all classes (ImageFolder
+    """Evenly spaced indices so that a ``limit`` look still covers all classes (ImageFolder
     orders images by class, so the first N images would all be class 0)."""
     if limit is None or limit >= n_total:
         return None
     if limit <= 0:
-        raise EvalInputError(f"--limit must be positive, got {limit}")
+        raise named(EvalInputError, f"{SETTING} must be positive, got {limit}", "limit")
     return evenly_spread(n_total, limit).tolist()
 
 
@@ -119,14 +120,14 @@ def _build_model(cfg: ClassificationConfig, n_dataset_classes: int):
 
     overrides = {"img_size": cfg.img_size} if cfg.img_size else {}
     if cfg.checkpoint == "none":
-        log.warning("--checkpoint none: evaluating a randomly initialised %s", cfg.model)
+        log.warning("checkpoint 'none': evaluating a randomly initialised %s", cfg.model)
         return build_model(cfg.model, num_classes=cfg.num_classes or n_dataset_classes,
                            **overrides)
     try:
         path = pretrained_file(cfg.model, cfg.download) if cfg.checkpoint == "pretrained" \
             else Path(cfg.checkpoint)
     except ValueError as err:  # no published weights for this name
-        raise EvalInputError(f"--checkpoint pretrained: {err}") from None
+        raise named(EvalInputError, f"{SETTING} pretrained: {err}", "checkpoint") from None
     weights = load_state_source(path, cfg.format, cfg.checkpoint_key, cfg.allow_pickle)
     if not cfg.img_size and weights.img_size:   # a fine-tuning run's checkpoint: the resolution it trained at
         overrides = {"img_size": weights.img_size}
@@ -139,18 +140,26 @@ def _build_model(cfg: ClassificationConfig, n_dataset_classes: int):
     return model
 
 
+def _check_model_name(name: str) -> None:
+    from ssl_xcit.models.zoo import resolve  # the name table: no torch
+    try:
+        resolve(name)
+    except ValueError as err:
+        raise named(EvalInputError, f"{SETTING}: {err}", "model") from None
+
+
 def run(cfg: ClassificationConfig) -> dict:
     """Library entry: evaluate and return the result dict (also printed as one line)."""
-    options.check_model_name(cfg.model, "--model")  # unknown names fail before any data is touched
-    check_positive(cfg.batch_size, "--batch-size")
+    _check_model_name(cfg.model)  # unknown names fail before any data is touched
+    check_positive(cfg.batch_size, "batch_size")
     device = pick_device(cfg.device)  # before minutes of work: cuda without a GPU fails here
     root = resolve_val_root(cfg.data_path)
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     model = _build_model(cfg, len(classes))
     n_out = model.num_classes
     if len(classes) > n_out:
-        raise EvalInputError(f"--data-path {root} has {len(classes)} class folders but the model "
-                         f"predicts {n_out} classes")
+        raise named(EvalInputError, f"{SETTING} {root} has {len(classes)} class folders but the model "
+                    f"predicts {n_out} classes", "data_path")
     if len(classes) < n_out:
         log.warning("%s has %d class folders, the model %d classes: indices follow the sorted "
                     "folder names, so results are only meaningful if they are the model's first "
@@ -173,15 +182,3 @@ def run(cfg: ClassificationConfig) -> dict:
           f"{model.img_size[0]}x{model.img_size[1]}): top-1 {scores['top1']:.2f}%  "
           f"top-5 {scores['top5']:.2f}%  ({secs:.1f} s)", flush=True)
     return result
-
-
-def parse_args(argv: Sequence[str] | None = None) -> ClassificationConfig:
-    """The command line (torch-free parser and checks: :mod:`ssl_xcit.commands.options`)."""
-    a = options.parse("eval_classification", None if argv is None else list(argv))
-    return ClassificationConfig(**{f.name: getattr(a, f.name) for f in fields(ClassificationConfig)})
-
-
-def main(argv: Sequence[str] | None = None) -> dict:
-    """Command-line entry (``eval/eval_classification.py``): returns the result dict."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return run(parse_args(argv))

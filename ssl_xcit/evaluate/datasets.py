@@ -8,19 +8,24 @@ from pathlib import Path
 import torch
 
 from ssl_xcit.data.common import IMAGENET_MEAN, IMAGENET_STD
+from ssl_xcit.errors import SETTING, named
 from ssl_xcit.evaluate.backbone import load_frozen_backbone
 from ssl_xcit.evaluate.inputs import EvalInputError, check_positive
 from ssl_xcit.evaluate.runtime import EvalEnv
 
 
+class MissingSplitError(EvalInputError, FileNotFoundError):
+    """A data folder without the train/ or val/ an evaluation reads (a ``FileNotFoundError``, as before)."""
+
+
 def resize_for(crop_size: int, resize: int | None = None) -> int:
     """DINO's ratio: resize 256 for a 224 crop, scaled for other crop sizes."""
-    check_positive(crop_size, "--crop-size")
+    check_positive(crop_size, "crop_size")
     if resize is None:
         return int(round(crop_size * 256 / 224))
-    check_positive(resize, "--resize")
+    check_positive(resize, "resize")
     if resize < crop_size:
-        raise EvalInputError(f"--resize {resize} is smaller than --crop-size {crop_size}")
+        raise named(EvalInputError, f"{SETTING} {resize} is smaller than the crop size {crop_size}", "resize")
     return resize
 
 
@@ -60,7 +65,7 @@ def probe_train_transform(crop_size: int = 224):
     """RandomResizedCrop + horizontal flip, DINO's linear-probe training transform (fine-tuning's, with
     RandAugment and random erasing, is :func:`ssl_xcit.finetune.data.train_transform`)."""
     from torchvision import transforms as T
-    check_positive(crop_size, "--crop-size")
+    check_positive(crop_size, "crop_size")
     return T.Compose([T.RandomResizedCrop(crop_size), T.RandomHorizontalFlip(), T.ToTensor(),
                       T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
@@ -73,7 +78,7 @@ def resolve_root(data_path: str | os.PathLike) -> Path:
 
 def open_images(root: str | os.PathLike, transform, progress: bool | None = None) -> "torch.utils.data.Dataset":
     """The project's image dataset: a folder (class or flat layout) or tar shards; ``None`` for corrupt files.
-    ``progress=False`` silences the listing's progress bar (``--no-progress``)."""
+    ``progress=False`` silences the listing's progress bar."""
     from ssl_xcit.data.sources import open_image_dataset
     return open_image_dataset(root, transform, progress=progress)
 
@@ -81,7 +86,8 @@ def open_images(root: str | os.PathLike, transform, progress: bool | None = None
 def open_split(data_root: Path, split: str, transform, need_labels: bool = True, progress: bool | None = None):
     folder = Path(data_root) / split
     if not folder.is_dir():
-        raise FileNotFoundError(f"--data-path {data_root} has no {split}/ folder (expected train/ and val/)")
+        raise named(MissingSplitError, f"{SETTING} {data_root} has no {split}/ folder (expected train/ and val/)",
+                    "data_path")
     ds = open_images(folder, transform, progress)
     if need_labels and not getattr(ds, "classes", None):
         raise EvalInputError(f"{folder} has no class sub-folders: this evaluation needs labelled images "
@@ -99,11 +105,12 @@ def check_same_classes(train_ds, val_ds, data_root: Path) -> list[str]:
 
 
 def open_splits(args):
-    """``(train_ds, val_ds, classes)`` for the tools that read train/ and val/ (k-NN, linear):
-    DINO's eval transform on both splits, the same classes checked."""
+    """``(train_ds, val_ds, classes)`` for the tools that read train/ and val/ (k-NN, linear; ``args``:
+    their settings, :class:`ssl_xcit.evaluate.inputs.SourceSettings`): DINO's eval transform on both
+    splits, the same classes checked."""
     root = resolve_root(args.data_path)
     tf = eval_transform(args.crop_size, args.resize)
-    progress = False if getattr(args, "no_progress", False) else None
+    progress = None if getattr(args, "progress", True) else False
     train_ds = open_split(root, "train", tf, progress=progress)
     val_ds = open_split(root, "val", tf, progress=progress)
     return train_ds, val_ds, check_same_classes(train_ds, val_ds, root)

@@ -28,13 +28,12 @@ anything else is refused (``--overwrite`` starts the export over).
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -44,9 +43,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ssl_xcit import distributed as du
-from ssl_xcit.errors import UserError, hinted
+from ssl_xcit.errors import SETTING, UserError, hinted, named
 from ssl_xcit.evaluate import backbone, datasets, runtime
-from ssl_xcit.evaluate.inputs import check_positive
+from ssl_xcit.evaluate.inputs import SourceSettings, check_positive
 from ssl_xcit.atomic import atomic_write, atomic_write_json, check_writable, file_sha256, remove_orphans_in
 
 logger = logging.getLogger(__name__)
@@ -60,8 +59,8 @@ _EXPORT_FILE = re.compile(r"shard-\d{5}\.[\w.]+")
 
 
 class ExportError(UserError, ValueError):
-    """An export that cannot start or resume as asked (other settings or weights in ``--out``, a bad
-    option); the message says what to do. A ``ValueError`` too, as before."""
+    """An export that cannot start or resume as asked (other settings or weights in its folder, a bad
+    setting); the message says what to do. A ``ValueError`` too, as before."""
 
 
 @dataclass(frozen=True)
@@ -83,11 +82,11 @@ class ExportConfig:
         if ("last_blocks" in self.outputs) != (self.n_last_blocks > 0):
             raise ExportError("'last_blocks' is exported exactly when n_last_blocks > 0 "
                              f"(outputs={self.outputs}, n_last_blocks={self.n_last_blocks})")
-        check_positive(self.shard_size, "--shard-size")
+        check_positive(self.shard_size, "shard_size")
         if not self.formats or any(f not in FORMATS for f in self.formats):
-            raise ExportError(f"--format must be npy, safetensors or both; got {self.formats}")
+            raise named(ExportError, f"{SETTING} must be npy, safetensors or both; got {self.formats}", "formats")
         if self.dtype not in DTYPES:
-            raise ExportError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+            raise named(ExportError, f"{SETTING} must be one of {sorted(DTYPES)}, got {self.dtype!r}", "dtype")
 
 
 def dense_key(block: int | str) -> str:
@@ -192,7 +191,10 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-_START_OVER = "use another --out folder, or --overwrite to start this export over"
+def _start_over(problem: str) -> ExportError:
+    """An export that this folder's earlier one refuses: another folder, or starting over, gets past it."""
+    return hinted(ExportError, problem, "pass another out folder, or overwrite=True to start this export over",
+                  needs="start_over")
 
 
 def _check_existing(out_dir: Path, base: dict) -> None:
@@ -203,22 +205,22 @@ def _check_existing(out_dir: Path, base: dict) -> None:
     try:
         old = json.loads(path.read_text())
     except ValueError as err:
-        raise ExportError(f"{path} is not valid JSON ({err}); {_START_OVER}") from err
+        raise _start_over(f"{path} is not valid JSON ({err})") from err
     if not isinstance(old, dict) or old.get("format") != FORMAT:
-        raise ExportError(f"{path} is not an ssl_xcit feature export; {_START_OVER}")
+        raise _start_over(f"{path} is not an ssl_xcit feature export")
     old_src, new_src = old.get("config", {}).get("source", {}), base["config"]["source"]
     old_sha, new_sha = old_src.get("checkpoint_sha256"), new_src.get("checkpoint_sha256")
     if (old_sha or new_sha) and old_sha != new_sha:
         def ident(src: dict, sha: str | None) -> str:
             what = f"checkpoint {src.get('checkpoint')}"
             return f"{what} with sha256 {sha[:16]}..." if sha else f"{what} (no file hash recorded)"
-        raise ExportError(f"{out_dir} holds features of {ident(old_src, old_sha)}, but this export reads "
-                          f"{ident(new_src, new_sha)}: resuming would mix two models; {_START_OVER}")
+        raise _start_over(f"{out_dir} holds features of {ident(old_src, old_sha)}, but this export reads "
+                          f"{ident(new_src, new_sha)}: resuming would mix two models")
     old_w, new_w = old.get("model", {}).get("weights_sha256"), base["model"]["weights_sha256"]
     if old_w != new_w:
         was = f"weights sha256 {old_w[:16]}..." if old_w else "weights not recorded (older ssl_xcit)"
-        raise ExportError(f"{out_dir} holds features of other weights ({was}; this model's: {new_w[:16]}...): "
-                          f"resuming would mix two models; {_START_OVER}")
+        raise _start_over(f"{out_dir} holds features of other weights ({was}; this model's: {new_w[:16]}...): "
+                          "resuming would mix two models")
     keys = ("config", "num_images", "num_shards", "root", "classes")
     old_flat, new_flat = _flat({k: old.get(k) for k in keys}), _flat({k: base[k] for k in keys})
     if new_sha is not None:  # same file contents: where it lies now does not matter
@@ -227,7 +229,7 @@ def _check_existing(out_dir: Path, base: dict) -> None:
     diff = [k for k in sorted(set(old_flat) | set(new_flat)) if old_flat.get(k) != new_flat.get(k)]
     if diff:
         detail = "; ".join(f"{k}: {old_flat.get(k)!r} -> {new_flat.get(k)!r}" for k in diff)[:600]
-        raise ExportError(f"{out_dir} holds an export with other settings ({detail}); {_START_OVER}")
+        raise _start_over(f"{out_dir} holds an export with other settings ({detail})")
 
 
 def _remove_export(out_dir: Path) -> None:
@@ -431,25 +433,35 @@ def load_exported(out_dir: str | os.PathLike, verify: bool = False) -> dict[str,
     return result
 
 
-# --------------------------------------------------------------------------------------------- CLI
-def build_parser() -> argparse.ArgumentParser:
-    """The command line: defined torch-free in :mod:`ssl_xcit.commands.options` (``--help`` and bad
-    input answer before torch loads); add an option there."""
-    from ssl_xcit.commands.options import export_parser
-    return export_parser()
+# --------------------------------------------------------------------------------------------- the tool
+@dataclass
+class ExportSettings(SourceSettings):
+    """An export as :func:`export_folder` runs it (the backbone and images: ``SourceSettings``)."""
+
+    out: str = ""                        # the export's folder (an interrupted export there is resumed)
+    split: str | None = None             # sub-folder of data_path to export (train, val); None: data_path
+    patch_tokens: bool = False           # also the patch tokens (large)
+    n_last_blocks: int = 0               # also the concatenated CLS tokens of the last n blocks
+    format: str = "npy"                  # npy, safetensors or both
+    shard_size: int = 10000              # images per shard
+    dtype: str | None = None             # float16 or float32 (None: float16 with dense_blocks, else float32)
+    dense_blocks: list | None = None     # XCA block indices and/or "final": (D, H/p, W/p) maps
+    dense_size: tuple[int, int] | None = None   # (H, W) every image is resized to for dense maps
+    verify: bool = True                  # on resume, re-read finished shards' sha256
+    overwrite: bool = False              # delete an earlier export in out (other checkpoint or settings)
 
 
-def _transform(args: argparse.Namespace, model: nn.Module):
-    """DINO's eval transform (resize, centre crop); with dense maps the image at --dense-size
+def _transform(s: ExportSettings, model: nn.Module):
+    """DINO's eval transform (resize, centre crop); with dense maps the image at ``dense_size``
     (resized, no crop) or at its own size cropped to the patch, so the maps cover the image."""
-    if not args.dense_blocks:
-        return datasets.eval_transform(args.crop_size, args.resize)
+    if not s.dense_blocks:
+        return datasets.eval_transform(s.crop_size, s.resize)
     patch = int(model.patch_embed.patch_size)
-    if args.dense_size is not None:
-        h, w = args.dense_size
+    if s.dense_size is not None:
+        h, w = s.dense_size
         if h % patch or w % patch:
-            raise ExportError(f"--dense-size {h} {w} is not divisible by the patch size {patch}: use multiples of "
-                              f"{patch} (e.g. {max(patch, h // patch * patch)} {max(patch, w // patch * patch)})")
+            raise named(ExportError, f"{SETTING} {h} {w} is not divisible by the patch size {patch}: use multiples of "
+                    f"{patch} (e.g. {max(patch, h // patch * patch)} {max(patch, w // patch * patch)})", "dense_size")
         return datasets.eval_transform((h, w), (h, w))
     from torchvision import transforms as T
 
@@ -468,51 +480,53 @@ def _file_version(checkpoint: str) -> tuple | None:
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    if args.batch_size is None:
-        args.batch_size = 128
-    check_positive(args.batch_size, "--batch-size")
-    if args.n_last_blocks < 0:
-        raise ExportError(f"--n-last-blocks must be >= 0, got {args.n_last_blocks}")
-    root = datasets.resolve_root(args.data_path)
-    folder = root / args.split if args.split else root
+def _source_folder(s: ExportSettings) -> Path:
+    """The folder to export, checked before the model and the images are read."""
+    check_positive(s.batch_size, "batch_size")
+    if s.n_last_blocks < 0:
+        raise named(ExportError, f"{SETTING} must be >= 0, got {s.n_last_blocks}", "n_last_blocks")
+    root = datasets.resolve_root(s.data_path)
+    folder = root / s.split if s.split else root
     if not folder.is_dir():
-        raise ExportError(f"--data-path {root} has no {args.split}/ folder")
-    if not args.split and (root / "train").is_dir() and (root / "val").is_dir():
-        raise ExportError(f"--data-path {root} holds train/ and val/: pass --split train or --split val "
-                          "(otherwise they would be exported as two classes)")
-    check_writable(args.out)   # a read-only --out: one line now, not after the model and the images are read
-    if args.dense_blocks is not None:
-        from ssl_xcit.commands.options import parse_dense_blocks   # the tool's main, as export_parser above
-        args.dense_blocks = parse_dense_blocks(args.dense_blocks)
-    if args.dtype is None:
-        args.dtype = "float16" if args.dense_blocks else "float32"
-    env = runtime.setup_env(args.device, args.seed)
+        raise named(ExportError, f"{SETTING} {root} has no {s.split}/ folder", "data_path")
+    if not s.split and (root / "train").is_dir() and (root / "val").is_dir():
+        raise hinted(ExportError, f"{root} holds train/ and val/", "pass split='train' or split='val' (otherwise "
+                     "they would be exported as two classes)", needs="split")
+    check_writable(s.out)   # a read-only folder: one line now, not after the model and the images are read
+    return folder
+
+
+def export_folder(s: ExportSettings) -> dict:
+    """Export ``s``'s backbone features of the images in ``s.data_path`` (``/s.split``) to ``s.out``
+    (resumed when an interrupted export of the same model and settings is there); the manifest
+    (``{}`` on ranks other than 0)."""
+    s = replace(s, batch_size=128 if s.batch_size is None else s.batch_size,   # the caller's settings stay
+                dtype=s.dtype or ("float16" if s.dense_blocks else "float32"))
+    folder = _source_folder(s)
+    env = runtime.setup_env(s.device, s.seed)
     try:
-        version = _file_version(args.checkpoint)  # the file hashed must be the file loaded
-        sha = file_sha256(Path(args.checkpoint).expanduser()) if version is not None else None
-        model = backbone.load_frozen_backbone(args.checkpoint, args.arch, args.checkpoint_key, env.device,
-                                            seed=args.seed)
-        if _file_version(args.checkpoint) != version:
-            raise ExportError(f"{args.checkpoint} changed while it was read (a training still writing it?); "
+        version = _file_version(s.checkpoint)  # the file hashed must be the file loaded
+        sha = file_sha256(Path(s.checkpoint).expanduser()) if version is not None else None
+        model = backbone.load_frozen_backbone(s.checkpoint, s.arch, s.checkpoint_key, env.device, seed=s.seed)
+        if _file_version(s.checkpoint) != version:
+            raise ExportError(f"{s.checkpoint} changed while it was read (a training still writing it?); "
                               "run the export again once it is stable")
-        if args.n_last_blocks:
-            backbone.check_n_last_blocks(model, args.n_last_blocks)
-        dataset = datasets.open_images(folder, _transform(args, model))   # after the model: the patch size
-        formats = FORMATS if args.format == "both" else (args.format,)
-        source = {"checkpoint": str(args.checkpoint), "checkpoint_sha256": sha, "arch": args.arch,
-                  "checkpoint_key": args.checkpoint_key, "crop_size": args.crop_size,
-                  "resize": datasets.resize_for(args.crop_size, args.resize), "seed": args.seed,
-                  **({"dense_size": args.dense_size or "own"} if args.dense_blocks else {})}
-        outputs = ("cls", "patch") if args.patch_tokens else ("cls",)
-        manifest = export_features(model, dataset, args.out, outputs=outputs, n_last_blocks=args.n_last_blocks,
-                                   shard_size=args.shard_size, formats=formats, dtype=args.dtype,
-                                   batch_size=args.batch_size, num_workers=args.num_workers, device=env.device,
-                                   progress=not args.no_progress, source=source, check_sha=not args.no_verify,
-                                   overwrite=args.overwrite, dense_blocks=args.dense_blocks or ())
+        if s.n_last_blocks:
+            backbone.check_n_last_blocks(model, s.n_last_blocks)
+        dataset = datasets.open_images(folder, _transform(s, model))   # after the model: the patch size
+        formats = FORMATS if s.format == "both" else (s.format,)
+        source = {"checkpoint": str(s.checkpoint), "checkpoint_sha256": sha, "arch": s.arch,
+                  "checkpoint_key": s.checkpoint_key, "crop_size": s.crop_size,
+                  "resize": datasets.resize_for(s.crop_size, s.resize), "seed": s.seed,
+                  **({"dense_size": s.dense_size or "own"} if s.dense_blocks else {})}
+        outputs = ("cls", "patch") if s.patch_tokens else ("cls",)
+        manifest = export_features(model, dataset, s.out, outputs=outputs, n_last_blocks=s.n_last_blocks,
+                                   shard_size=s.shard_size, formats=formats, dtype=s.dtype,
+                                   batch_size=s.batch_size, num_workers=s.num_workers, device=env.device,
+                                   progress=s.progress, source=source, check_sha=s.verify,
+                                   overwrite=s.overwrite, dense_blocks=s.dense_blocks or ())
         if env.is_main:
-            print(f"exported {manifest['rows']} images in {manifest['num_shards']} shard(s) to {args.out}")
+            print(f"exported {manifest['rows']} images in {manifest['num_shards']} shard(s) to {s.out}")
         return manifest if env.is_main else {}
     finally:
         runtime.teardown_env(env)

@@ -5,8 +5,10 @@ error a bad one raises and the checks of a number. The tools' command lines
 from __future__ import annotations
 
 import math
+import os
+from dataclasses import dataclass, field
 
-from ssl_xcit.errors import UserError
+from ssl_xcit.errors import SETTING, UserError, named
 
 DEFAULT_KS = (10, 20, 100, 200)              # DINO's k-NN
 DEFAULT_TEMPERATURE = 0.07
@@ -29,9 +31,9 @@ def check_positive(value: int | float | None, name: str) -> None:
     if value is None:
         return
     if not math.isfinite(value):
-        raise EvalInputError(f"{name} must be a finite number, got {value}")
+        raise named(EvalInputError, f"{SETTING} must be a finite number, got {value}", name)
     if value <= 0:
-        raise EvalInputError(f"{name} must be positive, got {value}")
+        raise named(EvalInputError, f"{SETTING} must be positive, got {value}", name)
 
 
 def check_non_negative(value: int | float | None, name: str) -> None:
@@ -39,6 +41,37 @@ def check_non_negative(value: int | float | None, name: str) -> None:
     if value is None:
         return
     if not math.isfinite(value):
-        raise EvalInputError(f"{name} must be a finite number, got {value}")
+        raise named(EvalInputError, f"{SETTING} must be a finite number, got {value}", name)
     if value < 0:
-        raise EvalInputError(f"{name} must be >= 0, got {value}")
+        raise named(EvalInputError, f"{SETTING} must be >= 0, got {value}", name)
+
+
+def default_workers(cap: int = 4) -> int:
+    """Data-loading workers sized to the CPUs this process may use (its affinity, as PyTorch counts
+    them): at most ``cap``, never more than the cores, so a 2-core machine gets 2 and no DataLoader
+    warning that the workers exceed the suggested maximum."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):   # no affinity on this platform
+        usable = os.cpu_count() or 1
+    return max(1, min(cap, usable))
+
+
+@dataclass
+class SourceSettings:
+    """What the tools that load a backbone and read images share (k-NN, linear probes, exports): the
+    checkpoint (a file, or a model name for random weights), the images, and where the work runs.
+    Their command lines fill it from the options of the same names (``ssl_xcit.commands``)."""
+
+    checkpoint: str | None = None
+    arch: str | None = None                # when the checkpoint does not name it
+    checkpoint_key: str = "teacher"        # the network of a DINO checkpoint
+    data_path: str | None = None           # a folder or .tar(.gz) archive
+    crop_size: int = 224
+    resize: int | None = None              # shorter side before the crop (None: DINO's ratio)
+    batch_size: int | None = None          # None: the tool's default
+    num_workers: int = field(default_factory=default_workers)
+    device: str = "auto"
+    output_dir: str | None = None          # None: the checkpoint's folder (outputs/<name> for a model name)
+    seed: int = 0
+    progress: bool = True

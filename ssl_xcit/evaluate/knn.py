@@ -5,7 +5,7 @@ resized to 256 (bicubic) and centre-cropped to 224, L2-normalised; for each val 
 cosine-similar train images vote for their class with weight ``exp(sim / T)``; the class scores
 give top-1 and top-5 (top-min(5, k)). Defaults are DINO's: k in 10 20 100 200, T = 0.07.
 
-The search (:mod:`ssl_xcit.evaluate.knn_index`): ``--index auto`` (default) is exact faiss
+The search (:mod:`ssl_xcit.evaluate.knn_index`): ``index='auto'`` (default) is exact faiss
 ``IndexFlatIP`` below 100,000 train features and ``cells`` (an inverted file searched cell by cell,
 its nprobe calibrated against exact search on a sample of the queries) from there on;
 ``flat|cells|ivf|hnsw`` force one. Class-score ties are broken towards the lower class index, so
@@ -13,21 +13,21 @@ results do not depend on the sort implementation.
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from ssl_xcit.commands import options
 from ssl_xcit.evaluate import backbone, datasets, runtime
 from ssl_xcit.evaluate.knn_index import (AUTO_MIN_TRAIN, CellIndex, FeatureIndex,  # noqa: F401 (re-exported)
                                          IndexConfig, build_index, faiss_gpu_available)
-from ssl_xcit.evaluate.inputs import DEFAULT_KS, DEFAULT_TEMPERATURE, EvalInputError, check_positive
+from ssl_xcit.errors import SETTING, hinted, named
+from ssl_xcit.evaluate.inputs import DEFAULT_KS, DEFAULT_TEMPERATURE, EvalInputError, SourceSettings, check_positive
 from ssl_xcit.atomic import atomic_torch_save, atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -35,6 +35,29 @@ logger = logging.getLogger(__name__)
 DUMP_FILES = {"train_features": "trainfeat.pth", "train_labels": "trainlabels.pth",
               "val_features": "testfeat.pth", "val_labels": "testlabels.pth"}
 DUMP_META = "features.json"
+
+
+class MissingDumpError(EvalInputError, FileNotFoundError):
+    """Dumped features to load are not there (a ``FileNotFoundError`` too, as before)."""
+
+
+@dataclass
+class KnnSettings(SourceSettings):
+    """A k-NN evaluation as :func:`evaluate_knn` runs it (the backbone and images: ``SourceSettings``);
+    ``load_features`` (a folder ``dump_features`` wrote) replaces the backbone and the images."""
+
+    nb_knn: list[int] = field(default_factory=lambda: list(DEFAULT_KS))   # numbers of neighbours
+    temperature: float = DEFAULT_TEMPERATURE
+    index: str = "auto"                  # auto, flat, cells, ivf, hnsw (ssl_xcit.evaluate.knn_index)
+    nlist: int | None = None
+    nprobe: int | None = None
+    hnsw_m: int = 32
+    ef_search: int = 256
+    fp16_features: bool = False          # features (and the index) in float16
+    query_batch: int = 1000
+    dump_features: str | None = None     # save the extracted features to this folder
+    load_features: str | None = None     # read them from there; no extraction
+    use_cuda: bool | None = None         # DINO's: False keeps features and search on the CPU
 
 
 # --------------------------------------------------------------------------------------------- votes
@@ -145,11 +168,12 @@ def dump_features(folder: str | Path, train_features, train_labels, val_features
 def load_dumped(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"--load-features {folder} is not a folder")
+        raise hinted(MissingDumpError, f"{folder} is not a folder of dumped features",
+                     "pass load_features=<a folder written with dump_features>", needs="load_features")
     missing = [f for f in DUMP_FILES.values() if not (folder / f).is_file()]
     if missing:
-        raise FileNotFoundError(f"--load-features {folder} lacks {', '.join(missing)} "
-                                "(written by --dump-features)")
+        raise hinted(MissingDumpError, f"{folder} lacks {', '.join(missing)}",
+                     "pass load_features=<a folder written with dump_features>", needs="load_features")
     out = {}
     for key, fname in DUMP_FILES.items():
         try:
@@ -168,92 +192,90 @@ def load_dumped(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     return out, meta
 
 
-# --------------------------------------------------------------------------------------------- CLI
-def build_parser() -> argparse.ArgumentParser:
-    """The command line (torch-free, in :mod:`ssl_xcit.commands.options`)."""
-    return options.knn_parser()
-
-
-def check_k_fits(ks: Sequence[int], n_train: int, what: str = "images") -> None:
+# --------------------------------------------------------------------------------------------- the tool
+def check_k_fits(ks: Sequence[int], n_train: int, what: str = "images", setting: str = "ks") -> None:
     """Every k at most the number of train samples, checked before any feature is extracted."""
     if max(ks) > n_train:
-        raise EvalInputError(f"--nb-knn {max(ks)} exceeds the {n_train} train {what}: "
-                             f"give --nb-knn values of at most {n_train}")
+        raise named(EvalInputError, f"{SETTING} {max(ks)} exceeds the {n_train} train {what}: "
+                    f"give {SETTING} values of at most {n_train}", setting)
 
 
-def _extract(args: argparse.Namespace, env: runtime.EvalEnv) -> tuple[dict[str, torch.Tensor] | None, dict]:
+def _extract(s: KnnSettings, env: runtime.EvalEnv) -> tuple[dict[str, torch.Tensor] | None, dict]:
     from ssl_xcit.evaluate.features import extract_features
-    model = backbone.load_frozen_backbone(args.checkpoint, args.arch, args.checkpoint_key, env.device,
-                                        seed=args.seed, crop_size=args.crop_size)
-    train_ds, val_ds, classes = datasets.open_splits(args)
-    check_k_fits(args.nb_knn, len(train_ds))  # before minutes of extraction
-    dtype = torch.float16 if args.fp16_features else torch.float32
+    model = backbone.load_frozen_backbone(s.checkpoint, s.arch, s.checkpoint_key, env.device,
+                                          seed=s.seed, crop_size=s.crop_size)
+    train_ds, val_ds, classes = datasets.open_splits(s)
+    check_k_fits(s.nb_knn, len(train_ds), setting="nb_knn")  # before minutes of extraction
+    dtype = torch.float16 if s.fp16_features else torch.float32
     feats = {}
     for split, ds in (("train", train_ds), ("val", val_ds)):
-        f, lab = extract_features(model, ds, args.batch_size, env.device, args.num_workers, which="cls",
-                                  progress=not args.no_progress, desc=f"k-NN {split} features")
+        f, lab = extract_features(model, ds, s.batch_size, env.device, s.num_workers, which="cls",
+                                  progress=s.progress, desc=f"k-NN {split} features")
         if f is not None:
             feats[f"{split}_features"] = l2_normalize(f.float()).to(dtype)
             feats[f"{split}_labels"] = lab
-    # the arch used: named by --arch, by the checkpoint, or inferred from its weights (never null when known)
-    meta = {"checkpoint": str(args.checkpoint), "arch": getattr(model, "arch", None) or args.arch,
-            "checkpoint_key": args.checkpoint_key, "data_path": str(args.data_path),
-            "crop_size": args.crop_size, "resize": datasets.resize_for(args.crop_size, args.resize),
+    # the arch used: named by the caller, by the checkpoint, or inferred from its weights (never null when known)
+    meta = {"checkpoint": str(s.checkpoint), "arch": getattr(model, "arch", None) or s.arch,
+            "checkpoint_key": s.checkpoint_key, "data_path": str(s.data_path),
+            "crop_size": s.crop_size, "resize": datasets.resize_for(s.crop_size, s.resize),
             "classes": classes, "dtype": str(dtype).replace("torch.", ""), "normalized": True}
     return (feats if env.is_main else None), meta
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = options.parse("eval_knn", argv)
-    if args.batch_size is None:
-        args.batch_size = 128
-    index_cfg = IndexConfig(kind=args.index, fp16=args.fp16_features, nlist=args.nlist, nprobe=args.nprobe,
-                            hnsw_m=args.hnsw_m, ef_search=args.ef_search)
-    env = runtime.setup_env(args.device, args.seed)
+def _features(s: KnnSettings, env: runtime.EvalEnv) -> tuple[dict[str, torch.Tensor] | None, dict]:
+    """The train and val features (rank 0; ``None`` elsewhere): loaded, or extracted (and dumped)."""
+    if s.load_features:
+        if not env.is_main:
+            return None, {}
+        feats, meta = load_dumped(s.load_features)
+        check_k_fits(s.nb_knn, len(feats["train_labels"]), "features", setting="nb_knn")
+        if s.fp16_features:
+            feats = {k: (v.half() if v.is_floating_point() else v) for k, v in feats.items()}
+        return feats, meta
+    feats, meta = _extract(s, env)
+    if env.is_main and s.dump_features:
+        dump_features(s.dump_features, feats["train_features"], feats["train_labels"],
+                      feats["val_features"], feats["val_labels"], meta)
+    return feats, meta
+
+
+def evaluate_knn(s: KnnSettings) -> dict:
+    """DINO's weighted k-NN of ``s``'s backbone on ``s.data_path``'s train/ and val/ (or on loaded
+    features); ``knn.json`` written to ``s.output_dir`` and returned (``{}`` on ranks other than 0)."""
+    s = dataclasses.replace(s, batch_size=128 if s.batch_size is None else s.batch_size)   # the caller's stays
+    env = runtime.setup_env(s.device, s.seed)
     try:
-        if args.load_features:
-            if not env.is_main:
-                return {}
-            feats, meta = load_dumped(args.load_features)
-            check_k_fits(args.nb_knn, len(feats["train_labels"]), "features")
-            if args.fp16_features:
-                feats = {k: (v.half() if v.is_floating_point() else v) for k, v in feats.items()}
-        else:
-            feats, meta = _extract(args, env)
-            if not env.is_main:
-                return {}
-            if args.dump_features:
-                dump_features(args.dump_features, feats["train_features"], feats["train_labels"],
-                              feats["val_features"], feats["val_labels"], meta)
-        # DINO's --use_cuda false: features and search stay on the CPU even on a GPU run
-        use_gpu = env.device.type == "cuda" and args.use_cuda is not False
-        index_cfg = IndexConfig(**{**index_cfg.__dict__, "use_gpu": use_gpu})
+        feats, meta = _features(s, env)
+        if not env.is_main:
+            return {}
+        # DINO's use_cuda=False: features and search stay on the CPU even on a GPU run
+        index_cfg = IndexConfig(kind=s.index, fp16=s.fp16_features, nlist=s.nlist, nprobe=s.nprobe,
+                                hnsw_m=s.hnsw_m, ef_search=s.ef_search,
+                                use_gpu=env.device.type == "cuda" and s.use_cuda is not False)
         classes = meta.get("classes") or None
         used: dict = {}
         results = knn_classifier(feats["train_features"], feats["train_labels"],
-                                 feats["val_features"], feats["val_labels"], args.nb_knn,
-                                 args.temperature, len(classes) if classes else None, index_cfg,
-                                 args.query_batch, normalize=not meta.get("normalized", False), used=used)
-        used_index = used["kind"]   # auto -> flat or cells, by size and the calibrated probes
-        out_dir = Path(args.output_dir) if args.output_dir else (
-            runtime.default_output_dir(args.checkpoint) if args.checkpoint else Path(args.load_features))
+                                 feats["val_features"], feats["val_labels"], s.nb_knn,
+                                 s.temperature, len(classes) if classes else None, index_cfg,
+                                 s.query_batch, normalize=not meta.get("normalized", False), used=used)
+        out_dir = Path(s.output_dir) if s.output_dir else (
+            runtime.default_output_dir(s.checkpoint) if s.checkpoint else Path(s.load_features))
         report = {
             "tool": "knn",
             "protocol": "DINO weighted k-NN: L2-normalised CLS features, cosine neighbours, votes exp(sim/T)",
-            "checkpoint": meta.get("checkpoint", args.checkpoint), "arch": meta.get("arch", args.arch),
-            "checkpoint_key": meta.get("checkpoint_key", args.checkpoint_key),
-            "data_path": meta.get("data_path", args.data_path and str(args.data_path)),
+            "checkpoint": meta.get("checkpoint", s.checkpoint), "arch": meta.get("arch", s.arch),
+            "checkpoint_key": meta.get("checkpoint_key", s.checkpoint_key),
+            "data_path": meta.get("data_path", s.data_path and str(s.data_path)),
             "crop_size": meta.get("crop_size"), "resize": meta.get("resize"),
-            "temperature": args.temperature, "index": used_index, "index_requested": args.index,
-            "index_reason": used.get("reason"),
-            "fp16_features": args.fp16_features,
+            "temperature": s.temperature, "index": used["kind"], "index_requested": s.index,
+            "index_reason": used.get("reason"), "fp16_features": s.fp16_features,
             "num_train": len(feats["train_labels"]), "num_val": len(feats["val_labels"]),
             "num_classes": len(classes) if classes else int(max(feats["train_labels"].max(),
                                                                 feats["val_labels"].max())) + 1,
             "results": {str(k): v for k, v in results.items()},
         }
         out_file = atomic_write_json(out_dir / "knn.json", report, indent=2)
-        print(format_table(results, args.temperature, used_index))
+        print(format_table(results, s.temperature, used["kind"]))   # auto -> flat or cells, by size and probes
         print(f"written {out_file}")
         report["output"] = str(out_file)
         return report

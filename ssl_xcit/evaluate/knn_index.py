@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ssl_xcit.errors import SETTING, named
 from ssl_xcit.evaluate.inputs import EvalInputError, check_positive
 
 KINDS = ("flat", "cells", "ivf", "hnsw", "auto")
@@ -68,9 +69,9 @@ class IndexConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise EvalInputError(f"--index must be one of {', '.join(KINDS)}, got {self.kind!r}")
+            raise named(EvalInputError, f"{SETTING} must be one of {', '.join(KINDS)}, got {self.kind!r}", "kind")
         for name in ("nprobe", "hnsw_m", "ef_search", "nlist"):
-            check_positive(getattr(self, name), f"--{name.replace('_', '-')}")
+            check_positive(getattr(self, name), name)
         if not 0.0 < self.recall <= 1.0:
             raise EvalInputError(f"recall must lie in (0, 1], got {self.recall}")
 
@@ -132,7 +133,7 @@ def _faiss_index(train_features: torch.Tensor | np.ndarray, cfg: IndexConfig, ad
     elif cfg.kind == "ivf":
         nlist = cfg.nlist or max(1, min(int(4 * math.sqrt(n)), n // 39))
         if nlist > n:
-            raise EvalInputError(f"--nlist {nlist} exceeds the {n} train features")
+            raise named(EvalInputError, f"{SETTING} {nlist} exceeds the {n} train features", "nlist")
         key, nbytes = f"IVF{nlist},{codec}", n * (vec_bytes + 8) + nlist * d * 4
     else:
         key, nbytes = f"HNSW{cfg.hnsw_m},{codec}", n * (vec_bytes + 2 * cfg.hnsw_m * 4)
@@ -310,7 +311,7 @@ def _cell_index(train_features: torch.Tensor | np.ndarray, cfg: IndexConfig, see
     n, d = x.shape
     nlist = cfg.nlist or max(1, min(round(math.sqrt(n) / 2), n // 64))
     if nlist > n:
-        raise EvalInputError(f"--nlist {nlist} exceeds the {n} train features")
+        raise named(EvalInputError, f"{SETTING} {nlist} exceeds the {n} train features", "nlist")
     g = torch.Generator().manual_seed(seed)
     sample = torch.randperm(n, generator=g)[:min(n, 32 * nlist)].to(x.device)
     cent = spherical_kmeans(x[sample].to(device, torch.float32), nlist, niter=8, generator=g)

@@ -1,10 +1,10 @@
-"""Linear probes of a frozen backbone: DINO's protocol (``--mode full``) and a fast grid on cached
-features (``--mode cached``, the default).
+"""Linear probes of a frozen backbone: DINO's protocol (``mode='full'``) and a fast grid on cached
+features (``mode='cached'``, the default).
 
 ``full`` -- DINO's ``eval_linear.py``: the backbone in eval mode without gradients; one linear
 layer (no BatchNorm, weights N(0, 0.01), bias 0) on the concatenated CLS tokens of the last
-``--n-last-blocks`` blocks (+ the mean patch token with ``--avgpool-patchtokens``); SGD momentum
-0.9, lr = ``--lr`` * global batch / 256, cosine to 0 over 100 epochs, weight decay 0;
+``n_last_blocks`` blocks (+ the mean patch token with ``avgpool_patchtokens``); SGD momentum
+0.9, lr = ``lr`` * global batch / 256, cosine to 0 over 100 epochs, weight decay 0;
 RandomResizedCrop + flip for training, resize + centre crop for val; best and last val accuracy.
 Resumable: ``linear_checkpoint.pth`` in the output folder is written atomically every epoch and
 picked up by the next run. These are the numbers to compare with DINO's.
@@ -21,11 +21,10 @@ protocol (no augmentation), and every output says so.
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -34,9 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssl_xcit import distributed as du
-from ssl_xcit.commands import options
 from ssl_xcit.evaluate import backbone, datasets, runtime
-from ssl_xcit.evaluate.inputs import DEFAULT_LR_GRID, DEFAULT_WD_GRID, EvalInputError, check_positive
+from ssl_xcit.errors import SETTING, hinted, named
+from ssl_xcit.evaluate.inputs import (DEFAULT_LR_GRID, DEFAULT_WD_GRID, EvalInputError, SourceSettings,
+                                      check_positive)
 from ssl_xcit.atomic import atomic_torch_save, atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -185,7 +185,7 @@ def cached_linear_eval(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torc
                        num_classes: int, cfg: CachedConfig = CachedConfig(), progress: bool = False) -> dict:
     """Grid on a held-out split of train, retrain the winner on all of train, report val."""
     if not 0.0 < cfg.holdout < 1.0:
-        raise EvalInputError(f"--holdout must be in (0, 1), got {cfg.holdout}")
+        raise named(EvalInputError, f"{SETTING} must be in (0, 1), got {cfg.holdout}", "holdout")
     n = len(train_x)
     n_hold = max(1, int(round(cfg.holdout * n)))
     if n - n_hold < 1:
@@ -257,17 +257,34 @@ def _validate(model, probe, loader, env, n_last_blocks, avgpool, progress) -> di
     return {"top1": 100.0 * float(hits[0]) / n, "top5": 100.0 * float(hits[1]) / n}
 
 
-def _frozen_model(args: argparse.Namespace, env: runtime.EvalEnv, model: nn.Module | None) -> nn.Module:
-    """The backbone of ``--checkpoint``, or the caller's ``model``, which must already be frozen."""
+@dataclass
+class LinearSettings(SourceSettings):
+    """A linear probe as :func:`evaluate_linear` runs it (the backbone and images: ``SourceSettings``)."""
+
+    mode: str = "cached"                 # cached: the lr/wd grid on features; full: DINO's protocol
+    n_last_blocks: int | None = None     # CLS tokens of the last n blocks (None: 1 for XCiT, as DINO; 4 else)
+    avgpool_patchtokens: bool = False    # append the mean patch token
+    epochs: int = 100
+    lr: float = 0.001                    # full: base lr, scaled by global batch / 256
+    weight_decay: float = 0.0            # full
+    val_freq: int = 1                    # full: validate every n epochs
+    lr_grid: list[float] = field(default_factory=lambda: list(DEFAULT_LR_GRID))   # cached
+    wd_grid: list[float] = field(default_factory=lambda: list(DEFAULT_WD_GRID))   # cached
+    holdout: float = 0.1                 # cached: share of train used to choose lr/wd
+    extract_batch_size: int = 128        # cached: images per feature-extraction step
+
+
+def _frozen_model(s: LinearSettings, env: runtime.EvalEnv, model: nn.Module | None) -> nn.Module:
+    """The backbone of ``s.checkpoint``, or the caller's ``model``, which must already be frozen."""
     if model is None:
-        model = backbone.load_frozen_backbone(args.checkpoint, args.arch, args.checkpoint_key, env.device,
-                                             seed=args.seed, crop_size=args.crop_size)
+        model = backbone.load_frozen_backbone(s.checkpoint, s.arch, s.checkpoint_key, env.device,
+                                             seed=s.seed, crop_size=s.crop_size)
     elif model.training or any(p.requires_grad for p in model.parameters()):
         raise ValueError("the backbone must be frozen: model.eval() and requires_grad_(False)")
     return model.to(env.device)
 
 
-def _loaders(train_ds, val_ds, args: argparse.Namespace, env: runtime.EvalEnv):
+def _loaders(train_ds, val_ds, s: LinearSettings, env: runtime.EvalEnv):
     """(train sampler, train loader, val loader): the train split shuffled per epoch across ranks, the
     val split sharded in order."""
     from torch.utils.data import DataLoader, DistributedSampler
@@ -275,14 +292,14 @@ def _loaders(train_ds, val_ds, args: argparse.Namespace, env: runtime.EvalEnv):
     from ssl_xcit.data.folders import collate_skip_corrupt
     from ssl_xcit.evaluate.features import WithIndex
     sampler = DistributedSampler(WithIndex(train_ds), num_replicas=env.world_size, rank=env.rank, shuffle=True,
-                                 seed=args.seed, drop_last=False)
+                                 seed=s.seed, drop_last=False)
     pin = env.device.type == "cuda"
-    train_loader = DataLoader(WithIndex(train_ds), batch_size=args.batch_size, sampler=sampler,
-                              num_workers=args.num_workers, collate_fn=collate_skip_corrupt, pin_memory=pin,
+    train_loader = DataLoader(WithIndex(train_ds), batch_size=s.batch_size, sampler=sampler,
+                              num_workers=s.num_workers, collate_fn=collate_skip_corrupt, pin_memory=pin,
                               drop_last=False)
-    val_loader = DataLoader(WithIndex(val_ds), batch_size=args.batch_size,
+    val_loader = DataLoader(WithIndex(val_ds), batch_size=s.batch_size,
                             sampler=runtime.shard_sampler(len(val_ds)),
-                            num_workers=args.num_workers, collate_fn=collate_skip_corrupt, pin_memory=pin)
+                            num_workers=s.num_workers, collate_fn=collate_skip_corrupt, pin_memory=pin)
     return sampler, train_loader, val_loader
 
 
@@ -294,13 +311,13 @@ def _resume(ckpt_path: Path, fingerprint: dict, probe: nn.Module, optimizer, sch
     try:
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
-        raise EvalInputError(f"{ckpt_path} is unreadable ({type(err).__name__}); delete it to start "
-                             "the probe over, or use another --output-dir") from err
+        raise hinted(EvalInputError, f"{ckpt_path} is unreadable ({type(err).__name__}); delete it to start the "
+                     "probe over", "or pass another output_dir", needs="output_dir") from err
     saved = state.get("fingerprint") or {}
     if saved != fingerprint:
         diff = {k: (saved.get(k), v) for k, v in fingerprint.items() if saved.get(k) != v}
-        raise EvalInputError(f"{ckpt_path} belongs to a different linear probe (saved vs now: {diff}); "
-                             "use another --output-dir or delete it")
+        raise hinted(EvalInputError, f"{ckpt_path} belongs to a different linear probe (saved vs now: {diff}); "
+                     "delete it", "or pass another output_dir", needs="output_dir")
     probe.load_state_dict(state["probe"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -311,7 +328,7 @@ def _resume(ckpt_path: Path, fingerprint: dict, probe: nn.Module, optimizer, sch
 
 def _new_probe(dim: int, num_classes: int, seed: int, env: runtime.EvalEnv) -> tuple[nn.Module, nn.Module]:
     """The probe (its initial weights from ``seed`` only) and the probe as training calls it (DDP)."""
-    with torch.random.fork_rng(devices=[]):  # the initial probe depends on --seed only
+    with torch.random.fork_rng(devices=[]):  # the initial probe depends on the seed only
         torch.manual_seed(seed)
         probe = LinearProbe(dim, num_classes).to(env.device)
     ddp_probe: nn.Module = probe
@@ -321,45 +338,45 @@ def _new_probe(dim: int, num_classes: int, seed: int, env: runtime.EvalEnv) -> t
     return probe, ddp_probe
 
 
-def full_linear_eval(args: argparse.Namespace, env: runtime.EvalEnv, out_dir: Path,
+def full_linear_eval(s: LinearSettings, env: runtime.EvalEnv, out_dir: Path,
                      model: nn.Module | None = None) -> dict:
-    """DINO's protocol; ``model`` (frozen) overrides ``--checkpoint`` (tests, notebooks)."""
-    root = datasets.resolve_root(args.data_path)
-    train_ds = datasets.open_split(root, "train", datasets.probe_train_transform(args.crop_size))
-    val_ds = datasets.open_split(root, "val", datasets.eval_transform(args.crop_size, args.resize))
+    """DINO's protocol; ``model`` (frozen) overrides ``s.checkpoint`` (tests, notebooks)."""
+    root = datasets.resolve_root(s.data_path)
+    train_ds = datasets.open_split(root, "train", datasets.probe_train_transform(s.crop_size))
+    val_ds = datasets.open_split(root, "val", datasets.eval_transform(s.crop_size, s.resize))
     classes = datasets.check_same_classes(train_ds, val_ds, root)
-    model = _frozen_model(args, env, model)
-    n_last = args.n_last_blocks or default_n_last_blocks(model)
+    model = _frozen_model(s, env, model)
+    n_last = s.n_last_blocks or default_n_last_blocks(model)
     if n_last > 1:
         backbone.check_n_last_blocks(model, n_last)
-    dim = backbone.embed_dim(model) * (n_last + int(args.avgpool_patchtokens))
-    probe, ddp_probe = _new_probe(dim, len(classes), args.seed, env)
-    lr = args.lr * args.batch_size * env.world_size / 256.0
-    optimizer = torch.optim.SGD(probe.parameters(), lr=lr, momentum=0.9, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs, eta_min=0)
-    sampler, train_loader, val_loader = _loaders(train_ds, val_ds, args, env)
-    fingerprint = {"checkpoint": str(args.checkpoint), "checkpoint_key": args.checkpoint_key, "arch": args.arch,
-                   "n_last_blocks": n_last, "avgpool_patchtokens": bool(args.avgpool_patchtokens),
-                   "in_dim": dim, "num_classes": len(classes), "epochs": args.epochs, "lr": args.lr,
-                   "global_batch": args.batch_size * env.world_size, "weight_decay": args.weight_decay,
-                   "crop_size": args.crop_size}
+    dim = backbone.embed_dim(model) * (n_last + int(s.avgpool_patchtokens))
+    probe, ddp_probe = _new_probe(dim, len(classes), s.seed, env)
+    lr = s.lr * s.batch_size * env.world_size / 256.0
+    optimizer = torch.optim.SGD(probe.parameters(), lr=lr, momentum=0.9, weight_decay=s.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, s.epochs, eta_min=0)
+    sampler, train_loader, val_loader = _loaders(train_ds, val_ds, s, env)
+    fingerprint = {"checkpoint": str(s.checkpoint), "checkpoint_key": s.checkpoint_key, "arch": s.arch,
+                   "n_last_blocks": n_last, "avgpool_patchtokens": bool(s.avgpool_patchtokens),
+                   "in_dim": dim, "num_classes": len(classes), "epochs": s.epochs, "lr": s.lr,
+                   "global_batch": s.batch_size * env.world_size, "weight_decay": s.weight_decay,
+                   "crop_size": s.crop_size}
     ckpt_path = out_dir / CHECKPOINT_NAME
     start_epoch, best, last, history = _resume(ckpt_path, fingerprint, probe, optimizer, scheduler, env)
-    progress = not args.no_progress
-    for epoch in range(start_epoch, args.epochs):
+    progress = s.progress
+    for epoch in range(start_epoch, s.epochs):
         sampler.set_epoch(epoch)
         # augmentation randomness from (seed, epoch, rank) alone: a resumed run draws the same crops
-        torch.manual_seed(args.seed * 1_000_003 + epoch * 1009 + env.rank)
-        loss = _train_epoch(model, ddp_probe, train_loader, optimizer, env, n_last, args.avgpool_patchtokens,
+        torch.manual_seed(s.seed * 1_000_003 + epoch * 1009 + env.rank)
+        loss = _train_epoch(model, ddp_probe, train_loader, optimizer, env, n_last, s.avgpool_patchtokens,
                             progress, epoch)
         if not math.isfinite(loss):   # nothing more to learn: say so now, not after the remaining epochs
-            raise EvalInputError(f"the linear probe diverged in epoch {epoch} (train loss {loss}): lower --lr "
-                                 f"(now {args.lr:g}, scaled to {lr:g})")
+            raise hinted(EvalInputError, f"the linear probe diverged in epoch {epoch} (train loss {loss}): lr "
+                         f"{s.lr:g}, scaled to {lr:g}", "pass a lower lr", needs="lr")
         scheduler.step()
         entry = {"epoch": epoch, "train_loss": loss, "lr": optimizer.param_groups[0]["lr"]}
-        if (epoch + 1) % args.val_freq == 0 or epoch + 1 == args.epochs:
+        if (epoch + 1) % s.val_freq == 0 or epoch + 1 == s.epochs:
             last = {"epoch": epoch, **_validate(model, probe, val_loader, env, n_last,
-                                                args.avgpool_patchtokens, progress)}
+                                                s.avgpool_patchtokens, progress)}
             if best is None or last["top1"] > best["top1"]:
                 best = dict(last)
             entry.update(val_top1=last["top1"], val_top5=last["top5"])
@@ -373,68 +390,64 @@ def full_linear_eval(args: argparse.Namespace, env: runtime.EvalEnv, out_dir: Pa
                                "scheduler": scheduler.state_dict(), "best": best, "last": last,
                                "history": history, "fingerprint": fingerprint}, ckpt_path)
         du.barrier()
-    return {"mode": "full", "arch": getattr(model, "arch", None) or args.arch,
-            "protocol": full_protocol(args.weight_decay), "top1": best["top1"] if best else None,
-            "top5": best["top5"] if best else None, "best": best, "last": last, "epochs": args.epochs,
-            "n_last_blocks": n_last, "avgpool_patchtokens": bool(args.avgpool_patchtokens), "lr": args.lr,
-            "scaled_lr": lr, "global_batch": args.batch_size * env.world_size, "weight_decay": args.weight_decay,
+    return {"mode": "full", "arch": getattr(model, "arch", None) or s.arch,
+            "protocol": full_protocol(s.weight_decay), "top1": best["top1"] if best else None,
+            "top5": best["top5"] if best else None, "best": best, "last": last, "epochs": s.epochs,
+            "n_last_blocks": n_last, "avgpool_patchtokens": bool(s.avgpool_patchtokens), "lr": s.lr,
+            "scaled_lr": lr, "global_batch": s.batch_size * env.world_size, "weight_decay": s.weight_decay,
             "num_classes": len(classes), "num_train": len(train_ds), "num_val": len(val_ds), "history": history,
             "checkpoint_file": str(ckpt_path)}
 
 
-# --------------------------------------------------------------------------------------------- CLI
-def build_parser() -> argparse.ArgumentParser:
-    """The command line (torch-free, in :mod:`ssl_xcit.commands.options`)."""
-    return options.linear_parser()
+# --------------------------------------------------------------------------------------------- the tool
+def with_defaults(s: LinearSettings) -> LinearSettings:
+    """``s`` with the batch size each mode defaults to (128 full, as DINO; 1024 cached); a copy."""
+    if s.batch_size is not None:
+        return s
+    return replace(s, batch_size=128 if s.mode == "full" else 1024)
 
 
-def _check_args(args: argparse.Namespace) -> None:
-    """The checks of :mod:`ssl_xcit.commands.options`, and the batch size each mode defaults to."""
-    options.check_linear_args(args)
-    if args.batch_size is None:
-        args.batch_size = 128 if args.mode == "full" else 1024
-
-
-def _cached_from_args(args: argparse.Namespace, env: runtime.EvalEnv) -> dict | None:
+def _cached(s: LinearSettings, env: runtime.EvalEnv) -> dict | None:
     from ssl_xcit.evaluate.features import extract_features
-    train_ds, val_ds, classes, model = datasets.open_splits_and_backbone(args, env)
-    n_last = args.n_last_blocks or default_n_last_blocks(model)
+    train_ds, val_ds, classes, model = datasets.open_splits_and_backbone(s, env)
+    n_last = s.n_last_blocks or default_n_last_blocks(model)
     if n_last > 1:
         backbone.check_n_last_blocks(model, n_last)
-    which = probe_outputs(n_last, args.avgpool_patchtokens)
+    which = probe_outputs(n_last, s.avgpool_patchtokens)
     feats = {}
     for split, ds in (("train", train_ds), ("val", val_ds)):
-        feats[split] = extract_features(model, ds, args.extract_batch_size, env.device, args.num_workers,
-                                        which=which, n_last_blocks=n_last, progress=not args.no_progress,
+        feats[split] = extract_features(model, ds, s.extract_batch_size, env.device, s.num_workers,
+                                        which=which, n_last_blocks=n_last, progress=s.progress,
                                         desc=f"linear {split} features")
     if not env.is_main:
         return None
-    cfg = CachedConfig(lrs=tuple(args.lr_grid), wds=tuple(args.wd_grid), epochs=args.epochs,
-                       batch_size=args.batch_size, holdout=args.holdout, seed=args.seed)
+    cfg = CachedConfig(lrs=tuple(s.lr_grid), wds=tuple(s.wd_grid), epochs=s.epochs,
+                       batch_size=s.batch_size, holdout=s.holdout, seed=s.seed)
     (tx, ty), (vx, vy) = feats["train"], feats["val"]
     res = cached_linear_eval(tx.to(env.device), ty, vx.to(env.device), vy, len(classes), cfg,
-                             progress=not args.no_progress)
-    res.update(n_last_blocks=n_last, avgpool_patchtokens=bool(args.avgpool_patchtokens), num_classes=len(classes),
-               arch=getattr(model, "arch", None) or args.arch)   # the arch used, also when inferred
+                             progress=s.progress)
+    res.update(n_last_blocks=n_last, avgpool_patchtokens=bool(s.avgpool_patchtokens), num_classes=len(classes),
+               arch=getattr(model, "arch", None) or s.arch)   # the arch used, also when inferred
     return res
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = options.parse("eval_linear", argv, check=False)
-    _check_args(args)
-    env = runtime.setup_env(args.device, args.seed)
+def evaluate_linear(s: LinearSettings) -> dict:
+    """The linear probe ``s`` asks for (``s.mode``: full or cached); ``linear.json`` written to
+    ``s.output_dir`` and returned (``{}`` on ranks other than 0)."""
+    s = with_defaults(s)
+    env = runtime.setup_env(s.device, s.seed)
     try:
-        out_dir = Path(args.output_dir) if args.output_dir else runtime.default_output_dir(args.checkpoint)
-        if args.mode == "full":
-            res = full_linear_eval(args, env, out_dir)
+        out_dir = Path(s.output_dir) if s.output_dir else runtime.default_output_dir(s.checkpoint)
+        if s.mode == "full":
+            res = full_linear_eval(s, env, out_dir)
         else:
-            res = _cached_from_args(args, env)
+            res = _cached(s, env)
         if not env.is_main or res is None:
             return {}
-        report = {"tool": "linear", "checkpoint": str(args.checkpoint), "arch": args.arch,
-                  "checkpoint_key": args.checkpoint_key, "data_path": args.data_path and str(args.data_path),
-                  "crop_size": args.crop_size,
-                  "resize": datasets.resize_for(args.crop_size, args.resize),
+        report = {"tool": "linear", "checkpoint": str(s.checkpoint), "arch": s.arch,
+                  "checkpoint_key": s.checkpoint_key, "data_path": s.data_path and str(s.data_path),
+                  "crop_size": s.crop_size,
+                  "resize": datasets.resize_for(s.crop_size, s.resize),
                   **{k: v for k, v in res.items() if k not in ("weight", "bias")}}
         out_file = atomic_write_json(out_dir / RESULT_NAME, report, indent=2)
         print(f"linear probe ({report['mode']} mode: {report['protocol']})")

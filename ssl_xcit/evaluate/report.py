@@ -214,25 +214,3 @@ def write_report_at_end_of_run(output_dir: str | Path) -> Path | None:
         warnings.warn(f"report page not written for {output_dir}: {type(err).__name__}: {err} "
                       f"(retry with: python eval/report.py {output_dir})", RuntimeWarning, stacklevel=2)
         return None
-
-
-def build_parser():
-    from ssl_xcit import cli   # a usage mistake is one line (cli.UsageError); defaults said once
-    p = cli.ArgumentParser(prog="report.py", description="Write a run's report page (HTML + PNGs).")
-    p.add_argument("output_dir", help="the run's output_dir (holds log.jsonl, config.yaml, checkpoints)")
-    p.add_argument("--out", default=None, help="where the page goes (default: OUTPUT_DIR/report)")
-    p.add_argument("--images", nargs="+", default=None,
-                   help="images for the attention maps (default: a few fixed ones of the run's data)")
-    p.add_argument("--n-images", type=int, default=6, help="how many images when picked from the data")
-    p.add_argument("--max-checkpoints", type=int, default=8, help="at most this many checkpoints (evenly spread)")
-    return p
-
-
-def main(argv: list[str] | None = None) -> Path:
-    args = build_parser().parse_args(argv)
-    if args.n_images <= 0 or args.max_checkpoints <= 0:
-        raise UserError("--n-images and --max-checkpoints must be positive")
-    index = write_report(args.output_dir, args.out, [Path(p) for p in args.images] if args.images else None,
-                         args.n_images, args.max_checkpoints)
-    print(f"report written to {index}")
-    return index

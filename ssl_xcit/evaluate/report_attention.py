@@ -173,7 +173,8 @@ def attention_section(output_dir: Path, out: Path, config: dict, images: Sequenc
                     f"{html.escape(', '.join(unreadable[:5]))}{' ...' if len(unreadable) > 5 else ''}</p>"
                     if unreadable else "")
     if not pictures:
-        return (f"<p class=note>no images to show: {html.escape(why)} (eval/report.py --images chooses them)</p>"
+        return (f"<p class=note>no images to show: {html.escape(why)} "
+                "(choose them with the images option of eval/report.py)</p>"
                 + skipped_note)
     data = config.get("data") or {}
     size = data.get("global_crops_size") or data.get("input_size")   # DINO's crops, a fine-tuning run's input

@@ -40,14 +40,13 @@ def train(cfg: DinoConfig, stop_requested: Callable[[], bool] | None = None) -> 
         resumed, state = run.resume()       # refuses before anything in output_dir is written
         if state is not None and budget is not None:
             budget.resumed(state)
-        run.checkpoint_extras = budget.checkpoint_state if budget is not None else _no_budget
+        run.wire_checkpoint_extras(budget.checkpoint_state if budget is not None else _no_budget)
         # every rank: under torchrun each embeds a shard of the k-NN images (a bad eval_data_path stops here too)
-        monitor = KnnMonitor.from_config(cfg, run.steps_per_epoch, run.device)
+        monitor = KnnMonitor.from_config(cfg, run.steps_per_epoch, run.device, logger=run)
         run.open_logs(dino.config_text(), resumed, dino.recipe, arch=cfg.model.arch)
         if budget is None:
             _say_schedule_cut(cfg, run)
         if monitor is not None:
-            monitor.logger = run.logger
             monitor.before_training(dino.teacher.backbone, run.global_step)   # step 0 only: the random start
         if budget is not None:
             budget.start()

@@ -15,7 +15,7 @@ saved and restored around it (the evaluation's DataLoader draws a seed from the 
 
 For the training loop (all ranks call; each call is a no-op unless an evaluation is due)::
 
-    monitor = KnnMonitor.from_config(cfg, steps_per_epoch, device, logger)   # None when off
+    monitor = KnnMonitor.from_config(cfg, steps_per_epoch, device, run)   # None when off; logs through the run
     monitor.before_training(teacher.backbone, global_step)   # step 0 only: the random start
     monitor.after_step(teacher.backbone, global_step)        # after each optimizer step
     monitor.after_training(teacher.backbone, global_step)    # last point + knn.png
@@ -26,7 +26,7 @@ import contextlib
 import random
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Protocol
 
 import numpy as np
 import torch
@@ -36,7 +36,6 @@ from ssl_xcit import distributed as du
 from ssl_xcit.data.subsets import evenly_spread
 from ssl_xcit.errors import UserError
 from ssl_xcit.train.config import ConfigError, DinoConfig
-from ssl_xcit.engine.logger import RunLogger
 
 TEMPERATURE = 0.07
 
@@ -63,13 +62,20 @@ def evaluation_without_side_effects(module: nn.Module) -> Iterator[nn.Module]:
         np.random.set_state(np_state)
 
 
+class ScalarLog(Protocol):
+    """Where the monitor's records go: a :class:`~ssl_xcit.engine.logger.RunLogger`, or the
+    :class:`~ssl_xcit.engine.run.Run` that forwards to its logs once they are open."""
+
+    def scalars(self, step: int, values: dict[str, float], epoch: int, group: str = "train") -> None: ...
+
+
 class KnnMonitor:
     """Weighted k-NN top-1 of a backbone on fixed train/val subsets, at scheduled steps."""
 
     def __init__(self, data_path: str, *, every_epochs: int = 0, every_steps: int = 0, steps_per_epoch: int = 0,
                  max_images: int = 0, k: int = 20, crop_size: int = 224, resize: int | None = None,
                  batch_size: int = 128, num_workers: int = 0, device: torch.device | str = "cpu",
-                 logger: RunLogger | None = None, output_dir: str | Path | None = None) -> None:
+                 logger: ScalarLog | None = None, output_dir: str | Path | None = None) -> None:
         from ssl_xcit.evaluate import datasets
         if every_epochs and steps_per_epoch <= 0:
             raise ValueError("every_epochs needs steps_per_epoch")
@@ -109,7 +115,7 @@ class KnnMonitor:
 
     @classmethod
     def from_config(cls, cfg: DinoConfig, steps_per_epoch: int, device: torch.device | str,
-                    logger: RunLogger | None = None) -> "KnnMonitor | None":
+                    logger: ScalarLog | None = None) -> "KnnMonitor | None":
         """The monitor the config asks for, or ``None`` when eval_every_epochs and _steps are 0."""
         e = cfg.eval
         if not (e.eval_every_epochs or e.eval_every_steps):
