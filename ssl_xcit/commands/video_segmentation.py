@@ -12,7 +12,9 @@ import argparse
 import os
 from pathlib import Path
 
+from ssl_xcit import cli
 from ssl_xcit.cli import ArgumentParser
+from ssl_xcit.errors import UserError
 from ssl_xcit.commands import options
 
 PROG = "eval_video_segmentation.py"
@@ -67,6 +69,13 @@ def check_args(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None, prog: str = PROG) -> dict:
     args = build_parser(prog).parse_args(argv)
     check_args(args)
+    try:
+        return _run(args)
+    except UserError as err:   # a library error naming a Python parameter, said with this command's flag
+        raise cli.own_words(err, None, cli.flags_of(build_parser(prog)))
+
+
+def _run(args: argparse.Namespace) -> dict:
     from ssl_xcit.atomic import check_writable
     from ssl_xcit.evaluate import backbone, runtime
     from ssl_xcit.evaluate import video_segmentation as vs
