@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ssl_xcit.data.common import IMAGENET_MEAN, IMAGENET_STD
 from ssl_xcit.errors import SETTING, named
 from ssl_xcit.evaluate.backbone import load_frozen_backbone
+
+if TYPE_CHECKING:
+    import torch
 from ssl_xcit.evaluate.inputs import EvalInputError, check_positive
 from ssl_xcit.evaluate.runtime import EvalEnv
 

@@ -1,20 +1,15 @@
-"""``time_budget_minutes``: train for a wall-clock budget instead of a number of epochs.
+"""``time_budget_minutes`` for DINO: train for a wall-clock budget instead of a number of epochs.
 
 DINO's schedules (lr, weight decay, teacher momentum) are cosines over the whole run, so a run that
 is simply killed at its deadline ends with a high learning rate and a fast teacher, mid-schedule.
-Here the run times its first steps, plans how many steps fit in the budget, and lays the cosines
-over exactly those steps. A few steps say little about the pace of a whole run (the k-NN monitor,
-logging and checkpoints come later; a machine's speed drifts): on the 2-core dev CPU, plans made from
-steps 4-11 alone ended runs at 153-160 s of a 180 s budget. So at a third and at two thirds of the
-plan, the pace since the plan re-plans the steps left and the cosines are laid again over the new
-total (the values step by the few percent the plan moves). The clock still stops the run at the
-budget if the machine slows down after the last re-plan. The planned number is saved in the checkpoint's config (``max_steps``), so a resumed run keeps the
-same schedules instead of planning anew (exact resume), and the training time spent before the
-stop counts against the budget.
+The engine's clock (:class:`~ssl_xcit.engine.budget.TimeBudget`) times the first steps, plans how many
+fit and re-plans at a third and two thirds of the plan; :class:`RunBudget` lays DINO's cosines (and,
+under recipe=auto, the warm-up and teacher momentum) over each plan. The planned number is saved in
+the checkpoint's config (``max_steps``), so a resumed run keeps the same schedules instead of planning
+anew (exact resume), and the training time spent before the stop counts against the budget.
 """
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
