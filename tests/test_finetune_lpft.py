@@ -178,3 +178,19 @@ def test_recipe_auto_fine_tunes_a_pretrained_start_from_its_probe_and_a_random_o
         assert pretrained["optim.head_init"].value == "probe"
         assert pretrained["optim.backbone_lr_scale"].value == LPFT_BACKBONE_LR_SCALE < 1.0
         assert not {"optim.head_init", "optim.backbone_lr_scale"} & set(choose(2000, 32, 8, epochs, pretrained=False))
+
+
+def test_freeze_norm_stats_keeps_the_starts_batchnorm_statistics_while_the_weights_learn(cifar_small, start_file,
+                                                                                        tmp_path):
+    out = tmp_path / "run"
+    train(ft_config(cifar_small, out, pretrained_weights=str(start_file), freeze_norm_stats=True, epochs=1))
+    start = torch.load(start_file, weights_only=True)
+    end = torch.load(out / "checkpoint.pth", weights_only=True)["model"]
+    stats = [k for k in start if k.endswith(("running_mean", "running_var"))]
+    weights = [k.replace("running_mean", "weight") for k in stats if k.endswith("running_mean")]
+    assert stats and all(torch.equal(start[k], end[k]) for k in stats)
+    assert any(not torch.equal(start[k], end[k]) for k in weights)    # BatchNorm's affine weights did learn
+    free = tmp_path / "free"
+    train(ft_config(cifar_small, free, pretrained_weights=str(start_file), epochs=1))
+    moved = torch.load(free / "checkpoint.pth", weights_only=True)["model"]
+    assert any(not torch.equal(start[k], moved[k]) for k in stats)   # without it they follow the batches

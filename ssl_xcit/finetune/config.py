@@ -66,6 +66,8 @@ class FinetuneOptimConfig(OptimConfigBase):
     head_init: str = config_field("random", "the classifier head's start: random | probe (fitted on the frozen "
                                             "start's features first, as the cached linear probe: LP-FT)")
     backbone_lr_scale: float = config_field(1.0, "the backbone's lr as a fraction of the head's (LP-FT: below 1)")
+    freeze_norm_stats: bool = config_field(False, "keep the backbone's BatchNorm running statistics as the start has "
+                                                  "them (its weights still learn)")
 
 
 @dataclass

@@ -69,7 +69,7 @@ def train_one_epoch(run: Run, ft: Finetune, val, stop_requested: Callable[[], bo
         images = batch.images.to(run.device, non_blocking=True)
         labels = batch.labels.to(run.device, non_blocking=True)
         head_only = run.global_step < cfg.optim.freeze_backbone_steps
-        hold_backbone_norm_stats(ft.model_ddp, frozen=head_only)
+        hold_backbone_norm_stats(ft.model_ddp, frozen=head_only or cfg.optim.freeze_norm_stats)
         loss = forward_loss(images, labels, ft.model_ddp, ft.criterion, ft.mixup, cfg.run.precision)
         loss_value = loss.item()
         stop_here = run.check_loss(loss_value, stop_requested)   # before backward: no update from a bad loss
