@@ -177,7 +177,9 @@ def test_recipe_auto_fine_tunes_a_pretrained_start_from_its_probe_and_a_random_o
         pretrained = choose(2000, 32, 8, epochs=epochs, pretrained=True)
         assert pretrained["optim.head_init"].value == "probe"
         assert pretrained["optim.backbone_lr_scale"].value == LPFT_BACKBONE_LR_SCALE < 1.0
-        assert not {"optim.head_init", "optim.backbone_lr_scale"} & set(choose(2000, 32, 8, epochs, pretrained=False))
+        assert pretrained["optim.freeze_norm_stats"].value is True
+        lpft = {"optim.head_init", "optim.backbone_lr_scale", "optim.freeze_norm_stats"}
+        assert not lpft & set(choose(2000, 32, 8, epochs, pretrained=False))
 
 
 def test_freeze_norm_stats_keeps_the_starts_batchnorm_statistics_while_the_weights_learn(cifar_small, start_file,

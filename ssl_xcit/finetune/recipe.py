@@ -44,6 +44,9 @@ def choose(images: int, image_side: int, patch_size: int, epochs: float, pretrai
                                                "whose first gradients undo what pretraining learned")
         c["optim.backbone_lr_scale"] = Choice(LPFT_BACKBONE_LR_SCALE, "the fitted head adapts at the full lr while "
                                               "the pretrained features move at a tenth of it (LP-FT)")
+        c["optim.freeze_norm_stats"] = Choice(True, "the head was fitted on features made with the start's BatchNorm "
+                                                    "statistics: statistics of augmented batches would shift them "
+                                                    "under it")
     if not pretrained:
         c["optim.layer_decay"] = Choice(1.0, "random weights: every layer must learn, none has anything to keep "
                                              "(DeiT from scratch uses no layer decay)")
