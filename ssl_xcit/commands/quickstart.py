@@ -263,31 +263,45 @@ def knn_curve(train_dir: Path) -> list[dict]:
 
 def knn_predictions(checkpoint: str, root: Path, crop: int, n_train: int, n_val: int, ks: list[int],
                     device: torch.device, num_workers: int, seed: int = 0):
-    """DINO's weighted k-NN (T=0.07) of a backbone on evenly spread train/val subsets.
+    """DINO's weighted k-NN (T=0.07) of one backbone: :func:`knn_predictions_each` of ``[(checkpoint, seed)]``."""
+    preds, val_y = knn_predictions_each([(checkpoint, seed)], root, crop, n_train, n_val, ks, device, num_workers)
+    return preds[0], val_y
 
-    Returns ``({k: KnnPrediction}, val_labels)``; per-query predictions let two backbones be
-    compared on the same queries (see :func:`paired_gain`). A model name instead of a checkpoint
-    gives the random backbone drawn from ``seed``: with the training seed that is exactly the
-    network the training run started from.
+
+def knn_predictions_each(backbones: list[tuple[str, int]], root: Path, crop: int, n_train: int, n_val: int,
+                         ks: list[int], device: torch.device, num_workers: int):
+    """DINO's weighted k-NN (T=0.07) of each ``(checkpoint, seed)`` backbone on the same evenly spread
+    train/val subsets.
+
+    Returns ``([{k: KnnPrediction} of each backbone], val_labels)``; per-query predictions let two
+    backbones be compared on the same queries (see :func:`paired_gain`). A model name instead of a
+    checkpoint gives the random backbone drawn from its seed: with the training seed that is exactly
+    the network the training run started from. Each image is decoded once for all the backbones
+    (``extract_features_each``), and JPEGs much larger than ``crop`` decode at reduced scale
+    (``draft_side``): on 224-px photos the k-NN of the trained teacher and its random start otherwise
+    decoded every image twice, at full size, to score it at 32 px. Neither applies to CIFAR-10's 32-px
+    images at a 32-px crop, whose features are unchanged bit for bit.
     """
     from ssl_xcit.data.sources import open_image_dataset
+    from ssl_xcit.data.subsets import evenly_spread
     from ssl_xcit.evaluate.backbone import load_frozen_backbone
     from ssl_xcit.evaluate.datasets import eval_transform
-    from ssl_xcit.evaluate.features import extract_features
+    from ssl_xcit.evaluate.features import extract_features_each
     from ssl_xcit.evaluate.knn import build_index, knn_predict, l2_normalize
 
-    from ssl_xcit.data.subsets import evenly_spread
-    model = load_frozen_backbone(checkpoint, device=device, seed=seed)
+    models = [load_frozen_backbone(checkpoint, device=device, seed=seed) for checkpoint, seed in backbones]
+    names = " + ".join(Path(checkpoint).name for checkpoint, _ in backbones)
     transform = eval_transform(crop, resize=crop)
     feats = {}
     for split, n in (("train", n_train), ("val", n_val)):
-        ds = open_image_dataset(root / split, transform=transform, progress=False)
+        ds = open_image_dataset(root / split, transform=transform, progress=False, draft_side=crop)
         ds.select(evenly_spread(len(ds), n))
-        feats[split] = extract_features(model, ds, batch_size=256, device=device, num_workers=num_workers,
-                                        desc=f"{Path(checkpoint).name}: {split} features")
+        feats[split] = extract_features_each(models, ds, batch_size=256, device=device, num_workers=num_workers,
+                                             desc=f"{names}: {split} features")
     (train_f, train_y), (val_f, val_y) = feats["train"], feats["val"]
-    index = build_index(l2_normalize(train_f))
-    return knn_predict(index, train_y, l2_normalize(val_f), val_y, ks, temperature=0.07), val_y
+    preds = [knn_predict(build_index(l2_normalize(tf)), train_y, l2_normalize(vf), val_y, ks, temperature=0.07)
+             for tf, vf in zip(train_f, val_f)]
+    return preds, val_y
 
 
 def accuracies(preds) -> dict[int, dict[str, float]]:
@@ -367,9 +381,9 @@ def main(argv: list[str] | None = None, prog: str = "launch/quickstart.py") -> d
     common = dict(root=root, crop=crop, n_train=args.knn_train_images, n_val=args.knn_val_images,
                   ks=args.knn_k, device=device, num_workers=default_workers())   # training is over: every core
     print("[quickstart] k-NN of the trained teacher and of the random backbone it started from", flush=True)
-    trained_preds, val_y = knn_predictions(str(result.checkpoint), **common)
     # seed = the training seed: the random backbone is the trained teacher's own starting point
-    random_preds, _ = knn_predictions(cfg.model.arch, **common, seed=cfg.run.seed)
+    (trained_preds, random_preds), val_y = knn_predictions_each(
+        [(str(result.checkpoint), 0), (cfg.model.arch, cfg.run.seed)], **common)
     elapsed = time.perf_counter() - t0
     trained, random_init = accuracies(trained_preds), accuracies(random_preds)
     paired = {k: paired_gain(trained_preds[k].top5[:, 0] == val_y, random_preds[k].top5[:, 0] == val_y)

@@ -44,13 +44,23 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
 
 
-def load_rgb(path: str | Any) -> Image.Image:
+def load_rgb(path: str | Any, draft_side: int | None = None) -> Image.Image:
     """Open and fully decode an image (a path or a binary file object) as 8-bit RGB.
 
     ``load`` forces truncated files to fail here (with one of :data:`DECODE_ERRORS`); 16-bit greys
     are scaled, not clipped.
+
+    ``draft_side``: the shorter side the caller will resize the image to. A JPEG at least 4x that
+    side is then decoded by libjpeg at 1/2, 1/4 or 1/8 scale (PIL's draft mode), to the smallest
+    scale that keeps both sides at least 2x ``draft_side``. Why: scoring 224-px photos at 32 px
+    (the quickstart's k-NN) spent most of its image time decoding and then shrinking pixels it
+    throws away; the reduced decode plus the caller's antialiased resize stays within about a grey
+    level on average of the full decode and resize (``tests/test_decode_once.py``). Smaller
+    images (CIFAR-10's 32 px at a 32-px side) and other formats decode exactly as without it.
     """
     with Image.open(path) as img:
+        if draft_side is not None and min(img.size) >= 4 * draft_side:
+            img.draft(None, (2 * draft_side, 2 * draft_side))
         img.load()
         return _to_8bit(img).convert("RGB")
 

@@ -254,7 +254,11 @@ class ImageFiles(Dataset):
     :class:`~ssl_xcit.data.sampler.ResumableDistributedSampler`; with a seed the transform's random
     draws depend on the seed only (exact resume, same crops with any number of workers).
     Returns ``None`` for an unreadable image; pair with :func:`collate_skip_corrupt`.
+    ``draft_side``: see :func:`~ssl_xcit.data.common.load_rgb` (set by a caller that resizes every
+    image's shorter side to it; ``None``, the default, decodes in full).
     """
+
+    draft_side: int | None = None
 
     def __init__(self, root: str | os.PathLike, transform: Callable[[Image.Image], Any] | None = None, *,
                  extensions: Sequence[str] = IMAGE_EXTENSIONS, listing_cache_dir: str | os.PathLike | None = None,
@@ -322,7 +326,7 @@ class ImageFiles(Dataset):
         index, seed = parse_index(item, len(self._files))
         path = str(self.path(index))
         try:
-            image = load_rgb(path)
+            image = load_rgb(path, self.draft_side)
         except DECODE_ERRORS as err:
             if path not in self._warned:
                 self._warned.add(path)

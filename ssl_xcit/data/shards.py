@@ -327,7 +327,9 @@ class ShardImages(Dataset):
     """Images in tar shards -> ``(sample, label, index)``, the interface of
     :class:`~ssl_xcit.data.folders.ImageFiles` (``__len__``, ``__getitem__`` with ``int`` or
     ``(index, sample_seed)``, ``select``, ``targets``, ``classes``, ``label``, ``load``,
-    ``location``, ``root``, ``None`` for a corrupt image)."""
+    ``location``, ``root``, ``draft_side``, ``None`` for a corrupt image)."""
+
+    draft_side: int | None = None   # as ImageFiles.draft_side: see ssl_xcit.data.common.load_rgb
 
     def __init__(self, source: str | os.PathLike | Sequence[str],
                  transform: Callable[[Image.Image], Any] | None = None, *,
@@ -428,7 +430,7 @@ class ShardImages(Dataset):
         index, seed = parse_index(item, len(self._rows))
         data = self.read_bytes(index)  # outside the try: a missing or truncated shard is an error
         try:
-            image = load_rgb(io.BytesIO(data))
+            image = load_rgb(io.BytesIO(data), self.draft_side)
         except DECODE_ERRORS as err:
             if index not in self._warned:
                 self._warned.add(index)

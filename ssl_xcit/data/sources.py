@@ -206,7 +206,7 @@ def download_cifar10(dest: str | os.PathLike, progress: bool | None = None) -> P
 
 
 def open_image_dataset(path: str | os.PathLike | list, transform=None, *, progress: bool | None = None,
-                       cache_dir: str | os.PathLike | None = None):
+                       cache_dir: str | os.PathLike | None = None, draft_side: int | None = None):
     """The dataset of an image location: :class:`~ssl_xcit.data.shards.ShardImages` for tar shards
     (a folder of them, a brace pattern, a list), else :class:`~ssl_xcit.data.folders.ImageFiles`.
 
@@ -214,10 +214,15 @@ def open_image_dataset(path: str | os.PathLike | list, transform=None, *, progre
     ``targets`` and ``classes``, so a caller changes one line to read either. The folder listing
     and a scanned shard index are cached in ``cache_dir`` (default :func:`default_cache_dir`) under
     a lock: at 1.28M images the first rank lists once, the others and later jobs reuse the result.
+    ``draft_side``: JPEGs much larger than it decode at reduced scale (see
+    :func:`~ssl_xcit.data.common.load_rgb`), for a transform that resizes the shorter side to it.
     """
     from ssl_xcit.data.shards import ShardImages, looks_like_shards
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     if looks_like_shards(path):
-        return ShardImages(path, transform, index_cache_dir=cache / "shard-index", progress=progress)
-    from ssl_xcit.data.folders import ImageFiles
-    return ImageFiles(path, transform, listing_cache_dir=cache / "listings", progress=progress)
+        ds = ShardImages(path, transform, index_cache_dir=cache / "shard-index", progress=progress)
+    else:
+        from ssl_xcit.data.folders import ImageFiles
+        ds = ImageFiles(path, transform, listing_cache_dir=cache / "listings", progress=progress)
+    ds.draft_side = draft_side
+    return ds

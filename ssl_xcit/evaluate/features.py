@@ -181,3 +181,43 @@ def extract_features(model: nn.Module, dataset: Dataset, batch_size: int = 128, 
         return (None, None, None) if return_indices else (None, None)
     feats = ext.outputs[names[0]] if len(names) == 1 else torch.cat([ext.outputs[n] for n in names], dim=1)
     return (feats, ext.labels, ext.indices) if return_indices else (feats, ext.labels)
+
+
+class SideBySide(nn.Module):
+    """Several backbones as one: ``forward`` returns their CLS features (B, D_i) side by side, and
+    ``widths`` records each D_i (set by the first forward pass)."""
+
+    def __init__(self, models: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(models)
+        self.widths: list[int] = []
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        from ssl_xcit.evaluate.backbone import backbone_outputs
+        feats = [backbone_outputs(m, images, ("cls",))["cls"] for m in self.parts]
+        self.widths = [f.shape[1] for f in feats]
+        return torch.cat(feats, dim=1)
+
+
+def extract_features_each(models: Sequence[nn.Module], dataset: Dataset, batch_size: int = 128,
+                          device: torch.device | str = "cpu", num_workers: int = 4, progress: bool = True,
+                          desc: str = "features") -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
+    """``([CLS features (N, D_i) of each model], labels (N,))`` from ONE pass over ``dataset``.
+
+    Why: each image is read, decoded and resized once for all the backbones, not once per backbone.
+    Scoring a trained backbone beside its random start (the quickstart's k-NN) on photos much larger
+    than the evaluation size, decoding cost as much as the forward pass of a small backbone. Each
+    model sees exactly the batches :func:`extract_features` would give it alone (same loader, same
+    order, same skipped images), so its features are the same bit for bit. Under torchrun as
+    :func:`extract_features`: on rank 0, ``(None, None)`` elsewhere.
+    """
+    if not models:
+        raise ValueError("extract_features_each needs at least one model")
+    if any(m.training for m in models):
+        raise ValueError("extract the features of frozen backbones: call model.eval() first")
+    both = SideBySide(models).eval()
+    feats, labels = extract_features(both, dataset, batch_size, device, num_workers, "cls", progress=progress,
+                                     desc=desc)
+    if feats is None:
+        return None, None
+    return [f.contiguous() for f in torch.split(feats, both.widths, dim=1)], labels
