@@ -15,6 +15,16 @@ short run must move too. Measured (xcit_nano_12_p8 from the quickstart's DINO te
 Imagenette, 50.01 (0.9), 52.82 (none). Measured only from that small CPU-trained start: from DINO's
 ImageNet weights some layer decay may pay even in a short run (set ``layer_decay``). A value the user
 sets always wins; each choice is printed and written into ``config.yaml`` with its reason.
+
+From a pretrained start the run is LP-FT (:mod:`ssl_xcit.finetune.probe_head`): the head fitted on the
+frozen start's features first, the backbone at ``LPFT_BACKBONE_LR_SCALE`` of the head's lr, its
+BatchNorm statistics kept. Measured (issue 33; the quickstart's CIFAR-10 teacher, 2,000 labels,
+``max_steps=250``, batch 64, 1,000 val images, AMD EPYC 2-core, 2026-12-08; val top-1 against the
+start's probe scored at step 0): a random head and the full lr ended 3.3 below the probe (26.80 /
+35.70 vs 39.00, the issue's figures); LP-FT with the backbone at 1.0 / 0.3 / 0.1 of the head's lr
+ended -4.6 and -6.1 / -0.9 and -1.0 / 0.0 and -1.0 (seeds 1 and 2), and with BatchNorm statistics
+updating at 0.1: +1.7, -1.6, -1.0 (seeds 0-2). From that weak start 250 steps do not lift the
+features past the probe; the lowest backbone lr keeps the probe's answer (benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
