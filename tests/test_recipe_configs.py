@@ -2,7 +2,7 @@
 ``tests/data/recipe_configs/`` (written from the code before the engine/command restructuring of
 issue 32): moving the code, or writing a recipe as a base file plus a few lines, changes no value,
 no key order and no recipe=auto comment. (Intended changes since: issue 33 added fine-tuning's
-``time_budget_minutes``, ``head_init`` and ``backbone_lr_scale`` keys, regenerated as said below.)
+``time_budget_minutes``, ``head_init``, ``backbone_lr_scale`` and ``freeze_norm_stats`` keys, regenerated as said below.)
 
 The DINO recipes and the quickstart go through ``launch/train.py``'s config path, the fine-tuning
 ones through ``launch/finetune.py``'s. The data is a fixed folder of plain-colour images made here
