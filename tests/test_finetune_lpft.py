@@ -196,3 +196,27 @@ def test_freeze_norm_stats_keeps_the_starts_batchnorm_statistics_while_the_weigh
     train(ft_config(cifar_small, free, pretrained_weights=str(start_file), epochs=1))
     moved = torch.load(free / "checkpoint.pth", weights_only=True)["model"]
     assert any(not torch.equal(start[k], moved[k]) for k in stats)   # without it they follow the batches
+
+
+def test_the_probe_is_the_first_best_checkpoint_and_a_run_that_does_not_pass_it_says_so(cifar_small, start_file,
+                                                                                         tmp_path, capsys):
+    out = tmp_path / "run"
+    train(ft_config(cifar_small, out, pretrained_weights=str(start_file), head_init="probe", epochs=1, lr=1e-9,
+                    min_lr=1e-9, freeze_norm_stats=True, max_val_images=0))   # a run that cannot move
+    best = torch.load(out / "checkpoint_best.pth", weights_only=True)
+    fitted, vals = _events(out, "head_fitted")[0], _events(out, "val")
+    assert vals[-1]["top1"] == fitted["top1"]                  # it did not move ...
+    assert best["global_step"] == 0 and best["best"]["top1"] == fitted["top1"]   # ... so the probe is the best
+    assert "did not pass the start's linear probe" in capsys.readouterr().out
+    assert _events(out, "finetuning_not_paid")
+    moved = tmp_path / "moved"
+    train(ft_config(cifar_small, moved, pretrained_weights=str(start_file), head_init="probe", epochs=3, lr=0.05,
+                    max_val_images=0))
+    vals = _events(moved, "val")
+    top = max(v["top1"] for v in vals)
+    best = torch.load(moved / "checkpoint_best.pth", weights_only=True)
+    if top > _events(moved, "head_fitted")[0]["top1"]:      # passed: the best is a fine-tuned step, nothing said
+        assert best["global_step"] == min(v["global_step"] for v in vals if v["top1"] == top)
+        assert not _events(moved, "finetuning_not_paid")
+    else:
+        assert best["global_step"] == 0 and _events(moved, "finetuning_not_paid")

@@ -52,6 +52,7 @@ def train(cfg: FinetuneConfig, stop_requested: Callable[[], bool] | None = None)
             run.end_epoch()    # saves checkpoint.pth, the best validation so far in it
             if improved:
                 keep_best(run)
+        say_if_not_paid(run, ft)
         return run.finish()
 
 
@@ -149,6 +150,18 @@ def fit_head_first(run: Run, ft: Finetune, val) -> None:
     if run.is_main:
         print(f"[ssl_xcit] {fitted.describe()}; its val top-1 {scores['top1']:.2f}% ({scores['images']} images)",
               flush=True)
+    ft.best = {"top1": scores["top1"], "top5": scores["top5"], "global_step": 0}
+    run.save()        # the probe is the first candidate for checkpoint_best.pth: a run that does not pass it
+    keep_best(run)    # leaves the user the probe, said at the end (say_if_not_paid)
+
+
+def say_if_not_paid(run: Run, ft: Finetune) -> None:
+    """At the end of an LP-FT run that never passed its start's probe: say so, and which file holds it."""
+    if run.is_main and ft.best.get("global_step") == 0 and (ft.pretrained or {}).get("head_fit"):
+        print(f"[ssl_xcit] fine-tuning did not pass the start's linear probe ({ft.best['top1']:.2f}%): "
+              f"{run.output_dir / BEST_NAME} holds the probe (step 0), checkpoint.pth the fine-tuned model",
+              flush=True)
+        run.logger.event("finetuning_not_paid", probe_top1=ft.best["top1"])
 
 
 def keep_best(run: Run) -> None:
