@@ -177,8 +177,8 @@ def test_recipe_auto_fine_tunes_a_pretrained_start_from_its_probe_and_a_random_o
         pretrained = choose(2000, 32, 8, epochs=epochs, pretrained=True)
         assert pretrained["optim.head_init"].value == "probe"
         assert pretrained["optim.backbone_lr_scale"].value == LPFT_BACKBONE_LR_SCALE < 1.0
-        assert pretrained["optim.freeze_norm_stats"].value is True
-        lpft = {"optim.head_init", "optim.backbone_lr_scale", "optim.freeze_norm_stats"}
+        assert "optim.freeze_norm_stats" not in pretrained    # measured: no better on average (recipe.py)
+        lpft = {"optim.head_init", "optim.backbone_lr_scale"}
         assert not lpft & set(choose(2000, 32, 8, epochs, pretrained=False))
 
 
