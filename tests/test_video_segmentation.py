@@ -244,3 +244,13 @@ def test_frame_sizes_follow_dino():
     assert vs.frame_size(854, 480, [480], 16) == (832, 480, None)
     h, w, note = vs.frame_size(480, 854, [481, 640], 8)
     assert (h, w) == (480, 640) and note == "frame size 640x481 is not divisible by the patch 8: resized to 640x480"
+
+
+def test_a_library_error_is_said_with_this_commands_option(tmp_path, capsys, monkeypatch):
+    """A device the machine lacks: the library's "device ..." becomes this command's "--device ..."."""
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    data = make_davis(tmp_path / "davis", n_frames=3)
+    code, printed = _cli(["--data_path", data, "--pretrained_weights", "xcit_nano_12_p16", "--output_dir",
+                          tmp_path / "o", "--device", "cuda"], capsys)
+    assert code == 2 and printed.err.count("\n") == 1 and "--device cuda" in printed.err, printed.err

@@ -454,6 +454,15 @@ def in_own_words(tool: str, args: argparse.Namespace, work: Callable[[], Any]) -
         raise own_words(_device_words(err, getattr(args, "device", None)), TOOL_HINTS.get(tool), tool_flags(tool))
 
 
+def in_parser_words(parser: argparse.ArgumentParser, args: argparse.Namespace, work: Callable[[], Any]) -> Any:
+    """``work()``, a library error naming a Python parameter said with ``parser``'s option for it (and
+    its ``--device``): for the tools outside ``TOOLS`` (the dense ones)."""
+    try:
+        return work()
+    except UserError as err:
+        raise own_words(_device_words(err, getattr(args, "device", None)), None, own_flags(parser))
+
+
 def run_tool(tool: str, argv: list[str], prog: str | None = None) -> Any:
     """The command line of ``eval/<tool>.py`` (or of its console command ``prog``): its command
     module's ``main``, which answers ``--help`` and bad input before it imports torch."""

@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ssl_xcit import cli
 from ssl_xcit.cli import ArgumentParser
-from ssl_xcit.errors import UserError
 from ssl_xcit.commands import options
 
 PROG = "eval_segmentation.py"
@@ -55,10 +53,7 @@ def check_args(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None, prog: str = PROG) -> dict:
     args = build_parser(prog).parse_args(argv)
     check_args(args)
-    try:
-        return _run(args)
-    except UserError as err:   # a library error naming a Python parameter, said with this command's flag
-        raise cli.own_words(err, None, cli.flags_of(build_parser(prog)))
+    return options.in_parser_words(build_parser(prog), args, lambda: _run(args))
 
 
 def _run(args: argparse.Namespace) -> dict:
