@@ -110,7 +110,7 @@ def build_finetune(cfg: FinetuneConfig, run: Run) -> Finetune:
     _arch_of_saved_run(cfg, run)
     start = run.pretrained_start(cfg.model.pretrained_weights, lambda: _read_start(cfg, run))
     budget = _open_budget(cfg, run)   # a saved plan sets max_steps: the recipe below is the one the run had
-    snapshot = copy.deepcopy(cfg)
+    snapshot = copy.deepcopy(cfg) if budget is not None else None   # the config as given, before recipe: auto
     recipe = recipe_rules.apply(cfg, train_set, _run_epochs(cfg, train_set, run.world_size))
     if budget is not None and budget.clock.planned_steps is None:
         recipe = _plan_budget(cfg, snapshot, run, train_set)

@@ -41,10 +41,10 @@ def train(cfg: FinetuneConfig, stop_requested: Callable[[], bool] | None = None)
         run.open_logs(ft.config_text(), resumed, ft.recipe, arch=cfg.model.arch, classes=len(ft.classes),
                       val_images=len(ft.val_set))
         val = val_loader(ft, run)
+        if ft.budget is not None:
+            ft.budget.clock.start()     # fitting the head counts against the budget too
         if resumed is None and cfg.optim.head_init == "probe":
             fit_head_first(run, ft, val)
-        if ft.budget is not None:
-            ft.budget.clock.start()
         while run.global_step < run.total_steps:
             if train_one_epoch(run, ft, val, stop_requested):
                 return run.stopped()
