@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from ssl_xcit.train import recipe
-from ssl_xcit.train.budget import TimeBudget
+from ssl_xcit.engine.budget import TimeBudget
 from ssl_xcit.train.config import ConfigError, load_config, user_set_keys
 from ssl_xcit.train.recipe import AUTO_MAX_IMAGES, DataFacts, apply_auto, choose, teacher_momentum
 
@@ -216,7 +216,7 @@ def test_time_budget_clock_counts_earlier_runs():
     plan = None
     b = TimeBudget(1.0)
     b.start()
-    from ssl_xcit.train.budget import PROBE_STEPS, SKIP_STEPS
+    from ssl_xcit.engine.budget import PROBE_STEPS, SKIP_STEPS
     for step in range(1, SKIP_STEPS + PROBE_STEPS):
         assert b.step_done(step) is None
     plan = b.step_done(SKIP_STEPS + PROBE_STEPS)
@@ -235,7 +235,7 @@ class _Clock:
 def _run_under_budget(monkeypatch, minutes, probe_pace, later_pace, planned_steps=None):
     """Simulate the loop: a step, then ``step_done``; stop at the plan or when the clock is spent.
     Returns (steps run, seconds used, plans returned as (step, plan))."""
-    from ssl_xcit.train import budget as budget_mod
+    from ssl_xcit.engine import budget as budget_mod    # the clock's module (DINO's and fine-tuning's)
     clock = _Clock()
     monkeypatch.setattr(budget_mod.time, "perf_counter", clock)
     b = TimeBudget(minutes, planned_steps=planned_steps)
@@ -257,7 +257,7 @@ def test_time_budget_replans_from_the_pace_after_the_probe(monkeypatch, later_pa
     thirds of the plan end the run by its plan, at 93-100% of the budget. The probe's plan alone
     (114 steps) would end at 55% of the budget at 0.5 s/step, and at 1.6 s/step the clock would
     cut the run at step 78 of 114, mid-schedule."""
-    from ssl_xcit.train.budget import REPLAN_AT
+    from ssl_xcit.engine.budget import REPLAN_AT
     steps, used, plans = _run_under_budget(monkeypatch, minutes=2, probe_pace=1.0, later_pace=later_pace)
     assert len(plans) == 1 + len(REPLAN_AT)
     first_step, first_plan = plans[0]
