@@ -2,8 +2,8 @@
 ``recipe: auto`` and the lr schedule plan for, as with ``epochs`` or ``max_steps``.
 
 Fine-tuning's recipe has choices that cannot change mid-run (mixup on or off, layer decay, the lr),
-so the length must be known before the first step. It is estimated then: a copy of the built
-classifier makes a few forward/backward passes on a random batch of the run's size, and the steps
+so the length must be known before the first step. It is estimated then: a throwaway classifier
+of the run's arch, at its input size, makes a few forward/backward passes on a random batch of the run's size, and the steps
 that fit in the budget at that pace are the plan ``recipe: auto`` is applied to. The estimate leaves
 out data loading and validation, so from there the engine's clock (:class:`~ssl_xcit.engine.budget.TimeBudget`,
 DINO's) plans again from the real pace of the first steps and at a third and two thirds of the plan,
@@ -13,7 +13,6 @@ and the training time spent is saved, so a resumed run keeps its schedule and it
 """
 from __future__ import annotations
 
-import copy
 import time
 from typing import Any
 
@@ -29,10 +28,9 @@ WARMUP_PASSES, TIMED_PASSES = 2, 3
 
 def step_seconds(model: nn.Module, batch_size: int, input_size: int, num_classes: int, device: torch.device,
                  precision: str) -> float:
-    """Seconds of one training step's forward and backward, on a copy of ``model`` (the run's
-    weights, BatchNorm statistics and random streams are not touched)."""
-    probe = copy.deepcopy(model).to(device).train()
-    state = torch.random.get_rng_state()
+    """Seconds of one training step's forward and backward of ``model``: a throwaway (its gradients
+    and BatchNorm statistics change; the caller keeps the random streams, see ``_plan_budget``)."""
+    probe = model.to(device).train()
     x = torch.randn(batch_size, 3, input_size, input_size, device=device)
     y = torch.randint(0, num_classes, (batch_size,), device=device)
     start = 0.0
@@ -46,7 +44,6 @@ def step_seconds(model: nn.Module, batch_size: int, input_size: int, num_classes
         loss.backward()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    torch.random.set_rng_state(state)
     return (time.perf_counter() - start) / TIMED_PASSES
 
 
